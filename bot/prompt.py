@@ -77,13 +77,18 @@ def render_system(text: str) -> str:
 
 
 def chat_segments(
-    system: str, turns: Sequence[Turn], *, open_response: bool = True
+    system: str,
+    turns: Sequence[Turn],
+    *,
+    open_response: bool = True,
+    post_history: str = "",
 ) -> list[tuple[str, bool]]:
     """The conversation as (text, is_target) pieces.
 
     A target piece is an assistant reply body plus its blank line; everything else is prompt.
     Training masks on these pieces; the bot joins them. With `open_response` the text ends with
-    the `### Response:` header that asks for the next reply.
+    the `### Response:` header that asks for the next reply. `post_history` (a persona's
+    post_history_instructions) goes in an Input block after the history, as SillyTavern does.
     """
     pieces: list[tuple[str, bool]] = []
     if sys_block := render_system(system):
@@ -94,13 +99,18 @@ def chat_segments(
             pieces.append((neutralize(turn.content.strip()) + SEPARATOR, True))
         else:
             pieces.append((turn.render(), False))
+    if post := render_system(post_history):
+        pieces.append((post, False))
     if open_response:
         pieces.append((RESPONSE, False))
     return pieces
 
 
-def render_chat(system: str, turns: Sequence[Turn], *, open_response: bool = True) -> str:
-    return "".join(text for text, _ in chat_segments(system, turns, open_response=open_response))
+def render_chat(
+    system: str, turns: Sequence[Turn], *, open_response: bool = True, post_history: str = ""
+) -> str:
+    pieces = chat_segments(system, turns, open_response=open_response, post_history=post_history)
+    return "".join(text for text, _ in pieces)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +179,7 @@ def fit_prompt(
     *,
     start_hint: int | None = None,
     slack: float = 0.25,
+    post_history: str = "",
 ) -> FittedPrompt:
     """Keep the newest history turns that fit `budget` tokens, oldest dropped first.
 
@@ -183,6 +194,8 @@ def fit_prompt(
     """
     fixed = count(render_system(system)) + BLOCK_MARGIN if system.strip() else 0
     fixed += count(RESPONSE) + BLOCK_MARGIN
+    if post_history.strip():
+        fixed += count(render_system(post_history)) + BLOCK_MARGIN
     notes: list[str] = []
     truncated = False
     cur_tokens = 0
@@ -224,7 +237,7 @@ def fit_prompt(
     turns = [t for t, _ in kept]
     turns_all = [*turns, current] if current is not None else turns
     return FittedPrompt(
-        text=render_chat(system, turns_all),
+        text=render_chat(system, turns_all, post_history=post_history),
         turns=turns_all,
         dropped=overflow,
         tokens=fixed + cur_tokens + used,
