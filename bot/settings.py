@@ -1,0 +1,241 @@
+"""All settings, read in one place: the environment, then a `.env` file, then defaults.
+
+One frozen `Settings` object is built at start and passed to whatever needs it; nothing else
+reads the environment. Each field's metadata carries its environment key, accepted values and
+help text, which also generate `.env.example` and the README's table (`python -m bot
+settings-table`), so the docs cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+
+
+class SettingsError(ValueError):
+    """A bad setting: the message is one line naming the key and what it accepts."""
+
+
+def _opt(
+    default: Any,
+    help: str,
+    choices: tuple[str, ...] = (),
+    lo: float | None = None,
+    hi: float | None = None,
+    secret: bool = False,
+) -> Any:
+    return field(
+        default=default,
+        metadata={"help": help, "choices": choices, "lo": lo, "hi": hi, "secret": secret},
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    discord_token: str = _opt(
+        "", "Bot token from the Discord developer portal (Bot → Reset Token).", secret=True
+    )
+    model: str = _opt(
+        "NousResearch/Nous-Hermes-llama-2-7b",
+        "Hugging Face hub id or local folder of a Llama-family Alpaca model.",
+    )
+    tokenizer: str = _opt(
+        "",
+        "Tokenizer folder or hub id, when it differs from MODEL (with "
+        "ENGINE=openai only the tokenizer is needed locally).",
+    )
+    engine: str = _opt(
+        "local",
+        "Where generation runs: in this process, or an OpenAI-compatible server (vLLM).",
+        choices=("local", "openai"),
+    )
+    openai_base_url: str = _opt(
+        "http://127.0.0.1:8000/v1", "Base URL of the OpenAI-compatible server (ENGINE=openai)."
+    )
+    openai_api_key: str = _opt("", "API key for that server; may be empty.", secret=True)
+    openai_model: str = _opt("", "Model name on that server; defaults to MODEL.")
+    quantization: str = _opt(
+        "none",
+        "Load the local model quantised with bitsandbytes (needs CUDA and the `gpu` extra).",
+        choices=("none", "8bit", "4bit"),
+    )
+    dtype: str = _opt(
+        "auto",
+        "Weights dtype: auto picks bfloat16/float16 on CUDA and float32 on CPU.",
+        choices=("auto", "bfloat16", "float16", "float32"),
+    )
+    device_map: str = _opt(
+        "auto", "transformers device_map: auto (all GPUs, then CPU), cpu, cuda, cuda:N, or none."
+    )
+    db_path: Path = _opt(
+        Path("data/hermes.db"), "SQLite file for memory and settings; parent folders are created."
+    )
+    context_tokens: int = _opt(
+        4096, "Prompt + reply window in tokens (Llama 2: 4096).", lo=256, hi=131072
+    )
+    max_new_tokens: int = _opt(400, "Longest reply in tokens.", lo=1, hi=8192)
+    temperature: float = _opt(0.7, "Sampling temperature; 0 is greedy.", lo=0.0, hi=5.0)
+    top_p: float = _opt(0.9, "Nucleus sampling mass.", lo=0.0, hi=1.0)
+    top_k: int = _opt(40, "Top-k sampling; 0 disables.", lo=0, hi=1000)
+    repetition_penalty: float = _opt(
+        1.1, "Penalty for repeated tokens; 1 disables.", lo=0.5, hi=3.0
+    )
+    system_prompt: str = _opt(
+        "You are Hermes, a helpful, witty assistant chatting in a Discord "
+        "server. Answer the latest message.",
+        "Default system text (an Input block) when no persona is set.",
+    )
+    owner_ids: tuple[int, ...] = _opt(
+        (), "Comma-separated Discord user ids with admin rights everywhere."
+    )
+    log_level: str = _opt(
+        "INFO", "Logging level.", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    )
+    dev_guild_id: int = _opt(
+        0, "Sync slash commands to this server only (instant); 0 syncs globally.", lo=0
+    )
+    allow_dms: bool = _opt(True, "Answer direct messages.")
+    stream_interval: float = _opt(
+        1.2, "Seconds between streaming edits of a reply, per channel.", lo=0.0, hi=60.0
+    )
+    queue_size: int = _opt(
+        64, "Pending replies before users are told the bot is busy.", lo=1, hi=100000
+    )
+    user_cooldown: float = _opt(
+        2.0, "Seconds a user must wait between triggering replies.", lo=0.0, hi=3600.0
+    )
+    reply_timeout: float = _opt(
+        180.0, "Seconds before a generation is abandoned with an apology.", lo=1.0, hi=3600.0
+    )
+    max_batch: int = _opt(
+        8, "Concurrent sequences the local engine decodes together.", lo=1, hi=256
+    )
+    kv_cache_mb: int = _opt(
+        2048, "Memory cap for cached prompt prefixes (MB) across channels.", lo=0, hi=1 << 20
+    )
+    fit_slack: float = _opt(
+        0.25,
+        "When the window overflows, drop this share of the oldest "
+        "history at once, so the cached prefix stays stable.",
+        lo=0.0,
+        hi=0.9,
+    )
+    personas_dir: Path = _opt(
+        Path(""), "Folder of persona YAML files; empty uses the shipped personas/."
+    )
+    metrics_port: int = _opt(
+        0, "Serve Prometheus metrics on this port; 0 disables.", lo=0, hi=65535
+    )
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings safe to print: secrets show only whether they are set."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name.upper()] = ("set" if value else "not set") if f.metadata["secret"] else value
+        return out
+
+
+def _convert(key: str, raw: str, f: Any) -> Any:
+    meta, typ = f.metadata, f.type
+    raw = raw.strip()
+    if meta["choices"]:
+        value = raw.upper() if key == "LOG_LEVEL" else raw.lower()
+        if value not in meta["choices"]:
+            raise SettingsError(
+                f"{key}={raw!r} is not valid; use one of: {', '.join(meta['choices'])}"
+            )
+        return value
+    try:
+        if typ == "int":
+            value = int(raw)
+        elif typ == "float":
+            value = float(raw)
+        elif typ == "bool":
+            lowered = raw.lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError
+            return lowered in ("1", "true", "yes", "on")
+        elif typ == "Path":
+            return Path(raw).expanduser()
+        elif typ == "tuple[int, ...]":
+            return tuple(int(part) for part in raw.replace(" ", "").split(",") if part)
+        else:
+            return raw
+    except ValueError:
+        kinds = {
+            "int": "a whole number",
+            "float": "a number",
+            "bool": "true or false",
+            "tuple[int, ...]": "comma-separated numeric ids",
+        }
+        raise SettingsError(f"{key}={raw!r} is not valid; expected {kinds[typ]}") from None
+    lo, hi = meta["lo"], meta["hi"]
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise SettingsError(f"{key}={raw!r} is out of range; allowed {lo} to {hi}")
+    return value
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None, env_file: str | Path | None = ".env", **overrides: Any
+) -> Settings:
+    """Build Settings from the environment over a `.env` file; raises SettingsError.
+
+    The process environment wins over `.env`, as python-dotenv does by default, so a deployment
+    can override a checked-in file.
+    """
+    merged: dict[str, str] = {}
+    if env_file and Path(env_file).is_file():
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(os.environ if env is None else env)
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        key = f.name.upper()
+        if key in merged and merged[key].strip() != "":
+            values[f.name] = _convert(key, merged[key], f)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)
+
+
+def env_example() -> str:
+    """The text of `.env.example`: every key, its default and what it does."""
+    lines = [
+        "# hermes-discord settings. Copy to .env and fill in DISCORD_TOKEN.",
+        "# The process environment overrides this file.",
+        "",
+    ]
+    for f in fields(Settings):
+        meta = f.metadata
+        default = f.default
+        if isinstance(default, tuple):
+            default = ",".join(map(str, default))
+        elif isinstance(default, bool):
+            default = str(default).lower()
+        elif isinstance(default, Path) and str(default) == ".":
+            default = ""
+        extra = f" ({'|'.join(meta['choices'])})" if meta["choices"] else ""
+        lines.append(f"# {meta['help']}{extra}")
+        lines.append(f"{f.name.upper()}={default}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def settings_table() -> str:
+    """The README's settings table, in Markdown."""
+    rows = ["| Key | Default | What it does |", "|---|---|---|"]
+    for f in fields(Settings):
+        meta = f.metadata
+        default = f.default
+        if isinstance(default, tuple):
+            default = ",".join(map(str, default))
+        elif isinstance(default, Path) and str(default) == ".":
+            default = ""
+        extra = f" One of: {', '.join(meta['choices'])}." if meta["choices"] else ""
+        rng = f" Range {meta['lo']}–{meta['hi']}." if meta["lo"] is not None and meta["hi"] else ""
+        rows.append(f"| `{f.name.upper()}` | `{default}` | {meta['help']}{extra}{rng} |")
+    return "\n".join(rows)
