@@ -219,7 +219,13 @@ class Conversations:
             if not found:
                 return None
             current = found[0].to_turn()
-            history = [t.to_turn() for t in turns if t.id != reply_to and t.id < reply_to]
+            # Human messages that arrived after this one wait for their own reply; the bot's
+            # replies to earlier messages belong before it even when stored later.
+            history = [
+                t.to_turn()
+                for t in turns
+                if t.id != reply_to and (t.id < reply_to or t.role == "assistant")
+            ]
         else:
             history = [t.to_turn() for t in turns]
         persona_name = (

@@ -1,0 +1,154 @@
+"""The Discord side's assembly: one `commands.Bot` holding the settings, memory and engine.
+
+The cogs in `cogs/` do the Discord glue; this module only opens the shared pieces once, loads
+the cogs, syncs slash commands, and shuts everything down cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+import discord
+from discord.ext import commands
+
+from bot.conversation import Conversations
+from bot.engine import Engine, EngineError, engine_from_settings
+from bot.memory import Memory
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+COGS = ("cogs.chat", "cogs.personas", "cogs.admin")
+
+
+def intents() -> discord.Intents:
+    """What the bot must receive: guilds, guild and DM messages, and their content."""
+    wanted = discord.Intents.none()
+    wanted.guilds = True
+    wanted.guild_messages = True
+    wanted.dm_messages = True
+    wanted.message_content = True  # privileged: enable it in the developer portal
+    wanted.members = False
+    return wanted
+
+
+class HermesBot(commands.Bot):
+    """Carries the shared core (`settings`, `memory`, `engine`, `conv`) for the cogs."""
+
+    def __init__(
+        self, settings: Settings, *, engine: Engine | None = None, cogs: tuple[str, ...] = COGS
+    ) -> None:
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents(),
+            allowed_mentions=discord.AllowedMentions.none(),
+            help_command=None,
+        )
+        self.settings = settings
+        self.engine: Engine = engine or engine_from_settings(settings)
+        self.memory: Memory | None = None
+        self.conv: Conversations | None = None
+        self.cog_names = cogs
+        self.started_at = time.time()
+        self.reply_tasks: set[asyncio.Task[None]] = set()
+        self.engine_ready = asyncio.Event()
+
+    async def setup_hook(self) -> None:
+        self.memory = await Memory.open(self.settings.db_path)
+        await self.engine.start()
+        self.conv = Conversations(self.settings, self.memory, self.engine)
+        self.engine_ready.set()
+        for name in self.cog_names:
+            try:
+                await self.load_extension(name)
+            except commands.ExtensionNotFound:
+                log.warning("cog %s not found, skipped", name)
+        await self.sync_commands()
+
+    async def sync_commands(self) -> None:
+        """To DEV_GUILD_ID when set (instant), else globally (may take a while to show up)."""
+        if self.settings.dev_guild_id:
+            guild = discord.Object(self.settings.dev_guild_id)
+            self.tree.copy_global_to(guild=guild)
+            synced = await self.tree.sync(guild=guild)
+        else:
+            synced = await self.tree.sync()
+        log.info("synced %d application commands", len(synced))
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        self.reply_tasks.add(task)
+        task.add_done_callback(self.reply_tasks.discard)
+
+    async def close(self) -> None:
+        """Let replies in progress finish for a moment, cancel the rest, then close the core."""
+        if self.reply_tasks:
+            _, pending = await asyncio.wait(set(self.reply_tasks), timeout=5)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await super().close()
+        with contextlib.suppress(Exception):
+            await self.engine.close()
+        if self.memory is not None:
+            await self.memory.close()
+            self.memory = None
+
+    async def on_ready(self) -> None:
+        log.info(
+            "logged in as %s (%s) in %d servers",
+            self.user,
+            getattr(self.user, "id", "?"),
+            len(self.guilds),
+        )
+
+
+async def serve(settings: Settings, bot: HermesBot | None = None) -> int:
+    bot = bot or HermesBot(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    runner = asyncio.create_task(bot.start(settings.discord_token))
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if runner in done:
+            runner.result()  # raises LoginFailure etc.
+        log.info("shutting down")
+        return 0
+    finally:
+        stopper.cancel()
+        if not bot.is_closed():
+            await bot.close()
+        if not runner.done():
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await runner
+
+
+def run_bot(settings: Settings) -> int:
+    """`hermes-bot run`: exit 2 with a clear line for a bad token or model, never a traceback."""
+    try:
+        return asyncio.run(serve(settings))
+    except discord.LoginFailure:
+        log.error(
+            "Discord rejected DISCORD_TOKEN (improper token). Reset it in the developer "
+            "portal and update .env."
+        )
+        return 2
+    except discord.PrivilegedIntentsRequired:
+        log.error(
+            "Enable the Message Content intent for this bot in the Discord developer "
+            "portal (Bot → Privileged Gateway Intents)."
+        )
+        return 2
+    except EngineError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130

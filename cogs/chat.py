@@ -1,0 +1,242 @@
+"""Talking to the bot: when it answers, what it stores, and how the reply reaches the channel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import discord
+from discord.ext import commands
+
+from bot.conversation import EMPTY_NOTICE, Busy
+from bot.replies import Identity, ReplyStream, humanize, post, typing_while
+
+if TYPE_CHECKING:
+    from bot.app import HermesBot
+
+log = logging.getLogger(__name__)
+
+BUSY = "I'm busy with other messages right now. Try again in a moment."
+APOLOGY = "Sorry, something went wrong while I was thinking. Please try again."
+TIMEOUT = "Sorry, that took too long and I gave up. Please try again."
+
+
+class Chat(commands.Cog):
+    def __init__(self, bot: HermesBot) -> None:
+        self.bot = bot
+        self.last_trigger: dict[int, float] = {}
+        self.webhook_ids: set[int] = set()
+
+    @property
+    def conv(self):  # noqa: ANN201 - the core's Conversations, opened in setup_hook
+        assert self.bot.conv is not None
+        return self.bot.conv
+
+    async def cog_load(self) -> None:
+        assert self.bot.memory is not None
+        self.webhook_ids = await self.bot.memory.webhook_ids()
+
+    # ---- deciding ---------------------------------------------------------------------------
+
+    async def channel_mode(self, channel: discord.abc.MessageableChannel) -> str:
+        """off | mention | always; threads inherit their parent's mode."""
+        if isinstance(channel, discord.DMChannel | discord.GroupChannel):
+            return "always" if self.bot.settings.allow_dms else "off"
+        memory = self.conv.memory
+        state = await memory.channel(channel.id)
+        if state.mode:
+            return state.mode
+        parent_id = getattr(channel, "parent_id", None)
+        if isinstance(channel, discord.Thread) and parent_id:
+            parent = await memory.channel(parent_id)
+            if parent.mode:
+                return parent.mode
+        return "mention"
+
+    async def may_use(self, message: discord.Message) -> bool:
+        """Blocked users and roles, and a server's channel allow-list, keep the bot out."""
+        if message.guild is None:
+            return True
+        memory = self.conv.memory
+        users, roles = await memory.blocked(message.guild.id)
+        if message.author.id in users:
+            return False
+        if roles and any(r.id in roles for r in getattr(message.author, "roles", ())):
+            return False
+        guild = await memory.guild(message.guild.id)
+        if guild.channel_allowlist:
+            channel_ids = {message.channel.id, getattr(message.channel, "parent_id", None)}
+            return bool(channel_ids & set(guild.channel_allowlist))
+        return True
+
+    async def addressed(self, message: discord.Message) -> bool:
+        """Mentioned, or a reply to one of the bot's messages (its own or its webhooks')."""
+        me = self.bot.user
+        if me is not None and me in message.mentions:
+            return True
+        ref = message.reference
+        if ref is None or ref.message_id is None:
+            return False
+        resolved = ref.resolved
+        if isinstance(resolved, discord.Message):
+            if me is not None and resolved.author.id == me.id:
+                return True
+            if resolved.webhook_id and resolved.webhook_id in self.webhook_ids:
+                return True
+        turn = await self.conv.memory.turn_for_message(ref.message_id)
+        return turn is not None and turn.role == "assistant"
+
+    # ---- events -----------------------------------------------------------------------------
+
+    @commands.Cog.listener()
+    async def on_message(self, message: discord.Message) -> None:
+        if self.bot.conv is None or (self.bot.user and message.author.id == self.bot.user.id):
+            return
+        if message.webhook_id is not None or message.author.bot:
+            # Replies through our own webhooks are stored by the code that posts them.
+            return
+        if message.type not in (discord.MessageType.default, discord.MessageType.reply):
+            return
+        mode = await self.channel_mode(message.channel)
+        if mode == "off" or not await self.may_use(message):
+            return
+        memory = self.conv.memory
+        if await memory.turn_for_message(message.id) is not None:
+            return  # a dispatch seen twice (e.g. replayed after a reconnect)
+        text = humanize(message, self.bot.user)
+        if message.attachments:
+            names = ", ".join(a.filename for a in message.attachments)
+            text = f"{text}\n[attached: {names}]".strip()
+        if not text:
+            return
+        guild_id = message.guild.id if message.guild else None
+        turn_id = await self.conv.record_user(
+            message.channel.id,
+            text,
+            name=message.author.display_name,
+            author_id=message.author.id,
+            guild_id=guild_id,
+            message_id=message.id,
+        )
+        if not (mode == "always" or await self.addressed(message)):
+            return
+        now = time.monotonic()
+        cooldown = self.bot.settings.user_cooldown
+        if now - self.last_trigger.get(message.author.id, -1e9) < cooldown:
+            with contextlib.suppress(discord.HTTPException):
+                await message.add_reaction("⏳")
+            return
+        self.last_trigger[message.author.id] = now
+        task = asyncio.current_task()
+        if task is not None:
+            self.bot.track(task)
+        await self.answer(message, turn_id)
+
+    @commands.Cog.listener()
+    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        if self.bot.conv is None or payload.message.author.bot:
+            return
+        await self.conv.edit(payload.message_id, humanize(payload.message, self.bot.user))
+
+    @commands.Cog.listener()
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        if self.bot.conv is not None:
+            await self.conv.memory.delete_message(payload.message_id)
+
+    @commands.Cog.listener()
+    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        if self.bot.conv is not None:
+            for message_id in payload.message_ids:
+                await self.conv.memory.delete_message(message_id)
+
+    # ---- replying ---------------------------------------------------------------------------
+
+    async def identity_for(
+        self, channel: discord.abc.Messageable, persona: str | None, bot_name: str
+    ) -> Identity:
+        """Who speaks: the personas cog may post as the character through a webhook."""
+        personas = self.bot.get_cog("Personas")
+        if persona and personas is not None:
+            return await personas.identity(channel, persona)  # type: ignore[attr-defined]
+        return Identity()
+
+    async def answer(self, message: discord.Message, turn_id: int) -> None:
+        """Generate and post the reply to `message`, then store it as the bot's turn."""
+        channel = message.channel
+        guild_id = message.guild.id if message.guild else None
+        try:
+            async with self.conv.slot(channel.id):
+                await self.reply(channel, guild_id, turn_id, reference=message)
+        except Busy:
+            await post(channel, BUSY, reference=message)
+
+    async def reply(
+        self,
+        channel: discord.abc.Messageable,
+        guild_id: int | None,
+        turn_id: int | None,
+        *,
+        reference: discord.Message | None = None,
+        overrides: dict | None = None,
+    ) -> list[discord.Message]:
+        """Stream one reply into `channel` and store it; the caller holds the channel's slot."""
+        settings = self.bot.settings
+        shown = asyncio.Event()
+        typing = asyncio.create_task(typing_while(channel, shown))
+        job = None
+        try:
+            job = await self.conv.prepare(
+                channel.id, guild_id, reply_to=turn_id, overrides=overrides
+            )
+            if job is None:
+                return []  # the message was deleted while it waited
+            identity = await self.identity_for(channel, job.persona, job.bot_name)
+            stream = ReplyStream(channel, reference, identity, interval=settings.stream_interval)
+            async with asyncio.timeout(settings.reply_timeout):
+                async for partial in self.conv.stream(job):
+                    shown.set()
+                    await stream.update(partial)
+            text = job.text
+            if job.notes:
+                text = f"{text}\n-# {' '.join(job.notes)}"
+            messages = await stream.finish(text)
+            if job.text != EMPTY_NOTICE:
+                await self.conv.record_assistant(
+                    channel.id,
+                    job.text,
+                    guild_id=guild_id,
+                    persona=job.persona,
+                    message_ids=[m.id for m in messages],
+                    name=job.bot_name,
+                )
+            return messages
+        except TimeoutError:
+            log.error(
+                "reply timed out in channel %s after %.0fs", channel.id, settings.reply_timeout
+            )
+            await post(channel, TIMEOUT, reference=reference)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "reply failed in channel %s (guild %s, turn %s, prompt %s tokens)",
+                channel.id,
+                guild_id,
+                turn_id,
+                job.prompt.tokens if job else "?",
+            )
+            try:
+                await post(channel, APOLOGY, reference=reference)
+            except discord.HTTPException:
+                log.warning("could not post the apology in channel %s", channel.id)
+        finally:
+            shown.set()
+            typing.cancel()
+        return []
+
+
+async def setup(bot: HermesBot) -> None:
+    await bot.add_cog(Chat(bot))
