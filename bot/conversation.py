@@ -10,14 +10,23 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bot.engine import Engine, Generation, GenerationParams, ReplyStats, params_from_settings
 from bot.memory import ChannelState, GuildState, Memory
-from bot.prompt import FittedPrompt, TokenCounter, Turn, clean_reply, fit_prompt, stop_strings
+from bot.prompt import (
+    RESPONSE,
+    SEPARATOR,
+    FittedPrompt,
+    TokenCounter,
+    Turn,
+    clean_reply,
+    fit_prompt,
+    stop_strings,
+)
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -119,6 +128,7 @@ class Conversations:
         self._locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._start_hint: dict[int, int | None] = {}
         self.pending = 0
+        self.recent: deque[ReplyStats] = deque(maxlen=50)  # for /admin model status
 
     def set_engine(self, engine: Engine) -> None:
         self.engine = engine
@@ -202,6 +212,7 @@ class Conversations:
         reply_to: int | None = None,
         persona: str | None = None,
         overrides: dict[str, Any] | None = None,
+        continue_last: bool = False,
     ) -> ReplyJob | None:
         """Build the request for the next reply from what memory holds now.
 
@@ -259,6 +270,15 @@ class Conversations:
                 slack=self.settings.fit_slack,
             )
         self._start_hint[channel_id] = prompt.start_id
+        if continue_last:
+            # Reopen the last reply instead of asking for a new one: drop the trailing
+            # "\n\n### Response:\n" so the model writes on from the reply's last word.
+            tail = SEPARATOR + RESPONSE
+            if not (
+                prompt.turns and prompt.turns[-1].role == "assistant" and prompt.text.endswith(tail)
+            ):
+                return None
+            prompt.text = prompt.text[: -len(tail)]
         names = sorted({t.name for t in prompt.turns if t.role == "user" and t.name})
         params = params_from_settings(
             self.settings,
@@ -308,6 +328,7 @@ class Conversations:
                 if text and text != shown:
                     shown = text
                     yield text
+            self.recent.append(gen.stats)
             job.text = clean_reply(gen.text, job.other_names, job.bot_name)
             if job.text:
                 return

@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 import discord
+from discord import app_commands
 from discord.ext import commands
 
 from bot.conversation import EMPTY_NOTICE, Busy
@@ -236,6 +237,112 @@ class Chat(commands.Cog):
             shown.set()
             typing.cancel()
         return []
+
+    # ---- user commands ----------------------------------------------------------------------
+
+    async def _delete_messages(self, channel: discord.abc.Messageable, ids: list[int]) -> None:
+        """Remove a reply's Discord messages, through our webhook if a persona posted them."""
+        hook = await self.conv.memory.webhook(channel.id) if hasattr(channel, "id") else None
+        for message_id in ids:
+            try:
+                if hook is not None:
+                    webhook = discord.Webhook.partial(hook[0], hook[1], client=self.bot)
+                    try:
+                        await webhook.delete_message(message_id)
+                        continue
+                    except discord.HTTPException:
+                        pass
+                await channel.get_partial_message(message_id).delete()  # type: ignore[attr-defined]
+            except discord.HTTPException:
+                log.warning("could not delete message %s", message_id)
+
+    @app_commands.command(name="reset", description="Forget this conversation")
+    async def reset(self, interaction: discord.Interaction) -> None:
+        channel_id = interaction.channel_id
+        assert channel_id is not None
+        memory = self.conv.memory
+        if interaction.guild_id is not None:
+            guild = await memory.guild(interaction.guild_id)
+            perms = getattr(interaction.user, "guild_permissions", None)
+            manager = bool(perms and perms.manage_guild)
+            if not (
+                guild.reset_allowed or manager or interaction.user.id in self.bot.settings.owner_ids
+            ):
+                await interaction.response.send_message(
+                    "An admin has not allowed /reset in this server.", ephemeral=True
+                )
+                return
+        await memory.forget(channel_id, interaction.guild_id)
+        if interaction.guild_id is not None:
+            await memory.audit(
+                interaction.user.id, "reset", guild_id=interaction.guild_id, channel_id=channel_id
+            )
+        await interaction.response.send_message(
+            "Done: I forgot our conversation here.", ephemeral=True
+        )
+
+    @app_commands.command(name="regenerate", description="Replace my last reply here")
+    async def regenerate(self, interaction: discord.Interaction) -> None:
+        channel = interaction.channel
+        assert channel is not None
+        memory = self.conv.memory
+        last = await memory.last_assistant_turn(channel.id)
+        if last is None:
+            await interaction.response.send_message(
+                "I have no reply here to regenerate.", ephemeral=True
+            )
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            async with self.conv.slot(channel.id):
+                ids = await memory.message_ids(last.id)
+                await memory.delete_turn(last.id)
+                await self._delete_messages(channel, ids)
+                before = [
+                    t
+                    for t in await memory.recent_turns(channel.id, limit=50)
+                    if t.id < last.id and t.role == "user"
+                ]
+                messages = await self.reply(
+                    channel, interaction.guild_id, before[0].id if before else None
+                )
+        except Busy:
+            await interaction.followup.send(BUSY, ephemeral=True)
+            return
+        await interaction.followup.send("Regenerated." if messages else APOLOGY, ephemeral=True)
+
+    @app_commands.command(name="continue", description="Make my last reply longer")
+    async def continue_(self, interaction: discord.Interaction) -> None:
+        channel = interaction.channel
+        assert channel is not None
+        memory = self.conv.memory
+        last = await memory.last_assistant_turn(channel.id)
+        if last is None:
+            await interaction.response.send_message(
+                "I have no reply here to continue.", ephemeral=True
+            )
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            async with self.conv.slot(channel.id):
+                job = await self.conv.prepare(channel.id, interaction.guild_id, continue_last=True)
+                text = await self.conv.complete(job) if job is not None else ""
+                if not job or not text or text == EMPTY_NOTICE:
+                    await interaction.followup.send("I had nothing to add.", ephemeral=True)
+                    return
+                joiner = "" if text[:1] in ",.;:!?)" else " "
+                identity = await self.identity_for(channel, job.persona, job.bot_name)
+                messages = await post(channel, text, identity=identity)
+                await memory.update_turn(
+                    last.id,
+                    last.content + joiner + text,
+                    self.conv.counter(last.content + joiner + text),
+                )
+                await memory.link_messages(last.id, [m.id for m in messages])
+        except Busy:
+            await interaction.followup.send(BUSY, ephemeral=True)
+            return
+        await interaction.followup.send("Continued.", ephemeral=True)
 
 
 async def setup(bot: HermesBot) -> None:

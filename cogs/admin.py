@@ -1,0 +1,487 @@
+"""`/admin`: run the bot from Discord alone. Visible to Manage Server by default, checked again on
+every use (Manage Server, or a user in OWNER_IDS), answered ephemerally, and audited."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.conversation import TUNABLE, check_tunable, effective_settings
+from bot.engine import EngineError, engine_from_settings
+
+if TYPE_CHECKING:
+    from bot.app import HermesBot
+
+log = logging.getLogger(__name__)
+
+Channelish = discord.TextChannel | discord.Thread | discord.VoiceChannel
+SettingName = Literal[
+    "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "context_tokens"
+]
+
+
+def is_admin(bot: HermesBot, interaction: discord.Interaction) -> bool:
+    if interaction.user.id in bot.settings.owner_ids:
+        return True
+    perms = getattr(interaction.user, "guild_permissions", None)
+    return bool(interaction.guild and perms and perms.manage_guild)
+
+
+async def say(interaction: discord.Interaction, text: str, **kwargs: object) -> None:
+    """Ephemeral answer or follow-up, whichever is still possible; never pings."""
+    kwargs.setdefault("allowed_mentions", discord.AllowedMentions.none())
+    if interaction.response.is_done():
+        await interaction.followup.send(text, ephemeral=True, **kwargs)  # type: ignore[arg-type]
+    else:
+        await interaction.response.send_message(text, ephemeral=True, **kwargs)  # type: ignore[arg-type]
+
+
+class ConfirmClear(discord.ui.View):
+    """A confirm button only the invoker can press; it times out into a no-op."""
+
+    def __init__(self, invoker_id: int, timeout: float = 60.0) -> None:
+        super().__init__(timeout=timeout)
+        self.invoker_id = invoker_id
+        self.confirmed: bool | None = None
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        if interaction.user.id != self.invoker_id:
+            await interaction.response.send_message(
+                "Only the admin who asked can confirm this.", ephemeral=True
+            )
+            return False
+        return True
+
+    @discord.ui.button(label="Delete the stored turns", style=discord.ButtonStyle.danger)
+    async def confirm(self, interaction: discord.Interaction, _: discord.ui.Button) -> None:
+        self.confirmed = True
+        await interaction.response.edit_message(content="Clearing…", view=None)
+        self.stop()
+
+    @discord.ui.button(label="Cancel", style=discord.ButtonStyle.secondary)
+    async def cancel(self, interaction: discord.Interaction, _: discord.ui.Button) -> None:
+        self.confirmed = False
+        await interaction.response.edit_message(
+            content="Cancelled; nothing was deleted.", view=None
+        )
+        self.stop()
+
+
+@app_commands.default_permissions(manage_guild=True)
+@app_commands.guild_only()
+class Admin(commands.GroupCog, group_name="admin", group_description="Run the bot in this server"):
+    settings_group = app_commands.Group(name="settings", description="Generation settings")
+    memory_group = app_commands.Group(name="memory", description="This channel's memory")
+    persona_group = app_commands.Group(name="persona", description="Server persona rules")
+    access_group = app_commands.Group(name="access", description="Who and where the bot serves")
+    model_group = app_commands.Group(name="model", description="The model")
+
+    def __init__(self, bot: HermesBot) -> None:
+        self.bot = bot
+        super().__init__()
+
+    @property
+    def memory(self):  # noqa: ANN201
+        assert self.bot.memory is not None
+        return self.bot.memory
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        if is_admin(self.bot, interaction):
+            return True
+        await say(interaction, "You need the Manage Server permission to use /admin.")
+        return False
+
+    async def audit(
+        self,
+        interaction: discord.Interaction,
+        action: str,
+        old: object = None,
+        new: object = None,
+        channel_id: int | None = None,
+    ) -> None:
+        await self.memory.audit(
+            interaction.user.id,
+            action,
+            guild_id=interaction.guild_id,
+            channel_id=channel_id or interaction.channel_id,
+            old=old,
+            new=new,
+        )
+
+    # ---- channel mode -----------------------------------------------------------------------
+
+    @app_commands.command(name="channel", description="When the bot answers in a channel")
+    @app_commands.describe(
+        mode="off: never; mention: when mentioned or replied to; always: every message",
+        channel="defaults to this channel",
+    )
+    async def channel(
+        self,
+        interaction: discord.Interaction,
+        mode: Literal["off", "mention", "always"],
+        channel: Channelish | None = None,
+    ) -> None:
+        target = channel.id if channel else interaction.channel_id
+        assert target is not None
+        old = (await self.memory.channel(target)).mode
+        await self.memory.update_channel(target, interaction.guild_id, mode=mode)
+        await self.audit(interaction, "channel.mode", old, mode, target)
+        await say(
+            interaction,
+            f"<#{target}> is now `{mode}` (was `{old or 'mention (default)'}`)."
+            + (" Threads inside it follow it unless set on their own." if mode else ""),
+        )
+
+    # ---- generation settings ----------------------------------------------------------------
+
+    @settings_group.command(name="show", description="Effective settings and where each comes from")
+    async def settings_show(
+        self, interaction: discord.Interaction, channel: Channelish | None = None
+    ) -> None:
+        target = channel.id if channel else interaction.channel_id
+        assert target is not None and interaction.guild_id is not None
+        eff = effective_settings(
+            self.bot.settings,
+            await self.memory.guild(interaction.guild_id),
+            await self.memory.channel(target),
+        )
+        lines = [f"`{k}` = **{eff.values[k]}** ({eff.source[k]})" for k in TUNABLE]
+        await say(interaction, f"Settings for <#{target}>:\n" + "\n".join(lines))
+
+    @settings_group.command(name="set", description="Change a generation setting")
+    async def settings_set(
+        self,
+        interaction: discord.Interaction,
+        name: SettingName,
+        value: str,
+        scope: Literal["server", "channel"] = "channel",
+    ) -> None:
+        try:
+            parsed = check_tunable(name, value)
+        except ValueError as exc:
+            await say(interaction, f"Not changed: {exc}.")
+            return
+        assert interaction.guild_id is not None and interaction.channel_id is not None
+        if scope == "server":
+            guild = await self.memory.guild(interaction.guild_id)
+            old = guild.settings.get(name)
+            await self.memory.update_guild(
+                interaction.guild_id, settings={**guild.settings, name: parsed}
+            )
+        else:
+            chan = await self.memory.channel(interaction.channel_id)
+            old = chan.settings.get(name)
+            await self.memory.update_channel(
+                interaction.channel_id,
+                interaction.guild_id,
+                settings={**chan.settings, name: parsed},
+            )
+        await self.audit(interaction, f"settings.set {scope} {name}", old, parsed)
+        await say(interaction, f"`{name}` is now **{parsed}** for this {scope}.")
+
+    @settings_group.command(name="reset", description="Back to the defaults")
+    async def settings_reset(
+        self, interaction: discord.Interaction, scope: Literal["server", "channel"] = "channel"
+    ) -> None:
+        assert interaction.guild_id is not None and interaction.channel_id is not None
+        if scope == "server":
+            old = (await self.memory.guild(interaction.guild_id)).settings
+            await self.memory.update_guild(interaction.guild_id, settings={})
+        else:
+            old = (await self.memory.channel(interaction.channel_id)).settings
+            await self.memory.update_channel(
+                interaction.channel_id, interaction.guild_id, settings={}
+            )
+        await self.audit(interaction, f"settings.reset {scope}", old, {})
+        await say(interaction, f"Generation settings for this {scope} are back to the defaults.")
+
+    # ---- memory -----------------------------------------------------------------------------
+
+    @memory_group.command(name="forget", description="Start fresh here (undo with unforget)")
+    async def forget(self, interaction: discord.Interaction) -> None:
+        assert interaction.channel_id is not None
+        old = (await self.memory.channel(interaction.channel_id)).forget_before
+        new = await self.memory.forget(interaction.channel_id, interaction.guild_id)
+        await self.audit(interaction, "memory.forget", old, new)
+        await say(
+            interaction,
+            "I forgot this channel's conversation. `/admin memory unforget` brings it back.",
+        )
+
+    @memory_group.command(name="unforget", description="Undo the last forget")
+    async def unforget(self, interaction: discord.Interaction) -> None:
+        assert interaction.channel_id is not None
+        old = (await self.memory.channel(interaction.channel_id)).forget_before
+        if not await self.memory.unforget(interaction.channel_id):
+            await say(interaction, "There is no forget to undo here.")
+            return
+        new = (await self.memory.channel(interaction.channel_id)).forget_before
+        await self.audit(interaction, "memory.unforget", old, new)
+        await say(interaction, "Restored the conversation from before the last forget.")
+
+    @memory_group.command(name="clear", description="Delete this channel's stored turns")
+    async def clear(self, interaction: discord.Interaction) -> None:
+        assert interaction.channel_id is not None
+        stats = await self.memory.stats(interaction.channel_id)
+        view = ConfirmClear(interaction.user.id)
+        await interaction.response.send_message(
+            f"Delete all {stats.turns} stored turns of this channel for good?",
+            view=view,
+            ephemeral=True,
+        )
+        await view.wait()
+        if not view.confirmed:
+            if view.confirmed is None:
+                await interaction.edit_original_response(
+                    content="Timed out; nothing was deleted.", view=None
+                )
+            return
+        n = await self.memory.clear_channel(interaction.channel_id)
+        await self.audit(interaction, "memory.clear", stats.turns, 0)
+        await interaction.edit_original_response(content=f"Deleted {n} turns.", view=None)
+
+    @memory_group.command(name="stats", description="Turns, tokens, oldest and newest")
+    async def stats(self, interaction: discord.Interaction) -> None:
+        assert interaction.channel_id is not None
+        s = await self.memory.stats(interaction.channel_id)
+
+        def when(t: float | None) -> str:
+            return f"<t:{int(t)}:R>" if t else "never"
+
+        await say(
+            interaction,
+            f"{s.turns} turns, {s.tokens} tokens; oldest {when(s.oldest)}, "
+            f"newest {when(s.newest)}.",
+        )
+        await self.audit(interaction, "memory.stats")
+
+    @memory_group.command(name="export", description="This channel's memory as JSONL")
+    async def export(self, interaction: discord.Interaction) -> None:
+        assert interaction.channel_id is not None
+        turns = await self.memory.all_turns(interaction.channel_id)
+        lines = [
+            json.dumps(
+                {
+                    "id": t.id,
+                    "message_id": t.message_id,
+                    "author_id": t.author_id,
+                    "name": t.name,
+                    "role": t.role,
+                    "persona": t.persona,
+                    "content": t.content,
+                    "tokens": t.tokens,
+                    "created_at": t.created_at,
+                },
+                ensure_ascii=False,
+            )
+            for t in turns
+        ]
+        data = ("\n".join(lines) + ("\n" if lines else "")).encode()
+        await self.audit(interaction, "memory.export", None, len(turns))
+        await say(
+            interaction,
+            f"{len(turns)} turns.",
+            file=discord.File(io.BytesIO(data), f"memory-{interaction.channel_id}.jsonl"),
+        )
+
+    # ---- personas ---------------------------------------------------------------------------
+
+    @persona_group.command(name="default", description="The persona channels use unless set")
+    async def persona_default(self, interaction: discord.Interaction, name: str) -> None:
+        assert interaction.guild_id is not None
+        personas = self.bot.get_cog("Personas")
+        resolved = None
+        if personas is not None:
+            resolved = await personas.resolve_name(interaction.guild_id, name)  # type: ignore[attr-defined]
+        if resolved is None:
+            await say(interaction, f"There is no persona called {name!r}. See `/persona list`.")
+            return
+        old = (await self.memory.guild(interaction.guild_id)).default_persona
+        await self.memory.update_guild(interaction.guild_id, default_persona=resolved)
+        await self.audit(interaction, "persona.default", old, resolved)
+        await say(interaction, f"The server default persona is now **{resolved}**.")
+
+    @persona_group.command(name="imports", description="Whether non-managers may import personas")
+    async def persona_imports(
+        self, interaction: discord.Interaction, rule: Literal["allow", "deny"]
+    ) -> None:
+        assert interaction.guild_id is not None
+        old = (await self.memory.guild(interaction.guild_id)).imports_allowed
+        await self.memory.update_guild(interaction.guild_id, imports_allowed=rule == "allow")
+        await self.audit(interaction, "persona.imports", old, rule == "allow")
+        await say(
+            interaction,
+            f"Members without Manage Server {'may' if rule == 'allow' else 'may not'}"
+            " import or create personas.",
+        )
+
+    # ---- access -----------------------------------------------------------------------------
+
+    async def _block(
+        self, interaction: discord.Interaction, target: discord.Member | discord.Role, blocked: bool
+    ) -> None:
+        assert interaction.guild_id is not None
+        kind = "role" if isinstance(target, discord.Role) else "user"
+        changed = await self.memory.set_blocked(interaction.guild_id, kind, target.id, blocked)
+        verb = "block" if blocked else "unblock"
+        await self.audit(interaction, f"access.{verb} {kind}", not blocked, blocked)
+        label = f"<@&{target.id}>" if kind == "role" else f"<@{target.id}>"
+        await say(
+            interaction,
+            f"{label} is {'now' if changed else 'already'} {'blocked' if blocked else 'allowed'}.",
+        )
+
+    @access_group.command(name="block", description="Ignore a user or role (nothing is stored)")
+    async def block(
+        self, interaction: discord.Interaction, target: discord.Member | discord.Role
+    ) -> None:
+        await self._block(interaction, target, True)
+
+    @access_group.command(name="unblock", description="Serve a blocked user or role again")
+    async def unblock(
+        self, interaction: discord.Interaction, target: discord.Member | discord.Role
+    ) -> None:
+        await self._block(interaction, target, False)
+
+    @access_group.command(name="channels", description="Limit the bot to an allow-list of channels")
+    async def channels(
+        self,
+        interaction: discord.Interaction,
+        action: Literal["add", "remove", "clear", "show"],
+        channel: Channelish | None = None,
+    ) -> None:
+        assert interaction.guild_id is not None
+        old = (await self.memory.guild(interaction.guild_id)).channel_allowlist
+        new = list(old)
+        target = channel.id if channel else interaction.channel_id
+        if action == "add" and target not in new:
+            new.append(target)
+        elif action == "remove" and target in new:
+            new.remove(target)
+        elif action == "clear":
+            new = []
+        if new != old:
+            await self.memory.update_guild(interaction.guild_id, channel_allowlist=new)
+            await self.audit(interaction, f"access.channels {action}", old, new)
+        listing = ", ".join(f"<#{c}>" for c in new) or "all channels (no allow-list)"
+        await say(interaction, f"The bot serves: {listing}.")
+
+    @access_group.command(name="reset", description="Whether members may /reset in channels")
+    async def reset_rule(
+        self, interaction: discord.Interaction, rule: Literal["allow", "deny"]
+    ) -> None:
+        assert interaction.guild_id is not None
+        old = (await self.memory.guild(interaction.guild_id)).reset_allowed
+        await self.memory.update_guild(interaction.guild_id, reset_allowed=rule == "allow")
+        await self.audit(interaction, "access.reset", old, rule == "allow")
+        await say(
+            interaction,
+            f"Members {'may' if rule == 'allow' else 'may not'} use /reset in "
+            "this server's channels.",
+        )
+
+    # ---- model ------------------------------------------------------------------------------
+
+    @model_group.command(name="status", description="Model, memory, queue, speed and uptime")
+    async def model_status(self, interaction: discord.Interaction) -> None:
+        conv = self.bot.conv
+        assert conv is not None
+        info = conv.engine.info
+        recent = list(conv.recent)
+        tps = [s.tokens_per_s for s in recent if s.tokens_per_s]
+        ttft = [t for s in recent if (t := s.time_to_first_token) is not None]
+        uptime = int(time.time() - self.bot.started_at)
+        lines = [
+            f"**Model** `{info.model}` ({info.engine} engine)",
+            f"dtype {info.dtype or '?'}, quantization {info.quantization}, device {info.device or '?'}",
+            f"memory: {memory_in_use()}",
+            f"queue: {conv.engine.queue_length} waiting in the engine, {conv.pending} replies pending",
+            "recent: "
+            + (
+                f"{sum(tps) / len(tps):.1f} tokens/s, first token after "
+                f"{sum(ttft) / len(ttft):.2f}s (last {len(recent)} replies)"
+                if tps and ttft
+                else "no replies yet"
+            ),
+            f"uptime: {uptime // 3600}h {uptime % 3600 // 60}m {uptime % 60}s",
+        ]
+        await self.audit(interaction, "model.status")
+        await say(interaction, "\n".join(lines))
+
+    @model_group.command(name="reload", description="Load a model folder or hub id and swap it in")
+    async def model_reload(
+        self, interaction: discord.Interaction, model: str | None = None
+    ) -> None:
+        conv = self.bot.conv
+        assert conv is not None
+        if model and model.startswith(("/", ".", "~")) and not self.is_owner(interaction):
+            await say(
+                interaction, "Only a bot owner (OWNER_IDS) may load a model from a local path."
+            )
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        old = conv.engine
+        target = model or old.info.model
+        try:
+            new = engine_from_settings(self.bot.settings, model=target)
+            await new.start()
+        except (EngineError, OSError, ValueError) as exc:
+            await self.audit(interaction, "model.reload failed", old.info.model, target)
+            await say(interaction, f"Reload failed, still serving `{old.info.model}`: {exc}")
+            return
+        conv.set_engine(new)  # replies that start from now on use the new model
+        self.bot.engine = new
+        await old.close()  # requests already queued on the old engine finish first
+        await self.audit(interaction, "model.reload", old.info.model, target)
+        await say(interaction, f"Now serving `{target}` ({new.info.dtype}, {new.info.device}).")
+
+    def is_owner(self, interaction: discord.Interaction) -> bool:
+        return interaction.user.id in self.bot.settings.owner_ids
+
+    # ---- audit ------------------------------------------------------------------------------
+
+    @app_commands.command(name="audit", description="The most recent admin actions")
+    async def audit_cmd(
+        self, interaction: discord.Interaction, limit: app_commands.Range[int, 1, 50] = 10
+    ) -> None:
+        rows = await self.memory.audit_log(interaction.guild_id, limit)
+        if not rows:
+            await say(interaction, "No admin actions recorded yet.")
+            return
+        lines = [
+            f"<t:{int(r.created_at)}:f> <@{r.user_id}> `{r.action}`"
+            + (f" in <#{r.channel_id}>" if r.channel_id else "")
+            + (f": {r.old} → {r.new}" if r.old is not None or r.new is not None else "")
+            for r in rows
+        ]
+        await say(interaction, "\n".join(lines)[:1990])
+
+
+def memory_in_use() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            used = torch.cuda.memory_allocated() / 2**30
+            total = torch.cuda.get_device_properties(0).total_memory / 2**30
+            return f"{used:.1f} GiB of {total:.0f} GiB GPU"
+    except Exception:  # memory is informational; never fail the status over it
+        pass
+    try:
+        with open(f"/proc/{os.getpid()}/status") as fh:
+            rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS"))
+        return f"{rss / 2**20:.1f} GiB process RSS"
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+async def setup(bot: HermesBot) -> None:
+    await bot.add_cog(Admin(bot))
