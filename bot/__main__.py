@@ -43,7 +43,9 @@ def cmd_console(settings: Settings, args: argparse.Namespace) -> int:
     try:
         engine = engine_from_settings(settings, model=args.model)
         return asyncio.run(
-            run_console(settings, engine, show_prompt=args.show_prompt, user=args.user)
+            run_console(
+                settings, engine, show_prompt=args.show_prompt, user=args.user, persona=args.persona
+            )
         )
     except EngineError as exc:
         return _fail(str(exc), 1)
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         help="print the exact prompt sent to the model before each reply",
     )
     console.add_argument("--user", default="User", help="your name in the conversation")
+    console.add_argument("--persona", help="talk to a built-in persona (e.g. Grumbold)")
     doctor = sub.add_parser("doctor", help="check settings, database and model loading")
     doctor.add_argument("--model", help="model folder or hub id (overrides MODEL)")
     doctor.add_argument("--skip-model", action="store_true", help="do not load the model")

@@ -18,6 +18,7 @@ from discord.ext import commands
 from bot.conversation import Conversations
 from bot.engine import Engine, EngineError, engine_from_settings
 from bot.memory import Memory
+from bot.personas import PersonaLibrary, load_builtin_personas
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class HermesBot(commands.Bot):
         self.engine: Engine = engine or engine_from_settings(settings)
         self.memory: Memory | None = None
         self.conv: Conversations | None = None
+        self.personas: PersonaLibrary | None = None
         self.cog_names = cogs
         self.started_at = time.time()
         self.reply_tasks: set[asyncio.Task[None]] = set()
@@ -60,7 +62,11 @@ class HermesBot(commands.Bot):
     async def setup_hook(self) -> None:
         self.memory = await Memory.open(self.settings.db_path)
         await self.engine.start()
-        self.conv = Conversations(self.settings, self.memory, self.engine)
+        builtins, problems = load_builtin_personas(self.settings.personas_dir)
+        for problem in problems:  # a bad persona file is skipped, never fatal
+            log.warning("persona skipped: %s", problem)
+        self.personas = PersonaLibrary(builtins, self.memory)
+        self.conv = Conversations(self.settings, self.memory, self.engine, personas=self.personas)
         self.engine_ready.set()
         for name in self.cog_names:
             try:

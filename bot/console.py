@@ -13,6 +13,7 @@ from typing import TextIO
 from bot.conversation import Conversations
 from bot.engine import Engine
 from bot.memory import Memory
+from bot.personas import PersonaLibrary, load_builtin_personas
 from bot.settings import Settings
 
 #: The console's conversation is stored like a Discord channel with this id ("console").
@@ -26,6 +27,7 @@ async def run_console(
     *,
     show_prompt: bool = False,
     user: str = "User",
+    persona: str | None = None,
     stdin: TextIO = sys.stdin,
     stdout: TextIO = sys.stdout,
 ) -> int:
@@ -33,7 +35,18 @@ async def run_console(
     memory = await Memory.open(settings.db_path)
     try:
         await engine.start()
-        conv = Conversations(settings, memory, engine)
+        builtins, problems = load_builtin_personas(settings.personas_dir)
+        for problem in problems:
+            print(f"(persona skipped: {problem})", file=sys.stderr)
+        library = PersonaLibrary(builtins, memory)
+        if persona and await library.get(persona, None) is None:
+            names = ", ".join(await library.names(None))
+            print(
+                f"hermes-bot: no persona called {persona!r}; choose one of: {names}",
+                file=sys.stderr,
+            )
+            return 2
+        conv = Conversations(settings, memory, engine, personas=library)
         if interactive:
             print(f"hermes console: {engine.info.model}. {HELP}", file=stdout)
         while True:
@@ -55,7 +68,7 @@ async def run_console(
                 print(HELP, file=stdout, flush=True)
                 continue
             turn_id = await conv.record_user(CONSOLE_CHANNEL, text, name=user)
-            job = await conv.prepare(CONSOLE_CHANNEL, reply_to=turn_id)
+            job = await conv.prepare(CONSOLE_CHANNEL, reply_to=turn_id, persona=persona)
             assert job is not None  # just stored, nothing else deletes console turns
             if show_prompt:
                 print(f"----- prompt ({job.prompt.tokens} tokens max) -----", file=stdout)
@@ -73,7 +86,9 @@ async def run_console(
                 print(f"\n{job.bot_name}> {job.text}", end="", file=stdout)
             print(file=stdout, flush=True)
             if job.stats and job.stats.finish_reason != "error":
-                await conv.record_assistant(CONSOLE_CHANNEL, job.text, name=job.bot_name)
+                await conv.record_assistant(
+                    CONSOLE_CHANNEL, job.text, name=job.bot_name, persona=job.persona
+                )
     finally:
         await engine.close()
         await memory.close()

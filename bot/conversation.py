@@ -11,12 +11,13 @@ import contextlib
 import logging
 import random
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bot.engine import Engine, Generation, GenerationParams, ReplyStats, params_from_settings
 from bot.memory import ChannelState, GuildState, Memory
+from bot.personas import DEFAULT_PERSONA, PersonaLibrary, build_persona_prompt, persona_key
 from bot.prompt import (
     RESPONSE,
     SEPARATOR,
@@ -104,11 +105,6 @@ class ReplyJob:
     notes: list[str] = field(default_factory=list)
 
 
-# The persona layer plugs in here: given the channel's persona name it returns a prompt builder,
-# or None for the plain assistant. Kept as a callable so this module needs no persona import.
-PromptBuilder = Callable[..., FittedPrompt]
-
-
 class Conversations:
     def __init__(
         self,
@@ -117,13 +113,13 @@ class Conversations:
         engine: Engine,
         *,
         bot_name: str = "Hermes",
-        persona_prompt: Callable[[str | None], tuple[PromptBuilder, str] | None] | None = None,
+        personas: PersonaLibrary | None = None,
     ) -> None:
         self.settings = settings
         self.memory = memory
         self.engine = engine
         self.bot_name = bot_name
-        self.persona_prompt = persona_prompt
+        self.personas = personas
         self.counter = TokenCounter(engine.count_tokens)
         self._locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._start_hint: dict[int, int | None] = {}
@@ -244,31 +240,35 @@ class Conversations:
             if persona is not None
             else channel.persona or (guild.default_persona if guild else None)
         )
-        bot_name = self.bot_name
-        builder = self.persona_prompt(persona_name) if self.persona_prompt else None
+        # The default assistant is the plain SYSTEM_PROMPT layout, whatever its persona file says.
+        chosen = None
+        if persona_name and persona_key(persona_name) != persona_key(DEFAULT_PERSONA):
+            chosen = await self.personas.get(persona_name, guild_id) if self.personas else None
         speaker = current.name if current else ""
-        if builder is not None:
-            build, bot_name = builder
-            prompt = build(
+        hint = self._start_hint.get(channel_id)
+        if chosen is not None:
+            prompt = build_persona_prompt(
+                chosen,
                 history,
                 current,
                 speaker,
                 self.counter,
                 budget,
-                start_hint=self._start_hint.get(channel_id),
+                start_hint=hint,
                 slack=self.settings.fit_slack,
             )
+            bot_name, persona_name = chosen.name, chosen.name
         else:
-            persona_name = None
             prompt = fit_prompt(
                 self.settings.system_prompt,
                 history,
                 current,
                 self.counter,
                 budget,
-                start_hint=self._start_hint.get(channel_id),
+                start_hint=hint,
                 slack=self.settings.fit_slack,
             )
+            bot_name, persona_name = self.bot_name, None
         self._start_hint[channel_id] = prompt.start_id
         if continue_last:
             # Reopen the last reply instead of asking for a new one: drop the trailing
@@ -279,7 +279,7 @@ class Conversations:
             ):
                 return None
             prompt.text = prompt.text[: -len(tail)]
-        names = sorted({t.name for t in prompt.turns if t.role == "user" and t.name})
+        names = sorted({t.name for t in prompt.turns if t.role == "user" and t.name} - {bot_name})
         params = params_from_settings(
             self.settings,
             **{

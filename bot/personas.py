@@ -436,3 +436,52 @@ def clean_persona_reply(text: str, persona: Persona, participant_names: Iterable
     """The reply as posted: cut where another participant's line starts, and without a leading
     `PersonaName:` the model may echo."""
     return clean_reply(text, _others(persona, participant_names), persona.name)
+
+
+# --------------------------------------------------------------------------------------------
+# Where the bot finds a persona by name
+
+
+class PersonaLibrary:
+    """Built-in personas plus each server's imported ones, looked up by name.
+
+    Imported personas live in SQLite (`Memory.save_persona`); parsed cards are cached per
+    (guild, name) and dropped with `invalidate` when a server edits or deletes one.
+    """
+
+    def __init__(self, builtins: PersonaTable, memory: Any) -> None:
+        self.builtins = builtins
+        self.memory = memory
+        self._cache: dict[tuple[int, str], Persona] = {}
+
+    async def get(self, name: str | None, guild_id: int | None) -> Persona | None:
+        if not name:
+            return None
+        if guild_id is not None:
+            key = (guild_id, persona_key(name))
+            if key in self._cache:
+                return self._cache[key]
+            stored = await self.memory.get_persona(guild_id, name)
+            if stored is not None:
+                try:
+                    persona = imported_persona(
+                        stored.card,
+                        guild_id=guild_id,
+                        creator_id=stored.created_by,
+                        avatar=stored.avatar,
+                    )
+                except CardError:
+                    return None  # stored cards were validated on import; a bad one is skipped
+                self._cache[key] = persona
+                return persona
+        return self.builtins.get(name)
+
+    def invalidate(self, guild_id: int, name: str) -> None:
+        self._cache.pop((guild_id, persona_key(name)), None)
+
+    async def names(self, guild_id: int | None) -> list[str]:
+        """Built-ins first, then the server's own, for listings and autocomplete."""
+        names = [p.name for p in self.builtins.values()]
+        if guild_id is not None:
+            names += [p.name for p in await self.memory.list_personas(guild_id)]
+        return names
