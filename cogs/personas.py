@@ -1,0 +1,488 @@
+"""`/persona`: choose, import, create and share characters, and let them speak for themselves.
+
+In server channels a persona speaks through a webhook the bot owns there, with the character's
+name and face; where the bot may not manage webhooks, and in DMs, it falls back to its own
+account with the name in bold.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.cards import MAX_CARD_BYTES, Card, CardError, export_card, parse_card
+from bot.personas import DEFAULT_PERSONA, Persona, PersonaLibrary, fill, persona_key
+from bot.replies import Identity, post
+
+if TYPE_CHECKING:
+    from bot.app import HermesBot
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_NAME = "Hermes personas"
+
+
+def avatar_bytes(persona: Persona) -> bytes | None:
+    """The persona's image when it is a file or PNG bytes (URLs are used as they are)."""
+    avatar = persona.card.avatar
+    if isinstance(avatar, bytes):
+        return avatar
+    if isinstance(avatar, str) and not avatar.startswith(("http://", "https://")):
+        try:
+            return Path(avatar).read_bytes()
+        except OSError:
+            return None
+    return None
+
+
+def avatar_url(persona: Persona) -> str | None:
+    avatar = persona.card.avatar
+    return (
+        avatar if isinstance(avatar, str) and avatar.startswith(("http://", "https://")) else None
+    )
+
+
+def summary_embed(persona: Persona) -> tuple[discord.Embed, discord.File | None]:
+    card = persona.card
+    text = fill(card.description, persona.name, "you").strip() or "*(no description)*"
+    embed = discord.Embed(title=persona.name, description=text[:1500])
+    if card.personality:
+        embed.add_field(
+            name="Personality",
+            value=fill(card.personality, persona.name, "you")[:1000],
+            inline=False,
+        )
+    if card.scenario:
+        embed.add_field(
+            name="Scenario", value=fill(card.scenario, persona.name, "you")[:1000], inline=False
+        )
+    if card.tags:
+        embed.add_field(name="Tags", value=", ".join(card.tags)[:1000], inline=False)
+    source = "built-in" if persona.builtin else f"imported by <@{persona.creator_id}>"
+    embed.set_footer(text=f"{source}" + (f" · by {card.creator}" if card.creator else ""))
+    file = None
+    if url := avatar_url(persona):
+        embed.set_thumbnail(url=url)
+    elif data := avatar_bytes(persona):
+        file = discord.File(io.BytesIO(data), "avatar.png")
+        embed.set_thumbnail(url="attachment://avatar.png")
+    return embed, file
+
+
+class PersonaModal(discord.ui.Modal):
+    """Create or edit a persona with the five fields that matter most."""
+
+    def __init__(self, title: str, card: Card | None = None) -> None:
+        super().__init__(title=title, timeout=600)
+        card = card or Card(name="")
+        self.name = discord.ui.TextInput(label="Name", default=card.name or None, max_length=80)
+        self.description = discord.ui.TextInput(
+            label="Description",
+            style=discord.TextStyle.paragraph,
+            max_length=4000,
+            default=card.description or None,
+        )
+        self.personality = discord.ui.TextInput(
+            label="Personality",
+            style=discord.TextStyle.paragraph,
+            required=False,
+            max_length=2000,
+            default=card.personality or None,
+        )
+        self.scenario = discord.ui.TextInput(
+            label="Scenario",
+            style=discord.TextStyle.paragraph,
+            required=False,
+            max_length=2000,
+            default=card.scenario or None,
+        )
+        self.first_mes = discord.ui.TextInput(
+            label="First message",
+            style=discord.TextStyle.paragraph,
+            required=False,
+            max_length=2000,
+            default=card.first_mes or None,
+        )
+        for item in (self.name, self.description, self.personality, self.scenario, self.first_mes):
+            self.add_item(item)
+        self.base = card
+        self.result: Card | None = None
+        self.interaction: discord.Interaction | None = None
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        base = self.base
+        self.result = Card(
+            name=self.name.value.strip(),
+            description=self.description.value,
+            personality=self.personality.value,
+            scenario=self.scenario.value,
+            first_mes=self.first_mes.value,
+            mes_example=base.mes_example,
+            creator_notes=base.creator_notes,
+            system_prompt=base.system_prompt,
+            post_history_instructions=base.post_history_instructions,
+            alternate_greetings=list(base.alternate_greetings),
+            character_book=base.character_book,
+            tags=list(base.tags),
+            creator=base.creator or interaction.user.name,
+            character_version=base.character_version,
+            extensions=dict(base.extensions),
+            extra=dict(base.extra),
+        )
+        self.interaction = interaction
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        self.stop()
+
+
+class Personas(
+    commands.GroupCog, group_name="persona", group_description="Characters the bot plays"
+):
+    def __init__(self, bot: HermesBot) -> None:
+        self.bot = bot
+        super().__init__()
+
+    @property
+    def library(self) -> PersonaLibrary:
+        assert self.bot.personas is not None
+        return self.bot.personas
+
+    @property
+    def memory(self):  # noqa: ANN201
+        assert self.bot.memory is not None
+        return self.bot.memory
+
+    async def resolve_name(self, guild_id: int | None, name: str) -> str | None:
+        persona = await self.library.get(name, guild_id)
+        return persona.name if persona else None
+
+    # ---- speaking as the persona ------------------------------------------------------------
+
+    async def webhook_for(
+        self, channel: discord.abc.Messageable
+    ) -> tuple[discord.Webhook, discord.abc.Snowflake | None] | None:
+        """The bot's webhook for this channel (a thread uses its parent's), made once and kept."""
+        thread = channel if isinstance(channel, discord.Thread) else None
+        parent = channel.parent if thread is not None else channel
+        if not isinstance(
+            parent, discord.TextChannel | discord.ForumChannel | discord.VoiceChannel
+        ):
+            return None
+        stored = await self.memory.webhook(parent.id)
+        if stored is not None:
+            return discord.Webhook.partial(stored[0], stored[1], client=self.bot), thread
+        me = parent.guild.me
+        if me is not None and not parent.permissions_for(me).manage_webhooks:
+            return None
+        try:
+            hook = await parent.create_webhook(name=WEBHOOK_NAME, reason="persona replies")
+        except discord.HTTPException as exc:
+            log.info("no webhook in channel %s (%s); personas speak as the bot", parent.id, exc)
+            return None
+        assert hook.token is not None
+        await self.memory.save_webhook(parent.id, hook.id, hook.token)
+        chat = self.bot.get_cog("Chat")
+        if chat is not None:
+            chat.webhook_ids.add(hook.id)  # type: ignore[attr-defined]
+        return hook, thread
+
+    async def identity(
+        self, channel: discord.abc.Messageable, name: str, guild_id: int | None = None
+    ) -> Identity:
+        guild = getattr(channel, "guild", None)
+        persona = await self.library.get(name, guild_id or (guild.id if guild else None))
+        if persona is None:
+            return Identity()
+        found = await self.webhook_for(channel) if guild is not None else None
+        if found is None:
+            return Identity(prefix=f"**{persona.name}:** ")
+        hook, thread = found
+        return Identity(
+            webhook=hook, username=persona.name[:80], avatar_url=avatar_url(persona), thread=thread
+        )
+
+    async def _set_webhook_avatar(self, identity: Identity, persona: Persona) -> None:
+        """Webhook messages need an avatar URL; for image-file avatars, give the webhook the face."""
+        data = avatar_bytes(persona)
+        if identity.webhook is None or identity.avatar_url or data is None:
+            return
+        try:
+            await identity.webhook.edit(avatar=data, reason=f"persona {persona.name}")
+        except (discord.HTTPException, ValueError) as exc:
+            log.info("could not set the webhook avatar for %s: %s", persona.name, exc)
+
+    # ---- permissions ------------------------------------------------------------------------
+
+    def manager(self, interaction: discord.Interaction) -> bool:
+        perms = getattr(interaction.user, "guild_permissions", None)
+        return (
+            bool(perms and perms.manage_guild) or interaction.user.id in self.bot.settings.owner_ids
+        )
+
+    async def may_import(self, interaction: discord.Interaction) -> bool:
+        if interaction.guild_id is None:
+            return False
+        guild = await self.memory.guild(interaction.guild_id)
+        return guild.imports_allowed or self.manager(interaction)
+
+    async def _own(self, interaction: discord.Interaction, name: str):  # noqa: ANN202
+        """The server's own persona `name`, if this member may change it; else explain why not."""
+        if interaction.guild_id is None:
+            await self._say(interaction, "Server personas live in servers, not DMs.")
+            return None
+        stored = await self.memory.get_persona(interaction.guild_id, name)
+        if stored is None:
+            builtin = self.library.builtins.get(name)
+            await self._say(
+                interaction,
+                f"**{builtin.name}** is built in and cannot be changed."
+                if builtin
+                else f"This server has no persona called {name!r}.",
+            )
+            return None
+        if stored.created_by != interaction.user.id and not self.manager(interaction):
+            await self._say(
+                interaction,
+                f"Only <@{stored.created_by}> (who made **{stored.name}**) "
+                "or a member with Manage Server can change it.",
+            )
+            return None
+        return stored
+
+    async def _say(self, interaction: discord.Interaction, text: str, **kwargs: object) -> None:
+        kwargs.setdefault("allowed_mentions", discord.AllowedMentions.none())
+        if interaction.response.is_done():
+            await interaction.followup.send(text, ephemeral=True, **kwargs)  # type: ignore[arg-type]
+        else:
+            await interaction.response.send_message(text, ephemeral=True, **kwargs)  # type: ignore[arg-type]
+
+    # ---- commands ---------------------------------------------------------------------------
+
+    async def name_autocomplete(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        names = await self.library.names(interaction.guild_id)
+        hits = [n for n in names if current.lower() in n.lower()]
+        return [app_commands.Choice(name=n, value=n) for n in hits[:25]]
+
+    @app_commands.command(name="list", description="Built-in personas and this server's own")
+    async def list_(self, interaction: discord.Interaction) -> None:
+        builtins = [p.name for p in self.library.builtins.values()]
+        own = (
+            [p.name for p in await self.memory.list_personas(interaction.guild_id)]
+            if interaction.guild_id
+            else []
+        )
+        current = None
+        if interaction.channel_id:
+            current = (await self.memory.channel(interaction.channel_id)).persona
+        text = "**Built-in:** " + ", ".join(builtins)
+        text += "\n**This server:** " + (", ".join(own) if own else "none yet (`/persona import`)")
+        text += f"\nIn this channel: **{current or DEFAULT_PERSONA}**"
+        await self._say(interaction, text)
+
+    @app_commands.command(name="show", description="A persona's card")
+    @app_commands.autocomplete(name=name_autocomplete)
+    async def show(self, interaction: discord.Interaction, name: str) -> None:
+        persona = await self.library.get(name, interaction.guild_id)
+        if persona is None:
+            await self._say(
+                interaction, f"There is no persona called {name!r}. Try `/persona list`."
+            )
+            return
+        embed, file = summary_embed(persona)
+        if file is not None:
+            await self._say(interaction, "", embed=embed, file=file)
+        else:
+            await self._say(interaction, "", embed=embed)
+
+    @app_commands.command(name="use", description="Play this persona in this channel")
+    @app_commands.autocomplete(name=name_autocomplete)
+    async def use(self, interaction: discord.Interaction, name: str) -> None:
+        channel = interaction.channel
+        persona = await self.library.get(name, interaction.guild_id)
+        if persona is None or channel is None:
+            await self._say(
+                interaction, f"There is no persona called {name!r}. Try `/persona list`."
+            )
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        old = (await self.memory.channel(channel.id)).persona
+        await self.memory.update_channel(channel.id, interaction.guild_id, persona=persona.name)
+        if interaction.guild_id:
+            await self.memory.audit(
+                interaction.user.id,
+                "persona.use",
+                guild_id=interaction.guild_id,
+                channel_id=channel.id,
+                old=old,
+                new=persona.name,
+            )
+        greetings = persona.greetings(getattr(interaction.user, "display_name", "you"))
+        if greetings and persona_key(persona.name) != persona_key(DEFAULT_PERSONA):
+            identity = await self.identity(channel, persona.name, interaction.guild_id)
+            await self._set_webhook_avatar(identity, persona)
+            messages = await post(channel, greetings[0], identity=identity)  # type: ignore[arg-type]
+            assert self.bot.conv is not None
+            await self.bot.conv.record_assistant(
+                channel.id,
+                greetings[0],
+                guild_id=interaction.guild_id,
+                persona=persona.name,
+                message_ids=[m.id for m in messages],
+                name=persona.name,
+            )
+        await self._say(interaction, f"**{persona.name}** is now playing in this channel.")
+
+    @app_commands.command(name="off", description="Back to the default persona here")
+    async def off(self, interaction: discord.Interaction) -> None:
+        assert interaction.channel_id is not None
+        old = (await self.memory.channel(interaction.channel_id)).persona
+        await self.memory.update_channel(interaction.channel_id, interaction.guild_id, persona=None)
+        if interaction.guild_id:
+            await self.memory.audit(
+                interaction.user.id,
+                "persona.off",
+                guild_id=interaction.guild_id,
+                channel_id=interaction.channel_id,
+                old=old,
+                new=None,
+            )
+        await self._say(interaction, "Back to the default persona in this channel.")
+
+    @app_commands.command(name="import", description="Import a Character Card (PNG or JSON)")
+    @app_commands.guild_only()
+    async def import_(self, interaction: discord.Interaction, card: discord.Attachment) -> None:
+        if not await self.may_import(interaction):
+            await self._say(
+                interaction, "Only members with Manage Server may import personas here."
+            )
+            return
+        if card.size > MAX_CARD_BYTES:
+            await self._say(
+                interaction,
+                f"Not imported: the file is {card.size / 2**20:.1f} MB; cards may be at most 2 MB.",
+            )
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            parsed = parse_card(await card.read(), card.filename)
+        except CardError as exc:
+            await self._say(interaction, f"Not imported: {exc}")
+            return
+        except discord.HTTPException:
+            await self._say(interaction, "Not imported: I could not download the attachment.")
+            return
+        await self._store(interaction, parsed)
+
+    async def _store(
+        self, interaction: discord.Interaction, card: Card, *, replace: bool = False
+    ) -> None:
+        assert interaction.guild_id is not None
+        if not card.name.strip():
+            await self._say(interaction, "Not saved: the persona needs a name.")
+            return
+        if card.name in self.library.builtins:
+            await self._say(
+                interaction, f"Not saved: **{card.name}** is a built-in persona's name."
+            )
+            return
+        existing = await self.memory.get_persona(interaction.guild_id, card.name)
+        if existing is not None and not replace:
+            await self._say(
+                interaction,
+                f"Not saved: this server already has **{existing.name}**. "
+                "Use `/persona edit`, or delete it first.",
+            )
+            return
+        avatar = card.avatar if isinstance(card.avatar, bytes) else None
+        data = export_card(card).decode()
+        await self.memory.save_persona(
+            interaction.guild_id, card.name, data, interaction.user.id, avatar, replace=replace
+        )
+        self.library.invalidate(interaction.guild_id, card.name)
+        await self.memory.audit(
+            interaction.user.id,
+            "persona.edit" if replace else "persona.import",
+            guild_id=interaction.guild_id,
+            channel_id=interaction.channel_id,
+            new=card.name,
+        )
+        await self._say(
+            interaction, f"Saved **{card.name}**. Use it with `/persona use {card.name}`."
+        )
+
+    @app_commands.command(name="create", description="Write a new persona")
+    @app_commands.guild_only()
+    async def create(self, interaction: discord.Interaction) -> None:
+        if not await self.may_import(interaction):
+            await self._say(
+                interaction, "Only members with Manage Server may create personas here."
+            )
+            return
+        modal = PersonaModal("New persona")
+        await interaction.response.send_modal(modal)
+        if await modal.wait() or modal.result is None or modal.interaction is None:
+            return  # timed out
+        await self._store(modal.interaction, modal.result)
+
+    @app_commands.command(name="edit", description="Edit one of this server's personas")
+    @app_commands.guild_only()
+    @app_commands.autocomplete(name=name_autocomplete)
+    async def edit(self, interaction: discord.Interaction, name: str) -> None:
+        stored = await self._own(interaction, name)
+        if stored is None:
+            return
+        card = parse_card(stored.card.encode())
+        modal = PersonaModal(f"Edit {stored.name}"[:45], card)
+        await interaction.response.send_modal(modal)
+        if await modal.wait() or modal.result is None or modal.interaction is None:
+            return
+        result = modal.result
+        if persona_key(result.name) != persona_key(stored.name):
+            await self.memory.delete_persona(stored.guild_id, stored.name)
+            self.library.invalidate(stored.guild_id, stored.name)
+        result.avatar = stored.avatar
+        await self._store(modal.interaction, result, replace=True)
+
+    @app_commands.command(name="delete", description="Delete one of this server's personas")
+    @app_commands.guild_only()
+    @app_commands.autocomplete(name=name_autocomplete)
+    async def delete(self, interaction: discord.Interaction, name: str) -> None:
+        stored = await self._own(interaction, name)
+        if stored is None:
+            return
+        await self.memory.delete_persona(stored.guild_id, stored.name)
+        self.library.invalidate(stored.guild_id, stored.name)
+        await self.memory.audit(
+            interaction.user.id,
+            "persona.delete",
+            guild_id=stored.guild_id,
+            channel_id=interaction.channel_id,
+            old=stored.name,
+        )
+        await self._say(interaction, f"Deleted **{stored.name}**.")
+
+    @app_commands.command(name="export", description="Download a persona as a Card V2 JSON file")
+    @app_commands.autocomplete(name=name_autocomplete)
+    async def export(self, interaction: discord.Interaction, name: str) -> None:
+        persona = await self.library.get(name, interaction.guild_id)
+        if persona is None:
+            await self._say(interaction, f"There is no persona called {name!r}.")
+            return
+        data = export_card(persona.card)
+        filename = "".join(c for c in persona.name if c.isalnum() or c in "-_") or "persona"
+        await self._say(
+            interaction,
+            f"**{persona.name}** as a Character Card V2:",
+            file=discord.File(io.BytesIO(data), f"{filename}.json"),
+        )
+
+
+async def setup(bot: HermesBot) -> None:
+    await bot.add_cog(Personas(bot))
