@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import time
+from typing import Any
 
 import discord
 from discord.ext import commands
@@ -41,13 +42,19 @@ class HermesBot(commands.Bot):
     """Carries the shared core (`settings`, `memory`, `engine`, `conv`) for the cogs."""
 
     def __init__(
-        self, settings: Settings, *, engine: Engine | None = None, cogs: tuple[str, ...] = COGS
+        self,
+        settings: Settings,
+        *,
+        engine: Engine | None = None,
+        cogs: tuple[str, ...] = COGS,
+        **options: Any,
     ) -> None:
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents(),
             allowed_mentions=discord.AllowedMentions.none(),
             help_command=None,
+            **options,
         )
         self.settings = settings
         self.engine: Engine = engine or engine_from_settings(settings)
