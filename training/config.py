@@ -1,0 +1,230 @@
+"""The YAML run config as dataclasses, so a typo in a key fails at load time, not after an hour.
+
+One file describes a whole run: which sources go into the mix (`data`), which model to start from
+(`model`), how to train it (`train`), optional LoRA/QLoRA (`lora`) and how to write the Hugging Face
+folder at the end (`export`). `--set section.key=value` on the command line overrides any field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+#: Phrases that mark a GPT-4 refusal or an "As an AI language model" disclaimer. Hermes was trained
+#: on data filtered of these so it answers instead of apologising; a config may replace the list.
+DEFAULT_REFUSAL_PHRASES = (
+    "as an ai language model",
+    "as a language model",
+    "as an ai assistant",
+    "i'm sorry, but as an ai",
+    "i am sorry, but as an ai",
+    "i'm sorry, but i cannot",
+    "i'm sorry, i cannot",
+    "i cannot fulfill",
+    "i can't fulfill",
+    "i am not able to provide",
+    "i'm not able to provide",
+    "it is not appropriate for me",
+    "openai's content policy",
+    "against my programming",
+    "i do not have personal opinions",
+    "i don't have personal opinions",
+)
+
+
+class ConfigError(ValueError):
+    """The config file is wrong in a way the user must fix."""
+
+
+@dataclass
+class SourceConfig:
+    """One source of the mix: a local JSON/JSONL file or a `datasets` name, with its share."""
+
+    name: str
+    path: str | None = None  # local .json (a list) or .jsonl file
+    hf: str | None = None  # a `datasets.load_dataset` name, for machines with internet
+    hf_config: str | None = None
+    split: str = "train"
+    format: str = "auto"  # see training.data.FORMATS
+    weight: float = 1.0  # <1 samples that share, >1 repeats the source (upsampling)
+    limit: int | None = None  # at most this many records after weighting
+    system: str = ""  # system text for this source's multi-turn records
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    prepared_dir: str = "runs/data"  # where `prepare` writes records.jsonl and the report
+    max_length: int = 4096  # tokens per example, and the packing length
+    overlength: str = "truncate"  # "truncate" (at turn boundaries) or "drop"
+    dedup: bool = True
+    refusal_filter: bool = True
+    refusal_phrases: list[str] = field(default_factory=lambda: list(DEFAULT_REFUSAL_PHRASES))
+    seed: int = 42
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None  # hub id or local folder of the base model
+    tokenizer: str | None = None  # defaults to name_or_path
+    from_config: dict[str, Any] | None = None  # LlamaConfig kwargs: a fresh random model (tests)
+    attn_implementation: str = "auto"  # auto: flash_attention_2 when installed on CUDA, else sdpa
+    gradient_checkpointing: bool = True
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    load_in_4bit: bool = False  # QLoRA: bitsandbytes NF4 base weights (CUDA only)
+
+
+@dataclass
+class TrainSettings:
+    output_dir: str = "runs/hermes"
+    micro_batch_size: int = 1  # packed rows of max_length per forward pass, per GPU
+    global_batch_size: int = 128  # packed rows per optimizer step, over all GPUs
+    epochs: float = 3.0
+    max_steps: int | None = None  # overrides epochs when set
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.0  # cosine floor, as a share of lr
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    precision: str = "bf16"  # "bf16" (fp32 master weights, bf16 compute) or "fp32"
+    seed: int = 42
+    save_every: int = 200  # optimizer steps between checkpoints (0: only the last one)
+    keep_last: int = 2  # checkpoints kept on disk
+    log_every: int = 1
+    peak_tflops: float | None = None  # per device, for MFU; guessed from the GPU name if unset
+    export_dir: str | None = None  # write the Hugging Face folder here when training ends
+    progress_bar: bool = True
+
+
+@dataclass
+class ExportSettings:
+    dtype: str = "bfloat16"  # dtype of the exported safetensors
+    max_shard_size: str = "5GB"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
+
+    def validate(self) -> Config:
+        if self.model.name_or_path is None and self.model.from_config is None:
+            raise ConfigError("model: set name_or_path (a base model) or from_config")
+        if self.model.name_or_path is None and self.model.tokenizer is None:
+            raise ConfigError("model.tokenizer is required with model.from_config")
+        if self.data.overlength not in ("truncate", "drop"):
+            raise ConfigError(f"data.overlength must be truncate or drop, not {self.data.overlength!r}")
+        if self.train.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"train.precision must be bf16 or fp32, not {self.train.precision!r}")
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            raise ConfigError("train.global_batch_size must be a multiple of micro_batch_size")
+        if self.lora.load_in_4bit and not self.lora.enabled:
+            raise ConfigError("lora.load_in_4bit needs lora.enabled: true (QLoRA)")
+        names = [s.name for s in self.data.sources]
+        if len(names) != len(set(names)):
+            raise ConfigError(f"data.sources: names must be unique, got {names}")
+        for s in self.data.sources:
+            if (s.path is None) == (s.hf is None):
+                raise ConfigError(f"data.sources[{s.name}]: set exactly one of path or hf")
+        return self
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.model.tokenizer or str(self.model.name_or_path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Turn a YAML mapping into dataclass `cls`, refusing unknown keys with their path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(data) - known):
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}".lstrip(".")) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def set_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` (value parsed as YAML) to the raw config mapping."""
+    key, sep, raw = assignment.partition("=")
+    if not sep:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    *parents, last = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    node[last] = yaml.safe_load(raw)
+
+
+def resolve_path(name: str | Path) -> Path:
+    """A config path as given, or the name of a bundled config (`tiny-cpu`, `hermes-7b-8xa100`)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    bundled = CONFIG_DIR / (path.name if path.suffix else f"{path.name}.yaml")
+    if bundled.exists():
+        return bundled
+    raise ConfigError(f"no config file {name!s} (bundled: {sorted(p.stem for p in CONFIG_DIR.glob('*.yaml'))})")
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override and validate a run config."""
+    raw = yaml.safe_load(resolve_path(path).read_text()) or {}
+    for assignment in overrides:
+        set_override(raw, assignment)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, "").validate()
