@@ -24,7 +24,7 @@ HEADER_STOPS = ("### Instruction:", "### Input:", "### Response:", "\n###")
 
 # A line that would read as a block header: any case, any spacing, optional extra #'s or colon.
 _HEADER_LINE = re.compile(
-    r"^(?P<indent>[ \t]*)#{2,}[ \t]*(?P<word>instruction|input|response)[ \t]*:?",
+    r"^(?P<indent>[ \t]*)#{2,}[ \t]*(?P<word>instruction|input|response)\b[ \t]*:?",
     re.IGNORECASE | re.MULTILINE,
 )
 # Where a reply must be cut: a header anywhere at a line start (same tolerance as above).

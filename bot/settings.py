@@ -176,8 +176,12 @@ def _convert(key: str, raw: str, f: Any) -> Any:
         }
         raise SettingsError(f"{key}={raw!r} is not valid; expected {kinds[typ]}") from None
     lo, hi = meta["lo"], meta["hi"]
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise SettingsError(f"{key}={raw!r} is out of range; allowed {lo} to {hi}")
+    # `value != value` is NaN, which no range comparison would catch
+    if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
+        allowed = (
+            f"at least {lo}" if hi is None else f"at most {hi}" if lo is None else f"{lo} to {hi}"
+        )
+        raise SettingsError(f"{key}={raw!r} is out of range; allowed {allowed}")
     return value
 
 

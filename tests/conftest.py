@@ -1,0 +1,90 @@
+"""Shared fixtures: the tiny model, the real Llama 2 tokenizer, a fresh memory, settings.
+
+Everything here runs on the CPU without a network: the tiny model is built on the spot
+(`tests/tiny.py`) and the Llama 2 tokenizer is a checked-in fixture next to the project
+(`../shared/fixtures/llama2-tokenizer`); tests that need it skip when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.memory import Memory
+from bot.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "llama2-tokenizer"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder holding a tiny random LlamaForCausalLM and its BPE tokenizer (built once)."""
+    from tests.tiny import make_model
+
+    return make_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer() -> Any:
+    """The real Llama 2 tokenizer (32,000 SentencePiece pieces); skips when the fixture is absent."""
+    if not (LLAMA_TOKENIZER / "tokenizer.model").is_file():
+        pytest.skip(f"the Llama 2 tokenizer fixture is absent ({LLAMA_TOKENIZER})")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(LLAMA_TOKENIZER)
+
+
+@pytest.fixture
+async def memory(tmp_path: Path) -> AsyncIterator[Memory]:
+    """A fresh Memory on a temporary file, closed afterwards."""
+    mem = await Memory.open(tmp_path / "memory.db")
+    try:
+        yield mem
+    finally:
+        await mem.close()
+
+
+@pytest.fixture
+def settings_factory(tmp_path: Path) -> Callable[..., Settings]:
+    """`make(KEY=value, ...)` builds Settings from exactly that environment, no `.env`.
+
+    DB_PATH defaults to a file in the test's temporary folder.
+    """
+
+    def make(**env: Any) -> Settings:
+        values = {"DB_PATH": str(tmp_path / "hermes.db")}
+        values.update({k.upper(): str(v) for k, v in env.items()})
+        return load_settings(env=values, env_file=None)
+
+    return make
+
+
+def subprocess_env(tmp: Path) -> dict[str, str]:
+    """Environment for running `python -m bot` in a subprocess: no inherited bot settings.
+
+    Every settings key is removed from the inherited environment (so a developer's exported
+    DISCORD_TOKEN cannot leak in), DB_PATH points into `tmp`, the hub is offline and output is
+    UTF-8. Run the subprocess with cwd=tmp so no stray `.env` is read.
+    """
+    keys = {name.upper() for name in Settings.__dataclass_fields__}
+    env = {k: v for k, v in os.environ.items() if k not in keys}
+    env.update(
+        DB_PATH=str(tmp / "cli.db"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONIOENCODING="utf-8",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")])),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """`subprocess_env` for the test's temporary folder."""
+    return subprocess_env(tmp_path)
