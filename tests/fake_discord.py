@@ -799,7 +799,10 @@ class FakeDiscord:
         app.router.add_get("/attachments/{channel_id}/{attachment_id}/{filename}", self._download)
         for method, path, handler in self._routes():
             app.router.add_route(method, API_PREFIX + path, self._wrap(handler))
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        # a short shutdown: a websocket left open by a test must not stall cleanup for 60 s
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=1.0
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -1851,9 +1854,7 @@ class FakeDiscord:
         if check_author and guild is not None and msg.webhook_id is None:
             author_perms = self.compute_permissions(guild.id, msg.author.id, msg.channel_id)
         can_ping_all = (
-            not check_author
-            or msg.webhook_id is not None
-            or bool(author_perms & MENTION_EVERYONE)
+            not check_author or msg.webhook_id is not None or bool(author_perms & MENTION_EVERYONE)
         )
         msg.mentions = []
         for uid in map(int, _MENTION_USER.findall(content)):
@@ -2946,7 +2947,11 @@ async def start_client(
     Returns the task; pass it to :func:`stop_client`.  Build clients with a small
     ``guild_ready_timeout`` (e.g. 0.05): discord.py waits that long after the last
     GUILD_CREATE before firing on_ready (default 2 s)."""
-    await client.login(token or fake.token)
+    try:
+        await client.login(token or fake.token)
+    except BaseException:
+        await client.close()  # login leaves discord.py's HTTP session open
+        raise
     task = asyncio.get_running_loop().create_task(
         client.connect(reconnect=True), name="fake-discord-client"
     )

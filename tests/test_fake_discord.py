@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import aiohttp
 import discord
 import pytest
 from discord import app_commands
@@ -20,6 +22,7 @@ from tests.fake_discord import (
     FakeUser,
     connected_client,
     running_fake,
+    start_client,
 )
 
 
@@ -192,7 +195,8 @@ async def test_injected_500_is_retried(fake: FakeDiscord, world: World) -> None:
     async with connected_client(client, fake):
         fake.inject("POST", "/channels/{channel_id}/messages", 500)
         await client.get_channel(world.general.id).send("after a 500")  # ~1 s: discord.py's backoff
-        assert [r.status for r in fake.find_requests("POST", "/channels/{c}/messages")] == [500, 200]
+        posts = fake.find_requests("POST", "/channels/{channel_id}/messages")
+        assert [r.status for r in posts] == [500, 200]
         assert fake.last_message(world.general.id).content == "after a 500"
 
 
@@ -235,7 +239,9 @@ async def test_slash_command_from_tree_sync(fake: FakeDiscord, world: World) -> 
         await interaction.response.send_message(f"now {name} x{strength}", ephemeral=True)
 
     @use.autocomplete("name")
-    async def names(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    async def names(
+        interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
         return [
             app_commands.Choice(name=n, value=n) for n in ("Aria", "Bob") if n.startswith(current)
         ]
@@ -293,7 +299,10 @@ async def test_webhook_create_execute_edit_delete(fake: FakeDiscord, world: Worl
         hook = await channel.create_webhook(name="Hermes")
         assert fake.webhooks[hook.id].name == "Hermes"
         sent = await hook.send(
-            "in character", username="Aria", avatar_url="https://example.invalid/aria.png", wait=True
+            "in character",
+            username="Aria",
+            avatar_url="https://example.invalid/aria.png",
+            wait=True,
         )
         stored = fake.get_message(sent.id)
         assert stored.webhook_id == hook.id and stored.username == "Aria"
@@ -342,3 +351,123 @@ async def test_attachments_download_and_upload(fake: FakeDiscord, world: World) 
         await channel.send("file", file=discord.File(io.BytesIO(b"abc"), "a.txt"))
         attachment = fake.last_message(world.general.id).attachments[0]
         assert (attachment.filename, attachment.data) == ("a.txt", b"abc")
+
+
+async def test_user_edits_deletes_and_reactions_reach_the_client(
+    fake: FakeDiscord, world: World
+) -> None:
+    client = Recorder()
+    events: list[tuple[str, int]] = []
+
+    @client.event
+    async def on_message_edit(before: discord.Message, after: discord.Message) -> None:
+        events.append(("edit:" + after.content, after.id))
+
+    @client.event
+    async def on_raw_message_delete(payload: discord.RawMessageDeleteEvent) -> None:
+        events.append(("delete", payload.message_id))
+
+    @client.event
+    async def on_raw_reaction_add(payload: discord.RawReactionActionEvent) -> None:
+        events.append(("react:" + str(payload.emoji), payload.message_id))
+
+    async with connected_client(client, fake):
+        msg = await fake.user_message(world.general.id, world.alice, "typo")
+        await fake.wait_for(lambda: client.seen)
+        await fake.edit_user_message(msg, "fixed")
+        await fake.add_reaction(msg, world.alice, "👍")
+        await fake.delete_message(msg)
+        await fake.wait_for(lambda: len(events) == 3)
+    assert events == [("edit:fixed", msg.id), ("react:👍", msg.id), ("delete", msg.id)]
+
+
+async def test_followups_ephemeral_and_edit_original(fake: FakeDiscord, world: World) -> None:
+    client = Recorder()
+
+    @client.tree.command(name="multi", description="Answers several times")
+    async def multi(interaction: discord.Interaction) -> None:
+        await interaction.response.send_message("first")
+        await interaction.followup.send("just for you", ephemeral=True)
+        await interaction.edit_original_response(content="first (edited)")
+
+    async with connected_client(client, fake):
+        await client.tree.sync()
+        assert [c["name"] for c in fake.commands()] == ["multi"]
+        handle = await fake.invoke_command(world.general.id, world.alice, "multi")
+        await fake.wait_for(
+            lambda: handle.original and handle.original.content.endswith("(edited)")
+        )
+        followups = await handle.wait_followups(1)
+        assert followups[0].content == "just for you" and followups[0].ephemeral
+        channel_contents = [m.content for m in fake.channel_messages(world.general.id)]
+        assert channel_contents == ["first (edited)"]  # the ephemeral one is not in the channel
+
+
+async def test_late_interaction_response_is_unknown(fake: FakeDiscord, world: World) -> None:
+    client = Recorder()
+    failures: list[Exception] = []
+
+    @client.tree.command(name="late", description="Too slow")
+    async def late(interaction: discord.Interaction) -> None:
+        await asyncio.sleep(0.3)
+        try:
+            await interaction.response.send_message("too late")
+        except discord.NotFound as exc:
+            failures.append(exc)
+
+    async with connected_client(client, fake):
+        await client.tree.sync()
+        handle = await fake.invoke_command(
+            world.general.id, world.alice, "late", respond_within=0.1
+        )
+        await fake.wait_for(lambda: failures)
+    assert handle.expired and handle.response is None
+    assert getattr(failures[0], "code", None) == 10062
+
+
+async def test_context_menu_and_select(fake: FakeDiscord, world: World) -> None:
+    client = Recorder()
+    picked: list[str] = []
+
+    class Picker(discord.ui.View):
+        @discord.ui.select(
+            custom_id="pick", options=[discord.SelectOption(label=x) for x in ("red", "blue")]
+        )
+        async def pick(self, interaction: discord.Interaction, select: discord.ui.Select) -> None:
+            picked.extend(select.values)
+            await interaction.response.edit_message(content=f"picked {select.values[0]}", view=None)
+
+    @app_commands.context_menu(name="Quote")
+    async def quote(interaction: discord.Interaction, message: discord.Message) -> None:
+        await interaction.response.send_message(f"> {message.content}", view=Picker())
+
+    client.tree.add_command(quote)
+    async with connected_client(client, fake):
+        await client.tree.sync()
+        target = await fake.user_message(world.general.id, world.alice, "wise words")
+        handle = await fake.invoke_context_menu(world.general.id, world.alice, "Quote", target)
+        menu = await handle.wait_message()
+        assert menu.content == "> wise words"
+        choice = await fake.select_option(menu, "pick", ["blue"], world.alice)
+        assert (await choice.wait_response()).type == 7
+        assert picked == ["blue"]
+        assert fake.get_message(menu.id).content == "picked blue"
+        assert fake.get_message(menu.id).components == []
+
+
+async def test_login_failures_surface() -> None:
+    async with running_fake(privileged_intents=0) as fake:
+        with pytest.raises(discord.LoginFailure):
+            await start_client(Recorder(), fake, token="wrong")
+        with pytest.raises(discord.PrivilegedIntentsRequired):
+            await start_client(Recorder(), fake)
+
+
+async def test_zstd_stream_when_available(fake: FakeDiscord) -> None:
+    zstandard = pytest.importorskip("zstandard")
+    async with aiohttp.ClientSession() as session:
+        url = f"{fake.gateway_url}?v=10&encoding=json&compress=zstd-stream"
+        async with session.ws_connect(url) as ws:
+            decompress = zstandard.ZstdDecompressor().decompressobj()
+            hello = json.loads(decompress.decompress(await ws.receive_bytes()))
+    assert hello["op"] == 10
