@@ -110,6 +110,9 @@ class HermesBot(commands.Bot):
             await self.memory.close()
             self.memory = None
 
+    async def on_message(self, message: discord.Message, /) -> None:
+        """No prefix commands: "@bot help me" is a chat message for the chat cog, not a command."""
+
     async def on_ready(self) -> None:
         log.info(
             "logged in as %s (%s) in %d servers",

@@ -8,9 +8,11 @@ start, each in its own transaction, so an old file is brought forward without lo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +204,20 @@ class Memory:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self.db = db
         self.path = path
+        # One connection serves every coroutine: transactions must not interleave on it.
+        self._write = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error; one at a time."""
+        async with self._write:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
 
     @classmethod
     async def open(cls, path: str | Path) -> Memory:
@@ -228,15 +244,10 @@ class Memory:
     async def _tx(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int | None]:
         """Run statements in one transaction; returns each one's lastrowid."""
         ids: list[int | None] = []
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self.transaction() as db:
             for sql, args in statements:
-                cur = await self.db.execute(sql, args)
+                cur = await db.execute(sql, args)
                 ids.append(cur.lastrowid)
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
         return ids
 
     # ---- turns ------------------------------------------------------------------------------
@@ -258,9 +269,8 @@ class Memory:
     ) -> int:
         """Store one turn (and every Discord message id it spans) in one transaction."""
         ids = [m for m in (message_id, *extra_message_ids) if m is not None]
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            cur = await self.db.execute(
+        async with self.transaction() as db:
+            cur = await db.execute(
                 "INSERT INTO turns (channel_id, guild_id, message_id, author_id, name, role, "
                 "persona, content, tokens, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (
@@ -277,14 +287,10 @@ class Memory:
                 ),
             )
             turn_id = int(cur.lastrowid or 0)
-            await self.db.executemany(
+            await db.executemany(
                 "INSERT OR REPLACE INTO turn_messages (message_id, turn_id) VALUES (?, ?)",
                 [(m, turn_id) for m in ids],
             )
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
         return turn_id
 
     async def link_messages(self, turn_id: int, message_ids: Sequence[int]) -> None:
