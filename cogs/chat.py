@@ -30,6 +30,7 @@ class Chat(commands.Cog):
         self.bot = bot
         self.last_trigger: dict[int, float] = {}
         self.webhook_ids: set[int] = set()
+        self.early: dict[int, str | None] = {}  # message id -> edited text, or None if deleted
 
     @property
     def conv(self):  # noqa: ANN201 - the core's Conversations, opened in setup_hook
@@ -122,6 +123,11 @@ class Chat(commands.Cog):
             guild_id=guild_id,
             message_id=message.id,
         )
+        if message.id in self.early:  # edited or deleted while we were storing it
+            if (late := self.early.pop(message.id)) is None:
+                await self.conv.memory.delete_turn(turn_id)
+                return
+            await self.conv.edit(message.id, late)
         if not (mode == "always" or await self.addressed(message)):
             return
         now = time.monotonic()
@@ -140,18 +146,29 @@ class Chat(commands.Cog):
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         if self.bot.conv is None or payload.message.author.bot:
             return
-        await self.conv.edit(payload.message_id, humanize(payload.message, self.bot.user))
+        text = humanize(payload.message, self.bot.user)
+        if not await self.conv.edit(payload.message_id, text):
+            self._remember_early(payload.message_id, text)
 
     @commands.Cog.listener()
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
-        if self.bot.conv is not None:
-            await self.conv.memory.delete_message(payload.message_id)
+        if self.bot.conv is not None and not await self.conv.memory.delete_message(
+            payload.message_id
+        ):
+            self._remember_early(payload.message_id, None)
 
     @commands.Cog.listener()
     async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
         if self.bot.conv is not None:
             for message_id in payload.message_ids:
-                await self.conv.memory.delete_message(message_id)
+                if not await self.conv.memory.delete_message(message_id):
+                    self._remember_early(message_id, None)
+
+    def _remember_early(self, message_id: int, content: str | None) -> None:
+        """An edit or delete that overtook the message's own event (each runs as its own task)."""
+        self.early[message_id] = content
+        while len(self.early) > 1000:
+            self.early.pop(next(iter(self.early)))
 
     # ---- replying ---------------------------------------------------------------------------
 

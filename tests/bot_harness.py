@@ -1,0 +1,116 @@
+"""Run the real HermesBot against the fake Discord, for the chat, persona and admin tests.
+
+The bot is the unmodified `bot.app.HermesBot`; only its settings (a temp database, the tiny model)
+and, where a test needs output a random tiny model cannot produce on demand, its engine differ:
+`ScriptedEngine` implements the same `Engine` interface and streams a given text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from bot.app import HermesBot
+from bot.engine import Engine, EngineInfo, Generation, GenerationParams
+from bot.settings import Settings, load_settings
+from tests.fake_discord import DEFAULT_TOKEN, FakeDiscord, start_client, stop_client
+
+
+def bot_settings(tmp_path: Path, model: Path | str, **env: str) -> Settings:
+    values = {
+        "DISCORD_TOKEN": DEFAULT_TOKEN,
+        "MODEL": str(model),
+        "DB_PATH": str(tmp_path / "bot.db"),
+        "DTYPE": "float32",
+        "DEVICE_MAP": "none",
+        "TEMPERATURE": "0",
+        "REPETITION_PENALTY": "1.0",
+        "MAX_NEW_TOKENS": "12",
+        "STREAM_INTERVAL": "0",
+        "USER_COOLDOWN": "0",
+        "QUEUE_SIZE": "200",
+        "REPLY_TIMEOUT": "30",
+        **env,
+    }
+    return load_settings(env=values, env_file=None)
+
+
+@contextlib.asynccontextmanager
+async def running_bot(
+    fake: FakeDiscord, settings: Settings, *, engine: Engine | None = None
+) -> AsyncIterator[HermesBot]:
+    bot = HermesBot(settings, engine=engine, guild_ready_timeout=0.05)
+    task = await start_client(bot, fake, timeout=30)
+    try:
+        await bot.wait_until_ready()
+        yield bot
+    finally:
+        await stop_client(bot, task)
+
+
+class ScriptedEngine(Engine):
+    """Streams scripted replies in small pieces; records every prompt it was given.
+
+    `script` maps a call index to a reply text, or is a callable of the prompt. An Exception
+    as a reply is raised from the stream, like a failing model would.
+    """
+
+    def __init__(
+        self,
+        script: Callable[[str], str | BaseException] | list[str | BaseException],
+        *,
+        delay: float = 0.0,
+        piece: int = 40,
+    ) -> None:
+        self.script = script
+        self.delay = delay
+        self.piece = piece
+        self.prompts: list[str] = []
+        self.params: list[GenerationParams] = []
+        self.info = EngineInfo("scripted", "scripted", "float32", "none", "cpu")
+        self.started = asyncio.Event()
+
+    async def start(self) -> None:
+        self.started.set()
+
+    async def close(self) -> None:
+        pass
+
+    def count_tokens(self, text: str) -> int:
+        return max(1, len(text) // 4)
+
+    def generate(
+        self, prompt: str, params: GenerationParams, *, cache_key: str | None = None
+    ) -> Generation:
+        self.prompts.append(prompt)
+        self.params.append(params)
+        if callable(self.script):
+            reply = self.script(prompt)
+        else:
+            reply = self.script[min(len(self.prompts) - 1, len(self.script) - 1)]
+        gen = Generation(prompt, params, cache_key)
+        asyncio.get_running_loop().create_task(self._feed(gen, reply))
+        return gen
+
+    async def _feed(self, gen: Generation, reply: str | BaseException) -> None:
+        gen.stats.started_at = gen.stats.queued_at
+        if isinstance(reply, BaseException):
+            gen.finish("error", reply)
+            return
+        for i in range(0, len(reply), self.piece):
+            if gen.cancelled.is_set():
+                gen.finish("cancelled")
+                return
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            gen.stats.new_tokens += 1
+            if not gen.emit(reply[i : i + self.piece]):
+                break
+        gen.finish("eos")
+
+
+def last_prompt(engine: Any) -> str:
+    return engine.prompts[-1]

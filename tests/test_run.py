@@ -1,0 +1,105 @@
+"""`hermes-bot run` as a user starts it: `run_bot(settings)` against the fake Discord.
+
+The fake runs on its own event loop in a background thread, so `run_bot` can own the main
+thread's loop and its SIGINT/SIGTERM handlers exactly as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bot.app import run_bot
+from tests.bot_harness import bot_settings
+from tests.fake_discord import FakeDiscord, running_fake
+
+pytestmark = pytest.mark.slow
+
+
+class FakeInThread:
+    """A running fake on a background loop; `call(coro)` runs a coroutine there."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.stop = asyncio.Event()
+        self.fake: FakeDiscord | None = None
+        self.thread = threading.Thread(
+            target=self.loop.run_until_complete, args=(self._main(),), daemon=True
+        )
+
+    async def _main(self) -> None:
+        self.stop = asyncio.Event()
+        async with running_fake(heartbeat_interval=1000) as fake:
+            self.fake = fake
+            guild = fake.add_guild("Guild")
+            fake.add_channel(guild.id, "general")
+            self.ready.set()
+            await self.stop.wait()
+
+    def __enter__(self) -> FakeDiscord:
+        self.thread.start()
+        assert self.ready.wait(10)
+        assert self.fake is not None
+        return self.fake
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def fake_thread() -> Iterator[FakeDiscord]:
+    with FakeInThread() as fake:
+        yield fake
+
+
+def test_bad_token_exits_2_without_leaking_it(
+    fake_thread: FakeDiscord, tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "not-the-real-token-" + "x" * 30
+    settings = bot_settings(tmp_path, tiny_model, DISCORD_TOKEN=secret)
+    with caplog.at_level(logging.DEBUG):
+        assert run_bot(settings) == 2
+    assert "rejected DISCORD_TOKEN" in caplog.text
+    assert secret not in caplog.text
+
+
+def test_sigterm_shuts_down_cleanly(
+    fake_thread: FakeDiscord, tiny_model: Path, tmp_path: Path
+) -> None:
+    settings = bot_settings(tmp_path, tiny_model)
+
+    def terminate_when_ready() -> None:
+        deadline = time.monotonic() + 30
+        while fake_thread.identify_count == 0 or not fake_thread.commands(None):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_when_ready, daemon=True)
+    killer.start()
+    assert run_bot(settings) == 0
+    killer.join(5)
+    assert fake_thread.identify_count == 1
+    # slash commands were synced globally (no DEV_GUILD_ID)
+    names = {c["name"] for c in fake_thread.commands(None)}
+    assert {"admin", "persona", "reset", "regenerate", "continue"} <= names
+    # the database was closed cleanly: no WAL left behind to replay, and it is intact
+    assert (
+        not Path(str(settings.db_path) + "-wal").exists()
+        or Path(str(settings.db_path) + "-wal").stat().st_size == 0
+    )
+    with sqlite3.connect(settings.db_path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
