@@ -289,23 +289,28 @@ def iter_raw(src: SourceConfig, stats: SourceStats) -> Iterator[tuple[str, Any]]
 
 
 def load_source(src: SourceConfig, stats: SourceStats) -> Iterator[Record]:
-    """Normalised records of one source, with malformed ones reported and skipped."""
-    fmt = src.format
-    if fmt != "auto" and fmt not in FORMATS:
-        stats.error("source", f"unknown format {fmt!r}; known: {sorted(FORMATS)}")
+    """Normalised records of one source, with malformed ones reported and skipped.
+
+    With `format: auto` each record's format is read from its keys, so a file that mixes
+    Alpaca and ShareGPT records works; a named format is enforced on every record.
+    """
+    if src.format != "auto" and src.format not in FORMATS:
+        stats.error("source", f"unknown format {src.format!r}; known: {sorted(FORMATS)}")
         return
+    seen: list[str] = []
     for position, raw in iter_raw(src, stats):
         if not isinstance(raw, dict):
             stats.problem(position, f"record is {type(raw).__name__}, not an object")
             continue
         try:
-            if fmt == "auto":
-                fmt = detect_format(raw)
+            fmt = detect_format(raw) if src.format == "auto" else src.format
             records = FORMATS[fmt](raw, src.name)
         except BadRecord as exc:
             stats.problem(position, str(exc))
             continue
-        stats.format = fmt
+        if fmt not in seen:
+            seen.append(fmt)
+            stats.format = "+".join(seen)
         for j, rec in enumerate(records):
             rec.position = position if len(records) == 1 else f"{position} instance {j}"
             rec.system = rec.system or (src.system if rec.is_chat else "")

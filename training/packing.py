@@ -155,6 +155,8 @@ def forward_packed(model: torch.nn.Module, batch: PackedBatch, *, explicit_mask:
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of cross-entropy over target tokens (fp32). Dividing by the step's target-token count,
     not by the micro-batch's, weights every token equally however the batch was cut."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    if shift_logits.dtype in (torch.float16, torch.bfloat16):
+        shift_logits = shift_logits.float()
     shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
