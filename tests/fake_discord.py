@@ -180,6 +180,14 @@ def _field_error(code: str, message: str) -> dict[str, Any]:
     return {"_errors": [{"code": code, "message": message}]}
 
 
+def _max_len(limit: int) -> dict[str, Any]:
+    return _field_error("BASE_TYPE_MAX_LENGTH", f"Must be {limit} or fewer in length.")
+
+
+def _bad_len(low: int, high: int) -> dict[str, Any]:
+    return _field_error("BASE_TYPE_BAD_LENGTH", f"Must be between {low} and {high} in length.")
+
+
 def _form_error(errors: dict[str, Any]) -> ApiError:
     return ApiError(400, "Invalid Form Body", 50035, errors)
 
@@ -1249,10 +1257,15 @@ class FakeDiscord:
                 session.connection = None
                 # a client closing with 1000/1001 ends its session; other closes are resumable
                 if not conn.server_closed and ws.close_code in (1000, 1001):
-                    session.invalid = True
+                    self._end_session(session)
             await conn.stop()
             self._notify()
         return ws
+
+    def _end_session(self, session: _Session) -> None:
+        """Not resumable any more: a RESUME of it gets INVALID_SESSION."""
+        session.invalid = True
+        self._sessions.pop(session.id, None)
 
     def _on_gateway_payload(self, conn: _GatewayConnection, payload: dict[str, Any]) -> None:
         op, data = payload.get("op"), payload.get("d")
@@ -1363,7 +1376,7 @@ class FakeDiscord:
             if session is not None and session.connection is conn:
                 session.connection = None
                 if not resumable:
-                    session.invalid = True
+                    self._end_session(session)
             if resumable:
                 conn.close(code)
             else:
@@ -1994,15 +2007,11 @@ class FakeDiscord:
         errors: dict[str, Any] = {}
         content = body.get("content")
         if content is not None and len(str(content)) > MAX_CONTENT_LENGTH:
-            errors["content"] = _field_error(
-                "BASE_TYPE_MAX_LENGTH", f"Must be {MAX_CONTENT_LENGTH} or fewer in length."
-            )
+            errors["content"] = _max_len(MAX_CONTENT_LENGTH)
         embeds = body.get("embeds") or []
         embed_errors: dict[str, Any] = {}
         if len(embeds) > 10:
-            embed_errors.update(
-                _field_error("BASE_TYPE_MAX_LENGTH", "Must be 10 or fewer in length.")
-            )
+            embed_errors.update(_max_len(10))
         total = 0
         for index, embed in enumerate(embeds):
             problems: dict[str, Any] = {}
@@ -2010,27 +2019,19 @@ class FakeDiscord:
                 text = embed.get(key) or ""
                 total += len(text)
                 if len(text) > limit:
-                    problems[key] = _field_error(
-                        "BASE_TYPE_MAX_LENGTH", f"Must be {limit} or fewer in length."
-                    )
+                    problems[key] = _max_len(limit)
             for key, sub, limit in (("footer", "text", 2048), ("author", "name", 256)):
                 text = (embed.get(key) or {}).get(sub) or ""
                 total += len(text)
                 if len(text) > limit:
-                    problems[key] = {
-                        sub: _field_error(
-                            "BASE_TYPE_MAX_LENGTH", f"Must be {limit} or fewer in length."
-                        )
-                    }
+                    problems[key] = {sub: _max_len(limit)}
             for fi, fld in enumerate(embed.get("fields") or []):
                 for key, limit in (("name", 256), ("value", 1024)):
                     text = str(fld.get(key) or "")
                     total += len(text)
                     if len(text) > limit:
-                        problems.setdefault("fields", {}).setdefault(str(fi), {})[key] = (
-                            _field_error(
-                                "BASE_TYPE_MAX_LENGTH", f"Must be {limit} or fewer in length."
-                            )
+                        problems.setdefault("fields", {}).setdefault(str(fi), {})[key] = _max_len(
+                            limit
                         )
             if problems:
                 embed_errors[str(index)] = problems
@@ -2472,13 +2473,7 @@ class FakeDiscord:
         self._require(channel, "manage_messages")
         ids = [int(i) for i in call.body.get("messages", [])]
         if not 2 <= len(ids) <= 100:
-            raise _form_error(
-                {
-                    "messages": _field_error(
-                        "BASE_TYPE_BAD_LENGTH", "Must be between 2 and 100 in length."
-                    )
-                }
-            )
+            raise _form_error({"messages": _bad_len(2, 100)})
         for mid in ids:
             msg = self.messages.get(mid)
             if msg is not None and msg.channel_id == channel.id and not msg.deleted:
@@ -2507,13 +2502,7 @@ class FakeDiscord:
         self._require(channel, "create_private_threads" if private else "create_public_threads")
         name = str(call.body.get("name") or "")
         if not 1 <= len(name) <= 100:
-            raise _form_error(
-                {
-                    "name": _field_error(
-                        "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 100 in length."
-                    )
-                }
-            )
+            raise _form_error({"name": _bad_len(1, 100)})
         if "message_id" in call.params:
             self._channel_message(call, channel)
         thread = self.add_thread(channel.id, name, private=private, owner=self.bot_user)
@@ -2541,13 +2530,9 @@ class FakeDiscord:
                     "APPLICATION_COMMAND_INVALID_NAME", "Command name is invalid"
                 )
             if not 1 <= len(definition.get("description") or "") <= 100:
-                errors["description"] = _field_error(
-                    "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 100 in length."
-                )
+                errors["description"] = _bad_len(1, 100)
         elif not 1 <= len(name) <= 32:
-            errors["name"] = _field_error(
-                "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 32 in length."
-            )
+            errors["name"] = _bad_len(1, 32)
         problems = self._check_options(definition.get("options") or [])
         if problems:
             errors["options"] = problems
@@ -2573,7 +2558,7 @@ class FakeDiscord:
     def _check_options(self, options: list[dict[str, Any]]) -> dict[str, Any]:
         errors: dict[str, Any] = {}
         if len(options) > 25:
-            errors.update(_field_error("BASE_TYPE_MAX_LENGTH", "Must be 25 or fewer in length."))
+            errors.update(_max_len(25))
         seen_optional = False
         for index, opt in enumerate(options):
             problems: dict[str, Any] = {}
@@ -2587,9 +2572,7 @@ class FakeDiscord:
                     "APPLICATION_COMMAND_INVALID_NAME", "Command name is invalid"
                 )
             if not 1 <= len(opt.get("description") or "") <= 100:
-                problems["description"] = _field_error(
-                    "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 100 in length."
-                )
+                problems["description"] = _bad_len(1, 100)
             if opt.get("required") and seen_optional:
                 problems["required"] = _field_error(
                     "APPLICATION_COMMAND_OPTIONS_REQUIRED_INVALID", "Required options must be placed before non-required options"
@@ -2598,9 +2581,7 @@ class FakeDiscord:
                 opt.get("type") not in (1, 2) and not opt.get("required")
             )
             if len(opt.get("choices") or []) > 25:
-                problems["choices"] = _field_error(
-                    "BASE_TYPE_MAX_LENGTH", "Must be 25 or fewer in length."
-                )
+                problems["choices"] = _max_len(25)
             nested = self._check_options(opt.get("options") or [])
             if nested:
                 problems["options"] = nested
@@ -2616,9 +2597,7 @@ class FakeDiscord:
         existing = self._commands.get(scope, [])
         definitions = call.json if isinstance(call.json, list) else []
         if len(definitions) > 100:
-            raise _form_error(
-                _field_error("BASE_TYPE_MAX_LENGTH", "Must be 100 or fewer in length.")
-            )
+            raise _form_error(_max_len(100))
         commands = []
         for index, definition in enumerate(definitions):
             try:
@@ -2717,15 +2696,7 @@ class FakeDiscord:
             handle.original = message = handle.component_message
         elif kind == 8:
             if len(data.get("choices") or []) > 25:
-                raise _form_error(
-                    {
-                        "data": {
-                            "choices": _field_error(
-                                "BASE_TYPE_MAX_LENGTH", "Must be 25 or fewer in length."
-                            )
-                        }
-                    }
-                )
+                raise _form_error({"data": {"choices": _max_len(25)}})
         elif kind == 9:
             errors = {k: _field_error("BASE_TYPE_REQUIRED", "This field is required")
                       for k in ("custom_id", "title", "components") if not data.get(k)}  # fmt: skip
@@ -2778,9 +2749,7 @@ class FakeDiscord:
     def _check_webhook_name(name: str, key: str = "name") -> None:
         lowered = name.lower()
         if not 1 <= len(name) <= 80:
-            raise _form_error(
-                {key: _field_error("BASE_TYPE_BAD_LENGTH", "Must be between 1 and 80 in length.")}
-            )
+            raise _form_error({key: _bad_len(1, 80)})
         if "discord" in lowered or "clyde" in lowered:
             raise _form_error(
                 {

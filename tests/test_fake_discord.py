@@ -313,6 +313,11 @@ async def test_webhook_create_execute_edit_delete(fake: FakeDiscord, world: Worl
 
         partial = discord.Webhook.partial(hook.id, hook.token, client=client)
         await partial.edit_message(sent.id, content="edited")
+        thread = fake.add_thread(world.general.id, "side plot")
+        in_thread = await discord.Webhook.from_url(fake.webhooks[hook.id].url, client=client).send(
+            "in a thread", username="Bob", thread=discord.Object(thread.id), wait=True
+        )
+        assert fake.last_message(thread.id).id == in_thread.id
         assert fake.get_message(sent.id).content == "edited"
         await partial.delete_message(sent.id)
         assert fake.get_message(sent.id).deleted
