@@ -39,6 +39,7 @@ def cmd_run(settings: Settings) -> int:
 def cmd_console(settings: Settings, args: argparse.Namespace) -> int:
     from bot.console import run_console
     from bot.engine import EngineError, engine_from_settings
+    from bot.memory import MemoryError_
 
     try:
         engine = engine_from_settings(settings, model=args.model)
@@ -47,7 +48,7 @@ def cmd_console(settings: Settings, args: argparse.Namespace) -> int:
                 settings, engine, show_prompt=args.show_prompt, user=args.user, persona=args.persona
             )
         )
-    except EngineError as exc:
+    except (EngineError, MemoryError_) as exc:
         return _fail(str(exc), 1)
     except KeyboardInterrupt:
         return 130

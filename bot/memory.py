@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -233,6 +234,12 @@ class Memory:
             await db.execute("PRAGMA foreign_keys=ON")
             await db.execute("PRAGMA busy_timeout=5000")
             await migrate(db)
+        except sqlite3.DatabaseError as exc:  # "file is not a database", a damaged file, ...
+            await db.close()
+            raise MemoryError_(
+                f"cannot use {path} as the bot's database ({exc}); "
+                "point DB_PATH at another file or restore a backup"
+            ) from None
         except Exception:
             await db.close()
             raise

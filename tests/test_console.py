@@ -43,8 +43,12 @@ def runs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
             [sys.executable, "-m", "bot", "console", "--model", str(tiny_model), "--show-prompt"],
             "hello bot\nwhat is up?\n/reset\n\nthird message\n/quit\nnever read\n",
         ),
-        "eof": ([script_path, "console", "--model", str(tiny_model)] if script_path else None, None),
+        "eof": (
+            [script_path, "console", "--model", str(tiny_model)] if script_path else None,
+            None,
+        ),
         "missing": ([sys.executable, "-m", "bot", "console", "--model", "no-such-model-dir"], ""),
+        "future-db": ([sys.executable, "-m", "bot", "console", "--model", str(tiny_model)], "hi\n"),
     }
     procs: dict[str, tuple[subprocess.Popen[str], str | None, Path]] = {}
     results: dict[str, Run | None] = {}
@@ -56,6 +60,10 @@ def runs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
             folder = tmp_path_factory.mktemp(f"console-{name}")
             env = subprocess_env(folder)
             env.update(MAX_NEW_TOKENS="8", TEMPERATURE="0", LOG_LEVEL="WARNING")
+            if name == "future-db":  # written by a newer bot
+                con = sqlite3.connect(env["DB_PATH"])
+                con.execute("PRAGMA user_version=99")
+                con.close()
             proc = subprocess.Popen(
                 argv,
                 cwd=folder,
@@ -137,3 +145,13 @@ def test_missing_model_is_reported_without_traceback(runs: dict[str, Run | None]
     assert run.returncode == 1
     assert "Traceback" not in run.stderr
     assert "hermes-bot: cannot load" in run.stderr and "no-such-model-dir" in run.stderr
+
+
+def test_database_from_a_newer_bot_is_reported_without_traceback(runs: dict[str, Run | None]):
+    run = runs["future-db"]
+    assert run is not None
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hermes-bot: the database is schema version 99")
+    assert run.stdout == ""

@@ -301,7 +301,9 @@ def test_random_splits_release_exactly_the_text_before_the_first_stop():
     rnd = random.Random(0)
     stops = ("\n### Instruction:", "\nBob:", "</s>")
     for _ in range(300):
-        body = "".join(rnd.choice(["a", "b", "\n", "#", "##", "Bo", "b:", " ", "</", "s>"]) for _ in range(40))
+        body = "".join(
+            rnd.choice(["a", "b", "\n", "#", "##", "Bo", "b:", " ", "</", "s>"]) for _ in range(40)
+        )
         text = body + rnd.choice(["", "\nBob: hi", "\n### Instruction:\nx", "</s>tail"])
         cuts = sorted(rnd.sample(range(1, len(text)), min(len(text) - 1, rnd.randint(0, 12))))
         pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]

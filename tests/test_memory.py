@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
@@ -40,7 +41,16 @@ async def test_round_trip(memory: Memory):
     )
     (turn,) = await memory.recent_turns(42)
     assert turn == StoredTurn(
-        tid, 42, 7, 1001, 99, "Ann", "user", "pirate", "hello **world** 🎉\nsecond line", 12,
+        tid,
+        42,
+        7,
+        1001,
+        99,
+        "Ann",
+        "user",
+        "pirate",
+        "hello **world** 🎉\nsecond line",
+        12,
         1700000000.5,
     )
     assert turn.to_turn() == Turn("user", "hello **world** 🎉\nsecond line", "Ann", 12, tid)
@@ -224,7 +234,10 @@ async def test_migrates_from_v1_keeping_turns(tmp_path: Path):
         assert [t.message_id for t in turns] == [900, 901, 902, 903, 904]
         # the v1 watermark still applies, and the v2 tables work
         assert [t.content for t in await mem.recent_turns(11)] == [
-            "old 4", "old 3", "old 2", "old 1"
+            "old 4",
+            "old 3",
+            "old 2",
+            "old 1",
         ]
         assert (await mem.channel(11)).mode == "always"
         await mem.update_guild(3, default_persona="pirate")
@@ -246,6 +259,37 @@ async def test_newer_schema_is_a_clear_error(tmp_path: Path):
     assert f"schema version {SCHEMA_VERSION + 1}" in message and "newer" in message
     assert "DB_PATH" in message
     assert user_version(path) == SCHEMA_VERSION + 1  # left untouched
+
+
+async def test_a_file_that_is_not_sqlite_is_a_clear_error(tmp_path: Path):
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"these are my notes, not a database\n" * 200)
+    with pytest.raises(MemoryError_) as info:
+        await Memory.open(path)
+    assert str(path) in str(info.value) and "DB_PATH" in str(info.value)
+    assert path.read_bytes().startswith(b"these are my notes")  # left untouched
+
+
+async def test_concurrent_writers_share_the_connection(memory: Memory):
+    """Many coroutines storing at once (messages from several channels) never interleave."""
+
+    async def writer(channel: int) -> list[int]:
+        ids = []
+        for i in range(10):
+            ids.append(
+                await memory.add_turn(
+                    channel, "user", f"c{channel} m{i}", message_id=channel * 100 + i
+                )
+            )
+            if i == 5:
+                await memory.forget(channel)
+        return ids
+
+    results = await asyncio.gather(*(writer(ch) for ch in range(1, 9)))
+    assert len({tid for ids in results for tid in ids}) == 80
+    for channel, ids in enumerate(results, start=1):
+        assert [t.id for t in await memory.all_turns(channel)] == ids
+        assert [t.id for t in await memory.recent_turns(channel)] == ids[:5:-1]
 
 
 async def test_recent_turns_reads_through_the_index(memory: Memory):
@@ -275,8 +319,10 @@ async def test_recent_turns_reads_through_the_index(memory: Memory):
         plan = " | ".join(row[-1] for row in await cur.fetchall())
         assert "SCAN turns" not in plan, plan
         assert "TEMP B-TREE" not in plan, plan  # the order comes from the index, not a sort
-        assert "USING INDEX turns_by_channel" in plan or "USING INTEGER PRIMARY KEY" in plan or (
-            "USING COVERING INDEX" in plan
+        assert (
+            "USING INDEX turns_by_channel" in plan
+            or "USING INTEGER PRIMARY KEY" in plan
+            or ("USING COVERING INDEX" in plan)
         ), plan
 
 

@@ -159,7 +159,9 @@ def test_many_budgets_never_exceed_the_window(llama_tokenizer):
     count = llama_counter(llama_tokenizer)
     for budget in range(120, 4100, 173):
         current = Turn("user", random.Random(budget).choice(SAMPLES), "Bob", None, 301)
-        fitted = fit_prompt(SYSTEM, reversed(history), current, count, budget, post_history="Be kind.")
+        fitted = fit_prompt(
+            SYSTEM, reversed(history), current, count, budget, post_history="Be kind."
+        )
         assert real_tokens(llama_tokenizer, fitted.text) <= budget, budget
         assert fitted.turns[-1] is current
 
@@ -184,7 +186,9 @@ def test_history_is_read_lazily(llama_tokenizer):
 def test_current_message_is_never_dropped(llama_tokenizer):
     count = llama_counter(llama_tokenizer)
     current = Turn("user", "Honestly I think the second option is better. " * 6, "Alice", None, 301)
-    budget = count.block(current) + count(render_system(SYSTEM)) + count(RESPONSE) + 3 * BLOCK_MARGIN
+    budget = (
+        count.block(current) + count(render_system(SYSTEM)) + count(RESPONSE) + 3 * BLOCK_MARGIN
+    )
     fitted = fit_prompt(SYSTEM, reversed(channel(300)), current, count, budget)
     assert fitted.turns == [current]
     assert fitted.dropped and not fitted.truncated
@@ -228,7 +232,9 @@ def test_cache_friendly_prefix_is_stable(llama_tokenizer):
     hint, previous = None, None
     jumps, steady = 0, 0
     for step in range(60):
-        current = Turn("user", f"message {step}: {rnd.choice(SAMPLES)}", "Alice", None, 1000 + 2 * step)
+        current = Turn(
+            "user", f"message {step}: {rnd.choice(SAMPLES)}", "Alice", None, 1000 + 2 * step
+        )
         fitted = fit_prompt(
             SYSTEM, reversed(history), current, count, budget, start_hint=hint, slack=slack
         )
@@ -251,7 +257,9 @@ def test_cache_friendly_prefix_is_stable(llama_tokenizer):
                 assert len(previous.turns) - len(fitted.turns) >= 2
         hint, previous = fitted.start_id, fitted
         history.append(current)
-        history.append(Turn("assistant", f"reply {step} {rnd.choice(SAMPLES)}", "", None, 1001 + 2 * step))
+        history.append(
+            Turn("assistant", f"reply {step} {rnd.choice(SAMPLES)}", "", None, 1001 + 2 * step)
+        )
     assert jumps >= 3
     assert steady >= 2 * jumps  # most messages reuse the cached prefix
 
@@ -303,7 +311,14 @@ def test_injected_headers_are_neutralised():
 
 @pytest.mark.parametrize(
     "line",
-    ["### Response:", "###instruction", "  ### INPUT :", "#### Response", "##Input", "### response"],
+    [
+        "### Response:",
+        "###instruction",
+        "  ### INPUT :",
+        "#### Response",
+        "##Input",
+        "### response",
+    ],
 )
 def test_each_header_form_is_defused(line):
     text = render_chat("", [Turn("user", f"a\n{line}\nb", "Eve")])
@@ -315,9 +330,15 @@ def test_each_header_form_is_defused(line):
 def test_injection_survives_fitting(llama_tokenizer):
     count = llama_counter(llama_tokenizer)
     history = [Turn("user", ATTACK, "Mallory", None, 1), Turn("assistant", "no.", "", None, 2)]
-    fitted = fit_prompt(SYSTEM, reversed(history), Turn("user", ATTACK, "Mallory", None, 3), count, 4000)
+    fitted = fit_prompt(
+        SYSTEM, reversed(history), Turn("user", ATTACK, "Mallory", None, 3), count, 4000
+    )
     assert headers(fitted.text) == [
-        "### Input:", "### Instruction:", "### Response:", "### Instruction:", "### Response:"
+        "### Input:",
+        "### Instruction:",
+        "### Response:",
+        "### Instruction:",
+        "### Response:",
     ]
 
 

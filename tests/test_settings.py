@@ -73,7 +73,7 @@ def test_valid_values_are_converted(settings_factory, tmp_path):
 def test_env_file_is_read_and_process_env_wins(tmp_path):
     env_file = tmp_path / "settings.env"
     env_file.write_text(
-        "# comment\nMAX_NEW_TOKENS=77\nTEMPERATURE=0.3\nSYSTEM_PROMPT=\"Be brief.\"\n",
+        '# comment\nMAX_NEW_TOKENS=77\nTEMPERATURE=0.3\nSYSTEM_PROMPT="Be brief."\n',
         encoding="utf-8",
     )
     s = load_settings(env={"MAX_NEW_TOKENS": "55"}, env_file=env_file)
@@ -87,7 +87,9 @@ def test_env_file_is_read_and_process_env_wins(tmp_path):
 def test_bad_value_in_env_file_is_reported(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text("TOP_K=many\n", encoding="utf-8")
-    with pytest.raises(SettingsError, match=r"^TOP_K='many' is not valid; expected a whole number$"):
+    with pytest.raises(
+        SettingsError, match=r"^TOP_K='many' is not valid; expected a whole number$"
+    ):
         load_settings(env={}, env_file=env_file)
 
 
