@@ -38,7 +38,7 @@ def intents() -> discord.Intents:
     return wanted
 
 
-class HermesBot(commands.Bot):
+class HermesBot(commands.AutoShardedBot):
     """Carries the shared core (`settings`, `memory`, `engine`, `conv`) for the cogs."""
 
     def __init__(
@@ -54,6 +54,7 @@ class HermesBot(commands.Bot):
             intents=intents(),
             allowed_mentions=discord.AllowedMentions.none(),
             help_command=None,
+            shard_count=settings.shard_count or None,
             **options,
         )
         self.settings = settings

@@ -128,6 +128,13 @@ class Settings:
     personas_dir: Path = _opt(
         Path(""), "Folder of persona YAML files; empty uses the shipped personas/."
     )
+    shard_count: int = _opt(
+        0,
+        "Gateway shards (discord.py AutoShardedBot); 0 takes Discord's recommendation, which is "
+        "1 below 2,500 servers.",
+        lo=0,
+        hi=4096,
+    )
     metrics_port: int = _opt(
         0, "Serve Prometheus metrics on this port; 0 disables.", lo=0, hi=65535
     )
