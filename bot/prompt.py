@@ -20,7 +20,7 @@ SEPARATOR = "\n\n"
 
 #: Strings that end a reply: the model starting a new block. Names of other participants are added
 #: per request (see `stop_strings`).
-HEADER_STOPS = ("### Instruction:", "### Input:", "### Response:", "\n###")
+HEADER_STOPS = ("### Instruction", "### Input:", "### Response")
 
 # A line that would read as a block header: any case, any spacing, optional extra #'s or colon.
 _HEADER_LINE = re.compile(
@@ -68,6 +68,7 @@ def render_turn(role: str, content: str, name: str = "") -> str:
     body = neutralize(content.strip())
     if role == "assistant":
         return f"{RESPONSE}{body}{SEPARATOR}"
+    name = " ".join(name.split())  # a name can never smuggle in a line break (and a header)
     label = f"{name}: " if name else ""
     return f"{INSTRUCTION}{label}{body}{SEPARATOR}"
 

@@ -396,12 +396,15 @@ def test_clean_reply(raw, expected):
     assert clean_reply(raw, ["Alice", "Bob", "A.B"], bot_name="Hermes") == expected
 
 
+def test_markdown_headings_are_not_stops():
+    """A reply may use Discord's `### heading`; only real block headers end it."""
+    assert not any(s in "Intro\n### Setup steps\n1. do it" for s in stop_strings(["Alice"]))
+
+
 def test_clean_reply_agrees_with_stop_strings():
     """Whatever the engine stops at, cleaning cuts at the same place."""
     names = ["Alice", "Bob"]
     reply = "Fine, thanks."
     for stop in stop_strings(names):
-        if stop == "\n###":
-            continue  # the engine stops at any "###" line; cleaning cuts only at real headers
         raw = reply + ("" if stop.startswith("\n") else "\n") + stop + " and then more"
         assert clean_reply(raw, names, "Hermes") == reply, stop
