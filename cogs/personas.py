@@ -7,8 +7,11 @@ account with the name in bold.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import io
 import logging
+from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,10 +25,25 @@ from bot.replies import Identity, post
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
+    from bot.memory import StoredPersona
 
 log = logging.getLogger(__name__)
 
 WEBHOOK_NAME = "Hermes personas"
+#: The most a modal's text input holds (Discord's limit); longer card fields cannot be edited there.
+INPUT_MAX = 4000
+NAME_MAX = 80
+_NO_FACE = object()
+
+
+def webhook_username_ok(name: str) -> bool:
+    """Discord refuses webhook usernames containing "discord" or "clyde", and "everyone"/"here"."""
+    lowered = name.casefold()
+    return (
+        "discord" not in lowered
+        and "clyde" not in lowered
+        and lowered.strip() not in ("everyone", "here")
+    )
 
 
 def avatar_bytes(persona: Persona) -> bytes | None:
@@ -64,8 +82,11 @@ def summary_embed(persona: Persona) -> tuple[discord.Embed, discord.File | None]
         )
     if card.tags:
         embed.add_field(name="Tags", value=", ".join(card.tags)[:1000], inline=False)
-    source = "built-in" if persona.builtin else f"imported by <@{persona.creator_id}>"
-    embed.set_footer(text=f"{source}" + (f" · by {card.creator}" if card.creator else ""))
+    if not persona.builtin and persona.creator_id:
+        # a field, not the footer: footers show mentions as raw <@id> text
+        embed.add_field(name="Added by", value=f"<@{persona.creator_id}>", inline=False)
+    source = "built-in" if persona.builtin else "this server's own"
+    embed.set_footer(text=source + (f" · by {card.creator}" if card.creator else ""))
     file = None
     if url := avatar_url(persona):
         embed.set_thumbnail(url=url)
@@ -81,32 +102,34 @@ class PersonaModal(discord.ui.Modal):
     def __init__(self, title: str, card: Card | None = None) -> None:
         super().__init__(title=title, timeout=600)
         card = card or Card(name="")
-        self.name = discord.ui.TextInput(label="Name", default=card.name or None, max_length=80)
+        self.name = discord.ui.TextInput(
+            label="Name", default=card.name or None, max_length=NAME_MAX
+        )
         self.description = discord.ui.TextInput(
             label="Description",
             style=discord.TextStyle.paragraph,
-            max_length=4000,
+            max_length=INPUT_MAX,
             default=card.description or None,
         )
         self.personality = discord.ui.TextInput(
             label="Personality",
             style=discord.TextStyle.paragraph,
             required=False,
-            max_length=2000,
+            max_length=INPUT_MAX,
             default=card.personality or None,
         )
         self.scenario = discord.ui.TextInput(
             label="Scenario",
             style=discord.TextStyle.paragraph,
             required=False,
-            max_length=2000,
+            max_length=INPUT_MAX,
             default=card.scenario or None,
         )
         self.first_mes = discord.ui.TextInput(
             label="First message",
             style=discord.TextStyle.paragraph,
             required=False,
-            max_length=2000,
+            max_length=INPUT_MAX,
             default=card.first_mes or None,
         )
         for item in (self.name, self.description, self.personality, self.scenario, self.first_mes):
@@ -118,7 +141,7 @@ class PersonaModal(discord.ui.Modal):
     async def on_submit(self, interaction: discord.Interaction) -> None:
         base = self.base
         self.result = Card(
-            name=self.name.value.strip(),
+            name=" ".join(self.name.value.split()),
             description=self.description.value,
             personality=self.personality.value,
             scenario=self.scenario.value,
@@ -145,6 +168,11 @@ class Personas(
 ):
     def __init__(self, bot: HermesBot) -> None:
         self.bot = bot
+        #: webhooks checked this run, by the channel that owns them (a thread uses its parent's)
+        self._hooks: dict[int, discord.Webhook] = {}
+        self._hook_locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        #: the picture each webhook shows now (a digest of the image; None: the default one)
+        self._faces: dict[int, str | None] = {}
         super().__init__()
 
     @property
@@ -163,33 +191,61 @@ class Personas(
 
     # ---- speaking as the persona ------------------------------------------------------------
 
+    @staticmethod
+    def _parent(channel: discord.abc.Messageable) -> tuple[object, discord.Thread | None]:
+        thread = channel if isinstance(channel, discord.Thread) else None
+        return (channel.parent if thread is not None else channel), thread
+
     async def webhook_for(
         self, channel: discord.abc.Messageable
     ) -> tuple[discord.Webhook, discord.abc.Snowflake | None] | None:
         """The bot's webhook for this channel (a thread uses its parent's), made once and kept."""
-        thread = channel if isinstance(channel, discord.Thread) else None
-        parent = channel.parent if thread is not None else channel
+        parent, thread = self._parent(channel)
         if not isinstance(
             parent, discord.TextChannel | discord.ForumChannel | discord.VoiceChannel
         ):
             return None
-        stored = await self.memory.webhook(parent.id)
-        if stored is not None:
-            return discord.Webhook.partial(stored[0], stored[1], client=self.bot), thread
-        me = parent.guild.me
-        if me is not None and not parent.permissions_for(me).manage_webhooks:
-            return None
-        try:
-            hook = await parent.create_webhook(name=WEBHOOK_NAME, reason="persona replies")
-        except discord.HTTPException as exc:
-            log.info("no webhook in channel %s (%s); personas speak as the bot", parent.id, exc)
-            return None
-        assert hook.token is not None
-        await self.memory.save_webhook(parent.id, hook.id, hook.token)
-        chat = self.bot.get_cog("Chat")
-        if chat is not None:
-            chat.webhook_ids.add(hook.id)  # type: ignore[attr-defined]
-        return hook, thread
+        async with self._hook_locks[parent.id]:  # one webhook, even for replies racing to make it
+            if (known := self._hooks.get(parent.id)) is not None:
+                return known, thread
+            stored = await self.memory.webhook(parent.id)
+            if stored is not None:
+                hook = discord.Webhook.partial(stored[0], stored[1], client=self.bot)
+                try:
+                    await hook.fetch(prefer_auth=False)  # once a run: is it still there?
+                except discord.NotFound:
+                    log.info("webhook %s of channel %s is gone; making another", hook.id, parent.id)
+                    await self.memory.forget_webhook(parent.id)
+                except discord.HTTPException as exc:
+                    log.info("could not check webhook %s (%s); using it anyway", hook.id, exc)
+                    return hook, thread
+                else:
+                    self._hooks[parent.id] = hook
+                    return hook, thread
+            me = parent.guild.me
+            if me is not None and not parent.permissions_for(me).manage_webhooks:
+                return None
+            try:
+                hook = await parent.create_webhook(name=WEBHOOK_NAME, reason="persona replies")
+            except discord.HTTPException as exc:
+                log.info("no webhook in channel %s (%s); personas speak as the bot", parent.id, exc)
+                return None
+            assert hook.token is not None
+            await self.memory.save_webhook(parent.id, hook.id, hook.token)
+            self._hooks[parent.id] = hook
+            self._faces[hook.id] = None  # a new webhook shows the default picture
+            chat = self.bot.get_cog("Chat")
+            if chat is not None:
+                chat.webhook_ids.add(hook.id)  # type: ignore[attr-defined]
+            return hook, thread
+
+    async def forget_webhook(self, channel: discord.abc.Messageable) -> None:
+        """Drop the channel's webhook (deleted by someone); the next reply makes a new one."""
+        parent, _ = self._parent(channel)
+        parent_id = getattr(parent, "id", None)
+        if parent_id is not None:
+            self._hooks.pop(parent_id, None)
+            await self.memory.forget_webhook(parent_id)
 
     async def identity(
         self, channel: discord.abc.Messageable, name: str, guild_id: int | None = None
@@ -198,23 +254,46 @@ class Personas(
         persona = await self.library.get(name, guild_id or (guild.id if guild else None))
         if persona is None:
             return Identity()
-        found = await self.webhook_for(channel) if guild is not None else None
+        found = None
+        if guild is not None and webhook_username_ok(persona.name[:NAME_MAX]):
+            found = await self.webhook_for(channel)
         if found is None:
             return Identity(prefix=f"**{persona.name}:** ")
         hook, thread = found
+        url = avatar_url(persona)
+        if url is None:
+            await self._show_face(hook, persona)
         return Identity(
-            webhook=hook, username=persona.name[:80], avatar_url=avatar_url(persona), thread=thread
+            webhook=hook, username=persona.name[:NAME_MAX], avatar_url=url, thread=thread
         )
 
-    async def _set_webhook_avatar(self, identity: Identity, persona: Persona) -> None:
-        """Webhook messages need an avatar URL; for image-file avatars, give the webhook the face."""
+    async def _show_face(self, hook: discord.Webhook, persona: Persona) -> None:
+        """A webhook message takes a URL avatar, not an image file: so for image-file avatars
+        the webhook itself must wear the persona's face, and a persona without one the default
+        face rather than the last persona's. Set only when it changes."""
         data = avatar_bytes(persona)
-        if identity.webhook is None or identity.avatar_url or data is None:
+        face = hashlib.sha256(data).hexdigest() if data else None
+        if self._faces.get(hook.id, _NO_FACE) == face:
             return
         try:
-            await identity.webhook.edit(avatar=data, reason=f"persona {persona.name}")
+            await hook.edit(avatar=data, reason=f"persona {persona.name}")
         except (discord.HTTPException, ValueError) as exc:
             log.info("could not set the webhook avatar for %s: %s", persona.name, exc)
+        self._faces[hook.id] = face  # not retried every message when Discord refuses it
+
+    async def greet(
+        self, channel: discord.abc.Messageable, persona: Persona, text: str, guild_id: int | None
+    ) -> list[discord.Message]:
+        """Post `text` as the persona; a webhook deleted behind our back is replaced once."""
+        identity = await self.identity(channel, persona.name, guild_id)
+        try:
+            return await post(channel, text, identity=identity)  # type: ignore[arg-type]
+        except discord.NotFound:
+            if identity.webhook is None:
+                raise
+        await self.forget_webhook(channel)
+        identity = await self.identity(channel, persona.name, guild_id)
+        return await post(channel, text, identity=identity)  # type: ignore[arg-type]
 
     # ---- permissions ------------------------------------------------------------------------
 
@@ -325,9 +404,16 @@ class Personas(
             )
         greetings = persona.greetings(getattr(interaction.user, "display_name", "you"))
         if greetings and persona_key(persona.name) != persona_key(DEFAULT_PERSONA):
-            identity = await self.identity(channel, persona.name, interaction.guild_id)
-            await self._set_webhook_avatar(identity, persona)
-            messages = await post(channel, greetings[0], identity=identity)  # type: ignore[arg-type]
+            try:
+                messages = await self.greet(channel, persona, greetings[0], interaction.guild_id)
+            except discord.HTTPException as exc:
+                log.warning("could not post %s's greeting in %s: %s", persona.name, channel.id, exc)
+                await self._say(
+                    interaction,
+                    f"**{persona.name}** is now playing in this channel, "
+                    "but I could not post the greeting here.",
+                )
+                return
             assert self.bot.conv is not None
             await self.bot.conv.record_assistant(
                 channel.id,
@@ -381,10 +467,21 @@ class Personas(
         await self._store(interaction, parsed)
 
     async def _store(
-        self, interaction: discord.Interaction, card: Card, *, replace: bool = False
+        self,
+        interaction: discord.Interaction,
+        card: Card,
+        *,
+        previous: StoredPersona | None = None,
     ) -> None:
+        """Save an imported or written card; with `previous`, that persona edited (maybe renamed).
+
+        Nothing is removed before the new version is safe: a rename onto a built-in's or another
+        persona's name is refused, and the persona keeps its creator whoever edits it.
+        """
         assert interaction.guild_id is not None
-        if not card.name.strip():
+        guild_id = interaction.guild_id
+        card.name = " ".join(card.name.split())
+        if not card.name:
             await self._say(interaction, "Not saved: the persona needs a name.")
             return
         if card.name in self.library.builtins:
@@ -392,25 +489,40 @@ class Personas(
                 interaction, f"Not saved: **{card.name}** is a built-in persona's name."
             )
             return
-        existing = await self.memory.get_persona(interaction.guild_id, card.name)
-        if existing is not None and not replace:
+        existing = await self.memory.get_persona(guild_id, card.name)
+        if existing is not None and (previous is None or existing.id != previous.id):
             await self._say(
                 interaction,
                 f"Not saved: this server already has **{existing.name}**. "
-                "Use `/persona edit`, or delete it first.",
+                + (
+                    "Use `/persona edit`, or delete it first."
+                    if previous is None
+                    else "Choose another name."
+                ),
             )
             return
         avatar = card.avatar if isinstance(card.avatar, bytes) else None
         data = export_card(card).decode()
-        await self.memory.save_persona(
-            interaction.guild_id, card.name, data, interaction.user.id, avatar, replace=replace
-        )
-        self.library.invalidate(interaction.guild_id, card.name)
+        creator = previous.created_by if previous is not None else interaction.user.id
+        if previous is None:
+            await self.memory.save_persona(guild_id, card.name, data, creator, avatar)
+        elif existing is not None and existing.name == card.name:  # same name: in place
+            await self.memory.save_persona(guild_id, card.name, data, creator, avatar, replace=True)
+        elif existing is not None:  # only the case changed; names are unique whatever the case
+            await self.memory.delete_persona(guild_id, previous.name)
+            await self.memory.save_persona(guild_id, card.name, data, creator, avatar)
+        else:  # a new name: the new row first, so a failure cannot lose the persona
+            await self.memory.save_persona(guild_id, card.name, data, creator, avatar)
+            await self.memory.delete_persona(guild_id, previous.name)
+        if previous is not None:
+            self.library.invalidate(guild_id, previous.name)
+        self.library.invalidate(guild_id, card.name)
         await self.memory.audit(
             interaction.user.id,
-            "persona.edit" if replace else "persona.import",
-            guild_id=interaction.guild_id,
+            "persona.edit" if previous is not None else "persona.import",
+            guild_id=guild_id,
             channel_id=interaction.channel_id,
+            old=previous.name if previous is not None else None,
             new=card.name,
         )
         await self._say(
@@ -439,16 +551,25 @@ class Personas(
         if stored is None:
             return
         card = parse_card(stored.card.encode())
+        # Discord refuses a form whose prefilled text is longer than its input allows
+        fields = {"name": NAME_MAX, "description": INPUT_MAX, "personality": INPUT_MAX}
+        fields |= {"scenario": INPUT_MAX, "first_mes": INPUT_MAX}
+        too_long = [f for f, limit in fields.items() if len(getattr(card, f)) > limit]
+        if too_long:
+            await self._say(
+                interaction,
+                f"**{stored.name}** is too long to edit in a Discord form ({', '.join(too_long)}: "
+                f"a form holds at most {INPUT_MAX} characters a field, {NAME_MAX} for the name). "
+                "Export it, edit the file, then delete it and import the file again.",
+            )
+            return
         modal = PersonaModal(f"Edit {stored.name}"[:45], card)
         await interaction.response.send_modal(modal)
         if await modal.wait() or modal.result is None or modal.interaction is None:
             return
         result = modal.result
-        if persona_key(result.name) != persona_key(stored.name):
-            await self.memory.delete_persona(stored.guild_id, stored.name)
-            self.library.invalidate(stored.guild_id, stored.name)
         result.avatar = stored.avatar
-        await self._store(modal.interaction, result, replace=True)
+        await self._store(modal.interaction, result, previous=stored)
 
     @app_commands.command(name="delete", description="Delete one of this server's personas")
     @app_commands.guild_only()
