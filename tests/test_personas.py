@@ -428,7 +428,7 @@ def test_reply_is_cut_at_another_participants_line(builtin) -> None:
     stops = persona_stops(grumbold, people)
     assert "\nAlice:" in stops and "\nBob Smith:" in stops
     assert "\nGrumbold:" not in stops
-    assert "### Instruction:" in stops
+    assert "### Instruction" in stops and "### Response" in stops
 
     raw = "Grumbold: *grunts* Three days, lad.\nAlice: Thank you!\nGrumbold: Hmph."
     assert clean_persona_reply(raw, grumbold, people) == "*grunts* Three days, lad."
