@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,11 @@ class StopScanner:
         return out
 
 
+#: Called with each reply's stats when it ends (from the worker thread or the event loop); the
+#: metrics exporter registers here. Must be quick and must not raise.
+FINISH_HOOKS: list[Callable[[ReplyStats], None]] = []
+
+
 class Generation:
     """One request's stream of text pieces. Iterate it; `cancel()` or break to stop early."""
 
@@ -149,6 +154,11 @@ class Generation:
             reason = "stop"
         self.stats.finish_reason = reason
         self.stats.finished_at = time.perf_counter()
+        for hook in FINISH_HOOKS:
+            try:
+                hook(self.stats)
+            except Exception:  # metrics must never break a reply
+                log.exception("finish hook failed")
         self._loop.call_soon_threadsafe(self._queue.put_nowait, error)
 
     # --- called from the event loop ---
@@ -297,11 +307,16 @@ class LocalEngine(Engine):
         tokenizer: str | None = None,
         max_batch: int = 8,
         queue_size: int = 0,
+        kv_cache_mb: float = 0,
+        prefill_chunk: int = 512,
     ) -> None:
         self.model_path = str(model_path)
         self.tokenizer_path = tokenizer or self.model_path
         self.plan = plan_load(dtype, device_map, quantization)
         self.max_batch = max_batch
+        self.kv_cache_mb = kv_cache_mb
+        self.prefill_chunk = prefill_chunk
+        self.batcher: Any = None  # bot.batching.Batcher, made at start
         self.info = EngineInfo("local", self.model_path, self.plan.dtype, quantization)
         self.model: Any = None
         self.tokenizer: Any = None
@@ -309,8 +324,17 @@ class LocalEngine(Engine):
         self._worker: threading.Thread | None = None
 
     async def start(self) -> None:
+        from bot.batching import Batcher
+
         self.model, self.tokenizer = await asyncio.to_thread(self._load)
         self.info.device = str(self._device())
+        self.batcher = Batcher(
+            self.model,
+            self.tokenizer,
+            max_batch=self.max_batch,
+            kv_bytes=int(self.kv_cache_mb * 2**20),
+            prefill_chunk=self.prefill_chunk,
+        )
         self._worker = threading.Thread(target=self._serve, name="hermes-engine", daemon=True)
         self._worker.start()
 
@@ -341,7 +365,7 @@ class LocalEngine(Engine):
 
     @property
     def queue_length(self) -> int:
-        return self._requests.qsize()
+        return self._requests.qsize() + (self.batcher.waiting if self.batcher else 0)
 
     def generate(
         self, prompt: str, params: GenerationParams, *, cache_key: str | None = None
@@ -355,59 +379,8 @@ class LocalEngine(Engine):
     # --- worker thread ---
 
     def _serve(self) -> None:
-        import torch
-
-        while (gen := self._requests.get()) is not None:
-            if gen.cancelled.is_set():
-                gen.finish("cancelled")
-                continue
-            gen.stats.started_at = time.perf_counter()
-            try:
-                with torch.inference_mode():
-                    reason = self._run(gen)
-                gen.finish(reason)
-            except Exception as exc:  # reported to the awaiting caller, the worker lives on
-                log.exception("generation failed")
-                gen.finish("error", EngineError(f"generation failed: {first_line(exc)}"))
-
-    def _run(self, gen: Generation) -> str:
-        import torch
-        from transformers import DynamicCache
-
-        tok, model, p = self.tokenizer, self.model, gen.params
-        ids = tok(gen.prompt, return_tensors="pt").input_ids.to(self._device())
-        gen.stats.prompt_tokens = ids.shape[1]
-        processors = make_processors(p)
-        generator = torch.Generator(device=ids.device)
-        if p.seed is not None:
-            generator.manual_seed(p.seed)
-        else:
-            generator.seed()
-        cache = DynamicCache()
-        kw = cache_kwarg(model)
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
-        history = ids
-        new: list[int] = []
-        decoded = ""
-        eos = set(_eos_ids(tok, model))
-        for _ in range(p.max_new_tokens):
-            if gen.cancelled.is_set():
-                return "cancelled"
-            logits = out.logits[:, -1, :].float()
-            token = sample_next(logits, history, processors, p, generator)
-            if token in eos:
-                return "eos"
-            new.append(token)
-            gen.stats.new_tokens = len(new)
-            text = tok.decode(new, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                piece, decoded = text[len(decoded) :], text
-                if piece and not gen.emit(piece):
-                    return "stop"
-            step = torch.tensor([[token]], device=ids.device)
-            history = torch.cat([history, step], dim=1)
-            out = model(input_ids=step, use_cache=True, **{kw: cache})
-        return "length"
+        """Continuous batching across channels, with per-channel prompt caches (bot/batching.py)."""
+        self.batcher.serve(self._requests)
 
 
 def cache_kwarg(model: Any) -> str:
@@ -479,6 +452,7 @@ def engine_from_settings(settings: Any, *, model: str | None = None) -> Engine:
         quantization=settings.quantization,
         tokenizer=settings.tokenizer or None,
         max_batch=settings.max_batch,
+        kv_cache_mb=settings.kv_cache_mb,
     )
 
 

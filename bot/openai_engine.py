@@ -1,0 +1,320 @@
+"""The engine for an OpenAI-compatible server (vLLM, `transformers serve`, ...): how to scale out.
+
+The bot sends the same Alpaca prompt it would feed a local model to `/v1/completions` (never the
+chat endpoint: Hermes is Alpaca-formatted, and a chat template would wrap the prompt a second
+time) and streams the answer back as server-sent events. Token counting for history fitting
+stays local, so only the tokenizer files are needed on the bot's machine.
+
+Failures: connection errors, timeouts, 429 and 5xx are retried with exponential backoff while no
+text has arrived yet; once text has been streamed a retry would repeat or contradict it, so the
+reply fails instead and the chat cog apologises. Stop strings are sent to the server and also
+applied locally (`Generation`'s `StopScanner`), because servers cap or ignore stop lists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+
+from bot.engine import (
+    Engine,
+    EngineError,
+    EngineInfo,
+    Generation,
+    GenerationParams,
+    first_line,
+    load_tokenizer,
+)
+
+log = logging.getLogger(__name__)
+
+#: Sampling fields outside the OpenAI schema. vLLM accepts them; strict servers (transformers
+#: serve) answer 4xx naming the field, and then the engine stops sending them.
+EXTRA_FIELDS = ("top_k", "repetition_penalty")
+
+
+class Retryable(Exception):
+    """A failure worth another try (connection, timeout, 429/5xx, a stream cut short)."""
+
+
+class _CancelEvent(threading.Event):
+    """`Generation.cancelled` that also interrupts the request's task at once."""
+
+    def __init__(self, on_set: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_set = on_set
+
+    def set(self) -> None:
+        super().set()
+        self._on_set()
+
+
+async def sse_events(content: aiohttp.StreamReader) -> AsyncIterator[str]:
+    """The `data` payloads of a server-sent event stream (multi-line data joined by newlines)."""
+    data: list[str] = []
+    async for raw in content:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        if name == "data":
+            data.append(value[1:] if value.startswith(" ") else value)
+    if data:
+        yield "\n".join(data)
+
+
+class OpenAIEngine(Engine):
+    """Streams Alpaca completions from an OpenAI-compatible `/v1/completions` endpoint."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str = "",
+        model: str,
+        tokenizer: str,
+        retries: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 8.0,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 120.0,
+        max_stops: int = 16,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.model = model
+        self.tokenizer_path = tokenizer
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self.max_stops = max_stops
+        self.send_extras = True
+        self.info = EngineInfo("openai", model, device=self.base_url)
+        self.tokenizer: Any = None
+        self.attempts = 0  # HTTP attempts made, for tests and logs
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: dict[asyncio.Task[None], Generation] = {}
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.tokenizer = await asyncio.to_thread(load_tokenizer, self.tokenizer_path)
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self._session = aiohttp.ClientSession(headers=headers, timeout=self.timeout)
+        await self._probe()
+
+    async def _probe(self) -> None:
+        """Log whether the server answers; not fatal, it may still be loading the model."""
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                f"{self.base_url}/models", timeout=aiohttp.ClientTimeout(total=5)
+            ) as resp:
+                if resp.status == 200:
+                    names = [m.get("id") for m in (await resp.json()).get("data", [])]
+                    log.info("OpenAI-compatible server at %s serves %s", self.base_url, names)
+                    if names and self.model not in names:
+                        log.warning("OPENAI_MODEL=%s is not among %s", self.model, names)
+                else:
+                    log.warning("%s/models answered HTTP %s", self.base_url, resp.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("OpenAI-compatible server at %s not reachable yet: %s", self.base_url, exc)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    @property
+    def queue_length(self) -> int:
+        """Requests the server has not started answering yet."""
+        return sum(1 for gen in self._tasks.values() if gen.stats.started_at is None)
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def generate(
+        self, prompt: str, params: GenerationParams, *, cache_key: str | None = None
+    ) -> Generation:
+        if self._session is None:
+            raise EngineError("the engine is not started")
+        loop = asyncio.get_running_loop()
+        gen = Generation(prompt, params, cache_key)
+        task = loop.create_task(self._serve(gen))
+        gen.cancelled = _CancelEvent(lambda: loop.call_soon_threadsafe(task.cancel))
+        self._tasks[task] = gen
+        task.add_done_callback(lambda t: self._tasks.pop(t, None))
+        return gen
+
+    def body(self, gen: Generation) -> dict[str, Any]:
+        """The request: the Alpaca prompt verbatim and the reply's sampling parameters."""
+        p = gen.params
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": gen.prompt,
+            "max_tokens": p.max_new_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p if p.temperature > 0 else 1.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if stops := list(dict.fromkeys(s for s in p.stop if s))[: self.max_stops]:
+            body["stop"] = stops
+        if p.seed is not None:
+            body["seed"] = p.seed
+        if self.send_extras:
+            if p.top_k > 0:
+                body["top_k"] = p.top_k
+            body["repetition_penalty"] = p.repetition_penalty
+        return body
+
+    async def _serve(self, gen: Generation) -> None:
+        gen.stats.prompt_tokens = self.count_tokens(gen.prompt) + 1  # + BOS; usage corrects it
+        try:
+            for attempt in range(self.retries + 1):
+                try:
+                    gen.finish(await self._attempt(gen))
+                    return
+                except Retryable as exc:
+                    if attempt == self.retries:
+                        raise EngineError(
+                            f"the model server at {self.base_url} failed {attempt + 1} times; "
+                            f"last: {exc}"
+                        ) from None
+                    delay = min(self.max_backoff, self.backoff * 2**attempt)
+                    delay *= 0.75 + random.random() / 2  # jitter: replicas do not retry in step
+                    log.warning("model server: %s; retry %d in %.1fs", exc, attempt + 1, delay)
+                    await asyncio.sleep(delay)
+        except asyncio.CancelledError:  # the reader left or the engine closes
+            if not gen.stats.finish_reason:
+                gen.finish("cancelled")
+        except EngineError as exc:
+            log.error("%s", exc)
+            gen.finish("error", exc)
+        except Exception as exc:  # anything else still ends the reply with an apology
+            log.exception("OpenAI-compatible request failed")
+            gen.finish("error", EngineError(f"the model server request failed: {first_line(exc)}"))
+
+    async def _attempt(self, gen: Generation) -> str:
+        """One HTTP request; returns the finish reason.
+
+        Raises Retryable while no text has arrived, EngineError after (a retry would repeat or
+        contradict what the user already sees).
+        """
+        assert self._session is not None
+        self.attempts += 1
+        received = False
+        again = False
+        resp_ref: list[aiohttp.ClientResponse] = []  # to hang up on cancel
+        try:
+            async with self._session.post(
+                f"{self.base_url}/completions", json=self.body(gen)
+            ) as resp:
+                resp_ref.append(resp)
+                if resp.status != 200:
+                    again = await self._refuse(resp)
+                else:
+                    if gen.stats.started_at is None:
+                        gen.stats.started_at = time.perf_counter()
+                    finish: str | None = None
+                    async for data in sse_events(resp.content):
+                        if data.strip() == "[DONE]":
+                            finish = finish or "stop"
+                            break
+                        event = json.loads(data)
+                        if "error" in event:
+                            raise Retryable(f"error in stream: {_message(event['error'])}")
+                        self._usage(gen, event.get("usage"))
+                        for choice in event.get("choices") or []:
+                            if text := choice.get("text") or "":
+                                received = True
+                                gen.stats.new_tokens += 1  # a piece per token (vLLM); usage wins
+                                if not gen.emit(text):
+                                    resp.close()  # hang up: the server stops generating
+                                    return "stop"
+                            finish = choice.get("finish_reason") or finish
+                    if finish is None:
+                        raise Retryable("the stream ended before the reply did")
+                    # The server's "stop" covers EOS and stop strings; Generation.finish turns
+                    # "eos" into "stop" when our own scanner saw a stop.
+                    return "length" if finish == "length" else "eos"
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            if received:
+                raise EngineError(
+                    f"the connection to the model server broke mid-reply: {_describe(exc)}"
+                ) from None
+            raise Retryable(_describe(exc)) from None
+        except Retryable as exc:
+            if received:
+                raise EngineError(f"the model server broke off the reply: {exc}") from None
+            raise
+        except json.JSONDecodeError as exc:
+            raise EngineError(f"the model server sent malformed data: {exc}") from None
+        except asyncio.CancelledError:
+            if resp_ref:
+                resp_ref[0].close()
+            raise
+        assert again  # only a refusal that dropped the extra fields gets here
+        return await self._attempt(gen)
+
+    async def _refuse(self, resp: aiohttp.ClientResponse) -> bool:
+        """Classify a non-200 answer: Retryable, True to ask again without the extra fields,
+        or EngineError with the server's reason."""
+        detail = (await resp.text())[:300]
+        if resp.status in (408, 429) or resp.status >= 500:
+            raise Retryable(f"HTTP {resp.status}: {detail}")
+        if self.send_extras and resp.status in (400, 422) and any(
+            f in detail for f in EXTRA_FIELDS
+        ):
+            log.warning("the server rejects %s; sending only standard fields", EXTRA_FIELDS)
+            self.send_extras = False
+            return True
+        raise EngineError(
+            f"the model server at {self.base_url} refused the request (HTTP {resp.status}): "
+            f"{detail}"
+        )
+
+    def _usage(self, gen: Generation, usage: dict[str, Any] | None) -> None:
+        if not usage:
+            return
+        if usage.get("prompt_tokens"):
+            gen.stats.prompt_tokens = int(usage["prompt_tokens"])
+        if usage.get("completion_tokens") is not None:
+            gen.stats.new_tokens = int(usage["completion_tokens"])
+        details = usage.get("prompt_tokens_details") or {}
+        if details.get("cached_tokens"):  # vLLM with --enable-prompt-tokens-details
+            gen.stats.reused_tokens = int(details["cached_tokens"])
+
+
+def _message(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out waiting for the model server"
+    return first_line(exc)
