@@ -3,10 +3,13 @@ every use (Manage Server, or a user in OWNER_IDS), answered ephemerally, and aud
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import logging
 import os
+import sys
 import time
 from typing import TYPE_CHECKING, Literal
 
@@ -15,7 +18,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.conversation import TUNABLE, check_tunable, effective_settings
-from bot.engine import EngineError, engine_from_settings
+from bot.engine import engine_from_settings, first_line
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
@@ -84,8 +87,12 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     access_group = app_commands.Group(name="access", description="Who and where the bot serves")
     model_group = app_commands.Group(name="model", description="The model")
 
+    #: Seconds `/admin memory clear` waits for its confirm button (per cog; tests shorten it).
+    confirm_timeout: float = 60.0
+
     def __init__(self, bot: HermesBot) -> None:
         self.bot = bot
+        self._reloading = asyncio.Lock()
         super().__init__()
 
     @property
@@ -230,10 +237,11 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     @memory_group.command(name="clear", description="Delete this channel's stored turns")
     async def clear(self, interaction: discord.Interaction) -> None:
         assert interaction.channel_id is not None
-        stats = await self.memory.stats(interaction.channel_id)
-        view = ConfirmClear(interaction.user.id)
+        # Every stored turn goes, forgotten ones too (stats would count only the visible ones).
+        stored = len(await self.memory.all_turns(interaction.channel_id))
+        view = ConfirmClear(interaction.user.id, timeout=self.confirm_timeout)
         await interaction.response.send_message(
-            f"Delete all {stats.turns} stored turns of this channel for good?",
+            f"Delete all {stored} stored turns of this channel for good?",
             view=view,
             ephemeral=True,
         )
@@ -245,7 +253,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
                 )
             return
         n = await self.memory.clear_channel(interaction.channel_id)
-        await self.audit(interaction, "memory.clear", stats.turns, 0)
+        await self.audit(interaction, "memory.clear", n, 0)
         await interaction.edit_original_response(content=f"Deleted {n} turns.", view=None)
 
     @memory_group.command(name="stats", description="Turns, tokens, oldest and newest")
@@ -332,7 +340,9 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         kind = "role" if isinstance(target, discord.Role) else "user"
         changed = await self.memory.set_blocked(interaction.guild_id, kind, target.id, blocked)
         verb = "block" if blocked else "unblock"
-        await self.audit(interaction, f"access.{verb} {kind}", not blocked, blocked)
+        # what: the target is part of the action; old: what it was before this command
+        old = (not blocked) if changed else blocked
+        await self.audit(interaction, f"access.{verb} {kind} {target.id}", old, blocked)
         label = f"<@&{target.id}>" if kind == "role" else f"<@{target.id}>"
         await say(
             interaction,
@@ -422,26 +432,36 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     ) -> None:
         conv = self.bot.conv
         assert conv is not None
-        if model and model.startswith(("/", ".", "~")) and not self.is_owner(interaction):
+        if model and is_local_path(model) and not self.is_owner(interaction):
             await say(
                 interaction, "Only a bot owner (OWNER_IDS) may load a model from a local path."
             )
             return
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        old = conv.engine
-        target = model or old.info.model
-        try:
-            new = engine_from_settings(self.bot.settings, model=target)
-            await new.start()
-        except (EngineError, OSError, ValueError) as exc:
-            await self.audit(interaction, "model.reload failed", old.info.model, target)
-            await say(interaction, f"Reload failed, still serving `{old.info.model}`: {exc}")
+        if self._reloading.locked():
+            await say(interaction, "A reload is already in progress; try again when it is done.")
             return
-        conv.set_engine(new)  # replies that start from now on use the new model
-        self.bot.engine = new
-        await old.close()  # requests already queued on the old engine finish first
-        await self.audit(interaction, "model.reload", old.info.model, target)
-        await say(interaction, f"Now serving `{target}` ({new.info.dtype}, {new.info.device}).")
+        async with self._reloading:
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            old = conv.engine
+            target = model or old.info.model
+            new = None
+            try:
+                new = engine_from_settings(self.bot.settings, model=target)
+                await new.start()  # loads in a thread: the old model keeps answering meanwhile
+            except Exception as exc:  # whatever went wrong, the old model stays
+                log.warning("reload of %s failed: %s", target, exc)
+                if new is not None:
+                    with contextlib.suppress(Exception):
+                        await new.close()
+                await self.audit(interaction, "model.reload failed", old.info.model, target)
+                reason = first_line(exc)[:1500]
+                await say(interaction, f"Reload failed, still serving `{old.info.model}`: {reason}")
+                return
+            conv.set_engine(new)  # replies that start from now on use the new model
+            self.bot.engine = new
+            await old.close()  # requests already queued on the old engine finish first
+            await self.audit(interaction, "model.reload", old.info.model, target)
+            await say(interaction, f"Now serving `{target}` ({new.info.dtype}, {new.info.device}).")
 
     def is_owner(self, interaction: discord.Interaction) -> bool:
         return interaction.user.id in self.bot.settings.owner_ids
@@ -459,17 +479,28 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         lines = [
             f"<t:{int(r.created_at)}:f> <@{r.user_id}> `{r.action}`"
             + (f" in <#{r.channel_id}>" if r.channel_id else "")
-            + (f": {r.old} → {r.new}" if r.old is not None or r.new is not None else "")
+            + (
+                f": {r.old if r.old is not None else 'unset'} → "
+                f"{r.new if r.new is not None else 'unset'}"
+                if r.old is not None or r.new is not None
+                else ""
+            )
             for r in rows
         ]
         await say(interaction, "\n".join(lines)[:1990])
 
 
-def memory_in_use() -> str:
-    try:
-        import torch
+def is_local_path(model: str) -> bool:
+    """A folder on this machine (absolute, relative or ~), as opposed to a hub id."""
+    return model.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(model))
 
-        if torch.cuda.is_available():
+
+def memory_in_use() -> str:
+    # Only ask torch when the engine already loaded it: importing it here would block the event
+    # loop for seconds (past Discord's 3 s to answer), and without it no GPU memory is ours.
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_available():
             used = torch.cuda.memory_allocated() / 2**30
             total = torch.cuda.get_device_properties(0).total_memory / 2**30
             return f"{used:.1f} GiB of {total:.0f} GiB GPU"

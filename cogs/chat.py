@@ -257,6 +257,37 @@ class Chat(commands.Cog):
 
     # ---- user commands ----------------------------------------------------------------------
 
+    async def _refused(self, interaction: discord.Interaction, *, speaks: bool) -> bool:
+        """Answer ephemerally and return True when this member may not use a command here.
+
+        The rules of chatting apply: blocked users and roles, and channels outside a server's
+        allow-list, get nothing; commands that make the bot speak also respect mode `off`.
+        """
+        text = None
+        if interaction.guild_id is not None:
+            memory = self.conv.memory
+            users, roles = await memory.blocked(interaction.guild_id)
+            user = interaction.user
+            if user.id in users or any(r.id in roles for r in getattr(user, "roles", ())):
+                text = "Sorry, you can't use my commands in this server."
+            else:
+                guild = await memory.guild(interaction.guild_id)
+                here = {interaction.channel_id, getattr(interaction.channel, "parent_id", None)}
+                if guild.channel_allowlist and not here & set(guild.channel_allowlist):
+                    text = "I'm not serving this channel."
+        channel = interaction.channel
+        if (
+            text is None
+            and speaks
+            and channel is not None
+            and await self.channel_mode(channel) == "off"  # type: ignore[arg-type]
+        ):
+            text = "I'm switched off in this channel."
+        if text is None:
+            return False
+        await interaction.response.send_message(text, ephemeral=True)
+        return True
+
     async def _delete_messages(self, channel: discord.abc.Messageable, ids: list[int]) -> None:
         """Remove a reply's Discord messages, through our webhook if a persona posted them."""
         hook = await self.conv.memory.webhook(channel.id) if hasattr(channel, "id") else None
@@ -277,6 +308,8 @@ class Chat(commands.Cog):
     async def reset(self, interaction: discord.Interaction) -> None:
         channel_id = interaction.channel_id
         assert channel_id is not None
+        if await self._refused(interaction, speaks=False):
+            return
         memory = self.conv.memory
         if interaction.guild_id is not None:
             guild = await memory.guild(interaction.guild_id)
@@ -289,10 +322,16 @@ class Chat(commands.Cog):
                     "An admin has not allowed /reset in this server.", ephemeral=True
                 )
                 return
-        await memory.forget(channel_id, interaction.guild_id)
+        old = (await memory.channel(channel_id)).forget_before
+        new = await memory.forget(channel_id, interaction.guild_id)
         if interaction.guild_id is not None:
             await memory.audit(
-                interaction.user.id, "reset", guild_id=interaction.guild_id, channel_id=channel_id
+                interaction.user.id,
+                "reset",
+                guild_id=interaction.guild_id,
+                channel_id=channel_id,
+                old=old,
+                new=new,
             )
         await interaction.response.send_message(
             "Done: I forgot our conversation here.", ephemeral=True
@@ -302,19 +341,24 @@ class Chat(commands.Cog):
     async def regenerate(self, interaction: discord.Interaction) -> None:
         channel = interaction.channel
         assert channel is not None
+        if await self._refused(interaction, speaks=True):
+            return
         memory = self.conv.memory
-        last = await memory.last_assistant_turn(channel.id)
-        if last is None:
-            await interaction.response.send_message(
-                "I have no reply here to regenerate.", ephemeral=True
-            )
+        nothing = "I have no reply here to regenerate."
+        if await memory.last_assistant_turn(channel.id) is None:
+            await interaction.response.send_message(nothing, ephemeral=True)
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
             async with self.conv.slot(channel.id):
+                # Read it again now that the channel is ours: a /regenerate or /reset that ran
+                # while this one waited may have replaced or hidden it.
+                last = await memory.last_assistant_turn(channel.id)
+                if last is None:
+                    await interaction.followup.send(nothing, ephemeral=True)
+                    return
                 ids = await memory.message_ids(last.id)
-                await memory.delete_turn(last.id)
-                await self._delete_messages(channel, ids)
+                await memory.delete_turn(last.id)  # the new reply must not see the old one
                 before = [
                     t
                     for t in await memory.recent_turns(channel.id, limit=50)
@@ -323,28 +367,63 @@ class Chat(commands.Cog):
                 messages = await self.reply(
                     channel, interaction.guild_id, before[0].id if before else None
                 )
+                if messages:
+                    await self._delete_messages(channel, ids)
+                else:  # no new reply: the old one stays, in Discord and in memory
+                    await memory.add_turn(
+                        channel.id,
+                        "assistant",
+                        last.content,
+                        name=last.name,
+                        guild_id=last.guild_id,
+                        message_id=ids[0] if ids else None,
+                        extra_message_ids=ids[1:],
+                        persona=last.persona,
+                        tokens=last.tokens,
+                        created_at=last.created_at,
+                    )
         except Busy:
             await interaction.followup.send(BUSY, ephemeral=True)
             return
-        await interaction.followup.send("Regenerated." if messages else APOLOGY, ephemeral=True)
+        await interaction.followup.send(
+            "Regenerated." if messages else f"{APOLOGY} (My previous reply stays.)",
+            ephemeral=True,
+        )
 
     @app_commands.command(name="continue", description="Make my last reply longer")
     async def continue_(self, interaction: discord.Interaction) -> None:
         channel = interaction.channel
         assert channel is not None
+        if await self._refused(interaction, speaks=True):
+            return
         memory = self.conv.memory
-        last = await memory.last_assistant_turn(channel.id)
-        if last is None:
-            await interaction.response.send_message(
-                "I have no reply here to continue.", ephemeral=True
-            )
+        nothing = "I have no reply here to continue."
+        if await memory.last_assistant_turn(channel.id) is None:
+            await interaction.response.send_message(nothing, ephemeral=True)
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
             async with self.conv.slot(channel.id):
+                last = await memory.last_assistant_turn(channel.id)  # as it is now (see above)
+                if last is None:
+                    await interaction.followup.send(nothing, ephemeral=True)
+                    return
                 job = await self.conv.prepare(channel.id, interaction.guild_id, continue_last=True)
-                text = await self.conv.complete(job) if job is not None else ""
-                if not job or not text or text == EMPTY_NOTICE:
+                if job is None:  # someone spoke after my reply: it is no longer mine to extend
+                    await interaction.followup.send(
+                        "My last reply is no longer the latest message here, so I can't "
+                        "continue it.",
+                        ephemeral=True,
+                    )
+                    return
+                try:
+                    async with asyncio.timeout(self.bot.settings.reply_timeout):
+                        text = await self.conv.complete(job)
+                except Exception:  # a failing or stuck model: say so, change nothing
+                    log.exception("continue failed in channel %s", channel.id)
+                    await interaction.followup.send(APOLOGY, ephemeral=True)
+                    return
+                if not text or text == EMPTY_NOTICE:
                     await interaction.followup.send("I had nothing to add.", ephemeral=True)
                     return
                 joiner = "" if text[:1] in ",.;:!?)" else " "
