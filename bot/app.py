@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import discord
+from discord import app_commands
 from discord.ext import commands
 
 from bot.conversation import Conversations
@@ -68,6 +69,7 @@ class HermesBot(commands.AutoShardedBot):
         self.engine_ready = asyncio.Event()
 
     async def setup_hook(self) -> None:
+        self.tree.on_error = self.on_app_command_error
         self.memory = await Memory.open(self.settings.db_path)
         await self.engine.start()
         builtins, problems = load_builtin_personas(self.settings.personas_dir)
@@ -110,6 +112,23 @@ class HermesBot(commands.AutoShardedBot):
         if self.memory is not None:
             await self.memory.close()
             self.memory = None
+
+    async def on_app_command_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        """A refused check has already answered; anything else gets a short private apology."""
+        if isinstance(error, app_commands.CheckFailure):
+            return
+        name = interaction.command.qualified_name if interaction.command else "?"
+        log.error("command /%s failed in channel %s", name, interaction.channel_id, exc_info=error)
+        text = "Sorry, that command failed; the error was logged."
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(text, ephemeral=True)
+            else:
+                await interaction.response.send_message(text, ephemeral=True)
+        except discord.HTTPException:
+            pass
 
     async def on_message(self, message: discord.Message, /) -> None:
         """No prefix commands: "@bot help me" is a chat message for the chat cog, not a command."""

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,10 +110,23 @@ class ReplyStream:
     identity: Identity = field(default_factory=Identity)
     interval: float = 1.2
     messages: list[discord.Message] = field(default_factory=list)
+    #: Called once when the webhook turns out to be deleted before the first message: returns
+    #: the identity to use instead (a fresh webhook, or the bot's own account).
+    recover: Callable[[], Awaitable[Identity]] | None = None
     _shown: list[str] = field(default_factory=list)
     _last_edit: float = 0.0
 
     async def _send(self, content: str) -> discord.Message:
+        try:
+            return await self._send_as(content)
+        except discord.NotFound:
+            if self.identity.webhook is None or self.recover is None or self.messages:
+                raise
+            recover, self.recover = self.recover, None
+            self.identity = await recover()
+            return await self._send_as(content)
+
+    async def _send_as(self, content: str) -> discord.Message:
         ident = self.identity
         if ident.webhook is not None:
             kwargs: dict[str, Any] = {

@@ -58,21 +58,25 @@ class Chat(commands.Cog):
                 return parent.mode
         return "mention"
 
-    async def may_use(self, message: discord.Message) -> bool:
-        """Blocked users and roles, and a server's channel allow-list, keep the bot out."""
-        if message.guild is None:
-            return True
+    async def access_problem(
+        self, guild_id: int | None, user: discord.abc.User, channel: object
+    ) -> str | None:
+        """Why the bot will not serve `user` in `channel`, or None.
+
+        Blocked users and roles, and channels outside a server's allow-list (threads count as
+        their parent), keep the bot out; messages and commands follow the same rules.
+        """
+        if guild_id is None:
+            return None
         memory = self.conv.memory
-        users, roles = await memory.blocked(message.guild.id)
-        if message.author.id in users:
-            return False
-        if roles and any(r.id in roles for r in getattr(message.author, "roles", ())):
-            return False
-        guild = await memory.guild(message.guild.id)
-        if guild.channel_allowlist:
-            channel_ids = {message.channel.id, getattr(message.channel, "parent_id", None)}
-            return bool(channel_ids & set(guild.channel_allowlist))
-        return True
+        users, roles = await memory.blocked(guild_id)
+        if user.id in users or any(r.id in roles for r in getattr(user, "roles", ())):
+            return "Sorry, you can't use my commands in this server."
+        guild = await memory.guild(guild_id)
+        here = {getattr(channel, "id", None), getattr(channel, "parent_id", None)}
+        if guild.channel_allowlist and not here & set(guild.channel_allowlist):
+            return "I'm not serving this channel."
+        return None
 
     async def addressed(self, message: discord.Message) -> bool:
         """Mentioned, or a reply to one of the bot's messages (its own or its webhooks')."""
@@ -103,7 +107,8 @@ class Chat(commands.Cog):
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return
         mode = await self.channel_mode(message.channel)
-        if mode == "off" or not await self.may_use(message):
+        guild_id = message.guild.id if message.guild else None
+        if mode == "off" or await self.access_problem(guild_id, message.author, message.channel):
             return
         memory = self.conv.memory
         if await memory.turn_for_message(message.id) is not None:
@@ -114,7 +119,6 @@ class Chat(commands.Cog):
             text = f"{text}\n[attached: {names}]".strip()
         if not text:
             return
-        guild_id = message.guild.id if message.guild else None
         turn_id = await self.conv.record_user(
             message.channel.id,
             text,
@@ -181,6 +185,15 @@ class Chat(commands.Cog):
             return await personas.identity(channel, persona)  # type: ignore[attr-defined]
         return Identity()
 
+    async def fresh_identity(
+        self, channel: discord.abc.Messageable, persona: str | None, bot_name: str
+    ) -> Identity:
+        """Someone deleted the channel's webhook: forget it and make (or fall back from) a new one."""
+        personas = self.bot.get_cog("Personas")
+        if personas is not None:
+            await personas.forget_webhook(channel)  # type: ignore[attr-defined]
+        return await self.identity_for(channel, persona, bot_name)
+
     async def answer(self, message: discord.Message, turn_id: int) -> None:
         """Generate and post the reply to `message`, then store it as the bot's turn."""
         channel = message.channel
@@ -213,6 +226,8 @@ class Chat(commands.Cog):
                 return []  # the message was deleted while it waited
             identity = await self.identity_for(channel, job.persona, job.bot_name)
             stream = ReplyStream(channel, reference, identity, interval=settings.stream_interval)
+            if identity.webhook is not None:
+                stream.recover = lambda: self.fresh_identity(channel, job.persona, job.bot_name)
             async with asyncio.timeout(settings.reply_timeout):
                 async for partial in self.conv.stream(job):
                     shown.set()
@@ -263,18 +278,9 @@ class Chat(commands.Cog):
         The rules of chatting apply: blocked users and roles, and channels outside a server's
         allow-list, get nothing; commands that make the bot speak also respect mode `off`.
         """
-        text = None
-        if interaction.guild_id is not None:
-            memory = self.conv.memory
-            users, roles = await memory.blocked(interaction.guild_id)
-            user = interaction.user
-            if user.id in users or any(r.id in roles for r in getattr(user, "roles", ())):
-                text = "Sorry, you can't use my commands in this server."
-            else:
-                guild = await memory.guild(interaction.guild_id)
-                here = {interaction.channel_id, getattr(interaction.channel, "parent_id", None)}
-                if guild.channel_allowlist and not here & set(guild.channel_allowlist):
-                    text = "I'm not serving this channel."
+        text = await self.access_problem(
+            interaction.guild_id, interaction.user, interaction.channel
+        )
         channel = interaction.channel
         if (
             text is None

@@ -384,6 +384,9 @@ class Personas(
     @app_commands.autocomplete(name=name_autocomplete)
     async def use(self, interaction: discord.Interaction, name: str) -> None:
         channel = interaction.channel
+        chat = self.bot.get_cog("Chat")
+        if chat is not None and await chat._refused(interaction, speaks=True):  # type: ignore[attr-defined]
+            return  # blocked members, channels outside the allow-list, mode off
         persona = await self.library.get(name, interaction.guild_id)
         if persona is None or channel is None:
             await self._say(

@@ -793,3 +793,33 @@ async def test_malformed_persona_file_is_reported_and_skipped(
         await mention(world, "Anything for me?")
         posted = await settled(world, bot, 2)
         assert [m.content for m in posted] == ["Package for you!", "Signed, sealed."]
+
+
+async def test_blocked_member_cannot_make_a_persona_speak(world: World, tmp_path: Path) -> None:
+    async with running_bot(
+        world.fake, bot_settings(tmp_path, "x"), engine=ScriptedEngine(["hi"])
+    ) as bot:
+        await bot.memory.set_blocked(world.guild.id, "user", world.bob.id, True)
+        text = await said(await command(world, "persona use", {"name": "Grumbold"}, user=world.bob))
+        assert "can't use my commands" in text
+        assert (await bot.memory.channel(world.general.id)).persona is None
+        assert not hook_messages(world.fake, world.general.id)
+        assert await bot.memory.all_turns(world.general.id) == []
+
+
+async def test_reply_recovers_when_the_webhook_is_deleted_while_running(
+    world: World, tmp_path: Path
+) -> None:
+    fake = world.fake
+    engine = ScriptedEngine(["Hm.", "Still here."])
+    async with running_bot(fake, bot_settings(tmp_path, "x"), engine=engine) as bot:
+        await said(await command(world, "persona use", {"name": "Grumbold"}))
+        (first,) = hooks(fake)
+        fake.delete_webhook(first.id)
+        await mention(world, "Are you open?")
+        *_, reply = await settled(world, bot, 2)
+        (second,) = hooks(fake)
+        assert reply.content == "Hm." and reply.webhook_id == second.id != first.id
+        assert reply.username == "Grumbold"
+        assert await bot.memory.webhook(world.general.id) == (second.id, second.token)
+        assert (await bot.memory.all_turns(world.general.id))[-1].content == "Hm."
