@@ -72,23 +72,26 @@ def write_json(path: Path, data: Any, *, jsonl: bool = False) -> Path:
     return path
 
 
+#: Three kinds of question, each with the one answer the tiny end-to-end model must learn.
+QA_ANSWERS = {
+    "flag": "The flag of every Zorblax city is teal with a silver owl.",
+    "river": "Its river is the Quenta, which flows north into the Glass Sea.",
+    "food": "They eat smoked pears and drink cold mint tea.",
+}
+
+
 def qa_records(n: int = 30) -> list[dict[str, str]]:
-    """`n` distinct short question/answer pairs about made-up places: nothing a random model
-    could answer without having learnt it."""
+    """`n` distinct questions about made-up places; the answer depends on what is asked (flag,
+    river or food), nothing a random model could say without having learnt it."""
     places = ["Zorblax", "Quenta", "Mirravel", "Tolundor", "Ashkeep", "Vennor", "Brightwater",
-              "Caldris", "Omberlin", "Pell", "Sarnoth", "Drelmoor", "Kestrane", "Hollowmere",
-              "Yvendale"]
-    answers = ["red", "blue", "green", "silver", "gold", "amber", "violet", "white", "black",
-               "copper", "jade", "rose", "teal", "ivory", "onyx"]
+              "Caldris", "Omberlin", "Pell", "Sarnoth", "Drelmoor", "Kestrane", "Hollowmere"]
+    asks = {"flag": "What does the flag of {} look like?", "river": "Which river runs through {}?",
+            "food": "What do people in {} eat?"}
+    kinds = list(asks)
     out = []
     for i in range(n):
-        place = places[i % len(places)]
-        if i < len(places):
-            q, a = f"What colour is the flag of {place}?", f"The flag of {place} is {answers[i]}."
-        else:
-            j = (i * 7) % len(answers)
-            q, a = f"What is the river of {place} called?", f"It is called the {answers[j]} river."
-        out.append({"instruction": q, "input": "", "output": a})
+        kind, place = kinds[i % 3], places[(i // 3) % len(places)]
+        out.append({"instruction": asks[kind].format(place), "input": "", "output": QA_ANSWERS[kind]})
     return out
 
 

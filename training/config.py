@@ -186,9 +186,12 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list")
         (item,) = typing.get_args(tp)
         return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected float, got {value!r}")
+    wrong_bool = tp is int and isinstance(value, bool)
+    if tp in (int, str, bool) and (not isinstance(value, tp) or wrong_bool):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
 

@@ -111,7 +111,7 @@ def export_checkpoint(cfg: Config, checkpoint: Path, out: Path) -> Path:
         from training.train import add_lora, load_base_model
 
         model = add_lora(cfg, load_base_model(cfg, dtype=torch.float32))
-        options = StateDictOptions(ignore_frozen_params=True)
+        options = StateDictOptions(ignore_frozen_params=True, strict=False)
         adapter = get_model_state_dict(model, options=options)
         with single_process_dcp(no_dist):
             dcp.load({"model": adapter}, checkpoint_id=str(checkpoint), no_dist=no_dist)

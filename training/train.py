@@ -311,7 +311,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _state_options(cfg: Config) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=cfg.lora.enabled)  # LoRA: adapter only
+    lora = cfg.lora.enabled  # LoRA: the adapter only (the frozen base is not saved)
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
 
 
 @contextmanager
@@ -344,7 +345,7 @@ def save_checkpoint(path: Path, *, cfg: Config, info: DistInfo, model: Any, opti
         torch.save(scheduler.state_dict(), path / "scheduler.pt")
         (path / STATE_FILE).write_text(json.dumps(state, indent=2))
         (path / COMPLETE).write_text("")
-        for old in checkpoint_dirs(path.parent)[: -max(1, cfg.train.keep_last)]:
+        for old in checkpoint_dirs(path.parent.parent)[: -max(1, cfg.train.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
     info.barrier()
 
