@@ -33,6 +33,7 @@ from bot.engine import (
     EngineError,
     Generation,
     GenerationParams,
+    Outbox,
     _eos_ids,
     cache_kwarg,
     first_line,
@@ -324,7 +325,9 @@ class Batcher:
                     self._admit()
                     self._prefill_step()
                     self._decode_step()
-                except Exception as exc:  # a bug or OOM outside one forward: fail what runs, live on
+                except (
+                    Exception
+                ) as exc:  # a bug or OOM outside one forward: fail what runs, live on
                     log.exception("batch step failed")
                     self._fail_running(EngineError(f"generation failed: {first_line(exc)}"))
         self.prefixes.clear()
@@ -442,28 +445,43 @@ class Batcher:
     # ---- prefill ---------------------------------------------------------------------------
 
     def _prefill_step(self) -> None:
-        """Compute one chunk of the oldest prefilling prompt; on its last chunk, sample token 1."""
+        """Prefill waiting prompts, oldest first, up to `prefill_chunk` tokens in all.
+
+        The budget bounds how long the running streams wait for this step; within it, several
+        short prompts get in at once, so a burst of new messages joins the batch together.
+        """
+        budget = self.prefill_chunk
+        while self._prefilling and budget > 0:
+            budget -= self._prefill_chunk(self._prefilling[0], budget)
+
+    def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
+        """One forward over the next `budget` prompt tokens of `seq`; returns tokens computed.
+
+        On the prompt's last chunk it samples the first reply token and moves the sequence to
+        the batch (or ends it).
+        """
         import torch
 
-        if not self._prefilling:
-            return
-        seq = self._prefilling[0]
         try:
             if seq.params.max_new_tokens <= 0:
                 self._prefilling.popleft()
                 self._retire_single(seq, "length")
-                return
+                return 0
             start = seq.done
-            chunk = seq.ids[start : start + self.prefill_chunk]
+            chunk = seq.ids[start : start + budget]
             ids = torch.tensor([chunk], device=self.device)
             pos = torch.arange(start, start + len(chunk), device=self.device)[None, :]
             out = self.model(
-                input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **{self.kw: seq.kv}
+                input_ids=ids,
+                position_ids=pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self.kw: seq.kv},
             )
             seq.done += len(chunk)
             self.stats.prefill_chunks += 1
             if seq.done < len(seq.ids):
-                return
+                return len(chunk)
             self._prefilling.popleft()
             token = sample_rows([seq], self._last_logits(out))[0]
         except Exception as exc:
@@ -472,11 +490,12 @@ class Batcher:
                 self._prefilling.popleft()
             seq.kv = None
             seq.gen.finish("error", EngineError(f"generation failed: {first_line(exc)}"))
-            return
+            return 1
         if (reason := self._accept(seq, token)) is not None:
             self._retire_single(seq, reason)
         else:
             self._join(seq)
+        return len(chunk)
 
     # ---- decode ----------------------------------------------------------------------------
 
@@ -516,9 +535,11 @@ class Batcher:
             self._rows, self._cache, self._width = [], None, 0
             return
         leaving = {}
+        outbox = Outbox()
         for i, (s, token) in enumerate(zip(rows, sampled, strict=True)):
-            if (reason := self._accept(s, token)) is not None:
+            if (reason := self._accept(s, token, outbox)) is not None:
                 leaving[i] = reason
+        outbox.flush()  # before any finish: a reply's last piece must precede its end
         if leaving:
             self._leave(leaving)
 
@@ -527,7 +548,7 @@ class Batcher:
         # LM head may sit on another GPU under device_map="auto")
         return out.logits[:, -1, :].float().to(self.device)
 
-    def _accept(self, seq: Sequence, token: int) -> str | None:
+    def _accept(self, seq: Sequence, token: int, outbox: Outbox | None = None) -> str | None:
         """Record a sampled token; returns why the sequence ends, or None to go on."""
         if token in seq.eos:
             return "eos"
@@ -535,7 +556,7 @@ class Batcher:
         seq.new_tokens += 1
         seq.gen.stats.new_tokens = seq.new_tokens
         piece = seq.decoder.push(token)
-        if piece and not seq.gen.emit(piece):
+        if piece and not seq.gen.emit(piece, outbox):
             return "stop"
         if seq.new_tokens >= seq.params.max_new_tokens:
             return "length"
@@ -570,7 +591,10 @@ class Batcher:
             if self._cache_worthy(s):
                 n = s.done
                 kv = [
-                    (layer.keys[i : i + 1, :, width - n :, :].clone(), layer.values[i : i + 1, :, width - n :, :].clone())
+                    (
+                        layer.keys[i : i + 1, :, width - n :, :].clone(),
+                        layer.values[i : i + 1, :, width - n :, :].clone(),
+                    )
                     for layer in self._cache.layers
                 ]
                 self._remember(s, kv)
@@ -652,7 +676,10 @@ def _histories(rows: Iterable[Sequence]) -> Any:
     views = [s.history[: s.prompt_len + s.new_tokens] for s in rows]
     longest = max(v.shape[0] for v in views)
     return torch.stack(
-        [v if v.shape[0] == longest else torch.cat([v, v[:1].expand(longest - v.shape[0])]) for v in views]
+        [
+            v if v.shape[0] == longest else torch.cat([v, v[:1].expand(longest - v.shape[0])])
+            for v in views
+        ]
     )
 
 

@@ -123,6 +123,26 @@ class StopScanner:
 FINISH_HOOKS: list[Callable[[ReplyStats], None]] = []
 
 
+class Outbox:
+    """Text pieces for several generations, delivered with one wake-up per event loop."""
+
+    def __init__(self) -> None:
+        self._items: dict[Any, list[tuple[asyncio.Queue[Any], str]]] = {}
+
+    def put(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue[Any], text: str) -> None:
+        self._items.setdefault(loop, []).append((q, text))
+
+    def flush(self) -> None:
+        for loop, items in self._items.items():
+            loop.call_soon_threadsafe(_deliver, items)
+        self._items = {}
+
+
+def _deliver(items: list[tuple[asyncio.Queue[Any], str]]) -> None:
+    for q, text in items:
+        q.put_nowait(text)
+
+
 class Generation:
     """One request's stream of text pieces. Iterate it; `cancel()` or break to stop early."""
 
@@ -138,13 +158,20 @@ class Generation:
         self.text = ""
 
     # --- called from the worker thread ---
-    def emit(self, piece: str) -> bool:
-        """Feed raw model text; returns False once a stop string ended the reply."""
+    def emit(self, piece: str, outbox: Outbox | None = None) -> bool:
+        """Feed raw model text; returns False once a stop string ended the reply.
+
+        With an `outbox`, the text is handed over when the outbox is flushed, so a batch step
+        wakes the event loop once for all its rows rather than once per row.
+        """
         if self.stats.first_token_at is None and piece:
             self.stats.first_token_at = time.perf_counter()
         safe = self._scanner.feed(piece)
         if safe:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, safe)
+            if outbox is not None:
+                outbox.put(self._loop, self._queue, safe)
+            else:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, safe)
         return not self._scanner.stopped
 
     def finish(self, reason: str, error: BaseException | None = None) -> None:

@@ -14,6 +14,7 @@ applied locally (`Generation`'s `StopScanner`), because servers cap or ignore st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -163,7 +164,7 @@ class OpenAIEngine(Engine):
         loop = asyncio.get_running_loop()
         gen = Generation(prompt, params, cache_key)
         task = loop.create_task(self._serve(gen))
-        gen.cancelled = _CancelEvent(lambda: loop.call_soon_threadsafe(task.cancel))
+        gen.cancelled = _CancelEvent(lambda: _call_soon(loop, task.cancel))
         self._tasks[task] = gen
         task.add_done_callback(lambda t: self._tasks.pop(t, None))
         return gen
@@ -229,8 +230,11 @@ class OpenAIEngine(Engine):
         again = False
         resp_ref: list[aiohttp.ClientResponse] = []  # to hang up on cancel
         try:
+            # The channel rides along as a header so a load balancer can keep a channel on one
+            # replica, where its prefix is cached (nginx: `hash $http_x_hermes_channel`).
+            headers = {"X-Hermes-Channel": gen.cache_key} if gen.cache_key else None
             async with self._session.post(
-                f"{self.base_url}/completions", json=self.body(gen)
+                f"{self.base_url}/completions", json=self.body(gen), headers=headers
             ) as resp:
                 resp_ref.append(resp)
                 if resp.status != 200:
@@ -285,8 +289,10 @@ class OpenAIEngine(Engine):
         detail = (await resp.text())[:300]
         if resp.status in (408, 429) or resp.status >= 500:
             raise Retryable(f"HTTP {resp.status}: {detail}")
-        if self.send_extras and resp.status in (400, 422) and any(
-            f in detail for f in EXTRA_FIELDS
+        if (
+            self.send_extras
+            and resp.status in (400, 422)
+            and any(f in detail for f in EXTRA_FIELDS)
         ):
             log.warning("the server rejects %s; sending only standard fields", EXTRA_FIELDS)
             self.send_extras = False
@@ -306,6 +312,11 @@ class OpenAIEngine(Engine):
         details = usage.get("prompt_tokens_details") or {}
         if details.get("cached_tokens"):  # vLLM with --enable-prompt-tokens-details
             gen.stats.reused_tokens = int(details["cached_tokens"])
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], Any]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is already closed: nothing to stop
+        loop.call_soon_threadsafe(callback)
 
 
 def _message(error: Any) -> str:

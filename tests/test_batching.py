@@ -77,6 +77,21 @@ async def test_batched_equals_one_at_a_time(engines, params: GenerationParams):
     assert any(text for text, _, _ in got)
 
 
+async def test_chunked_prefill_equals_whole_prefill(engines, tiny_model: Path):
+    """Prompts longer than the prefill budget are computed in pieces between decode steps."""
+    _, single = engines
+    chunked = await make_engine(tiny_model, max_batch=8, kv_cache_mb=64, prefill_chunk=16)
+    try:
+        long_prompts = [format_single(f"{i}: " + "music, games and the weather " * 12) for i in range(4)]
+        expected = [await single.complete(p, GREEDY) for p in long_prompts]
+        gens = [chunked.generate(p, GREEDY, cache_key=str(i)) for i, p in enumerate(long_prompts)]
+        assert await asyncio.gather(*(g.text_all() for g in gens)) == expected
+        assert chunked.batcher.stats.prefill_chunks >= 4 * 5
+        assert all(g.stats.prompt_tokens > 64 for g in gens)
+    finally:
+        await chunked.close()
+
+
 async def test_batched_tokens_equal_model_generate(engines):
     batched, _ = engines
     gens = [batched.generate(prompt, GREEDY) for prompt in PROMPTS]

@@ -48,6 +48,7 @@ class Scripted:
     def __init__(self) -> None:
         self.script: list[str] = []
         self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
         self.pieces = ["Hel", "lo", " there", ",", " friend", "!"]
         self.hung_up = asyncio.Event()
         self.url = ""
@@ -55,6 +56,7 @@ class Scripted:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        self.headers.append(dict(request.headers))
         how = self.script.pop(0) if self.script else "ok"
         if how in ("500", "503", "429"):
             return web.Response(status=int(how), text="busy, try later")
@@ -65,7 +67,7 @@ class Scripted:
                 {"detail": "Unexpected fields in the request: {'top_k'}"}, status=422
             )
         if how == "hang":
-            await asyncio.sleep(3)
+            await asyncio.sleep(1.2)  # past the engine's 0.5 s read timeout
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         if how == "empty":
@@ -138,6 +140,8 @@ async def test_sends_the_alpaca_prompt_and_parameters(scripted: Scripted, tiny_m
         assert body["max_tokens"] == 50 and body["temperature"] == 0.8 and body["top_p"] == 0.9
         assert body["top_k"] == 40 and body["repetition_penalty"] == 1.1 and body["seed"] == 7
         assert body["stop"] == list(params.stop)
+        assert scripted.headers[0]["Authorization"] == "Bearer k"
+        assert scripted.headers[0]["X-Hermes-Channel"] == "1"  # for sticky load balancing
         s = gen.stats
         assert s.finish_reason == "length"
         assert (s.prompt_tokens, s.new_tokens, s.reused_tokens) == (17, 6, 12)  # from usage
