@@ -17,6 +17,7 @@ from training.packing import (
     document_ids,
     forward_packed,
     pack_lengths,
+    packed_loss_sum,
     token_loss_sum,
 )
 from training.tokenize import IGNORE_INDEX, Encoder, Example
@@ -114,6 +115,9 @@ def test_packed_loss_equals_token_weighted_mean_of_separate_losses(impl: str, ex
     for g, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-8)  # eager softmax is fp32
 
+    # the training loss, which projects to the vocabulary only at target positions, agrees
+    torch.testing.assert_close(packed_loss_sum(model, batch) / batch.n_targets, expected.detach(),
+                               rtol=1e-10, atol=1e-10)
     # and transformers' own loss on the packed row agrees (it computes in float32)
     out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, labels=batch.labels,
                 use_cache=False)

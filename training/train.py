@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from training.config import Config
 from training.data import read_prepared
-from training.packing import collate_rows, forward_packed, pack_lengths, token_loss_sum
+from training.packing import collate_rows, pack_lengths, packed_loss_sum
 from training.tokenize import Encoder, Example
 
 log = logging.getLogger(__name__)
@@ -473,8 +473,7 @@ def train(cfg: Config, *, resume: str | None = "auto", stop_after: int | None = 
                                  cfg.data.max_length)
             real += batch.n_real
             with autocast:
-                logits = forward_packed(model, _to(batch, info.device))
-            loss = token_loss_sum(logits, batch.labels)
+                loss = packed_loss_sum(model, _to(batch, info.device))
             # FSDP averages gradients over ranks; * world makes it the step's token-weighted sum.
             (loss * (info.world / max(1, n_targets))).backward()
             loss_sum += loss.detach()
