@@ -325,9 +325,7 @@ class Batcher:
                     self._admit()
                     self._prefill_step()
                     self._decode_step()
-                except (
-                    Exception
-                ) as exc:  # a bug or OOM outside one forward: fail what runs, live on
+                except Exception as exc:  # a bug or OOM outside one forward: fail, live on
                     log.exception("batch step failed")
                     self._fail_running(EngineError(f"generation failed: {first_line(exc)}"))
         self.prefixes.clear()
@@ -451,7 +449,7 @@ class Batcher:
         short prompts get in at once, so a burst of new messages joins the batch together.
         """
         budget = self.prefill_chunk
-        while self._prefilling and budget > 0:
+        while self._prefilling and (budget == self.prefill_chunk or budget >= 32):
             budget -= self._prefill_chunk(self._prefilling[0], budget)
 
     def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
