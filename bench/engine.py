@@ -33,7 +33,48 @@ from bot.prompt import RESPONSE, Turn, render_chat  # noqa: E402
 
 LLAMA_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "llama2-tokenizer"
 SYSTEM = "You are Hermes, a helpful, witty assistant chatting in a Discord server."
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "discord", "bots", "answer", "questions", "about", "code", "music", "games", "weather", "python", "print", "hello", "there", "how", "are", "you", "fine", "thank", "you", "server", "channel", "message", "reply", "model", "token", "cache", "batch", "prompt", "history", "turn", "user", "assistant"]
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "discord",
+    "bots",
+    "answer",
+    "questions",
+    "about",
+    "code",
+    "music",
+    "games",
+    "weather",
+    "python",
+    "print",
+    "hello",
+    "there",
+    "how",
+    "are",
+    "you",
+    "fine",
+    "thank",
+    "you",
+    "server",
+    "channel",
+    "message",
+    "reply",
+    "model",
+    "token",
+    "cache",
+    "batch",
+    "prompt",
+    "history",
+    "turn",
+    "user",
+    "assistant",
+]
 
 
 def chatter(seed: int, words: int) -> str:
@@ -70,7 +111,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 async def started(model: Path, args: argparse.Namespace, **kw: Any) -> LocalEngine:
     eng = LocalEngine(model, **engine_kwargs(args), **kw)
     await eng.start()
-    await eng.complete("### Instruction:\nhi\n\n### Response:\n", GenerationParams(max_new_tokens=2))
+    await eng.complete(
+        "### Instruction:\nhi\n\n### Response:\n", GenerationParams(max_new_tokens=2)
+    )
     return eng
 
 
@@ -92,7 +135,9 @@ async def p1(model: Path, args: argparse.Namespace) -> float:
         ]
         sizes = [len(eng.tokenizer(p).input_ids) for p in prompts]
         # the bot's default sampling (temperature 0.7, top-p, top-k, repetition penalty), seeded
-        params = [GenerationParams(max_new_tokens=args.new_tokens, seed=c) for c in range(args.channels)]
+        params = [
+            GenerationParams(max_new_tokens=args.new_tokens, seed=c) for c in range(args.channels)
+        ]
         best: dict[int, float] = {}
         texts: dict[int, list[str]] = {}
         for _ in range(args.rounds):
@@ -168,9 +213,10 @@ class TokenizerOnly(Engine):
 
 async def p3(args: argparse.Namespace) -> float | None:
     """Message event to engine submit: record_user + prepare, 2,000 stored turns."""
-    if not (LLAMA_TOKENIZER / "tokenizer.model").is_file() and not (
-        LLAMA_TOKENIZER / "tokenizer.json"
-    ).is_file():
+    if (
+        not (LLAMA_TOKENIZER / "tokenizer.model").is_file()
+        and not (LLAMA_TOKENIZER / "tokenizer.json").is_file()
+    ):
         print(f"  skipped: the Llama 2 tokenizer fixture is absent ({LLAMA_TOKENIZER})")
         return None
     from transformers import AutoTokenizer
@@ -189,7 +235,10 @@ async def p3(args: argparse.Namespace) -> float | None:
             for i in range(args.p3_turns):
                 if i % 2 == 0:
                     await conv.record_user(
-                        channel, chatter(i, 25), name=f"User{i % 7}", author_id=i % 7,
+                        channel,
+                        chatter(i, 25),
+                        name=f"User{i % 7}",
+                        author_id=i % 7,
                         message_id=10_000 + i,
                     )
                 else:
@@ -198,7 +247,10 @@ async def p3(args: argparse.Namespace) -> float | None:
             for k in range(args.p3_messages):
                 t0 = time.perf_counter()
                 turn = await conv.record_user(
-                    channel, chatter(50_000 + k, 20), name="Alice", author_id=1,
+                    channel,
+                    chatter(50_000 + k, 20),
+                    name="Alice",
+                    author_id=1,
                     message_id=90_000 + 2 * k,
                 )
                 job = await conv.prepare(channel, None, reply_to=turn)
@@ -232,14 +284,18 @@ async def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128, help="reply tokens per channel in P1")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--p1-prompt", type=int, default=200, help="prompt tokens per channel in P1")
-    ap.add_argument("--p2-history", type=int, default=3300, help="history tokens before P2's first message")
+    ap.add_argument(
+        "--p2-history", type=int, default=3300, help="history tokens before P2's first message"
+    )
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--kv-cache-mb", type=float, default=4096)
     ap.add_argument("--p3-turns", type=int, default=2000)
     ap.add_argument("--p3-messages", type=int, default=200)
     ap.add_argument("--only", default="123", help="which of P1, P2, P3 to run, e.g. 13")
     ap.add_argument(
-        "--threads", type=int, default=0,
+        "--threads",
+        type=int,
+        default=0,
         help="torch intra-op threads (0: torch's default). On a small shared CPU, 1 avoids "
         "OpenMP threads spinning against other processes, which distorts every figure.",
     )

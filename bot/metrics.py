@@ -55,16 +55,22 @@ class Metrics:
         self.registry = self.registry or CollectorRegistry()
         r = self.registry
         self.queue_wait = Histogram(
-            "hermes_queue_wait_seconds", "Time a reply waited before generation began",
-            buckets=_SECONDS, registry=r,
+            "hermes_queue_wait_seconds",
+            "Time a reply waited before generation began",
+            buckets=_SECONDS,
+            registry=r,
         )
         self.ttft = Histogram(
-            "hermes_time_to_first_token_seconds", "From request to the first streamed text",
-            buckets=_SECONDS, registry=r,
+            "hermes_time_to_first_token_seconds",
+            "From request to the first streamed text",
+            buckets=_SECONDS,
+            registry=r,
         )
         self.tokens_per_s = Histogram(
-            "hermes_tokens_per_second", "Generated tokens per second of each reply",
-            buckets=_RATES, registry=r,
+            "hermes_tokens_per_second",
+            "Generated tokens per second of each reply",
+            buckets=_RATES,
+            registry=r,
         )
         self.prompt_tokens = Histogram(  # its _sum is the total of prompt tokens
             "hermes_prompt_tokens", "Prompt length of each reply", buckets=_TOKENS, registry=r
@@ -72,9 +78,7 @@ class Metrics:
         self.reused_tokens = Counter(
             "hermes_reused_prompt_tokens", "Prompt tokens served from a cached prefix", registry=r
         )
-        self.generated_tokens = Counter(
-            "hermes_generated_tokens", "Tokens generated", registry=r
-        )
+        self.generated_tokens = Counter("hermes_generated_tokens", "Tokens generated", registry=r)
         self.replies = Counter(
             "hermes_replies", "Replies ended, by reason", ["finish_reason"], registry=r
         )

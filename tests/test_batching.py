@@ -82,7 +82,9 @@ async def test_chunked_prefill_equals_whole_prefill(engines, tiny_model: Path):
     _, single = engines
     chunked = await make_engine(tiny_model, max_batch=8, kv_cache_mb=64, prefill_chunk=16)
     try:
-        long_prompts = [format_single(f"{i}: " + "music, games and the weather " * 12) for i in range(4)]
+        long_prompts = [
+            format_single(f"{i}: " + "music, games and the weather " * 12) for i in range(4)
+        ]
         expected = [await single.complete(p, GREEDY) for p in long_prompts]
         gens = [chunked.generate(p, GREEDY, cache_key=str(i)) for i, p in enumerate(long_prompts)]
         assert await asyncio.gather(*(g.text_all() for g in gens)) == expected

@@ -127,8 +127,13 @@ async def test_sends_the_alpaca_prompt_and_parameters(scripted: Scripted, tiny_m
     eng = await remote(scripted.url, tiny_model)
     try:
         params = GenerationParams(
-            max_new_tokens=50, temperature=0.8, top_p=0.9, top_k=40, repetition_penalty=1.1,
-            stop=tuple(stop_strings(["Bob"])), seed=7,
+            max_new_tokens=50,
+            temperature=0.8,
+            top_p=0.9,
+            top_k=40,
+            repetition_penalty=1.1,
+            stop=tuple(stop_strings(["Bob"])),
+            seed=7,
         )
         gen = eng.generate(PROMPT, params, cache_key="1")
         pieces = [p async for p in gen]
@@ -146,9 +151,10 @@ async def test_sends_the_alpaca_prompt_and_parameters(scripted: Scripted, tiny_m
         assert s.finish_reason == "length"
         assert (s.prompt_tokens, s.new_tokens, s.reused_tokens) == (17, 6, 12)  # from usage
         assert s.time_to_first_token is not None and s.queue_wait >= 0
-        assert eng.count_tokens("hello there") == eng.tokenizer(
-            "hello there", add_special_tokens=False
-        ).input_ids.__len__()
+        assert (
+            eng.count_tokens("hello there")
+            == eng.tokenizer("hello there", add_special_tokens=False).input_ids.__len__()
+        )
     finally:
         await eng.close()
 
@@ -373,9 +379,13 @@ async def test_real_server_honours_stop_strings(served: Served):
         params = replace(GREEDY, max_new_tokens=40)
         full = await eng.complete(PROMPT, params)
         stop = next(
-            (full[i : i + 3] for i in range(len(full) // 2, len(full) - 3)
-             if full[i : i + 3].isprintable() and "\ufffd" not in full[i : i + 3]
-             and full.find(full[i : i + 3]) > 0),
+            (
+                full[i : i + 3]
+                for i in range(len(full) // 2, len(full) - 3)
+                if full[i : i + 3].isprintable()
+                and "\ufffd" not in full[i : i + 3]
+                and full.find(full[i : i + 3]) > 0
+            ),
             None,
         )
         if stop is None:
