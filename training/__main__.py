@@ -1,7 +1,7 @@
 """`python -m training {prepare,train,export}` (also installed as `hermes-train`).
 
     hermes-train prepare --config hermes-7b-8xa100        # sources -> records.jsonl + report
-    torchrun --nproc_per_node 8 -m training train --config hermes-7b-8xa100
+    torchrun --standalone --nproc_per_node 8 -m training train --config hermes-7b-8xa100
     hermes-train export --config hermes-7b-8xa100 --out models/hermes-7b   # -> MODEL=models/hermes-7b
 
 `--config` takes a YAML path or the name of a bundled config; `--set a.b=value` overrides a field.

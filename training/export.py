@@ -110,7 +110,9 @@ def export_checkpoint(cfg: Config, checkpoint: Path, out: Path) -> Path:
 
         from training.train import add_lora, load_base_model
 
-        model = add_lora(cfg, load_base_model(cfg, dtype=torch.float32))
+        # the base in the export dtype (bf16: 14 GB of RAM for 7B), never 4-bit; peft keeps the
+        # adapter in fp32 and merges its delta into each weight
+        model = add_lora(cfg, load_base_model(cfg, dtype=_dtype(cfg)))
         options = StateDictOptions(ignore_frozen_params=True, strict=False)
         adapter = get_model_state_dict(model, options=options)
         with single_process_dcp(no_dist):
