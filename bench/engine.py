@@ -288,7 +288,7 @@ async def main() -> None:
         "--p2-history", type=int, default=3300, help="history tokens before P2's first message"
     )
     ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--kv-cache-mb", type=float, default=4096)
+    ap.add_argument("--kv-cache-mb", type=float, default=8192)
     ap.add_argument("--p3-turns", type=int, default=2000)
     ap.add_argument("--p3-messages", type=int, default=200)
     ap.add_argument("--only", default="123", help="which of P1, P2, P3 to run, e.g. 13")
