@@ -44,12 +44,27 @@ from training.train import PEAK_TFLOPS, flops_per_token  # noqa: E402
 SHARED = ROOT.parent / "shared"
 
 SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 4},
-    "small": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
-              "num_attention_heads": 4, "num_key_value_heads": 4},
-    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
-           "num_attention_heads": 32, "num_key_value_heads": 4},
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 172,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+    },
+    "small": {
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+    },
+    "1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+    },
 }
 
 
@@ -60,19 +75,25 @@ def load_examples(data: Path, tokenizer_path: Path) -> tuple[list[Example], Enco
     files = sorted(data.glob("*.json")) + sorted(data.glob("*.jsonl"))
     if not files:
         raise SystemExit(f"no .json/.jsonl files in {data}")
-    cfg = DataConfig(sources=[SourceConfig(name=f.stem, path=str(f)) for f in files], max_length=4096)
+    cfg = DataConfig(
+        sources=[SourceConfig(name=f.stem, path=str(f)) for f in files], max_length=4096
+    )
     records, report = build_mix(cfg, enc.measure)
     print(report.markdown())
     return [enc.encode(r) for r in records], enc
 
 
-def token_efficiency(lengths: list[int], seq_len: int, batch: int, seed: int = 0) -> dict[str, float]:
+def token_efficiency(
+    lengths: list[int], seq_len: int, batch: int, seed: int = 0
+) -> dict[str, float]:
     """Share of real tokens under three batching schemes."""
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
     real = sum(lengths)
-    longest = sum(max(lengths[i] for i in order[k : k + batch]) * len(order[k : k + batch])
-                  for k in range(0, len(order), batch))
+    longest = sum(
+        max(lengths[i] for i in order[k : k + batch]) * len(order[k : k + batch])
+        for k in range(0, len(order), batch)
+    )
     fits = [n for n in lengths if n <= seq_len]
     rows = pack_lengths(fits, seq_len)
     return {
@@ -87,14 +108,22 @@ def make_model(size: str, device: torch.device, attn: str) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, bos_token_id=1,
-                         eos_token_id=2, attn_implementation=attn, **SIZES[size])
+    config = LlamaConfig(
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation=attn,
+        **SIZES[size],
+    )
     model = LlamaForCausalLM(config).to(device)
     model.config.use_cache = False
     return model
 
 
-def timed_steps(model: Any, batches: list[Any], step: Any, device: torch.device) -> tuple[float, int]:
+def timed_steps(
+    model: Any, batches: list[Any], step: Any, device: torch.device
+) -> tuple[float, int]:
     """Seconds and real tokens for running `step` on every batch (after one warm-up step)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     step(model, batches[0])
@@ -116,8 +145,13 @@ def timed_steps(model: Any, batches: list[Any], step: Any, device: torch.device)
 
 def packed_step(device: torch.device, autocast: Any) -> Any:
     def run(model: Any, b: Any) -> None:
-        b = type(b)(b.input_ids.to(device), b.labels.to(device), b.position_ids.to(device),
-                    b.n_real, b.n_targets)
+        b = type(b)(
+            b.input_ids.to(device),
+            b.labels.to(device),
+            b.position_ids.to(device),
+            b.n_real,
+            b.n_targets,
+        )
         with autocast():
             loss = token_loss_sum(forward_packed(model, b), b.labels) / max(1, b.n_targets)
         loss.backward()
@@ -136,8 +170,9 @@ def padded_step(device: torch.device, autocast: Any) -> Any:
     return run
 
 
-def throughput(examples: list[Example], pad: int, args: argparse.Namespace,
-               device: torch.device) -> dict[str, float]:
+def throughput(
+    examples: list[Example], pad: int, args: argparse.Namespace, device: torch.device
+) -> dict[str, float]:
     """Real tokens/s of packed rows vs padded batches over the same samples."""
     seq = args.step_seq_len
     rng = random.Random(1)
@@ -152,8 +187,9 @@ def throughput(examples: list[Example], pad: int, args: argparse.Namespace,
     rows = pack_lengths([len(e) for e in chosen], seq)
     packed = [collate_rows([[chosen[i] for i in r]], pad, seq) for r in rows]
     per_batch = max(1, round(len(chosen) / len(rows)))  # about as many samples per step
-    padded = [collate_padded(chosen[k : k + per_batch], pad)
-              for k in range(0, len(chosen), per_batch)]
+    padded = [
+        collate_padded(chosen[k : k + per_batch], pad) for k in range(0, len(chosen), per_batch)
+    ]
     attn = "flash_attention_2" if args.flash else "sdpa"
     model = make_model(args.size, device, attn)
     bf16 = device.type == "cuda"
@@ -186,15 +222,25 @@ def throughput(examples: list[Example], pad: int, args: argparse.Namespace,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", type=Path, default=SHARED / "data")
     p.add_argument("--tokenizer", type=Path, default=SHARED / "fixtures" / "llama2-tokenizer")
     p.add_argument("--seq-len", type=int, default=4096, help="packing length for the token share")
     p.add_argument("--batch-size", type=int, default=8, help="samples per padded batch (share)")
-    p.add_argument("--size", choices=sorted(SIZES), default=None,
-                   help="model for the throughput part (default: small on CPU, 1b on CUDA)")
-    p.add_argument("--step-seq-len", type=int, default=None,
-                   help="row length for the throughput part (default: 1024 on CPU, 4096 on CUDA)")
+    p.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default=None,
+        help="model for the throughput part (default: small on CPU, 1b on CUDA)",
+    )
+    p.add_argument(
+        "--step-seq-len",
+        type=int,
+        default=None,
+        help="row length for the throughput part (default: 1024 on CPU, 4096 on CUDA)",
+    )
     p.add_argument("--steps", type=int, default=4, help="timed steps per variant")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
     p.add_argument("--no-throughput", action="store_true")
@@ -212,15 +258,19 @@ def main(argv: list[str] | None = None) -> int:
 
     examples, enc = load_examples(args.data, args.tokenizer)
     lengths = [len(e) for e in examples]
-    print(f"{len(examples)} examples, {sum(lengths)} tokens; length median "
-          f"{statistics.median(lengths):.0f}, max {max(lengths)}\n")
+    print(
+        f"{len(examples)} examples, {sum(lengths)} tokens; length median "
+        f"{statistics.median(lengths):.0f}, max {max(lengths)}\n"
+    )
     print("## Share of real (non-pad) tokens")
     for k, v in token_efficiency(lengths, args.seq_len, args.batch_size).items():
         print(f"  {k:<30} {v:.0f}" if k == "packed rows" else f"  {k:<30} {v:.2%}")
     if args.no_throughput:
         return 0
-    print(f"\n## Train step, {args.size} Llama, rows of {args.step_seq_len}, {device}"
-          f"{' bf16' if cuda else ' fp32'}, attention {'flash_attention_2' if args.flash else 'sdpa'}")
+    print(
+        f"\n## Train step, {args.size} Llama, rows of {args.step_seq_len}, {device}"
+        f"{' bf16' if cuda else ' fp32'}, attention {'flash_attention_2' if args.flash else 'sdpa'}"
+    )
     for k, v in throughput(examples, enc.pad, args, device).items():
         if "MFU" in k:
             print(f"  {k:<30} {v:.1%}")

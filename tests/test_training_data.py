@@ -53,7 +53,10 @@ def test_real_samples_load(name: str) -> None:
         assert stats.format == ("gpteacher" if out_key == "response" else "alpaca")
         r = records[0]
         assert (r.instruction, r.input, r.output) == (
-            first["instruction"].strip(), first["input"].strip(), first[out_key].strip())
+            first["instruction"].strip(),
+            first["input"].strip(),
+            first[out_key].strip(),
+        )
 
 
 # --- every other format, as small synthetic files -------------------------------------------
@@ -66,21 +69,50 @@ SYNTHETIC = {
     "wizardlm": [{"instruction": "Explain gravity briefly.", "output": "Mass attracts mass."}],
     "gpteacher": [{"instruction": "Greet me.", "input": "as a pirate", "response": "Ahoy!"}],
     "airoboros": [{"instruction": "Write a haiku.", "response": "Old pond / frog / splash"}],
-    "camel": [{"role_1": "Physicist_RoleType.ASSISTANT", "topic;": "Optics",
-               "message_1": "Why is the sky blue?", "message_2": "Rayleigh scattering."}],
-    "unnatural": [{"instruction": "Answer with the sum.",
-                   "instances": [{"instruction_with_input": "Answer with the sum. 1 2",
-                                  "input": "1 2", "output": "3", "constraints": "None."}],
-                   "reformulations": [{"instruction": "Add these numbers.", "input": "4 5",
-                                       "output": "9"}]}],
-    "sharegpt": [{"id": "a", "conversations": [
-        {"from": "system", "value": "Be brief."},
-        {"from": "gpt", "value": "Hello! (a greeting before any question)"},
-        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."},
-        {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Goodbye."},
-        {"from": "human", "value": "(never answered)"}]}],
-    "wizardlm-v2": [{"idx": "b", "conversations": [
-        {"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"}]}],
+    "camel": [
+        {
+            "role_1": "Physicist_RoleType.ASSISTANT",
+            "topic;": "Optics",
+            "message_1": "Why is the sky blue?",
+            "message_2": "Rayleigh scattering.",
+        }
+    ],
+    "unnatural": [
+        {
+            "instruction": "Answer with the sum.",
+            "instances": [
+                {
+                    "instruction_with_input": "Answer with the sum. 1 2",
+                    "input": "1 2",
+                    "output": "3",
+                    "constraints": "None.",
+                }
+            ],
+            "reformulations": [
+                {"instruction": "Add these numbers.", "input": "4 5", "output": "9"}
+            ],
+        }
+    ],
+    "sharegpt": [
+        {
+            "id": "a",
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "gpt", "value": "Hello! (a greeting before any question)"},
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello."},
+                {"from": "human", "value": "Bye"},
+                {"from": "gpt", "value": "Goodbye."},
+                {"from": "human", "value": "(never answered)"},
+            ],
+        }
+    ],
+    "wizardlm-v2": [
+        {
+            "idx": "b",
+            "conversations": [{"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"}],
+        }
+    ],
 }
 
 EXPECTED = {
@@ -109,7 +141,11 @@ def test_each_format(tmp_path: Path, fmt: str, jsonl: bool) -> None:
         (rec,) = records
         assert rec.system == "Be brief."
         assert [(m.role, m.content) for m in rec.conversation or []] == [
-            ("user", "Hi"), ("assistant", "Hello."), ("user", "Bye"), ("assistant", "Goodbye.")]
+            ("user", "Hi"),
+            ("assistant", "Hello."),
+            ("user", "Bye"),
+            ("assistant", "Goodbye."),
+        ]
     if fmt == "wizardlm-v2":
         assert [m.content for m in records[0].conversation or []] == ["Q1", "A1"]
 
@@ -136,9 +172,13 @@ def test_hf_source_goes_through_datasets(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_malformed_records_and_files_are_reported(tmp_path: Path) -> None:
     good = write_json(tmp_path / "good.json", SYNTHETIC["alpaca"])
-    lines = [json.dumps(SYNTHETIC["gpteacher"][0]), "{not json", json.dumps([1, 2]),
-             json.dumps({"instruction": "no response field"}),
-             json.dumps({"instruction": 5, "response": "x"})]
+    lines = [
+        json.dumps(SYNTHETIC["gpteacher"][0]),
+        "{not json",
+        json.dumps([1, 2]),
+        json.dumps({"instruction": "no response field"}),
+        json.dumps({"instruction": 5, "response": "x"}),
+    ]
     (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "broken.json").write_text('[{"instruction": "a", "output": "b"},')
     sources = [
@@ -153,7 +193,11 @@ def test_malformed_records_and_files_are_reported(tmp_path: Path) -> None:
     mixed = report.sources["mixed"]
     assert mixed.records_in == 5 and mixed.dropped["malformed"] == 4 and mixed.records_out == 1
     assert [p.split(":")[0] for p in mixed.problems] == [
-        "mixed.jsonl line 2", "mixed.jsonl line 3", "mixed.jsonl line 4", "mixed.jsonl line 5"]
+        "mixed.jsonl line 2",
+        "mixed.jsonl line 3",
+        "mixed.jsonl line 4",
+        "mixed.jsonl line 5",
+    ]
     assert "missing field 'response'" in mixed.problems[2]
     assert "not text" in mixed.problems[3]
     assert report.sources["broken"].errors and "invalid JSON" in report.sources["broken"].errors[0]
@@ -177,13 +221,21 @@ def test_dedup_and_filter_counts(tmp_path: Path) -> None:
     ]
     b = [
         {"instruction": "Say hi", "response": "Hi there."},  # duplicate of a source-a record
-        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "as an AI language model..."}]},
+        {
+            "conversations": [
+                {"from": "human", "value": "q"},
+                {"from": "gpt", "value": "as an AI language model..."},
+            ]
+        },
     ]
     pa = write_json(tmp_path / "a.json", a)
     pb = write_json(tmp_path / "b.jsonl", b[:1], jsonl=True)
     pc = write_json(tmp_path / "c.json", b[1:])
-    srcs = [SourceConfig(name="a", path=str(pa)), SourceConfig(name="b", path=str(pb)),
-            SourceConfig(name="c", path=str(pc))]
+    srcs = [
+        SourceConfig(name="a", path=str(pa)),
+        SourceConfig(name="b", path=str(pb)),
+        SourceConfig(name="c", path=str(pc)),
+    ]
     _, report = build_mix(DataConfig(sources=srcs), words)
     sa, sb, sc = (report.sources[n] for n in "abc")
     assert sa.records_in == 7 and sa.records_out == 3
@@ -203,13 +255,20 @@ def test_dedup_and_filter_counts(tmp_path: Path) -> None:
 
 def test_overlength_drop_or_truncate_at_turn_boundaries(tmp_path: Path) -> None:
     long = " ".join(["word"] * 40)
-    conv = {"conversations": [
-        {"from": "human", "value": "short question"}, {"from": "gpt", "value": "short answer"},
-        {"from": "human", "value": "and now"}, {"from": "gpt", "value": long}]}
+    conv = {
+        "conversations": [
+            {"from": "human", "value": "short question"},
+            {"from": "gpt", "value": "short answer"},
+            {"from": "human", "value": "and now"},
+            {"from": "gpt", "value": long},
+        ]
+    }
     single = {"instruction": "long one", "input": "", "output": long}  # no turn to cut: dropped
     path = write_json(tmp_path / "c.json", [conv, single])
     src = [SourceConfig(name="c", path=str(path))]
-    records, report = build_mix(DataConfig(sources=src, max_length=20, overlength="truncate"), words)
+    records, report = build_mix(
+        DataConfig(sources=src, max_length=20, overlength="truncate"), words
+    )
     stats = report.sources["c"]
     assert stats.truncated == 1 and dict(stats.dropped) == {"overlength": 1}
     (rec,) = records
@@ -221,9 +280,11 @@ def test_overlength_drop_or_truncate_at_turn_boundaries(tmp_path: Path) -> None:
 def test_mix_weights_and_limits(tmp_path: Path) -> None:
     rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(10)]
     path = write_json(tmp_path / "x.json", rows)
-    srcs = [SourceConfig(name="half", path=str(path), weight=0.5),
-            SourceConfig(name="double", path=str(path), weight=2.0),
-            SourceConfig(name="capped", path=str(path), weight=3.0, limit=12)]
+    srcs = [
+        SourceConfig(name="half", path=str(path), weight=0.5),
+        SourceConfig(name="double", path=str(path), weight=2.0),
+        SourceConfig(name="capped", path=str(path), weight=3.0, limit=12),
+    ]
     cfg = DataConfig(sources=srcs, dedup=False)
     records, report = build_mix(cfg, words)
     out = {n: s.records_out for n, s in report.sources.items()}
@@ -245,8 +306,9 @@ def test_prepared_files_round_trip(tmp_path: Path) -> None:
     records, report = build_mix(cfg, words)  # a named format is enforced on every record
     assert len(records) == 1 and report.sources["s"].dropped["malformed"] == 1
     path2 = write_json(tmp_path / "t.json", SYNTHETIC["gpteacher"])
-    cfg = DataConfig(sources=[SourceConfig(name="s", path=str(path)),
-                              SourceConfig(name="t", path=str(path2))])
+    cfg = DataConfig(
+        sources=[SourceConfig(name="s", path=str(path)), SourceConfig(name="t", path=str(path2))]
+    )
     records, report = build_mix(cfg, words)
     write_prepared(tmp_path / "out", records, report)
     assert [r.to_json() for r in read_prepared(tmp_path / "out")] == [r.to_json() for r in records]

@@ -49,7 +49,9 @@ def test_pack_lengths_is_a_valid_best_fit() -> None:
 def test_real_data_packs_to_at_least_98_percent_at_4096() -> None:
     need_data()
     enc = Encoder(llama_tokenizer())
-    cfg = DataConfig(sources=[SourceConfig(name=k, path=str(DATA / f)) for k, (f, _) in REAL_FILES.items()])
+    cfg = DataConfig(
+        sources=[SourceConfig(name=k, path=str(DATA / f)) for k, (f, _) in REAL_FILES.items()]
+    )
     records, report = build_mix(cfg, enc.measure)
     lengths = [enc.measure(r)[0] for r in records]
     bins = pack_lengths(lengths, 4096)
@@ -68,16 +70,25 @@ def test_collate_restarts_positions_and_masks_boundaries() -> None:
     mask = block_causal_mask(batch.position_ids)[0, 0]
     assert mask[5, 4] and not mask[5, 3] and not mask[4, 5]
     rows = collate_rows([[a], [b]], pad_id=0, length=5)
-    assert rows.input_ids.shape == (1, 10) and rows.position_ids.tolist() == [[0, 1, 2, 3, 0, 0, 1, 2, 0, 1]]
+    assert rows.input_ids.shape == (1, 10) and rows.position_ids.tolist() == [
+        [0, 1, 2, 3, 0, 0, 1, 2, 0, 1]
+    ]
 
 
 def tiny_model(impl: str) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         attn_implementation=impl)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        attn_implementation=impl,
+    )
     model = LlamaForCausalLM(config)
     model.config.use_cache = False
     return model.double()  # float64 so "equal" can mean 1e-10
@@ -85,7 +96,9 @@ def tiny_model(impl: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("explicit_mask", [False, True])
-def test_packed_loss_equals_token_weighted_mean_of_separate_losses(impl: str, explicit_mask: bool) -> None:
+def test_packed_loss_equals_token_weighted_mean_of_separate_losses(
+    impl: str, explicit_mask: bool
+) -> None:
     model = tiny_model(impl)
     examples = random_examples(9, 128)
     bins = pack_lengths([len(e) for e in examples], 128)
@@ -116,11 +129,16 @@ def test_packed_loss_equals_token_weighted_mean_of_separate_losses(impl: str, ex
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-8)  # eager softmax is fp32
 
     # the training loss, which projects to the vocabulary only at target positions, agrees
-    torch.testing.assert_close(packed_loss_sum(model, batch) / batch.n_targets, expected.detach(),
-                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        packed_loss_sum(model, batch) / batch.n_targets, expected.detach(), rtol=1e-10, atol=1e-10
+    )
     # and transformers' own loss on the packed row agrees (it computes in float32)
-    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, labels=batch.labels,
-                use_cache=False)
+    out = model(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        labels=batch.labels,
+        use_cache=False,
+    )
     torch.testing.assert_close(out.loss.double(), expected.detach(), rtol=1e-6, atol=1e-6)
 
 

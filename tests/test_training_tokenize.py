@@ -44,10 +44,14 @@ def test_every_real_record_masks_to_response_plus_eos(name: str) -> None:
     tok = llama_tokenizer()
     enc = Encoder(tok)
     stats = SourceStats(name)
-    records = list(load_source(SourceConfig(name=name, path=str(DATA / REAL_FILES[name][0])), stats))
+    records = list(
+        load_source(SourceConfig(name=name, path=str(DATA / REAL_FILES[name][0])), stats)
+    )
     assert len(records) == REAL_FILES[name][1]
     for record in records:
-        if all(t.strip() for t in record.targets()):  # (2 CodeAlpaca outputs are empty: prepare drops them)
+        if all(
+            t.strip() for t in record.targets()
+        ):  # (2 CodeAlpaca outputs are empty: prepare drops them)
             check(enc, tok, record)
 
 
@@ -62,15 +66,21 @@ def test_the_response_header_trap() -> None:
     ex = Encoder(tok).encode(Record("t", "Say hello.", "", reply))
     assert ex.input_ids == whole + [tok.eos_token_id]
     # and the header is `▁###` at the text start but `##`,`#` after a blank line
-    assert tok("### Response:", add_special_tokens=False).input_ids[0] != \
-        tok("x\n\n### Response:", add_special_tokens=False).input_ids[3]
+    assert (
+        tok("### Response:", add_special_tokens=False).input_ids[0]
+        != tok("x\n\n### Response:", add_special_tokens=False).input_ids[3]
+    )
 
 
 def test_multi_turn_trains_every_assistant_turn() -> None:
     tok = llama_tokenizer()
     enc = Encoder(tok)
-    conv = [Message("user", "Hi!"), Message("assistant", "Hello, how can I help?"),
-            Message("user", "### Response: fake header"), Message("assistant", "Nice try.\n### Instruction: no")]
+    conv = [
+        Message("user", "Hi!"),
+        Message("assistant", "Hello, how can I help?"),
+        Message("user", "### Response: fake header"),
+        Message("assistant", "Nice try.\n### Instruction: no"),
+    ]
     record = Record("chat", conversation=conv, system="You are Hermes.")
     check(enc, tok, record)
     ex = enc.encode(record)

@@ -42,8 +42,10 @@ CPU = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 
 def real_sources(code: int = 40, chat: int = 12) -> list[dict[str, Any]]:
     need_data()
-    return [{"name": "code", "path": str(DATA / "code_alpaca_2k.json"), "limit": code},
-            {"name": "chat", "path": str(DATA / "sharegpt-dummy_conversation.json"), "limit": chat}]
+    return [
+        {"name": "code", "path": str(DATA / "code_alpaca_2k.json"), "limit": code},
+        {"name": "chat", "path": str(DATA / "sharegpt-dummy_conversation.json"), "limit": chat},
+    ]
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -116,8 +118,13 @@ def test_data_plan_covers_each_row_once_per_epoch() -> None:
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path: Path) -> None:
     def config(run: str) -> Any:
-        d = tiny_config_dict(tmp_path, real_sources(), max_steps=6, save_every=2,
-                             export_dir=str(tmp_path / run / "hf"))
+        d = tiny_config_dict(
+            tmp_path,
+            real_sources(),
+            max_steps=6,
+            save_every=2,
+            export_dir=str(tmp_path / run / "hf"),
+        )
         d["train"]["output_dir"] = str(tmp_path / run)
         d["model"]["from_config"]["attention_dropout"] = 0.1  # so the RNG state matters too
         return config_from_dict(d)
@@ -134,7 +141,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path: Path) -> Non
     assert ckpt is not None and ckpt.name == "step-00000003"
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert (state["step"], state["world"]) == (3, 1) and state["data"]["examples"] == 52
-    assert {"scheduler.pt", "rng-rank0.pt", ".metadata", "COMPLETE"} <= {p.name for p in ckpt.iterdir()}
+    assert {"scheduler.pt", "rng-rank0.pt", ".metadata", "COMPLETE"} <= {
+        p.name for p in ckpt.iterdir()
+    }
     second = train(resumed, info=CPU)  # resume="auto": latest checkpoint
     assert second.step == 6
     assert first.losses + second.losses == full.losses
@@ -148,10 +157,20 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path: Path) -> Non
 def test_lora_is_merged_on_export(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    d = tiny_config_dict(tmp_path, real_sources(code=16, chat=4), max_steps=3, lr=1e-2,
-                         export_dir=str(tmp_path / "hf"))
-    d["lora"] = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0,
-                 "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    d = tiny_config_dict(
+        tmp_path,
+        real_sources(code=16, chat=4),
+        max_steps=3,
+        lr=1e-2,
+        export_dir=str(tmp_path / "hf"),
+    )
+    d["lora"] = {
+        "enabled": True,
+        "r": 4,
+        "alpha": 8,
+        "dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj", "down_proj"],
+    }
     cfg = config_from_dict(d)
     prepare(cfg)
     result = train(cfg, info=CPU)
@@ -160,8 +179,14 @@ def test_lora_is_merged_on_export(tmp_path: Path) -> None:
     # the adapter as training left it (read back by the resume path), unmerged, gives the same
     peft_model = build_model(cfg, CPU)
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad])
-    load_checkpoint(result.checkpoint, cfg=cfg, info=CPU, model=peft_model, optimizer=opt,
-                    scheduler=cosine_schedule(opt, 1, 3, 0.0))
+    load_checkpoint(
+        result.checkpoint,
+        cfg=cfg,
+        info=CPU,
+        model=peft_model,
+        optimizer=opt,
+        scheduler=cosine_schedule(opt, 1, 3, 0.0),
+    )
     ids = torch.tensor([[1, 835, 2799, 4080, 29901, 13, 10994, 29889]])
     with torch.no_grad():
         want = peft_model.eval()(input_ids=ids).logits
@@ -180,23 +205,51 @@ def test_lora_is_merged_on_export(tmp_path: Path) -> None:
 def test_fsdp2_two_processes_match_one_process(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    d = tiny_config_dict(tmp_path, real_sources(), max_steps=4, global_batch_size=4,
-                         export_dir=str(tmp_path / "fsdp" / "hf"))
+    d = tiny_config_dict(
+        tmp_path,
+        real_sources(),
+        max_steps=4,
+        global_batch_size=4,
+        export_dir=str(tmp_path / "fsdp" / "hf"),
+    )
     d["train"]["output_dir"] = str(tmp_path / "fsdp")
     d["model"]["gradient_checkpointing"] = True  # as on GPUs: checkpointed layers inside FSDP
     cfg_path = tmp_path / "fsdp.yaml"
     cfg_path.write_text(yaml.safe_dump(d))
     assert main(["prepare", "--config", str(cfg_path)]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training", "train", "--config", str(cfg_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "training",
+        "train",
+        "--config",
+        str(cfg_path),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 processes on cpu" in proc.stderr
 
     single = str(tmp_path / "single")
-    assert main(["train", "--config", str(cfg_path), "--set", f"train.output_dir={single}",
-                 "--set", f"train.export_dir={single}/hf"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(cfg_path),
+                "--set",
+                f"train.output_dir={single}",
+                "--set",
+                f"train.export_dir={single}/hf",
+            ]
+        )
+        == 0
+    )
     fsdp_w, single_w = weights(tmp_path / "fsdp" / "hf"), weights(Path(single) / "hf")
     assert fsdp_w.keys() == single_w.keys()
     for k in fsdp_w:
@@ -211,7 +264,8 @@ def test_fsdp2_two_processes_match_one_process(tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "hf")
     assert model.generation_config.eos_token_id == 2
     assert {"tokenizer.json", "config.json", "generation_config.json"} <= {
-        p.name for p in (tmp_path / "fsdp" / "hf").iterdir()}
+        p.name for p in (tmp_path / "fsdp" / "hf").iterdir()
+    }
 
 
 # --- end to end: records -> train -> export -> the bot's engine and prompt ------------------
@@ -226,8 +280,16 @@ async def test_end_to_end_bot_answers_what_it_was_trained_on(tmp_path: Path) -> 
     need_tokenizer_path()
     records = qa_records(30)
     src = [{"name": "qa", "path": str(write_json(tmp_path / "qa.json", records))}]
-    d = tiny_config_dict(tmp_path, src, max_steps=45, lr=1e-2, warmup_ratio=0.0,
-                         min_lr_ratio=0.3, global_batch_size=10, micro_batch_size=5)
+    d = tiny_config_dict(
+        tmp_path,
+        src,
+        max_steps=45,
+        lr=1e-2,
+        warmup_ratio=0.0,
+        min_lr_ratio=0.3,
+        global_batch_size=10,
+        micro_batch_size=5,
+    )
     d["data"]["max_length"] = 128
     d["model"]["from_config"].update(hidden_size=64, intermediate_size=128)
     cfg_path = tmp_path / "e2e.yaml"
@@ -241,8 +303,10 @@ async def test_end_to_end_bot_answers_what_it_was_trained_on(tmp_path: Path) -> 
     await engine.start()
     try:
         for record in records[:3]:  # one question of each kind, as a Discord user would ask
-            raw = await engine.complete(format_single(record["instruction"]),
-                                        GenerationParams(max_new_tokens=32, temperature=0.0))
+            raw = await engine.complete(
+                format_single(record["instruction"]),
+                GenerationParams(max_new_tokens=32, temperature=0.0),
+            )
             assert clean_reply(raw) == record["output"]
             assert raw.strip() == record["output"]  # it stopped at EOS, not at max_new_tokens
         assert set(QA_ANSWERS.values()) == {r["output"] for r in records[:3]}

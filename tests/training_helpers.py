@@ -83,27 +83,60 @@ QA_ANSWERS = {
 def qa_records(n: int = 30) -> list[dict[str, str]]:
     """`n` distinct questions about made-up places; the answer depends on what is asked (flag,
     river or food), nothing a random model could say without having learnt it."""
-    places = ["Zorblax", "Quenta", "Mirravel", "Tolundor", "Ashkeep", "Vennor", "Brightwater",
-              "Caldris", "Omberlin", "Pell", "Sarnoth", "Drelmoor", "Kestrane", "Hollowmere"]
-    asks = {"flag": "What does the flag of {} look like?", "river": "Which river runs through {}?",
-            "food": "What do people in {} eat?"}
+    places = [
+        "Zorblax",
+        "Quenta",
+        "Mirravel",
+        "Tolundor",
+        "Ashkeep",
+        "Vennor",
+        "Brightwater",
+        "Caldris",
+        "Omberlin",
+        "Pell",
+        "Sarnoth",
+        "Drelmoor",
+        "Kestrane",
+        "Hollowmere",
+    ]
+    asks = {
+        "flag": "What does the flag of {} look like?",
+        "river": "Which river runs through {}?",
+        "food": "What do people in {} eat?",
+    }
     kinds = list(asks)
     out = []
     for i in range(n):
         kind, place = kinds[i % 3], places[(i // 3) % len(places)]
-        out.append({"instruction": asks[kind].format(place), "input": "", "output": QA_ANSWERS[kind]})
+        out.append(
+            {"instruction": asks[kind].format(place), "input": "", "output": QA_ANSWERS[kind]}
+        )
     return out
 
 
 def tiny_config_dict(tmp: Path, sources: list[dict[str, Any]], **train: Any) -> dict[str, Any]:
     """A config mapping for a tiny random Llama trained on `sources`, all paths under `tmp`."""
     return {
-        "model": {"tokenizer": str(need_tokenizer_path()), "from_config": dict(TINY_MODEL),
-                  "attn_implementation": "sdpa", "gradient_checkpointing": False},
+        "model": {
+            "tokenizer": str(need_tokenizer_path()),
+            "from_config": dict(TINY_MODEL),
+            "attn_implementation": "sdpa",
+            "gradient_checkpointing": False,
+        },
         "data": {"prepared_dir": str(tmp / "data"), "max_length": 256, "sources": sources},
-        "train": {"output_dir": str(tmp / "run"), "micro_batch_size": 1, "global_batch_size": 4,
-                  "max_steps": 6, "lr": 3e-3, "warmup_ratio": 0.1, "precision": "fp32",
-                  "save_every": 0, "progress_bar": False, "seed": 7, **train},
+        "train": {
+            "output_dir": str(tmp / "run"),
+            "micro_batch_size": 1,
+            "global_batch_size": 4,
+            "max_steps": 6,
+            "lr": 3e-3,
+            "warmup_ratio": 0.1,
+            "precision": "fp32",
+            "save_every": 0,
+            "progress_bar": False,
+            "seed": 7,
+            **train,
+        },
         "export": {"dtype": "float32"},
     }
 

@@ -46,8 +46,11 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     if result.export_dir is not None:
         log.info("done: %s is ready for the bot (MODEL=%s)", result.export_dir, result.export_dir)
     elif result.step < result.total_steps:
-        log.info("stopped at step %d of %d; run the same command again to resume",
-                 result.step, result.total_steps)
+        log.info(
+            "stopped at step %d of %d; run the same command again to resume",
+            result.step,
+            result.total_steps,
+        )
     return 0
 
 
@@ -70,32 +73,54 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hermes-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="hermes-train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in (("prepare", "normalise, clean and mix the sources; write a report"),
-                        ("train", "train (single process, or under torchrun/accelerate: FSDP2)"),
-                        ("export", "write a Hugging Face folder from a checkpoint")):
+    for name, help_ in (
+        ("prepare", "normalise, clean and mix the sources; write a report"),
+        ("train", "train (single process, or under torchrun/accelerate: FSDP2)"),
+        ("export", "write a Hugging Face folder from a checkpoint"),
+    ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", required=True, help="YAML file or bundled config name")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config field, e.g. train.max_steps=10 (repeatable)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config field, e.g. train.max_steps=10 (repeatable)",
+        )
         if name == "train":
-            p.add_argument("--resume", default="auto",
-                           help="auto (latest checkpoint, default), none, or a checkpoint path")
-            p.add_argument("--stop-after", type=int, default=None,
-                           help="stop with a checkpoint after this many steps in total")
+            p.add_argument(
+                "--resume",
+                default="auto",
+                help="auto (latest checkpoint, default), none, or a checkpoint path",
+            )
+            p.add_argument(
+                "--stop-after",
+                type=int,
+                default=None,
+                help="stop with a checkpoint after this many steps in total",
+            )
         if name == "export":
             p.add_argument("--checkpoint", help="checkpoint folder (default: the latest)")
-            p.add_argument("--out", help="output folder (default: train.export_dir or <output_dir>/hf)")
+            p.add_argument(
+                "--out", help="output folder (default: train.export_dir or <output_dir>/hf)"
+            )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
+    )
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

@@ -87,7 +87,15 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
     )
     load_in_4bit: bool = False  # QLoRA: bitsandbytes NF4 base weights (CUDA only)
 
@@ -137,7 +145,9 @@ class Config:
         if self.model.name_or_path is None and self.model.tokenizer is None:
             raise ConfigError("model.tokenizer is required with model.from_config")
         if self.data.overlength not in ("truncate", "drop"):
-            raise ConfigError(f"data.overlength must be truncate or drop, not {self.data.overlength!r}")
+            raise ConfigError(
+                f"data.overlength must be truncate or drop, not {self.data.overlength!r}"
+            )
         if self.train.precision not in ("bf16", "fp32"):
             raise ConfigError(f"train.precision must be bf16 or fp32, not {self.train.precision!r}")
         if self.train.global_batch_size % self.train.micro_batch_size:
@@ -218,7 +228,9 @@ def resolve_path(name: str | Path) -> Path:
     bundled = CONFIG_DIR / (path.name if path.suffix else f"{path.name}.yaml")
     if bundled.exists():
         return bundled
-    raise ConfigError(f"no config file {name!s} (bundled: {sorted(p.stem for p in CONFIG_DIR.glob('*.yaml'))})")
+    raise ConfigError(
+        f"no config file {name!s} (bundled: {sorted(p.stem for p in CONFIG_DIR.glob('*.yaml'))})"
+    )
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -72,10 +72,17 @@ class Record:
 
     def to_json(self) -> dict[str, Any]:
         if self.conversation is None:
-            return {"source": self.source, "instruction": self.instruction, "input": self.input,
-                    "output": self.output}
-        return {"source": self.source, "system": self.system,
-                "conversation": [asdict(m) for m in self.conversation]}
+            return {
+                "source": self.source,
+                "instruction": self.instruction,
+                "input": self.input,
+                "output": self.output,
+            }
+        return {
+            "source": self.source,
+            "system": self.system,
+            "conversation": [asdict(m) for m in self.conversation],
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Record:
@@ -112,14 +119,26 @@ def _single(source: str, instruction: str, context: str, output: str) -> Record:
 
 def norm_alpaca(raw: dict[str, Any], source: str) -> list[Record]:
     """Alpaca, GPT-4-LLM, CodeAlpaca (instruction, input, output); WizardLM (no input)."""
-    return [_single(source, _text(raw, "instruction"), _text(raw, "input", required=False),
-                    _text(raw, "output"))]
+    return [
+        _single(
+            source,
+            _text(raw, "instruction"),
+            _text(raw, "input", required=False),
+            _text(raw, "output"),
+        )
+    ]
 
 
 def norm_response(raw: dict[str, Any], source: str) -> list[Record]:
     """GPTeacher (instruction, input, response) and Airoboros (instruction, response)."""
-    return [_single(source, _text(raw, "instruction"), _text(raw, "input", required=False),
-                    _text(raw, "response"))]
+    return [
+        _single(
+            source,
+            _text(raw, "instruction"),
+            _text(raw, "input", required=False),
+            _text(raw, "response"),
+        )
+    ]
 
 
 def norm_camel(raw: dict[str, Any], source: str) -> list[Record]:
@@ -139,7 +158,9 @@ def norm_unnatural(raw: dict[str, Any], source: str) -> list[Record]:
         if not isinstance(item, dict):
             raise BadRecord("an instance is not an object")
         own = _text(item, "instruction", required=False) or instruction
-        out.append(_single(source, own, _text(item, "input", required=False), _text(item, "output")))
+        out.append(
+            _single(source, own, _text(item, "input", required=False), _text(item, "output"))
+        )
     return out
 
 
@@ -208,7 +229,9 @@ def detect_format(raw: dict[str, Any]) -> str:
         return "gpteacher"
     if "instruction" in raw and "output" in raw:
         return "alpaca"
-    raise BadRecord(f"cannot tell the format from keys {sorted(raw)[:8]}; set format: in the config")
+    raise BadRecord(
+        f"cannot tell the format from keys {sorted(raw)[:8]}; set format: in the config"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +272,9 @@ def iter_raw(src: SourceConfig, stats: SourceStats) -> Iterator[tuple[str, Any]]
         try:
             import datasets
         except ImportError:
-            stats.error("source", "`datasets` is not installed: pip install 'hermes-discord[train]'")
+            stats.error(
+                "source", "`datasets` is not installed: pip install 'hermes-discord[train]'"
+            )
             return
         try:
             rows = datasets.load_dataset(src.hf, src.hf_config, split=src.split)
@@ -344,8 +369,9 @@ def refusal_match(record: Record, phrases: list[str]) -> str | None:
 Measure = Callable[[Record], tuple[int, int]]
 
 
-def fit_length(record: Record, measure: Measure, max_length: int,
-               policy: str) -> tuple[Record | None, bool, tuple[int, int]]:
+def fit_length(
+    record: Record, measure: Measure, max_length: int, policy: str
+) -> tuple[Record | None, bool, tuple[int, int]]:
     """(record that fits or None, whether it was truncated, its (tokens, target tokens)).
 
     Truncation only cuts whole exchanges from the end of a conversation, so no reply is ever
@@ -358,8 +384,9 @@ def fit_length(record: Record, measure: Measure, max_length: int,
         return None, False, size
     turns = record.conversation
     for end in range(len(turns) - 2, 0, -2):  # keep turns[:end], ending with an assistant turn
-        shorter = Record(record.source, conversation=turns[:end], system=record.system,
-                         position=record.position)
+        shorter = Record(
+            record.source, conversation=turns[:end], system=record.system, position=record.position
+        )
         if (size := measure(shorter))[0] <= max_length:
             return shorter, True, size
     return None, False, size
@@ -380,9 +407,16 @@ class Report:
             "target_tokens": self.target_tokens,
             "histogram": self.histogram,
             "sources": {
-                n: {"format": s.format, "records_in": s.records_in, "dropped": dict(s.dropped),
-                    "truncated": s.truncated, "mix_delta": s.mix_delta,
-                    "records_out": s.records_out, "problems": s.problems, "errors": s.errors}
+                n: {
+                    "format": s.format,
+                    "records_in": s.records_in,
+                    "dropped": dict(s.dropped),
+                    "truncated": s.truncated,
+                    "mix_delta": s.mix_delta,
+                    "records_out": s.records_out,
+                    "problems": s.problems,
+                    "errors": s.errors,
+                }
                 for n, s in self.sources.items()
             },
         }
@@ -392,11 +426,24 @@ class Report:
         head = ["source", "format", "in", *reasons, "truncated", "mix", "out"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for s in self.sources.values():
-            row = [s.name, s.format or "-", str(s.records_in), *(str(s.dropped[r]) for r in reasons),
-                   str(s.truncated), f"{s.mix_delta:+d}", str(s.records_out)]
+            row = [
+                s.name,
+                s.format or "-",
+                str(s.records_in),
+                *(str(s.dropped[r]) for r in reasons),
+                str(s.truncated),
+                f"{s.mix_delta:+d}",
+                str(s.records_out),
+            ]
             lines.append("| " + " | ".join(row) + " |")
-        lines += ["", f"records out: {self.records_out}, tokens: {self.tokens}, "
-                  f"target tokens: {self.target_tokens}", "", "| tokens | records |", "|---|---|"]
+        lines += [
+            "",
+            f"records out: {self.records_out}, tokens: {self.tokens}, "
+            f"target tokens: {self.target_tokens}",
+            "",
+            "| tokens | records |",
+            "|---|---|",
+        ]
         lines += [f"| {k} | {v} |" for k, v in self.histogram.items()]
         problems = [f"- {s.name} {p}" for s in self.sources.values() for p in s.errors + s.problems]
         if problems:

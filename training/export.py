@@ -78,16 +78,18 @@ def _dtype(cfg: Config) -> torch.dtype:
     return getattr(torch, cfg.export.dtype)
 
 
-def export_live_model(cfg: Config, model: Any, tokenizer: Any, out: Path, info: Any, *,
-                      step: int) -> None:
+def export_live_model(
+    cfg: Config, model: Any, tokenizer: Any, out: Path, info: Any, *, step: int
+) -> None:
     """Gather the (possibly sharded) model on rank 0 and write the folder. All ranks call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
     if info.main:
-        save_hf_folder(cfg, model_from_state_dict(cfg, state, _dtype(cfg)), tokenizer, out,
-                       step=step)
+        save_hf_folder(
+            cfg, model_from_state_dict(cfg, state, _dtype(cfg)), tokenizer, out, step=step
+        )
 
 
 def export_checkpoint(cfg: Config, checkpoint: Path, out: Path) -> Path:

@@ -62,7 +62,9 @@ class PackedBatch:
     n_targets: int  # tokens that carry loss
 
 
-def collate_packed(examples: Sequence[Example], pad_id: int, length: int | None = None) -> PackedBatch:
+def collate_packed(
+    examples: Sequence[Example], pad_id: int, length: int | None = None
+) -> PackedBatch:
     """Concatenate `examples` into one row, padded at the end to `length` if given."""
     ids: list[int] = []
     labels: list[int] = []
@@ -109,7 +111,9 @@ class PaddedBatch:
     n_targets: int
 
 
-def collate_padded(examples: Sequence[Example], pad_id: int, length: int | None = None) -> PaddedBatch:
+def collate_padded(
+    examples: Sequence[Example], pad_id: int, length: int | None = None
+) -> PaddedBatch:
     width = length or max(len(ex) for ex in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -139,7 +143,9 @@ def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal)[:, None]
 
 
-def forward_packed(model: torch.nn.Module, batch: PackedBatch, *, explicit_mask: bool = False) -> torch.Tensor:
+def forward_packed(
+    model: torch.nn.Module, batch: PackedBatch, *, explicit_mask: bool = False
+) -> torch.Tensor:
     """Logits of a packed row. `use_cache=False` matters: with a cache transformers skips the
     packed-sequence detection and the samples would attend to each other."""
     mask = None
@@ -147,8 +153,12 @@ def forward_packed(model: torch.nn.Module, batch: PackedBatch, *, explicit_mask:
         dtype = next(model.parameters()).dtype
         allowed = block_causal_mask(batch.position_ids)
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask,
-                use_cache=False)
+    out = model(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=mask,
+        use_cache=False,
+    )
     return out.logits
 
 
@@ -159,8 +169,12 @@ def packed_loss_sum(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     with it."""
     labels = batch.labels[0]
     keep = (labels[1:] != IGNORE_INDEX).nonzero().squeeze(-1)  # positions that predict a target
-    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                logits_to_keep=keep.to(batch.input_ids.device))
+    out = model(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        logits_to_keep=keep.to(batch.input_ids.device),
+    )
     logits = out.logits[0]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()

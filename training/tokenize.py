@@ -116,7 +116,7 @@ class Encoder:
                 ids.append(self.eos)
                 labels.append(self.eos)
             else:  # a reply mid-conversation: keep the blank line as input, learn EOS there
-                sep = self.piece_ids(text[len(body):] or SEPARATOR, at_start=False)
+                sep = self.piece_ids(text[len(body) :] or SEPARATOR, at_start=False)
                 ids += sep
                 labels += [self.eos] + [IGNORE_INDEX] * (len(sep) - 1)
         return Example(ids, labels)

@@ -49,8 +49,19 @@ COMPLETE = "COMPLETE"  # written last: a checkpoint without it was interrupted w
 STATE_FILE = "trainer_state.json"
 
 #: Dense bf16 peak TFLOP/s per device, for the MFU estimate (first match in the device name).
-PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
-               "A10G": 70.0, "A10": 125.0, "L4": 121.0, "4090": 165.0, "3090": 71.0, "V100": 125.0}
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "L4": 121.0,
+    "4090": 165.0,
+    "3090": 71.0,
+    "V100": 125.0,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,8 +125,13 @@ def attn_implementation(cfg: Config) -> str:
     return "sdpa"
 
 
-def load_base_model(cfg: Config, *, dtype: torch.dtype = torch.float32,
-                    quantize: bool = False, device: torch.device | None = None) -> Any:
+def load_base_model(
+    cfg: Config,
+    *,
+    dtype: torch.dtype = torch.float32,
+    quantize: bool = False,
+    device: torch.device | None = None,
+) -> Any:
     """The model training starts from: pretrained weights, or a seeded random `from_config`."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -130,8 +146,11 @@ def load_base_model(cfg: Config, *, dtype: torch.dtype = torch.float32,
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16)
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
             kwargs["device_map"] = {"": device.index if device and device.type == "cuda" else 0}
         model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **kwargs)
     model.config.use_cache = False
@@ -142,8 +161,13 @@ def add_lora(cfg: Config, model: Any) -> Any:
     from peft import LoraConfig, get_peft_model
 
     lora = cfg.lora
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 
@@ -166,8 +190,9 @@ def shard_model(model: Any, cfg: Config, info: DistInfo) -> Any:
     mesh = init_device_mesh(info.device.type, (info.world,))
     kwargs: dict[str, Any] = {"mesh": mesh}
     if cfg.train.precision == "bf16":
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
-                                                   reduce_dtype=torch.float32)
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
     for module in model.modules():
         if isinstance(module, LlamaDecoderLayer):
             fully_shard(module, **kwargs)
@@ -181,14 +206,20 @@ def build_model(cfg: Config, info: DistInfo) -> Any:
     quantize = cfg.lora.load_in_4bit
     if quantize and info.device.type != "cuda":
         raise ValueError("lora.load_in_4bit (QLoRA) needs a CUDA GPU and bitsandbytes")
-    model = load_base_model(cfg, dtype=torch.bfloat16 if quantize else torch.float32,
-                            quantize=quantize, device=info.device)
+    model = load_base_model(
+        cfg,
+        dtype=torch.bfloat16 if quantize else torch.float32,
+        quantize=quantize,
+        device=info.device,
+    )
     if quantize:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            model,
+            use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     if cfg.lora.enabled:
         model = add_lora(cfg, model)
     if cfg.model.gradient_checkpointing and not quantize:
@@ -251,8 +282,12 @@ class DataPlan:
         """Identifies the data a checkpoint was trained on; resuming on other data is refused."""
         lengths = [len(self.examples[i]) for p in self.packs for i in p]
         digest = hashlib.sha256(",".join(map(str, lengths)).encode()).hexdigest()[:16]
-        return {"examples": len(self.examples), "rows": len(self.packs),
-                "tokens": sum(lengths), "sha256": digest}
+        return {
+            "examples": len(self.examples),
+            "rows": len(self.packs),
+            "tokens": sum(lengths),
+            "sha256": digest,
+        }
 
 
 def load_examples(cfg: Config, encoder: Encoder) -> list[Example]:
@@ -260,8 +295,11 @@ def load_examples(cfg: Config, encoder: Encoder) -> list[Example]:
     examples = [encoder.encode(r) for r in records]
     kept = [ex for ex in examples if len(ex) <= cfg.data.max_length]
     if len(kept) < len(examples):
-        log.warning("%d examples longer than %d tokens skipped (prepare with the same max_length)",
-                    len(examples) - len(kept), cfg.data.max_length)
+        log.warning(
+            "%d examples longer than %d tokens skipped (prepare with the same max_length)",
+            len(examples) - len(kept),
+            cfg.data.max_length,
+        )
     if not kept:
         raise ValueError(f"no training examples in {cfg.data.prepared_dir}")
     return kept
@@ -276,8 +314,9 @@ def micro_batches(rows: list[int], size: int) -> Iterator[list[int]]:
 # Schedule and checkpoints
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int,
-                    min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup to lr, then cosine down to min_ratio * lr at the last step."""
 
     def factor(step: int) -> float:
@@ -331,8 +370,16 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(path: Path, *, cfg: Config, info: DistInfo, model: Any, optimizer: Any,
-                    scheduler: Any, state: dict[str, Any]) -> None:
+def save_checkpoint(
+    path: Path,
+    *,
+    cfg: Config,
+    info: DistInfo,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    state: dict[str, Any],
+) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -350,8 +397,9 @@ def save_checkpoint(path: Path, *, cfg: Config, info: DistInfo, model: Any, opti
     info.barrier()
 
 
-def load_checkpoint(path: Path, *, cfg: Config, info: DistInfo, model: Any, optimizer: Any,
-                    scheduler: Any) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, *, cfg: Config, info: DistInfo, model: Any, optimizer: Any, scheduler: Any
+) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -359,16 +407,24 @@ def load_checkpoint(path: Path, *, cfg: Config, info: DistInfo, model: Any, opti
     sd = {"model": msd, "optim": osd}
     with single_process_dcp(info.world == 1):
         dcp.load(sd, checkpoint_id=str(path), no_dist=info.world == 1)
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
-                   options=_state_options(cfg))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=sd["model"],
+        optim_state_dict=sd["optim"],
+        options=_state_options(cfg),
+    )
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     state = json.loads((path / STATE_FILE).read_text())
     rng_file = path / f"rng-rank{info.rank}.pt"
     if state.get("world") == info.world and rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
     else:
-        log.warning("checkpoint was written by %s processes, now %d: RNG streams start afresh",
-                    state.get("world"), info.world)
+        log.warning(
+            "checkpoint was written by %s processes, now %d: RNG streams start afresh",
+            state.get("world"),
+            info.world,
+        )
     return state
 
 
@@ -396,8 +452,13 @@ def _full(x: Any) -> Any:
     return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
-def train(cfg: Config, *, resume: str | None = "auto", stop_after: int | None = None,
-          info: DistInfo | None = None) -> TrainResult:
+def train(
+    cfg: Config,
+    *,
+    resume: str | None = "auto",
+    stop_after: int | None = None,
+    info: DistInfo | None = None,
+) -> TrainResult:
     """Train per `cfg`. `resume`: "auto" (latest checkpoint in output_dir, if any), a checkpoint
     path, or None (start fresh). `stop_after`: stop (with a checkpoint) after that many optimizer
     steps in total, as if interrupted there; for tests and time-boxed jobs."""
@@ -414,8 +475,10 @@ def train(cfg: Config, *, resume: str | None = "auto", stop_after: int | None = 
     plan = DataPlan(examples, packs, tc.global_batch_size, tc.seed)
     per_rank = tc.global_batch_size // info.world
     if per_rank * info.world != tc.global_batch_size or per_rank % tc.micro_batch_size:
-        raise ValueError(f"global_batch_size {tc.global_batch_size} must be a multiple of "
-                         f"world size {info.world} x micro_batch_size {tc.micro_batch_size}")
+        raise ValueError(
+            f"global_batch_size {tc.global_batch_size} must be a multiple of "
+            f"world size {info.world} x micro_batch_size {tc.micro_batch_size}"
+        )
     total = tc.max_steps or max(1, math.ceil(tc.epochs * plan.steps_per_epoch))
     warmup = max(1, math.ceil(tc.warmup_ratio * total)) if tc.warmup_ratio > 0 else 0
 
@@ -426,8 +489,13 @@ def train(cfg: Config, *, resume: str | None = "auto", stop_after: int | None = 
     fpt = flops_per_token(n_params, mc.num_hidden_layers, mc.hidden_size, cfg.data.max_length)
     peak = peak_flops(cfg, info.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
-                                  eps=tc.adam_eps, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=tc.lr,
+        betas=(tc.adam_beta1, tc.adam_beta2),
+        eps=tc.adam_eps,
+        weight_decay=tc.weight_decay,
+    )
     scheduler = cosine_schedule(optimizer, warmup, total, tc.min_lr_ratio)
 
     step = 0
@@ -436,25 +504,42 @@ def train(cfg: Config, *, resume: str | None = "auto", stop_after: int | None = 
         found = checkpoint_dirs(out) if resume == "auto" else [Path(resume)]
         if found:
             ckpt = found[-1]
-            state = load_checkpoint(ckpt, cfg=cfg, info=info, model=model, optimizer=optimizer,
-                                    scheduler=scheduler)
+            state = load_checkpoint(
+                ckpt, cfg=cfg, info=info, model=model, optimizer=optimizer, scheduler=scheduler
+            )
             if state["data"] != plan.fingerprint():
-                raise ValueError(f"{ckpt} was trained on other data ({state['data']}, now "
-                                 f"{plan.fingerprint()}); use a new output_dir or resume: none")
+                raise ValueError(
+                    f"{ckpt} was trained on other data ({state['data']}, now "
+                    f"{plan.fingerprint()}); use a new output_dir or resume: none"
+                )
             step = state["step"]
             if info.main:
-                log.info("resumed from %s at step %d (epoch %d, step %d in epoch)", ckpt, step,
-                         *plan.position(step))
+                log.info(
+                    "resumed from %s at step %d (epoch %d, step %d in epoch)",
+                    ckpt,
+                    step,
+                    *plan.position(step),
+                )
 
     if info.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        log.info("%d examples in %d rows of %d tokens; %d steps/epoch, %d steps, warmup %d; "
-                 "%d processes on %s", len(examples), len(packs), cfg.data.max_length,
-                 plan.steps_per_epoch, total, warmup, info.world, info.device)
+        log.info(
+            "%d examples in %d rows of %d tokens; %d steps/epoch, %d steps, warmup %d; "
+            "%d processes on %s",
+            len(examples),
+            len(packs),
+            cfg.data.max_length,
+            plan.steps_per_epoch,
+            total,
+            warmup,
+            info.world,
+            info.device,
+        )
     use_autocast = tc.precision == "bf16" and info.world == 1
-    autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if use_autocast
-                else nullcontext())
+    autocast = (
+        torch.autocast(info.device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
+    )
     bar = None
     if info.main and tc.progress_bar:
         from tqdm.auto import tqdm
@@ -469,8 +554,9 @@ def train(cfg: Config, *, resume: str | None = "auto", stop_after: int | None = 
         loss_sum = torch.zeros((), device=info.device)
         real = 0
         for rows in micro_batches(plan.rank_rows(step, info.rank, info.world), tc.micro_batch_size):
-            batch = collate_rows([[examples[i] for i in packs[r]] for r in rows], encoder.pad,
-                                 cfg.data.max_length)
+            batch = collate_rows(
+                [[examples[i] for i in packs[r]] for r in rows], encoder.pad, cfg.data.max_length
+            )
             real += batch.n_real
             with autocast:
                 loss = packed_loss_sum(model, _to(batch, info.device))
@@ -489,27 +575,47 @@ def train(cfg: Config, *, resume: str | None = "auto", stop_after: int | None = 
         if info.main:
             tps = tokens / dt
             mfu = tps / info.world * fpt / peak if peak and n_params else None
-            entry = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4),
-                     "loss": round(loss_value, 6), "lr": scheduler.get_last_lr()[0],
-                     "grad_norm": round(float(_full(grad_norm)), 4), "tokens_per_s": round(tps, 1),
-                     "tokens_per_s_per_device": round(tps / info.world, 1),
-                     "mfu": round(mfu, 4) if mfu is not None else None}
+            entry = {
+                "step": step,
+                "epoch": round(step / plan.steps_per_epoch, 4),
+                "loss": round(loss_value, 6),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": round(float(_full(grad_norm)), 4),
+                "tokens_per_s": round(tps, 1),
+                "tokens_per_s_per_device": round(tps / info.world, 1),
+                "mfu": round(mfu, 4) if mfu is not None else None,
+            }
             with (out / "log.jsonl").open("a") as f:
                 f.write(json.dumps(entry) + "\n")
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{entry['lr']:.2e}",
-                                tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1%}" if mfu is not None else "n/a")
+                bar.set_postfix(
+                    loss=f"{loss_value:.4f}",
+                    lr=f"{entry['lr']:.2e}",
+                    tok_s=f"{tps:,.0f}",
+                    mfu=f"{mfu:.1%}" if mfu is not None else "n/a",
+                )
             if step % max(1, tc.log_every) == 0:
                 log.info("step %s", json.dumps(entry))
         if step == end or (tc.save_every and step % tc.save_every == 0):
             epoch, in_epoch = plan.position(step)
             ckpt = out / CHECKPOINTS / f"step-{step:08d}"
-            save_checkpoint(ckpt, cfg=cfg, info=info, model=model, optimizer=optimizer,
-                            scheduler=scheduler,
-                            state={"step": step, "total_steps": total, "epoch": epoch,
-                                   "step_in_epoch": in_epoch, "world": info.world,
-                                   "data": plan.fingerprint()})
+            save_checkpoint(
+                ckpt,
+                cfg=cfg,
+                info=info,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                state={
+                    "step": step,
+                    "total_steps": total,
+                    "epoch": epoch,
+                    "step_in_epoch": in_epoch,
+                    "world": info.world,
+                    "data": plan.fingerprint(),
+                },
+            )
     if bar is not None:
         bar.close()
     exported = None
@@ -529,5 +635,10 @@ def train(cfg: Config, *, resume: str | None = "auto", stop_after: int | None = 
 def _to(batch: Any, device: torch.device) -> Any:
     if device.type == "cpu":
         return batch
-    return type(batch)(batch.input_ids.to(device), batch.labels.to(device),
-                       batch.position_ids.to(device), batch.n_real, batch.n_targets)
+    return type(batch)(
+        batch.input_ids.to(device),
+        batch.labels.to(device),
+        batch.position_ids.to(device),
+        batch.n_real,
+        batch.n_targets,
+    )
