@@ -17,6 +17,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot import metrics
 from bot.conversation import Conversations
 from bot.engine import Engine, EngineError, engine_from_settings
 from bot.memory import Memory
@@ -67,6 +68,7 @@ class HermesBot(commands.AutoShardedBot):
         self.started_at = time.time()
         self.reply_tasks: set[asyncio.Task[None]] = set()
         self.engine_ready = asyncio.Event()
+        self.metrics: metrics.Metrics | None = None
 
     async def setup_hook(self) -> None:
         self.tree.on_error = self.on_app_command_error
@@ -77,6 +79,7 @@ class HermesBot(commands.AutoShardedBot):
             log.warning("persona skipped: %s", problem)
         self.personas = PersonaLibrary(builtins, self.memory)
         self.conv = Conversations(self.settings, self.memory, self.engine, personas=self.personas)
+        self.metrics = metrics.setup(self.settings, lambda: self.conv.engine if self.conv else None)
         self.engine_ready.set()
         for name in self.cog_names:
             try:
@@ -107,6 +110,8 @@ class HermesBot(commands.AutoShardedBot):
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await super().close()
+        if self.metrics is not None:
+            self.metrics.stop()
         with contextlib.suppress(Exception):
             await self.engine.close()
         if self.memory is not None:

@@ -116,7 +116,12 @@ class Settings:
         8, "Concurrent sequences the local engine decodes together.", lo=1, hi=256
     )
     kv_cache_mb: int = _opt(
-        2048, "Memory cap for cached prompt prefixes (MB) across channels.", lo=0, hi=1 << 20
+        2048,
+        "KV-cache budget (MB) of the local engine: running sequences plus idle channels' cached "
+        "prompts (0: no cap, no prompt cache). A 4096-token Llama-2-7B window is ~2 GB in fp16; "
+        "raise it on a GPU (see docs/serving.md).",
+        lo=0,
+        hi=1 << 20,
     )
     fit_slack: float = _opt(
         0.25,

@@ -19,6 +19,7 @@ from discord.ext import commands
 
 from bot.conversation import TUNABLE, check_tunable, effective_settings
 from bot.engine import engine_from_settings, first_line
+from bot.metrics import summary
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
@@ -405,22 +406,13 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         conv = self.bot.conv
         assert conv is not None
         info = conv.engine.info
-        recent = list(conv.recent)
-        tps = [s.tokens_per_s for s in recent if s.tokens_per_s]
-        ttft = [t for s in recent if (t := s.time_to_first_token) is not None]
         uptime = int(time.time() - self.bot.started_at)
         lines = [
             f"**Model** `{info.model}` ({info.engine} engine)",
             f"dtype {info.dtype or '?'}, quantization {info.quantization}, device {info.device or '?'}",
             f"memory: {memory_in_use()}",
             f"queue: {conv.engine.queue_length} waiting in the engine, {conv.pending} replies pending",
-            "recent: "
-            + (
-                f"{sum(tps) / len(tps):.1f} tokens/s, first token after "
-                f"{sum(ttft) / len(ttft):.2f}s (last {len(recent)} replies)"
-                if tps and ttft
-                else "no replies yet"
-            ),
+            f"recent: {summary(conv.recent)}",
             f"uptime: {uptime // 3600}h {uptime % 3600 // 60}m {uptime % 60}s",
         ]
         await self.audit(interaction, "model.status")

@@ -634,7 +634,8 @@ async def test_model_status_reports_model_queue_speed_and_uptime(
         assert lines[1] == "dtype float32, quantization none, device cpu"
         assert lines[2].startswith("memory: ") and "GiB" in lines[2]
         assert lines[3] == "queue: 0 waiting in the engine, 0 replies pending"
-        assert "tokens/s, first token after" in lines[4] and "(last 1 replies)" in lines[4]
+        assert lines[4].startswith("recent: last 1 replies (medians): queue wait ")
+        assert "first token" in lines[4] and "tokens/s" in lines[4] and "prompt" in lines[4]
         assert lines[5].startswith("uptime: 1h 2m ")
         row = (await audit_rows(bot, w))[-1]
         assert (row.user_id, row.action, row.channel_id) == (

@@ -370,3 +370,29 @@ async def test_blocked_user_is_ignored_and_not_stored(world: World, tmp_path: Pa
         assert len(bot_messages(world.fake, world.general.id)) == 1
         turns = await bot.memory.all_turns(world.general.id)
         assert [t.name for t in turns if t.role == "user"] == ["alice"]
+
+
+async def test_metrics_endpoint_counts_replies(world: World, tmp_path: Path) -> None:
+    import socket
+
+    import aiohttp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    engine = ScriptedEngine(["one two three"])
+    settings = bot_settings(tmp_path, "x", METRICS_PORT=str(port))
+    async with running_bot(world.fake, settings, engine=engine) as bot:
+        await mention(world, "count me")
+        await world.fake.wait_for(
+            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id), timeout=10
+        )
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as r,
+        ):
+            text = await r.text()
+    assert re.search(r'^hermes_replies_total\{.*reason="eos".*\} 1\.0$', text, re.MULTILINE), text[
+        :2000
+    ]
+    assert "hermes_time_to_first_token_seconds_count 1.0" in text
