@@ -312,3 +312,21 @@ async def test_end_to_end_bot_answers_what_it_was_trained_on(tmp_path: Path) -> 
         assert set(QA_ANSWERS.values()) == {r["output"] for r in records[:3]}
     finally:
         await engine.close()
+
+
+def test_cli_failure_is_one_line_not_a_traceback(tmp_path, capsys) -> None:
+    missing = tmp_path / "no-such-tokenizer"
+    data = tmp_path / "data.json"
+    data.write_text('[{"instruction": "hi", "input": "", "output": "hello"}]')
+    args = [
+        "--set",
+        f"model.tokenizer={missing}",
+        "--set",
+        f"data.sources=[{{name: a, path: {data}, format: alpaca}}]",
+        "--set",
+        f"data.prepared_dir={tmp_path / 'prep'}",
+    ]
+    assert main(["prepare", "--config", "tiny-cpu", *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hermes-train prepare: ") and "Traceback" not in err
+    assert len(err.splitlines()) == 1

@@ -129,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"prepare": cmd_prepare, "train": cmd_train, "export": cmd_export}
     try:
         return commands[args.command](cfg, args)
+    except (OSError, ValueError, RuntimeError) as exc:
+        # Missing files, an unreachable hub, a bad record format: one line, not a traceback.
+        logging.getLogger("training").debug("failed", exc_info=exc)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"hermes-train {args.command}: {first}", file=sys.stderr)
+        return 1
     finally:
         import torch.distributed as dist
 
