@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import discord
@@ -13,6 +14,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.conversation import EMPTY_NOTICE, Busy
+from bot.memory import StoredTurn
 from bot.replies import Identity, ReplyStream, humanize, post, typing_while
 
 if TYPE_CHECKING:
@@ -343,54 +345,72 @@ class Chat(commands.Cog):
             "Done: I forgot our conversation here.", ephemeral=True
         )
 
+    @contextlib.asynccontextmanager
+    async def _last_reply(
+        self, interaction: discord.Interaction, verb: str
+    ) -> AsyncIterator[StoredTurn | None]:
+        """Hold the channel and yield the bot's last reply there, or None once answered.
+
+        Checks the member may make the bot speak, defers (generation outlasts Discord's 3 s),
+        waits for the channel's turn, and reads the reply again then: a /regenerate or /reset
+        that ran while this one waited may have replaced or hidden it.
+        """
+        channel = interaction.channel
+        assert channel is not None
+        nothing = f"I have no reply here to {verb}."
+        memory = self.conv.memory
+        if await self._refused(interaction, speaks=True):
+            yield None
+            return
+        if await memory.last_assistant_turn(channel.id) is None:
+            await interaction.response.send_message(nothing, ephemeral=True)
+            yield None
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(self.conv.slot(channel.id))
+            except Busy:
+                await interaction.followup.send(BUSY, ephemeral=True)
+                yield None
+                return
+            last = await memory.last_assistant_turn(channel.id)
+            if last is None:
+                await interaction.followup.send(nothing, ephemeral=True)
+            yield last
+
     @app_commands.command(name="regenerate", description="Replace my last reply here")
     async def regenerate(self, interaction: discord.Interaction) -> None:
         channel = interaction.channel
-        assert channel is not None
-        if await self._refused(interaction, speaks=True):
-            return
         memory = self.conv.memory
-        nothing = "I have no reply here to regenerate."
-        if await memory.last_assistant_turn(channel.id) is None:
-            await interaction.response.send_message(nothing, ephemeral=True)
-            return
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        try:
-            async with self.conv.slot(channel.id):
-                # Read it again now that the channel is ours: a /regenerate or /reset that ran
-                # while this one waited may have replaced or hidden it.
-                last = await memory.last_assistant_turn(channel.id)
-                if last is None:
-                    await interaction.followup.send(nothing, ephemeral=True)
-                    return
-                ids = await memory.message_ids(last.id)
-                await memory.delete_turn(last.id)  # the new reply must not see the old one
-                before = [
-                    t
-                    for t in await memory.recent_turns(channel.id, limit=50)
-                    if t.id < last.id and t.role == "user"
-                ]
-                messages = await self.reply(
-                    channel, interaction.guild_id, before[0].id if before else None
+        async with self._last_reply(interaction, "regenerate") as last:
+            if last is None or channel is None:
+                return
+            ids = await memory.message_ids(last.id)
+            await memory.delete_turn(last.id)  # the new reply must not see the old one
+            before = [
+                t
+                for t in await memory.recent_turns(channel.id, limit=50)
+                if t.id < last.id and t.role == "user"
+            ]
+            messages = await self.reply(
+                channel, interaction.guild_id, before[0].id if before else None
+            )
+            if messages:
+                await self._delete_messages(channel, ids)
+            else:  # no new reply: the old one stays, in Discord and in memory
+                await memory.add_turn(
+                    channel.id,
+                    "assistant",
+                    last.content,
+                    name=last.name,
+                    guild_id=last.guild_id,
+                    message_id=ids[0] if ids else None,
+                    extra_message_ids=ids[1:],
+                    persona=last.persona,
+                    tokens=last.tokens,
+                    created_at=last.created_at,
                 )
-                if messages:
-                    await self._delete_messages(channel, ids)
-                else:  # no new reply: the old one stays, in Discord and in memory
-                    await memory.add_turn(
-                        channel.id,
-                        "assistant",
-                        last.content,
-                        name=last.name,
-                        guild_id=last.guild_id,
-                        message_id=ids[0] if ids else None,
-                        extra_message_ids=ids[1:],
-                        persona=last.persona,
-                        tokens=last.tokens,
-                        created_at=last.created_at,
-                    )
-        except Busy:
-            await interaction.followup.send(BUSY, ephemeral=True)
-            return
         await interaction.followup.send(
             "Regenerated." if messages else f"{APOLOGY} (My previous reply stays.)",
             ephemeral=True,
@@ -399,51 +419,33 @@ class Chat(commands.Cog):
     @app_commands.command(name="continue", description="Make my last reply longer")
     async def continue_(self, interaction: discord.Interaction) -> None:
         channel = interaction.channel
-        assert channel is not None
-        if await self._refused(interaction, speaks=True):
-            return
         memory = self.conv.memory
-        nothing = "I have no reply here to continue."
-        if await memory.last_assistant_turn(channel.id) is None:
-            await interaction.response.send_message(nothing, ephemeral=True)
-            return
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        try:
-            async with self.conv.slot(channel.id):
-                last = await memory.last_assistant_turn(channel.id)  # as it is now (see above)
-                if last is None:
-                    await interaction.followup.send(nothing, ephemeral=True)
-                    return
-                job = await self.conv.prepare(channel.id, interaction.guild_id, continue_last=True)
-                if job is None:  # someone spoke after my reply: it is no longer mine to extend
-                    await interaction.followup.send(
-                        "My last reply is no longer the latest message here, so I can't "
-                        "continue it.",
-                        ephemeral=True,
-                    )
-                    return
-                try:
-                    async with asyncio.timeout(self.bot.settings.reply_timeout):
-                        text = await self.conv.complete(job)
-                except Exception:  # a failing or stuck model: say so, change nothing
-                    log.exception("continue failed in channel %s", channel.id)
-                    await interaction.followup.send(APOLOGY, ephemeral=True)
-                    return
-                if not text or text == EMPTY_NOTICE:
-                    await interaction.followup.send("I had nothing to add.", ephemeral=True)
-                    return
-                joiner = "" if text[:1] in ",.;:!?)" else " "
-                identity = await self.identity_for(channel, job.persona, job.bot_name)
-                messages = await post(channel, text, identity=identity)
-                await memory.update_turn(
-                    last.id,
-                    last.content + joiner + text,
-                    self.conv.counter(last.content + joiner + text),
+        async with self._last_reply(interaction, "continue") as last:
+            if last is None or channel is None:
+                return
+            job = await self.conv.prepare(channel.id, interaction.guild_id, continue_last=True)
+            if job is None:  # someone spoke after my reply: it is no longer mine to extend
+                await interaction.followup.send(
+                    "My last reply is no longer the latest message here, so I can't continue it.",
+                    ephemeral=True,
                 )
-                await memory.link_messages(last.id, [m.id for m in messages])
-        except Busy:
-            await interaction.followup.send(BUSY, ephemeral=True)
-            return
+                return
+            try:
+                async with asyncio.timeout(self.bot.settings.reply_timeout):
+                    text = await self.conv.complete(job)
+            except Exception:  # a failing or stuck model: say so, change nothing
+                log.exception("continue failed in channel %s", channel.id)
+                await interaction.followup.send(APOLOGY, ephemeral=True)
+                return
+            if not text or text == EMPTY_NOTICE:
+                await interaction.followup.send("I had nothing to add.", ephemeral=True)
+                return
+            joiner = "" if text[:1] in ",.;:!?)" else " "
+            identity = await self.identity_for(channel, job.persona, job.bot_name)
+            messages = await post(channel, text, identity=identity)
+            extended = last.content + joiner + text
+            await memory.update_turn(last.id, extended, self.conv.counter(extended))
+            await memory.link_messages(last.id, [m.id for m in messages])
         await interaction.followup.send("Continued.", ephemeral=True)
 
 
