@@ -396,3 +396,30 @@ async def test_metrics_endpoint_counts_replies(world: World, tmp_path: Path) -> 
         :2000
     ]
     assert "hermes_time_to_first_token_seconds_count 1.0" in text
+
+
+async def test_cooldown_stops_floods_but_keeps_context(world: World, tmp_path: Path) -> None:
+    engine = ScriptedEngine(["first answer", "second answer"])
+    settings = bot_settings(tmp_path, "x", USER_COOLDOWN="60")
+    async with running_bot(world.fake, settings, engine=engine) as bot:
+        await mention(world, "one")
+        await world.fake.wait_for(
+            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id), timeout=10
+        )
+        flood = await mention(world, "two")
+        await world.fake.wait_for(lambda: flood.reactions.get("⏳"), timeout=10)
+        assert fake_bot_id(world) in flood.reactions["⏳"]
+        await mention(world, "three", author=world.bob)  # others are not held back
+        await world.fake.wait_for(
+            lambda: len(bot_messages(world.fake, world.general.id)) == 2 and bot.conv.pending == 0,
+            timeout=10,
+        )
+        assert len(engine.prompts) == 2 and "alice: two" in engine.prompts[-1]
+        users = [
+            t.content for t in await bot.memory.all_turns(world.general.id) if t.role == "user"
+        ]
+        assert users == ["one", "two", "three"]
+
+
+def fake_bot_id(w: World) -> int:
+    return w.fake.bot_user.id
