@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,10 +108,14 @@ class PersonaTable(dict[str, Persona]):
 
 def personas_dir(override: str | Path | None = None) -> Path:
     """The folder of persona YAML files: `override` if given (settings' PERSONAS_DIR), else the
-    `personas/` folder beside the `bot` package, which is where an editable checkout has it."""
+    `personas/` folder beside the `bot` package (an editable checkout), else the copy a regular
+    `pip install` puts under `<prefix>/share/hermes-discord/personas`."""
     if override is not None and str(override).strip() not in ("", "."):
         return Path(override).expanduser()
-    return Path(__file__).resolve().parent.parent / "personas"
+    checkout = Path(__file__).resolve().parent.parent / "personas"
+    if checkout.is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "hermes-discord" / "personas"
 
 
 def load_persona_file(path: Path) -> tuple[Persona, list[str]]:
