@@ -330,3 +330,25 @@ def test_cli_failure_is_one_line_not_a_traceback(tmp_path, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert err.startswith("hermes-train prepare: ") and "Traceback" not in err
     assert len(err.splitlines()) == 1
+
+
+def test_qlora_without_cuda_is_refused_before_anything_is_fetched(tmp_path, capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    never = tmp_path / "never-read"
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "qlora-1gpu",
+                "--set",
+                f"model.tokenizer={never}",
+                "--set",
+                f"train.output_dir={tmp_path / 'out'}",
+            ]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and "never-read" not in err

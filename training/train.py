@@ -200,12 +200,22 @@ def shard_model(model: Any, cfg: Config, info: DistInfo) -> Any:
     return model
 
 
-def build_model(cfg: Config, info: DistInfo) -> Any:
+def check_setup(cfg: Config, info: DistInfo) -> None:
+    """Refuse what cannot run here before any tokenizer, data or weights are fetched."""
     if cfg.lora.enabled and info.world > 1:
         raise ValueError("LoRA/QLoRA runs are single-GPU here; use full fine-tuning with FSDP")
+    if cfg.lora.load_in_4bit:
+        if info.device.type != "cuda":
+            raise ValueError("lora.load_in_4bit (QLoRA) needs a CUDA GPU, and none was found")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(
+                "lora.load_in_4bit (QLoRA) needs bitsandbytes: pip install 'hermes-discord[gpu]'"
+            )
+
+
+def build_model(cfg: Config, info: DistInfo) -> Any:
+    check_setup(cfg, info)
     quantize = cfg.lora.load_in_4bit
-    if quantize and info.device.type != "cuda":
-        raise ValueError("lora.load_in_4bit (QLoRA) needs a CUDA GPU and bitsandbytes")
     model = load_base_model(
         cfg,
         dtype=torch.bfloat16 if quantize else torch.float32,
@@ -465,6 +475,7 @@ def train(
     from transformers import AutoTokenizer
 
     info = info or init_distributed()
+    check_setup(cfg, info)
     tc = cfg.train
     out = Path(tc.output_dir)
     seed_everything(tc.seed)
