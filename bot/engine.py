@@ -333,7 +333,6 @@ class LocalEngine(Engine):
         quantization: str = "none",
         tokenizer: str | None = None,
         max_batch: int = 8,
-        queue_size: int = 0,
         kv_cache_mb: float = 0,
         prefill_chunk: int = 512,
     ) -> None:
@@ -347,7 +346,7 @@ class LocalEngine(Engine):
         self.info = EngineInfo("local", self.model_path, self.plan.dtype, quantization)
         self.model: Any = None
         self.tokenizer: Any = None
-        self._requests: queue.Queue[Generation | None] = queue.Queue(queue_size)
+        self._requests: queue.Queue[Generation | None] = queue.Queue()
         self._worker: threading.Thread | None = None
 
     async def start(self) -> None:
@@ -445,19 +444,6 @@ def make_processors(p: GenerationParams) -> Any:
         if 0 < p.top_p < 1.0:
             procs.append(TopPLogitsWarper(p.top_p))
     return procs
-
-
-def sample_next(
-    logits: Any, history: Any, processors: Any, p: GenerationParams, generator: Any
-) -> int:
-    """Greedy when temperature is 0, else sample from the warped distribution."""
-    import torch
-
-    scores = processors(history, logits)
-    if p.temperature <= 0:
-        return int(scores.argmax(dim=-1)[0])
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator)[0, 0])
 
 
 def engine_from_settings(settings: Any, *, model: str | None = None) -> Engine:
