@@ -74,12 +74,17 @@ class Effective:
 
 
 def effective_settings(
-    settings: Settings, guild: GuildState | None, channel: ChannelState
+    settings: Settings,
+    guild: GuildState | None,
+    channel: ChannelState,
+    parent: ChannelState | None = None,
 ) -> Effective:
+    """Defaults, then the server's, then a thread's parent channel's, then the channel's own."""
     values = {name: getattr(settings, name) for name in TUNABLE}
     source = dict.fromkeys(TUNABLE, "default")
     for scope, overrides in (
         ("server", guild.settings if guild else {}),
+        ("parent channel", parent.settings if parent else {}),
         ("channel", channel.settings),
     ):
         for name, value in overrides.items():
@@ -209,15 +214,19 @@ class Conversations:
         persona: str | None = None,
         overrides: dict[str, Any] | None = None,
         continue_last: bool = False,
+        parent_id: int | None = None,
     ) -> ReplyJob | None:
         """Build the request for the next reply from what memory holds now.
 
         Reading memory at this point (not when the message arrived) means an edit made while the
-        message waited is used as edited, and a deleted message is not answered (None).
+        message waited is used as edited, and a deleted message is not answered (None). A thread
+        (`parent_id` set) has its own memory but takes its parent's persona and settings unless
+        it has its own.
         """
         channel = await self.memory.channel(channel_id)
+        parent = await self.memory.channel(parent_id) if parent_id else None
         guild = await self.memory.guild(guild_id) if guild_id else None
-        eff = effective_settings(self.settings, guild, channel).values
+        eff = effective_settings(self.settings, guild, channel, parent).values
         budget = int(eff["context_tokens"]) - int(eff["max_new_tokens"])
         turns = await self.memory.recent_turns(channel_id, token_budget=budget)
         current: Turn | None = None
@@ -238,7 +247,9 @@ class Conversations:
         persona_name = (
             persona
             if persona is not None
-            else channel.persona or (guild.default_persona if guild else None)
+            else channel.persona
+            or (parent.persona if parent else None)
+            or (guild.default_persona if guild else None)
         )
         # The default assistant is the plain SYSTEM_PROMPT layout, whatever its persona file says.
         chosen = None

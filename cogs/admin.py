@@ -156,10 +156,12 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     ) -> None:
         target = channel.id if channel else interaction.channel_id
         assert target is not None and interaction.guild_id is not None
+        parent_id = getattr(channel or interaction.channel, "parent_id", None)
         eff = effective_settings(
             self.bot.settings,
             await self.memory.guild(interaction.guild_id),
             await self.memory.channel(target),
+            await self.memory.channel(parent_id) if parent_id else None,
         )
         lines = [f"`{k}` = **{eff.values[k]}** ({eff.source[k]})" for k in TUNABLE]
         await say(interaction, f"Settings for <#{target}>:\n" + "\n".join(lines))

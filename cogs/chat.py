@@ -222,7 +222,11 @@ class Chat(commands.Cog):
         job = None
         try:
             job = await self.conv.prepare(
-                channel.id, guild_id, reply_to=turn_id, overrides=overrides
+                channel.id,
+                guild_id,
+                reply_to=turn_id,
+                overrides=overrides,
+                parent_id=getattr(channel, "parent_id", None),
             )
             if job is None:
                 return []  # the message was deleted while it waited
@@ -423,7 +427,12 @@ class Chat(commands.Cog):
         async with self._last_reply(interaction, "continue") as last:
             if last is None or channel is None:
                 return
-            job = await self.conv.prepare(channel.id, interaction.guild_id, continue_last=True)
+            job = await self.conv.prepare(
+                channel.id,
+                interaction.guild_id,
+                continue_last=True,
+                parent_id=getattr(channel, "parent_id", None),
+            )
             if job is None:  # someone spoke after my reply: it is no longer mine to extend
                 await interaction.followup.send(
                     "My last reply is no longer the latest message here, so I can't continue it.",

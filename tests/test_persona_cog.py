@@ -823,3 +823,24 @@ async def test_reply_recovers_when_the_webhook_is_deleted_while_running(
         assert reply.username == "Grumbold"
         assert await bot.memory.webhook(world.general.id) == (second.id, second.token)
         assert (await bot.memory.all_turns(world.general.id))[-1].content == "Hm."
+
+
+async def test_thread_takes_its_parents_persona_and_settings(world: World, tmp_path: Path) -> None:
+    fake = world.fake
+    engine = ScriptedEngine(["In the thread."])
+    async with running_bot(fake, bot_settings(tmp_path, "x"), engine=engine) as bot:
+        await said(await command(world, "persona use", {"name": "Sable"}))
+        chan = await bot.memory.channel(world.general.id)
+        await bot.memory.update_channel(
+            world.general.id, world.guild.id, settings={**chan.settings, "temperature": 0.25}
+        )
+        thread = fake.add_thread(world.general.id, "case file")
+        await mention(world, "Who did it?", channel=thread.id)
+        (reply,) = await settled(world, bot, 1, channel=thread.id)
+        assert reply.username == "Sable" and reply.content == "In the thread."
+        assert "Sable" in engine.prompts[-1] and engine.params[-1].temperature == 0.25
+        # the thread keeps its own memory
+        assert [t.content for t in await bot.memory.all_turns(thread.id)] == [
+            "Who did it?",
+            "In the thread.",
+        ]
