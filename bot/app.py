@@ -22,6 +22,7 @@ from bot.conversation import Conversations
 from bot.engine import Engine, EngineError, engine_from_settings
 from bot.memory import Memory
 from bot.personas import PersonaLibrary, load_builtin_personas
+from bot.replies import say_privately
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -126,14 +127,8 @@ class HermesBot(commands.AutoShardedBot):
             return
         name = interaction.command.qualified_name if interaction.command else "?"
         log.error("command /%s failed in channel %s", name, interaction.channel_id, exc_info=error)
-        text = "Sorry, that command failed; the error was logged."
-        try:
-            if interaction.response.is_done():
-                await interaction.followup.send(text, ephemeral=True)
-            else:
-                await interaction.response.send_message(text, ephemeral=True)
-        except discord.HTTPException:
-            pass
+        with contextlib.suppress(discord.HTTPException):
+            await say_privately(interaction, "Sorry, that command failed; the error was logged.")
 
     async def on_message(self, message: discord.Message, /) -> None:
         """No prefix commands: "@bot help me" is a chat message for the chat cog, not a command."""

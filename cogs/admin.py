@@ -20,6 +20,7 @@ from discord.ext import commands
 from bot.conversation import TUNABLE, check_tunable, effective_settings
 from bot.engine import engine_from_settings, first_line
 from bot.metrics import summary
+from bot.replies import say_privately
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
@@ -37,15 +38,6 @@ def is_admin(bot: HermesBot, interaction: discord.Interaction) -> bool:
         return True
     perms = getattr(interaction.user, "guild_permissions", None)
     return bool(interaction.guild and perms and perms.manage_guild)
-
-
-async def say(interaction: discord.Interaction, text: str, **kwargs: object) -> None:
-    """Ephemeral answer or follow-up, whichever is still possible; never pings."""
-    kwargs.setdefault("allowed_mentions", discord.AllowedMentions.none())
-    if interaction.response.is_done():
-        await interaction.followup.send(text, ephemeral=True, **kwargs)  # type: ignore[arg-type]
-    else:
-        await interaction.response.send_message(text, ephemeral=True, **kwargs)  # type: ignore[arg-type]
 
 
 class ConfirmClear(discord.ui.View):
@@ -104,7 +96,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         if is_admin(self.bot, interaction):
             return True
-        await say(interaction, "You need the Manage Server permission to use /admin.")
+        await say_privately(interaction, "You need the Manage Server permission to use /admin.")
         return False
 
     async def audit(
@@ -142,7 +134,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         old = (await self.memory.channel(target)).mode
         await self.memory.update_channel(target, interaction.guild_id, mode=mode)
         await self.audit(interaction, "channel.mode", old, mode, target)
-        await say(
+        await say_privately(
             interaction,
             f"<#{target}> is now `{mode}` (was `{old or 'mention (default)'}`)."
             + (" Threads inside it follow it unless set on their own." if mode else ""),
@@ -164,7 +156,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             await self.memory.channel(parent_id) if parent_id else None,
         )
         lines = [f"`{k}` = **{eff.values[k]}** ({eff.source[k]})" for k in TUNABLE]
-        await say(interaction, f"Settings for <#{target}>:\n" + "\n".join(lines))
+        await say_privately(interaction, f"Settings for <#{target}>:\n" + "\n".join(lines))
 
     @settings_group.command(name="set", description="Change a generation setting")
     async def settings_set(
@@ -177,7 +169,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         try:
             parsed = check_tunable(name, value)
         except ValueError as exc:
-            await say(interaction, f"Not changed: {exc}.")
+            await say_privately(interaction, f"Not changed: {exc}.")
             return
         assert interaction.guild_id is not None and interaction.channel_id is not None
         if scope == "server":
@@ -195,7 +187,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
                 settings={**chan.settings, name: parsed},
             )
         await self.audit(interaction, f"settings.set {scope} {name}", old, parsed)
-        await say(interaction, f"`{name}` is now **{parsed}** for this {scope}.")
+        await say_privately(interaction, f"`{name}` is now **{parsed}** for this {scope}.")
 
     @settings_group.command(name="reset", description="Back to the defaults")
     async def settings_reset(
@@ -211,7 +203,9 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
                 interaction.channel_id, interaction.guild_id, settings={}
             )
         await self.audit(interaction, f"settings.reset {scope}", old, {})
-        await say(interaction, f"Generation settings for this {scope} are back to the defaults.")
+        await say_privately(
+            interaction, f"Generation settings for this {scope} are back to the defaults."
+        )
 
     # ---- memory -----------------------------------------------------------------------------
 
@@ -221,7 +215,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         old = (await self.memory.channel(interaction.channel_id)).forget_before
         new = await self.memory.forget(interaction.channel_id, interaction.guild_id)
         await self.audit(interaction, "memory.forget", old, new)
-        await say(
+        await say_privately(
             interaction,
             "I forgot this channel's conversation. `/admin memory unforget` brings it back.",
         )
@@ -231,11 +225,11 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         assert interaction.channel_id is not None
         old = (await self.memory.channel(interaction.channel_id)).forget_before
         if not await self.memory.unforget(interaction.channel_id):
-            await say(interaction, "There is no forget to undo here.")
+            await say_privately(interaction, "There is no forget to undo here.")
             return
         new = (await self.memory.channel(interaction.channel_id)).forget_before
         await self.audit(interaction, "memory.unforget", old, new)
-        await say(interaction, "Restored the conversation from before the last forget.")
+        await say_privately(interaction, "Restored the conversation from before the last forget.")
 
     @memory_group.command(name="clear", description="Delete this channel's stored turns")
     async def clear(self, interaction: discord.Interaction) -> None:
@@ -267,7 +261,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         def when(t: float | None) -> str:
             return f"<t:{int(t)}:R>" if t else "never"
 
-        await say(
+        await say_privately(
             interaction,
             f"{s.turns} turns, {s.tokens} tokens; oldest {when(s.oldest)}, "
             f"newest {when(s.newest)}.",
@@ -297,7 +291,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         ]
         data = ("\n".join(lines) + ("\n" if lines else "")).encode()
         await self.audit(interaction, "memory.export", None, len(turns))
-        await say(
+        await say_privately(
             interaction,
             f"{len(turns)} turns.",
             file=discord.File(io.BytesIO(data), f"memory-{interaction.channel_id}.jsonl"),
@@ -313,12 +307,14 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         if personas is not None:
             resolved = await personas.resolve_name(interaction.guild_id, name)  # type: ignore[attr-defined]
         if resolved is None:
-            await say(interaction, f"There is no persona called {name!r}. See `/persona list`.")
+            await say_privately(
+                interaction, f"There is no persona called {name!r}. See `/persona list`."
+            )
             return
         old = (await self.memory.guild(interaction.guild_id)).default_persona
         await self.memory.update_guild(interaction.guild_id, default_persona=resolved)
         await self.audit(interaction, "persona.default", old, resolved)
-        await say(interaction, f"The server default persona is now **{resolved}**.")
+        await say_privately(interaction, f"The server default persona is now **{resolved}**.")
 
     @persona_group.command(name="imports", description="Whether non-managers may import personas")
     async def persona_imports(
@@ -328,7 +324,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         old = (await self.memory.guild(interaction.guild_id)).imports_allowed
         await self.memory.update_guild(interaction.guild_id, imports_allowed=rule == "allow")
         await self.audit(interaction, "persona.imports", old, rule == "allow")
-        await say(
+        await say_privately(
             interaction,
             f"Members without Manage Server {'may' if rule == 'allow' else 'may not'}"
             " import or create personas.",
@@ -347,7 +343,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         old = (not blocked) if changed else blocked
         await self.audit(interaction, f"access.{verb} {kind} {target.id}", old, blocked)
         label = f"<@&{target.id}>" if kind == "role" else f"<@{target.id}>"
-        await say(
+        await say_privately(
             interaction,
             f"{label} is {'now' if changed else 'already'} {'blocked' if blocked else 'allowed'}.",
         )
@@ -385,7 +381,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             await self.memory.update_guild(interaction.guild_id, channel_allowlist=new)
             await self.audit(interaction, f"access.channels {action}", old, new)
         listing = ", ".join(f"<#{c}>" for c in new) or "all channels (no allow-list)"
-        await say(interaction, f"The bot serves: {listing}.")
+        await say_privately(interaction, f"The bot serves: {listing}.")
 
     @access_group.command(name="reset", description="Whether members may /reset in channels")
     async def reset_rule(
@@ -395,7 +391,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         old = (await self.memory.guild(interaction.guild_id)).reset_allowed
         await self.memory.update_guild(interaction.guild_id, reset_allowed=rule == "allow")
         await self.audit(interaction, "access.reset", old, rule == "allow")
-        await say(
+        await say_privately(
             interaction,
             f"Members {'may' if rule == 'allow' else 'may not'} use /reset in "
             "this server's channels.",
@@ -418,7 +414,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             f"uptime: {uptime // 3600}h {uptime % 3600 // 60}m {uptime % 60}s",
         ]
         await self.audit(interaction, "model.status")
-        await say(interaction, "\n".join(lines))
+        await say_privately(interaction, "\n".join(lines))
 
     @model_group.command(name="reload", description="Load a model folder or hub id and swap it in")
     async def model_reload(
@@ -427,12 +423,14 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         conv = self.bot.conv
         assert conv is not None
         if model and is_local_path(model) and not self.is_owner(interaction):
-            await say(
+            await say_privately(
                 interaction, "Only a bot owner (OWNER_IDS) may load a model from a local path."
             )
             return
         if self._reloading.locked():
-            await say(interaction, "A reload is already in progress; try again when it is done.")
+            await say_privately(
+                interaction, "A reload is already in progress; try again when it is done."
+            )
             return
         async with self._reloading:
             await interaction.response.defer(ephemeral=True, thinking=True)
@@ -449,13 +447,17 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
                         await new.close()
                 await self.audit(interaction, "model.reload failed", old.info.model, target)
                 reason = first_line(exc)[:1500]
-                await say(interaction, f"Reload failed, still serving `{old.info.model}`: {reason}")
+                await say_privately(
+                    interaction, f"Reload failed, still serving `{old.info.model}`: {reason}"
+                )
                 return
             conv.set_engine(new)  # replies that start from now on use the new model
             self.bot.engine = new
             await old.close()  # requests already queued on the old engine finish first
             await self.audit(interaction, "model.reload", old.info.model, target)
-            await say(interaction, f"Now serving `{target}` ({new.info.dtype}, {new.info.device}).")
+            await say_privately(
+                interaction, f"Now serving `{target}` ({new.info.dtype}, {new.info.device})."
+            )
 
     def is_owner(self, interaction: discord.Interaction) -> bool:
         return interaction.user.id in self.bot.settings.owner_ids
@@ -468,7 +470,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     ) -> None:
         rows = await self.memory.audit_log(interaction.guild_id, limit)
         if not rows:
-            await say(interaction, "No admin actions recorded yet.")
+            await say_privately(interaction, "No admin actions recorded yet.")
             return
         lines = [
             f"<t:{int(r.created_at)}:f> <@{r.user_id}> `{r.action}`"
@@ -481,7 +483,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             )
             for r in rows
         ]
-        await say(interaction, "\n".join(lines)[:1990])
+        await say_privately(interaction, "\n".join(lines)[:1990])
 
 
 def is_local_path(model: str) -> bool:

@@ -21,7 +21,7 @@ from discord.ext import commands
 
 from bot.cards import MAX_CARD_BYTES, Card, CardError, export_card, parse_card
 from bot.personas import DEFAULT_PERSONA, Persona, PersonaLibrary, fill, persona_key
-from bot.replies import Identity, post
+from bot.replies import Identity, post, say_privately
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
@@ -312,12 +312,12 @@ class Personas(
     async def _own(self, interaction: discord.Interaction, name: str):  # noqa: ANN202
         """The server's own persona `name`, if this member may change it; else explain why not."""
         if interaction.guild_id is None:
-            await self._say(interaction, "Server personas live in servers, not DMs.")
+            await say_privately(interaction, "Server personas live in servers, not DMs.")
             return None
         stored = await self.memory.get_persona(interaction.guild_id, name)
         if stored is None:
             builtin = self.library.builtins.get(name)
-            await self._say(
+            await say_privately(
                 interaction,
                 f"**{builtin.name}** is built in and cannot be changed."
                 if builtin
@@ -325,20 +325,13 @@ class Personas(
             )
             return None
         if stored.created_by != interaction.user.id and not self.manager(interaction):
-            await self._say(
+            await say_privately(
                 interaction,
                 f"Only <@{stored.created_by}> (who made **{stored.name}**) "
                 "or a member with Manage Server can change it.",
             )
             return None
         return stored
-
-    async def _say(self, interaction: discord.Interaction, text: str, **kwargs: object) -> None:
-        kwargs.setdefault("allowed_mentions", discord.AllowedMentions.none())
-        if interaction.response.is_done():
-            await interaction.followup.send(text, ephemeral=True, **kwargs)  # type: ignore[arg-type]
-        else:
-            await interaction.response.send_message(text, ephemeral=True, **kwargs)  # type: ignore[arg-type]
 
     # ---- commands ---------------------------------------------------------------------------
 
@@ -363,22 +356,22 @@ class Personas(
         text = "**Built-in:** " + ", ".join(builtins)
         text += "\n**This server:** " + (", ".join(own) if own else "none yet (`/persona import`)")
         text += f"\nIn this channel: **{current or DEFAULT_PERSONA}**"
-        await self._say(interaction, text)
+        await say_privately(interaction, text)
 
     @app_commands.command(name="show", description="A persona's card")
     @app_commands.autocomplete(name=name_autocomplete)
     async def show(self, interaction: discord.Interaction, name: str) -> None:
         persona = await self.library.get(name, interaction.guild_id)
         if persona is None:
-            await self._say(
+            await say_privately(
                 interaction, f"There is no persona called {name!r}. Try `/persona list`."
             )
             return
         embed, file = summary_embed(persona)
         if file is not None:
-            await self._say(interaction, "", embed=embed, file=file)
+            await say_privately(interaction, "", embed=embed, file=file)
         else:
-            await self._say(interaction, "", embed=embed)
+            await say_privately(interaction, "", embed=embed)
 
     @app_commands.command(name="use", description="Play this persona in this channel")
     @app_commands.autocomplete(name=name_autocomplete)
@@ -389,7 +382,7 @@ class Personas(
             return  # blocked members, channels outside the allow-list, mode off
         persona = await self.library.get(name, interaction.guild_id)
         if persona is None or channel is None:
-            await self._say(
+            await say_privately(
                 interaction, f"There is no persona called {name!r}. Try `/persona list`."
             )
             return
@@ -411,7 +404,7 @@ class Personas(
                 messages = await self.greet(channel, persona, greetings[0], interaction.guild_id)
             except discord.HTTPException as exc:
                 log.warning("could not post %s's greeting in %s: %s", persona.name, channel.id, exc)
-                await self._say(
+                await say_privately(
                     interaction,
                     f"**{persona.name}** is now playing in this channel, "
                     "but I could not post the greeting here.",
@@ -426,7 +419,7 @@ class Personas(
                 message_ids=[m.id for m in messages],
                 name=persona.name,
             )
-        await self._say(interaction, f"**{persona.name}** is now playing in this channel.")
+        await say_privately(interaction, f"**{persona.name}** is now playing in this channel.")
 
     @app_commands.command(name="off", description="Back to the default persona here")
     async def off(self, interaction: discord.Interaction) -> None:
@@ -442,18 +435,18 @@ class Personas(
                 old=old,
                 new=None,
             )
-        await self._say(interaction, "Back to the default persona in this channel.")
+        await say_privately(interaction, "Back to the default persona in this channel.")
 
     @app_commands.command(name="import", description="Import a Character Card (PNG or JSON)")
     @app_commands.guild_only()
     async def import_(self, interaction: discord.Interaction, card: discord.Attachment) -> None:
         if not await self.may_import(interaction):
-            await self._say(
+            await say_privately(
                 interaction, "Only members with Manage Server may import personas here."
             )
             return
         if card.size > MAX_CARD_BYTES:
-            await self._say(
+            await say_privately(
                 interaction,
                 f"Not imported: the file is {card.size / 2**20:.1f} MB; cards may be at most 2 MB.",
             )
@@ -462,10 +455,10 @@ class Personas(
         try:
             parsed = parse_card(await card.read(), card.filename)
         except CardError as exc:
-            await self._say(interaction, f"Not imported: {exc}")
+            await say_privately(interaction, f"Not imported: {exc}")
             return
         except discord.HTTPException:
-            await self._say(interaction, "Not imported: I could not download the attachment.")
+            await say_privately(interaction, "Not imported: I could not download the attachment.")
             return
         await self._store(interaction, parsed)
 
@@ -485,16 +478,16 @@ class Personas(
         guild_id = interaction.guild_id
         card.name = " ".join(card.name.split())
         if not card.name:
-            await self._say(interaction, "Not saved: the persona needs a name.")
+            await say_privately(interaction, "Not saved: the persona needs a name.")
             return
         if card.name in self.library.builtins:
-            await self._say(
+            await say_privately(
                 interaction, f"Not saved: **{card.name}** is a built-in persona's name."
             )
             return
         existing = await self.memory.get_persona(guild_id, card.name)
         if existing is not None and (previous is None or existing.id != previous.id):
-            await self._say(
+            await say_privately(
                 interaction,
                 f"Not saved: this server already has **{existing.name}**. "
                 + (
@@ -528,7 +521,7 @@ class Personas(
             old=previous.name if previous is not None else None,
             new=card.name,
         )
-        await self._say(
+        await say_privately(
             interaction, f"Saved **{card.name}**. Use it with `/persona use {card.name}`."
         )
 
@@ -536,7 +529,7 @@ class Personas(
     @app_commands.guild_only()
     async def create(self, interaction: discord.Interaction) -> None:
         if not await self.may_import(interaction):
-            await self._say(
+            await say_privately(
                 interaction, "Only members with Manage Server may create personas here."
             )
             return
@@ -559,7 +552,7 @@ class Personas(
         fields |= {"scenario": INPUT_MAX, "first_mes": INPUT_MAX}
         too_long = [f for f, limit in fields.items() if len(getattr(card, f)) > limit]
         if too_long:
-            await self._say(
+            await say_privately(
                 interaction,
                 f"**{stored.name}** is too long to edit in a Discord form ({', '.join(too_long)}: "
                 f"a form holds at most {INPUT_MAX} characters a field, {NAME_MAX} for the name). "
@@ -590,18 +583,18 @@ class Personas(
             channel_id=interaction.channel_id,
             old=stored.name,
         )
-        await self._say(interaction, f"Deleted **{stored.name}**.")
+        await say_privately(interaction, f"Deleted **{stored.name}**.")
 
     @app_commands.command(name="export", description="Download a persona as a Card V2 JSON file")
     @app_commands.autocomplete(name=name_autocomplete)
     async def export(self, interaction: discord.Interaction, name: str) -> None:
         persona = await self.library.get(name, interaction.guild_id)
         if persona is None:
-            await self._say(interaction, f"There is no persona called {name!r}.")
+            await say_privately(interaction, f"There is no persona called {name!r}.")
             return
         data = export_card(persona.card)
         filename = "".join(c for c in persona.name if c.isalnum() or c in "-_") or "persona"
-        await self._say(
+        await say_privately(
             interaction,
             f"**{persona.name}** as a Character Card V2:",
             file=discord.File(io.BytesIO(data), f"{filename}.json"),
