@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bot.engine import Engine, Generation, GenerationParams, ReplyStats, params_from_settings
-from bot.memory import ChannelState, GuildState, Memory
+from bot.memory import ChannelState, GuildState, Memory, StoredTurn
 from bot.personas import DEFAULT_PERSONA, PersonaLibrary, build_persona_prompt, persona_key
 from bot.prompt import (
     RESPONSE,
@@ -63,6 +63,27 @@ def check_tunable(name: str, raw: str) -> float | int:
     if not lo <= value <= hi:
         raise ValueError(f"{name} must be between {lo:g} and {hi:g} (got {raw})")
     return value
+
+
+def other_personas_as_lines(
+    history: list[Turn], stored: list[StoredTurn], speaking: str | None, default_name: str
+) -> list[Turn]:
+    """Replies by a persona other than `speaking` (None: the default assistant) as named lines.
+
+    After a channel's persona changes, the new persona must not read the old one's replies as
+    its own turns: they become `### Instruction:` lines under the speaker's name, as any other
+    participant's message (and that name joins the stop strings).
+    """
+    own = persona_key(speaking or DEFAULT_PERSONA)
+    foreign = {
+        t.id: t.name or t.persona or default_name
+        for t in stored
+        if t.role == "assistant" and persona_key(t.persona or DEFAULT_PERSONA) != own
+    }
+    return [
+        Turn("user", t.content, foreign[t.id], t.tokens, t.id) if t.id in foreign else t
+        for t in history
+    ]
 
 
 @dataclass(slots=True)
@@ -255,6 +276,9 @@ class Conversations:
         chosen = None
         if persona_name and persona_key(persona_name) != persona_key(DEFAULT_PERSONA):
             chosen = await self.personas.get(persona_name, guild_id) if self.personas else None
+        history = other_personas_as_lines(
+            history, turns, chosen.name if chosen is not None else None, self.bot_name
+        )
         speaker = current.name if current else ""
         hint = self._start_hint.get(channel_id)
         if chosen is not None:
