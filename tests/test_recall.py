@@ -1,0 +1,170 @@
+"""Long-term recall: the FTS5 index follows every change to memory, and recall finds old facts.
+
+All against a real SQLite file through `bot.memory.Memory`; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from bot.memory import MIGRATIONS, SCHEMA_VERSION, Memory
+from bot.recall import match_expression, query_terms, recall
+
+FILLER = [
+    "the weather is grey again today",
+    "anyone up for a game tonight?",
+    "I fixed the bug in the parser",
+    "lunch was pasta, not bad",
+    "the build is green now",
+]
+
+
+async def fill(memory: Memory, channel: int, n: int, *, start: int = 0) -> list[int]:
+    ids = []
+    for i in range(start, start + n):
+        role = "user" if i % 2 == 0 else "assistant"
+        ids.append(
+            await memory.add_turn(
+                channel, role, f"{FILLER[i % len(FILLER)]} ({i})", name="ann", author_id=7
+            )
+        )
+    return ids
+
+
+async def found(memory: Memory, channel: int, text: str) -> list[str]:
+    return [
+        t.content for t in await memory.search_turns(channel, match_expression(query_terms([text])))
+    ]
+
+
+async def test_index_follows_insert_edit_delete_clear(memory: Memory):
+    assert memory.fts
+    tid = await memory.add_turn(1, "user", "my sister lives in Lisbon", name="bob", message_id=55)
+    await memory.add_turn(2, "user", "Lisbon is lovely", name="eve")  # another channel
+    assert await found(memory, 1, "where is Lisbon") == ["my sister lives in Lisbon"]
+    # porter stemming: "living" finds "lives"; the speaker's name is searchable too
+    assert await found(memory, 1, "living") == ["my sister lives in Lisbon"]
+    assert await found(memory, 1, "bob") == ["my sister lives in Lisbon"]
+
+    assert await memory.edit_message(55, "my sister moved to Porto")
+    assert await found(memory, 1, "Lisbon") == []
+    assert await found(memory, 1, "Porto") == ["my sister moved to Porto"]
+
+    assert await memory.delete_message(55)
+    assert await found(memory, 1, "Porto") == []  # a deleted message is never recalled
+    assert tid not in {t.id for t in await memory.recent_turns(1)}
+
+    await memory.add_turn(1, "user", "the Porto trip is booked", name="bob")
+    assert await memory.clear_channel(1) == 1
+    assert await found(memory, 1, "Porto") == []
+    assert await found(memory, 2, "Lisbon") == ["Lisbon is lovely"]
+
+
+async def test_forgotten_turns_are_not_found_until_unforgotten(memory: Memory):
+    await memory.add_turn(1, "user", "the vault code is 4471", name="bob")
+    await memory.forget(1)
+    await memory.add_turn(1, "user", "what was the vault code?", name="bob")
+    assert await found(memory, 1, "vault") == ["what was the vault code?"]
+    assert await memory.unforget(1)
+    assert sorted(await found(memory, 1, "vault")) == [
+        "the vault code is 4471",
+        "what was the vault code?",
+    ]
+
+
+async def test_user_text_is_never_fts_syntax(memory: Memory):
+    await memory.add_turn(1, "user", 'a "quoted" NEAR(thing) OR* -minus col:umn', name="bob")
+    for nasty in ['"', "NEAR(", "col:umn", "AND OR NOT", "*", "^start"]:
+        await found(memory, 1, nasty)  # never an FTS5 syntax error
+    assert await found(memory, 1, "quoted minus") == ['a "quoted" NEAR(thing) OR* -minus col:umn']
+
+
+async def test_migration_builds_the_index_on_a_v2_database(tmp_path: Path):
+    path = tmp_path / "v2.db"
+    con = sqlite3.connect(path)
+    con.executescript(MIGRATIONS[0])
+    con.executescript(MIGRATIONS[1])
+    con.execute("PRAGMA user_version=2")
+    for i, text in enumerate(["we met at the lighthouse", "nice", "the lighthouse was red"]):
+        con.execute(
+            "INSERT INTO turns (channel_id, name, role, content, created_at) VALUES (?,?,?,?,?)",
+            (5, "ann", "user", text, 1.0 + i),
+        )
+    con.commit()
+    con.close()
+
+    mem = await Memory.open(path)
+    try:
+        assert mem.fts
+        (version,) = await (await mem.db.execute("PRAGMA user_version")).fetchone()  # type: ignore[misc]
+        assert version == SCHEMA_VERSION == 3
+        assert sorted(await found(mem, 5, "lighthouse")) == [
+            "the lighthouse was red",
+            "we met at the lighthouse",
+        ]
+        await mem.add_turn(5, "user", "a new lighthouse story", name="ann")  # triggers work
+        assert len(await found(mem, 5, "lighthouse")) == 3
+    finally:
+        await mem.close()
+
+
+async def test_recall_finds_an_early_fact_outside_the_window(memory: Memory):
+    await fill(memory, 9, 10)
+    fact = await memory.add_turn(9, "user", "my dog is called Biscuit", name="bob", author_id=8)
+    await fill(memory, 9, 400, start=10)
+    window_start = (await memory.recent_turns(9, limit=30))[-1].id
+    got = await recall(
+        memory,
+        9,
+        ["what was the name of my dog again?"],
+        before_id=window_start,
+        budget_tokens=200,
+    )
+    ids = [t.id for t in got]
+    assert fact in ids and all(i < window_start for i in ids)
+    assert ids == sorted(ids)  # oldest first
+    assert ids.index(fact) > 0 and ids[ids.index(fact) - 1] == fact - 1  # with its context turn
+
+
+async def test_recall_respects_budget_blocks_boilerplate_and_duplicates(memory: Memory):
+    blocked = await memory.add_turn(
+        3, "user", "the password is swordfish", name="mal", author_id=66
+    )
+    notice = await memory.add_turn(3, "assistant", "*(I had nothing to say about swordfish)*")
+    first = await memory.add_turn(3, "user", "swordfish steak for dinner", name="bob", author_id=8)
+    dupe = await memory.add_turn(3, "user", "swordfish steak for dinner!", name="bob", author_id=8)
+    await fill(memory, 3, 50)
+    got = await recall(
+        memory, 3, ["swordfish?"], before_id=None, budget_tokens=1000, exclude_authors={66}
+    )
+    ids = {t.id for t in got}
+    assert blocked not in ids and notice not in ids
+    assert (first in ids) != (dupe in ids)  # one of the two near-identical lines, not both
+    assert await recall(memory, 3, ["swordfish"], before_id=None, budget_tokens=0) == []
+    small = await recall(memory, 3, ["swordfish"], before_id=None, budget_tokens=20)
+    assert sum((t.tokens or len(t.content) // 3) + 12 for t in small) <= 20
+
+
+async def test_recall_is_off_without_an_index(tmp_path: Path):
+    mem = await Memory.open(tmp_path / "m.db")
+    try:
+        await mem.add_turn(1, "user", "remember the lighthouse", name="ann")
+        mem.fts = False  # what `Memory.open` sets on an SQLite build without FTS5
+        assert await recall(mem, 1, ["lighthouse"], before_id=None, budget_tokens=500) == []
+    finally:
+        await mem.close()
+
+
+@pytest.mark.parametrize(
+    ("texts", "expected"),
+    [
+        (["Hi! What's the NAME of my cat?"], ["name", "cat"]),
+        (["cat 42", "the cat"], ["cat", "42"]),
+        (["Ünïcode café"], ["ünïcode", "café"]),
+    ],
+)
+def test_query_terms(texts: list[str], expected: list[str]):
+    assert query_terms(texts) == expected
