@@ -19,15 +19,14 @@ from bot.memory import Memory, StoredTurn
 
 #: Words that say nothing about what to look for. Short and English-centred on purpose: BM25
 #: already discounts common words; this only keeps them from crowding out the useful terms.
-STOPWORDS = frozenset(
-    """a about after again all also am an and any are as at be because been before being but by
+_STOPWORDS_TEXT = """a about after again all also am an and any are as at be because been before being but by
     can could did do does doing done for from had has have having he her here hers him his how i
     if in into is it its just me my myself no nor not now of off on once only or other our ours
     out over own please same she should so some such than that the their them then there these
     they this those to too under until up very was we were what when where which while who whom
     why will with would you your yours yourself hey hi hello ok okay yes yeah tell know remember
-    said say says think thing things again earlier ago""".split()
-)
+    said say says think thing things again earlier ago"""
+STOPWORDS = frozenset(_STOPWORDS_TEXT.split())
 _WORD = re.compile(r"\w+", re.UNICODE)
 #: The bot's own notices ("*(I had nothing to say...)*"): never worth recalling.
 _NOTICE = re.compile(r"^\*\(.*\)\*$", re.DOTALL)
