@@ -27,7 +27,9 @@ from bot.prompt import (
     clean_reply,
     fit_prompt,
     stop_strings,
+    with_recall,
 )
+from bot.recall import recall
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -228,6 +230,8 @@ class Conversations:
         guild = await self.memory.guild(guild_id) if guild_id else None
         eff = effective_settings(self.settings, guild, channel, parent).values
         budget = int(eff["context_tokens"]) - int(eff["max_new_tokens"])
+        recall_budget = self.recall_budget(eff)
+        budget -= recall_budget  # the history's share; recalled turns take the rest
         turns = await self.memory.recent_turns(channel_id, token_budget=budget)
         current: Turn | None = None
         if reply_to is not None:
@@ -281,6 +285,8 @@ class Conversations:
             )
             bot_name, persona_name = self.bot_name, None
         self._start_hint[channel_id] = prompt.start_id
+        if recall_budget and prompt.dropped:
+            prompt = await self._recall(channel_id, guild_id, prompt, recall_budget, bot_name)
         if continue_last:
             # Reopen the last reply instead of asking for a new one: drop the trailing
             # "\n\n### Response:\n" so the model writes on from the reply's last word.
@@ -310,6 +316,37 @@ class Conversations:
             reply_to,
             notes=list(prompt.notes),
         )
+
+    def recall_budget(self, eff: dict[str, Any]) -> int:
+        """Tokens set aside for recalled turns: 0 when recall is off or the index is missing."""
+        if not (self.settings.recall and self.memory.fts):
+            return 0
+        return self.settings.recall_tokens or int(eff["context_tokens"]) // 10
+
+    async def _recall(
+        self,
+        channel_id: int,
+        guild_id: int | None,
+        prompt: FittedPrompt,
+        budget: int,
+        bot_name: str,
+    ) -> FittedPrompt:
+        """Add the turns from before the window that best match the latest messages."""
+        users = [t for t in prompt.turns if t.role == "user"]
+        query = [t.content for t in reversed(prompt.turns[-3:])]
+        if users and users[-1].content not in query:
+            query.insert(0, users[-1].content)
+        oldest = prompt.start_id if prompt.start_id is not None else prompt.turns[-1].id
+        blocked = (await self.memory.blocked(guild_id))[0] if guild_id else set()
+        found = await recall(
+            self.memory,
+            channel_id,
+            query,
+            before_id=oldest,
+            budget_tokens=budget,
+            exclude_authors=blocked,
+        )
+        return with_recall(prompt, [t.to_turn() for t in found], self.counter, bot_name)
 
     # ---- generating -------------------------------------------------------------------------
 

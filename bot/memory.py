@@ -184,7 +184,7 @@ class StoredTurn:
     created_at: float
 
     def to_turn(self) -> Turn:
-        return Turn(self.role, self.content, self.name, self.tokens, self.id)
+        return Turn(self.role, self.content, self.name, self.tokens, self.id, self.created_at)
 
 
 _TURN_COLUMNS = (

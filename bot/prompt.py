@@ -10,6 +10,7 @@ Alpaca preset: system/persona text in an Input block, human turns in Instruction
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -58,6 +59,7 @@ class Turn:
     name: str = ""
     tokens: int | None = None  # cached token count of `content`, filled by memory
     id: int | None = None  # stable ordinal (memory row id) for cache-friendly fitting
+    when: float | None = field(default=None, compare=False)  # unix time said (recall shows it)
 
     def render(self) -> str:
         return render_turn(self.role, self.content, self.name)
@@ -77,12 +79,35 @@ def render_system(text: str) -> str:
     return f"{INPUT}{neutralize(text.strip())}{SEPARATOR}" if text.strip() else ""
 
 
+#: The line that opens the recall block, so the model reads it as memory, not as the current talk.
+RECALL_HEADING = "From earlier in this channel (recalled, oldest first):"
+
+
+def render_recall(turns: Sequence[Turn], bot_name: str = "") -> str:
+    """Turns recalled from beyond the window, as one Input block (empty when there are none).
+
+    One line per turn, `[YYYY-MM-DD] Name: text`, with the text on one line and defused like any
+    other untrusted text, so a recalled message can neither forge a header nor a turn.
+    """
+    if not turns:
+        return ""
+    lines = [RECALL_HEADING]
+    for turn in turns:
+        day = time.strftime("[%Y-%m-%d] ", time.gmtime(turn.when)) if turn.when else ""
+        name = turn.name if turn.role == "user" else (turn.name or bot_name)
+        name = " ".join(name.split())
+        text = " ".join(turn.content.split())
+        lines.append(f"{day}{name + ': ' if name else ''}{text}")
+    return f"{INPUT}{neutralize(chr(10).join(lines))}{SEPARATOR}"
+
+
 def chat_segments(
     system: str,
     turns: Sequence[Turn],
     *,
     open_response: bool = True,
     post_history: str = "",
+    recall: str = "",
 ) -> list[tuple[str, bool]]:
     """The conversation as (text, is_target) pieces.
 
@@ -90,6 +115,8 @@ def chat_segments(
     Training masks on these pieces; the bot joins them. With `open_response` the text ends with
     the `### Response:` header that asks for the next reply. `post_history` (a persona's
     post_history_instructions) goes in an Input block after the history, as SillyTavern does.
+    `recall` (a `render_recall` block) follows the turns (the current message included) and
+    precedes `post_history`: the history stays a stable prefix the engine's cache can reuse.
     """
     pieces: list[tuple[str, bool]] = []
     if sys_block := render_system(system):
@@ -100,6 +127,8 @@ def chat_segments(
             pieces.append((neutralize(turn.content.strip()) + SEPARATOR, True))
         else:
             pieces.append((turn.render(), False))
+    if recall:
+        pieces.append((recall, False))
     if post := render_system(post_history):
         pieces.append((post, False))
     if open_response:
@@ -108,9 +137,16 @@ def chat_segments(
 
 
 def render_chat(
-    system: str, turns: Sequence[Turn], *, open_response: bool = True, post_history: str = ""
+    system: str,
+    turns: Sequence[Turn],
+    *,
+    open_response: bool = True,
+    post_history: str = "",
+    recall: str = "",
 ) -> str:
-    pieces = chat_segments(system, turns, open_response=open_response, post_history=post_history)
+    pieces = chat_segments(
+        system, turns, open_response=open_response, post_history=post_history, recall=recall
+    )
     return "".join(text for text, _ in pieces)
 
 
@@ -154,6 +190,27 @@ class FittedPrompt:
     truncated: bool = False  # the current message alone was too long and was cut
     start_id: int | None = None  # id of the oldest kept history turn: the hint for next time
     notes: list[str] = field(default_factory=list)
+    system: str = ""  # what the text was rendered from, so `with_recall` can render it again
+    post_history: str = ""
+    recalled: list[Turn] = field(default_factory=list)  # turns recalled from beyond the window
+
+
+def with_recall(
+    prompt: FittedPrompt, recalled: Sequence[Turn], count: Callable[[str], int], bot_name: str = ""
+) -> FittedPrompt:
+    """`prompt` with a recall block of `recalled` turns placed after the history.
+
+    The caller made room for it: the history was fitted to the budget less the recall budget.
+    """
+    block = render_recall(recalled, bot_name)
+    if not block:
+        return prompt
+    prompt.text = render_chat(
+        prompt.system, prompt.turns, post_history=prompt.post_history, recall=block
+    )
+    prompt.tokens += count(block) + BLOCK_MARGIN
+    prompt.recalled = list(recalled)
+    return prompt
 
 
 def cut_middle(text: str, count: Callable[[str], int], limit: int) -> str:
@@ -245,6 +302,8 @@ def fit_prompt(
         truncated=truncated,
         start_id=turns[0].id if turns else None,
         notes=notes,
+        system=system,
+        post_history=post_history,
     )
 
 

@@ -130,6 +130,18 @@ class Settings:
         lo=0.0,
         hi=0.9,
     )
+    recall: bool = _opt(
+        True,
+        "Long-term recall: when the history does not fit the window, search the channel's older "
+        "turns (SQLite FTS5) for the new message and show the best hits to the model.",
+    )
+    recall_tokens: int = _opt(
+        0,
+        "Tokens of the window given to recalled turns (taken from the history); 0 is 10% of "
+        "CONTEXT_TOKENS.",
+        lo=0,
+        hi=32768,
+    )
     personas_dir: Path = _opt(
         Path(""), "Folder of persona YAML files; empty uses the shipped personas/."
     )

@@ -168,3 +168,100 @@ async def test_recall_is_off_without_an_index(tmp_path: Path):
 )
 def test_query_terms(texts: list[str], expected: list[str]):
     assert query_terms(texts) == expected
+
+
+# ---- through the bot's prompt builder ------------------------------------------------------
+
+
+class CountingEngine:
+    """The engine as `Conversations` sees it when building prompts: the real tokenizer's count."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+
+async def long_channel(memory: Memory, *, fact_author: int = 8) -> tuple[int, int]:
+    """A channel with a fact said early and 600 turns of chat after it; returns (fact, question)."""
+    await fill(memory, 77, 6)
+    fact = await memory.add_turn(
+        77, "user", "my dog is called Biscuit", name="bob", guild_id=1, author_id=fact_author
+    )
+    await fill(memory, 77, 600, start=6)
+    question = await memory.add_turn(
+        77, "user", "what was the name of my dog again?", name="bob", guild_id=1, author_id=8
+    )
+    return fact, question
+
+
+def conversations(settings, memory: Memory, tokenizer):
+    from bot.conversation import Conversations
+
+    return Conversations(settings, memory, CountingEngine(tokenizer))
+
+
+async def test_recall_puts_an_early_fact_into_a_late_prompt(
+    memory: Memory, settings_factory, llama_tokenizer
+):
+    from bot.prompt import RECALL_HEADING
+
+    fact, question = await long_channel(memory)
+    settings = settings_factory(CONTEXT_TOKENS=1024, MAX_NEW_TOKENS=128)
+    job = await conversations(settings, memory, llama_tokenizer).prepare(77, 1, reply_to=question)
+    assert job is not None
+    assert fact not in {t.id for t in job.prompt.turns}  # far outside the window...
+    assert fact in {t.id for t in job.prompt.recalled}  # ...and recalled
+    text = job.prompt.text
+    assert RECALL_HEADING in text and "bob: my dog is called Biscuit" in text
+    # the recall block sits after the current message: the history before it is a stable prefix
+    assert text.index("what was the name of my dog again?") < text.index(RECALL_HEADING)
+    assert text.endswith("### Response:\n")
+    real = len(llama_tokenizer(text).input_ids)
+    assert real <= job.prompt.tokens <= 1024 - 128
+
+
+async def test_blocked_members_are_never_recalled(
+    memory: Memory, settings_factory, llama_tokenizer
+):
+    fact, question = await long_channel(memory, fact_author=66)
+    await memory.set_blocked(1, "user", 66, True)
+    settings = settings_factory(CONTEXT_TOKENS=1024, MAX_NEW_TOKENS=128)
+    job = await conversations(settings, memory, llama_tokenizer).prepare(77, 1, reply_to=question)
+    assert job is not None and "Biscuit" not in job.prompt.text
+    assert all(t.id != fact for t in job.prompt.recalled)
+
+
+async def test_recall_off_changes_nothing(memory: Memory, settings_factory, llama_tokenizer):
+    from bot.prompt import RECALL_HEADING, TokenCounter, fit_prompt
+
+    fact, question = await long_channel(memory)
+    settings = settings_factory(CONTEXT_TOKENS=1024, MAX_NEW_TOKENS=128, RECALL="off")
+    conv = conversations(settings, memory, llama_tokenizer)
+    job = await conv.prepare(77, 1, reply_to=question)
+    assert job is not None and job.prompt.recalled == [] and RECALL_HEADING not in job.prompt.text
+    # exactly the prompt the window alone gives: the whole budget goes to the history
+    turns = await memory.recent_turns(77)
+    expected = fit_prompt(
+        settings.system_prompt,
+        [t.to_turn() for t in turns[1:]],
+        turns[0].to_turn(),
+        TokenCounter(CountingEngine(llama_tokenizer).count_tokens),
+        1024 - 128,
+        slack=settings.fit_slack,
+    )
+    assert job.prompt.text == expected.text
+
+
+async def test_nothing_recalled_while_the_history_fits(
+    memory: Memory, settings_factory, llama_tokenizer
+):
+    await memory.add_turn(5, "user", "my dog is called Biscuit", name="bob")
+    question = await memory.add_turn(5, "user", "what is my dog called?", name="bob")
+    on = settings_factory(CONTEXT_TOKENS=1024, MAX_NEW_TOKENS=128)
+    off = settings_factory(CONTEXT_TOKENS=1024, MAX_NEW_TOKENS=128, RECALL="off")
+    a = await conversations(on, memory, llama_tokenizer).prepare(5, reply_to=question)
+    b = await conversations(off, memory, llama_tokenizer).prepare(5, reply_to=question)
+    assert a is not None and b is not None
+    assert a.prompt.text == b.prompt.text and a.prompt.recalled == []
