@@ -285,7 +285,7 @@ class Conversations:
             )
             bot_name, persona_name = self.bot_name, None
         self._start_hint[channel_id] = prompt.start_id
-        if recall_budget and prompt.dropped:
+        if recall_budget and prompt.older:
             prompt = await self._recall(channel_id, guild_id, prompt, recall_budget, bot_name)
         if continue_last:
             # Reopen the last reply instead of asking for a new one: drop the trailing
@@ -344,6 +344,7 @@ class Conversations:
             query,
             before_id=oldest,
             budget_tokens=budget,
+            window=[t.content for t in prompt.turns[:-1]],
             exclude_authors=blocked,
         )
         return with_recall(prompt, [t.to_turn() for t in found], self.counter, bot_name)

@@ -471,34 +471,38 @@ class Memory:
         *,
         before_id: int | None = None,
         limit: int = 16,
-    ) -> list[StoredTurn]:
-        """The channel's turns matching an FTS5 `match` expression, best BM25 score first.
+    ) -> list[tuple[StoredTurn, StoredTurn | None]]:
+        """The channel's turns matching an FTS5 `match` expression, best BM25 score first, each
+        with the turn just before it (its context; None for the channel's first turn).
 
         Only turns after the forget watermark and (when given) before `before_id` are searched,
         so forgotten turns and the ones already in the prompt are never found. A hit on the
-        message text weighs twice one on the speaker's name. Empty when the index is off.
+        message text weighs twice one on the speaker's name. Two queries whatever the hit
+        count: this runs before every reply in a long channel. Empty when the index is off.
         """
         if not self.fts or not match:
             return []
-        floor = await self._watermark(channel_id)
+        floor = "COALESCE((SELECT forget_before FROM channels WHERE channel_id = ?1), 0)"
         cur = await self.db.execute(
-            f"SELECT {_prefixed('t')} FROM turns_fts JOIN turns t ON t.id = turns_fts.rowid "
-            "WHERE turns_fts MATCH ? AND t.channel_id = ? AND t.id > ? AND t.id < ? "
-            "ORDER BY bm25(turns_fts, 0.5, 1.0) LIMIT ?",
-            (match, channel_id, floor, before_id if before_id is not None else 2**62, limit),
+            f"SELECT {_prefixed('t')}, (SELECT MAX(p.id) FROM turns p WHERE p.channel_id = ?1 "
+            f"AND p.id < t.id AND p.id > {floor}) FROM turns_fts JOIN turns t "
+            "ON t.id = turns_fts.rowid WHERE turns_fts MATCH ?2 AND t.channel_id = ?1 "
+            f"AND t.id > {floor} AND t.id < ?3 ORDER BY bm25(turns_fts, 0.5, 1.0) LIMIT ?4",
+            (channel_id, match, before_id if before_id is not None else 2**62, limit),
         )
-        return [StoredTurn(*row) for row in await cur.fetchall()]
-
-    async def turn_before(self, channel_id: int, turn_id: int) -> StoredTurn | None:
-        """The channel's turn just before `turn_id` (after the forget watermark), if any."""
-        floor = await self._watermark(channel_id)
-        cur = await self.db.execute(
-            f"SELECT {_TURN_COLUMNS} FROM turns WHERE channel_id = ? AND id > ? AND id < ? "
-            "ORDER BY id DESC LIMIT 1",
-            (channel_id, floor, turn_id),
-        )
-        row = await cur.fetchone()
-        return StoredTurn(*row) if row else None
+        rows = await cur.fetchall()
+        context_ids = sorted({row[-1] for row in rows if row[-1] is not None})
+        context: dict[int, StoredTurn] = {}
+        if context_ids:
+            marks = ",".join("?" * len(context_ids))
+            cur = await self.db.execute(
+                f"SELECT {_TURN_COLUMNS} FROM turns WHERE id IN ({marks})", context_ids
+            )
+            context = {row[0]: StoredTurn(*row) for row in await cur.fetchall()}
+        return [
+            (StoredTurn(*row[:-1]), context.get(row[-1]) if row[-1] is not None else None)
+            for row in rows
+        ]
 
     async def all_turns(self, channel_id: int) -> list[StoredTurn]:
         """Every stored turn of a channel, oldest first, forgotten ones included (for export)."""

@@ -185,7 +185,7 @@ class TokenCounter:
 class FittedPrompt:
     text: str
     turns: list[Turn]  # the history turns kept, oldest first, current message last
-    dropped: bool  # some older history was left out
+    dropped: bool  # some older history was left out by this fit (the window was cut)
     tokens: int  # estimated prompt tokens (an upper bound)
     truncated: bool = False  # the current message alone was too long and was cut
     start_id: int | None = None  # id of the oldest kept history turn: the hint for next time
@@ -193,6 +193,7 @@ class FittedPrompt:
     system: str = ""  # what the text was rendered from, so `with_recall` can render it again
     post_history: str = ""
     recalled: list[Turn] = field(default_factory=list)  # turns recalled from beyond the window
+    older: bool = False  # history older than the window exists (cut now, or at `start_hint`)
 
 
 def with_recall(
@@ -276,8 +277,9 @@ def fit_prompt(
     room = budget - fixed - cur_tokens
     kept: list[tuple[Turn, int]] = []  # newest first
     used = 0
-    overflow = False
-    for turn in history:
+    overflow = older = False
+    turns_in = iter(history)
+    for turn in turns_in:
         cost = count.block(turn)
         if used + cost > room:
             overflow = True
@@ -285,7 +287,9 @@ def fit_prompt(
         kept.append((turn, cost))
         used += cost
         if start_hint is not None and turn.id is not None and turn.id <= start_hint:
-            break  # reached last time's start: keep exactly that window
+            # reached last time's start: keep exactly that window (older turns stay dropped)
+            older = next(turns_in, None) is not None
+            break
     if overflow:
         # Cut to (1 - slack) of the room in one go so the next prompts share this prefix.
         target = int(room * (1 - slack))
@@ -304,6 +308,7 @@ def fit_prompt(
         notes=notes,
         system=system,
         post_history=post_history,
+        older=overflow or older,
     )
 
 

@@ -13,7 +13,7 @@ prompt (and defuses it like any other untrusted text).
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from bot.memory import Memory, StoredTurn
 
@@ -32,6 +32,12 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 _NOTICE = re.compile(r"^\*\(.*\)\*$", re.DOTALL)
 #: Most query terms used; the new message's come first.
 MAX_TERMS = 24
+#: Most terms searched for: the ones the window uses least (see `rare_terms`).
+SEARCH_TERMS = 6
+#: A word in more window turns than this is too common to search for.
+COMMON_IN_WINDOW = 2
+#: A message with fewer content words than this is searched together with the turns before it.
+MIN_TERMS = 2
 #: Most search hits considered before the budget and de-duplication pick the final few.
 CANDIDATES = 24
 #: Per-turn overhead (name, line break, date) added to a turn's cached token count.
@@ -46,6 +52,23 @@ def query_terms(texts: Sequence[str], max_terms: int = MAX_TERMS) -> list[str]:
             if (len(word) > 2 or word.isdigit()) and word not in STOPWORDS:
                 seen.setdefault(word, None)
     return list(seen)[:max_terms]
+
+
+def rare_terms(words: Sequence[str], window: Iterable[str]) -> list[str]:
+    """The `SEARCH_TERMS` of `words` least used in `window` (the texts already in the prompt).
+
+    The window is a free sample of how the channel talks: a word in many of its turns is
+    common here, matches thousands of older turns, costs time to rank and finds nothing in
+    particular, while a word the window never uses points at something said long ago.
+    """
+    if not words:
+        return []
+    counts = dict.fromkeys(words, 0)
+    for text in window:
+        for word in set(_WORD.findall(text.casefold())) & counts.keys():
+            counts[word] += 1
+    ranked = sorted(words, key=lambda w: (counts[w], -len(w)))
+    return [w for w in ranked if counts[w] <= COMMON_IN_WINDOW][:SEARCH_TERMS]
 
 
 def match_expression(terms: Sequence[str]) -> str:
@@ -82,17 +105,25 @@ async def recall(
     *,
     before_id: int | None,
     budget_tokens: int,
+    window: Sequence[str] = (),
     exclude_authors: Collection[int] = (),
 ) -> list[StoredTurn]:
     """Turns worth showing from before `before_id` (the oldest turn in the window), oldest first.
 
-    `query` is the new message followed by the turns just before it. Hits come best first from
-    the index; each is kept with the turn before it as context while the estimated tokens fit
-    `budget_tokens`. Blocked members' turns, the bot's notices and near-duplicates of an
+    `query` is the new message followed by the turns just before it; `window` the history
+    texts already in the prompt. The message's words that the window rarely uses are searched
+    for, and the earlier turns' words too only when it has fewer than
+    `MIN_TERMS` ("and what about the other one?"), since chatter around a question mostly
+    matches more chatter. Hits come best first from the index; each is kept with the turn before it as
+    context while the estimated tokens fit `budget_tokens`. Blocked members' turns, the bot's notices and near-duplicates of an
     already chosen hit are skipped. Empty when the index is off or nothing matches.
     """
-    terms = query_terms(query)
-    if budget_tokens <= 0 or not terms:
+    if budget_tokens <= 0:
+        return []
+    terms = rare_terms(query_terms(query[:1]), window)
+    if len(terms) < MIN_TERMS:
+        terms = rare_terms(query_terms(query), window)
+    if not terms:
         return []
     hits = await memory.search_turns(
         channel_id, match_expression(terms), before_id=before_id, limit=CANDIDATES
@@ -100,13 +131,12 @@ async def recall(
     chosen: dict[int, StoredTurn] = {}
     chosen_words: list[frozenset[str]] = []
     used = 0
-    for hit in hits:
+    for hit, context in hits:
         if hit.id in chosen or hit.author_id in exclude_authors or _boilerplate(hit):
             continue
         words = _words(hit.content)
         if _near_duplicate(words, chosen_words):
             continue
-        context = await memory.turn_before(channel_id, hit.id)
         group = [hit]
         if (
             context is not None

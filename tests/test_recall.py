@@ -36,7 +36,8 @@ async def fill(memory: Memory, channel: int, n: int, *, start: int = 0) -> list[
 
 async def found(memory: Memory, channel: int, text: str) -> list[str]:
     return [
-        t.content for t in await memory.search_turns(channel, match_expression(query_terms([text])))
+        t.content
+        for t, _ in await memory.search_turns(channel, match_expression(query_terms([text])))
     ]
 
 
