@@ -266,3 +266,13 @@ async def test_nothing_recalled_while_the_history_fits(
     b = await conversations(off, memory, llama_tokenizer).prepare(5, reply_to=question)
     assert a is not None and b is not None
     assert a.prompt.text == b.prompt.text and a.prompt.recalled == []
+
+
+def test_rare_terms_skip_what_the_window_keeps_saying():
+    from bot.recall import SEARCH_TERMS, rare_terms
+
+    window = ["the game tonight?", "game lag again", "the server is laggy", "game server down"]
+    assert rare_terms(["game", "server", "kitten"], window) == ["kitten", "server"]
+    assert rare_terms(["game"], window) == []  # in 3 of 4 window turns: too common to search
+    many = [f"word{i}" for i in range(20)]
+    assert len(rare_terms(many, [])) == SEARCH_TERMS
