@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,54 +17,17 @@ import pytest
 
 from bot.engine import EngineError, LocalEngine
 from cogs.chat import APOLOGY
-from tests.bot_harness import ScriptedEngine, bot_settings, running_bot
+from tests.bot_harness import ScriptedEngine, running_bot
 from tests.fake_discord import (
-    FakeChannel,
     FakeDiscord,
-    FakeGuild,
     FakeMessage,
-    FakeRole,
     FakeUser,
-    running_fake,
 )
+from tests.world import World
 
 pytestmark = pytest.mark.slow
 
 MANAGE_GUILD = 1 << 5
-
-
-@dataclass
-class World:
-    fake: FakeDiscord
-    guild: FakeGuild
-    general: FakeChannel
-    other: FakeChannel
-    admin: FakeUser  # has Manage Server
-    admin2: FakeUser  # has Manage Server too
-    owner: FakeUser  # in OWNER_IDS, no Manage Server
-    alice: FakeUser  # plain members
-    bob: FakeUser
-    muted: FakeRole
-    carol: FakeUser  # has the `muted` role
-
-    def settings(self, tmp_path: Path, model: Path | str = "scripted", **env: str):
-        return bot_settings(tmp_path, model, OWNER_IDS=str(self.owner.id), **env)
-
-
-@pytest.fixture
-async def world() -> AsyncIterator[World]:
-    async with running_fake(heartbeat_interval=1000) as fake:
-        guild = fake.add_guild("Admin Guild")
-        general = fake.add_channel(guild.id, "general")
-        other = fake.add_channel(guild.id, "other")
-        admin = fake.add_member(guild.id, "admin", permissions=["manage_guild"]).user
-        admin2 = fake.add_member(guild.id, "admin2", permissions=["manage_guild"]).user
-        owner = fake.add_member(guild.id, "owner").user
-        alice = fake.add_member(guild.id, "alice").user
-        bob = fake.add_member(guild.id, "bob").user
-        muted = fake.add_role(guild.id, "muted")
-        carol = fake.add_member(guild.id, "carol", roles=[muted]).user
-        yield World(fake, guild, general, other, admin, admin2, owner, alice, bob, muted, carol)
 
 
 # ---- helpers ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests of tests/fake_discord.py: the real discord.py client against the fake Discord."""
+"""Tests of tests/fake_discord/: the real discord.py client against the fake Discord."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import asyncio
 import io
 import json
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import aiohttp
 import discord
@@ -15,36 +13,13 @@ import pytest
 from discord import app_commands
 
 from tests.fake_discord import (
-    FakeChannel,
     FakeDiscord,
     FakeFile,
-    FakeGuild,
-    FakeUser,
     connected_client,
     running_fake,
     start_client,
 )
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDiscord]:
-    async with running_fake(heartbeat_interval=1000) as fake:
-        yield fake
-
-
-@dataclass
-class World:
-    guild: FakeGuild
-    general: FakeChannel
-    alice: FakeUser
-
-
-@pytest.fixture
-def world(fake: FakeDiscord) -> World:
-    guild = fake.add_guild("Test Guild")
-    general = fake.add_channel(guild.id, "general")
-    alice = fake.add_member(guild.id, "alice").user
-    return World(guild, general, alice)
+from tests.world import World
 
 
 class Recorder(discord.Client):
