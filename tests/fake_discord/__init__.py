@@ -24,6 +24,13 @@ Typical use::
             await fake.user_message(general.id, alice, "hello")
             await fake.wait_for(lambda: fake.last_message(general.id).author.bot)
 
+Faults and races a test can stage (all deterministic, no sleeps): ``inject`` (any status,
+429 included, or a dropped connection, on the next calls of a route, optionally after some
+pass), ``inject_download`` (attachment downloads), ``on_request`` (run an action just
+before a route handles a call, e.g. delete the message being replied to), ``pause_gateway``
+/ ``resume_gateway`` / ``expire_sessions`` / ``disconnect_gateway`` (keep the bot offline,
+force a fresh READY), ``user_message(..., at=...)`` (backdated history).
+
 Layout (one module per part of the protocol; ``FakeDiscord`` is assembled from mixins):
 
 - ``common``: protocol constants, permission arithmetic, snowflakes, error bodies;
@@ -47,8 +54,14 @@ from tests.fake_discord.common import (
     DEFAULT_BOT_PERMISSIONS,
     DEFAULT_EVERYONE_PERMISSIONS,
     DEFAULT_TOKEN,
+    DELETE_MESSAGE,
+    EDIT_MESSAGE,
+    EDIT_WEBHOOK_MESSAGE,
+    EXECUTE_WEBHOOK,
+    GET_MESSAGES,
     MAX_CONTENT_LENGTH,
     MAX_EMBED_DESCRIPTION,
+    SEND_MESSAGE,
     ApiError,
     ChannelType,
     Intent,
@@ -71,6 +84,7 @@ from tests.fake_discord.models import (
     InteractionHandle,
     InteractionResponse,
     RecordedRequest,
+    RequestHook,
     UserLike,
 )
 
@@ -82,6 +96,13 @@ __all__ = [
     "DEFAULT_BOT_PERMISSIONS",
     "DEFAULT_EVERYONE_PERMISSIONS",
     "DEFAULT_TOKEN",
+    "RequestHook",
+    "SEND_MESSAGE",
+    "GET_MESSAGES",
+    "EXECUTE_WEBHOOK",
+    "EDIT_WEBHOOK_MESSAGE",
+    "EDIT_MESSAGE",
+    "DELETE_MESSAGE",
     "FakeAttachment",
     "FakeChannel",
     "FakeDiscord",

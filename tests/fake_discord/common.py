@@ -7,7 +7,7 @@ permission sets, and the JSON error bodies Discord answers with (``ApiError``).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -98,6 +98,13 @@ class _Snowflakes:
         self._last = max(self._last + 1, now)
         return self._last
 
+    def at(self, when: datetime, taken: Container[int]) -> int:
+        """An id whose timestamp is ``when`` (for messages "sent" in the past), not in ``taken``."""
+        ident = (int(when.timestamp() * 1000) - DISCORD_EPOCH) << 22
+        while ident in taken:
+            ident += 1
+        return ident
+
 
 def snowflake_time(snowflake: int) -> datetime:
     return datetime.fromtimestamp(((snowflake >> 22) + DISCORD_EPOCH) / 1000, UTC)
@@ -153,3 +160,13 @@ def _not_found(what: str, code: int) -> ApiError:
 
 
 MISSING_PERMISSIONS = (403, "Missing Permissions", 50013)
+
+#: (method, path pattern) of the REST routes tests most often break with ``FakeDiscord.inject``:
+#: ``fake.inject(*EDIT_MESSAGE, 503, times=2)``.  Patterns are relative to /api/v10; ``{name}``
+#: matches one path segment (put a real id in its place to target one channel or message).
+SEND_MESSAGE = ("POST", "/channels/{channel_id}/messages")
+EDIT_MESSAGE = ("PATCH", "/channels/{channel_id}/messages/{message_id}")
+DELETE_MESSAGE = ("DELETE", "/channels/{channel_id}/messages/{message_id}")
+GET_MESSAGES = ("GET", "/channels/{channel_id}/messages")
+EXECUTE_WEBHOOK = ("POST", "/webhooks/{webhook_id}/{token}")
+EDIT_WEBHOOK_MESSAGE = ("PATCH", "/webhooks/{webhook_id}/{token}/messages/{message_id}")

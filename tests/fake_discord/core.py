@@ -27,6 +27,7 @@ from tests.fake_discord.models import (
     Injection,
     InteractionHandle,
     RecordedRequest,
+    RequestHook,
 )
 from tests.fake_discord.state import StateMixin
 from tests.fake_discord.webhooks import WebhooksMixin
@@ -76,6 +77,9 @@ class FakeDiscord(GatewayMixin, HttpMixin, StateMixin, MessagesMixin, CommandsMi
         #: every dispatched (event name, data) once, whatever the number of sessions.
         self.dispatched: list[tuple[str, dict[str, Any]]] = []
         self.injections: list[Injection] = []
+        self.request_hooks: list[RequestHook] = []
+        #: every attachment download (GET of an attachment's url/proxy_url), in arrival order.
+        self.downloads: list[RecordedRequest] = []
         self.identify_count = 0
         self.resume_count = 0
         self.heartbeat_count = 0
@@ -83,6 +87,9 @@ class FakeDiscord(GatewayMixin, HttpMixin, StateMixin, MessagesMixin, CommandsMi
         self.gateway_connections: list[tuple[str, dict[str, str]]] = []
 
         self._sessions: dict[str, _Session] = {}
+        #: IDENTIFY/RESUME payloads held while the gateway is paused (see pause_gateway).
+        self._held: list[tuple[_GatewayConnection, dict[str, Any]]] = []
+        self._gateway_paused = False
         self._connections: set[_GatewayConnection] = set()
         self._waiters: set[asyncio.Future[None]] = set()
         self._runner: web.AppRunner | None = None
@@ -107,6 +114,9 @@ class FakeDiscord(GatewayMixin, HttpMixin, StateMixin, MessagesMixin, CommandsMi
         app.router.add_get("/gateway", self._gateway_handler)
         app.router.add_get("/gateway-resume", self._gateway_handler)
         app.router.add_get("/attachments/{channel_id}/{attachment_id}/{filename}", self._download)
+        app.router.add_get(
+            "/media/attachments/{channel_id}/{attachment_id}/{filename}", self._download
+        )
         for method, path, handler in self._routes():
             app.router.add_route(method, API_PREFIX + path, self._wrap(handler))
         # a short shutdown: a websocket left open by a test must not stall cleanup for 60 s

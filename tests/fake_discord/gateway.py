@@ -125,14 +125,18 @@ class GatewayMixin:
         event: str,
         data: dict[str, Any] | Callable[[_Session | None], dict[str, Any]],
         intents: int = 0,
-    ) -> None:
-        """Send a dispatch to every live session whose intents cover it."""
+    ) -> int:
+        """Send a dispatch to every live session whose intents cover it (a session awaiting a
+        RESUME only buffers it); return how many were written to a connected websocket."""
         self.dispatched.append((event, data(None) if callable(data) else data))
+        sent = 0
         for session in [s for s in self._sessions.values() if not s.invalid]:
             if intents and not session.intents & intents:
                 continue
+            sent += session.connection is not None
             self._send_dispatch(session, event, data(session) if callable(data) else data)
         self._notify()
+        return sent
 
     def _send_dispatch(self, session: _Session, event: str, data: dict[str, Any]) -> None:
         session.seq += 1
@@ -191,6 +195,8 @@ class GatewayMixin:
             self.heartbeat_count += 1
             if self.ack_heartbeats:
                 conn.send({"op": 11, "d": None, "s": None, "t": None})
+        elif op in (2, 6) and self._gateway_paused:
+            self._held.append((conn, payload))
         elif op == 2:
             self._identify(conn, data or {})
         elif op == 6:
@@ -283,6 +289,47 @@ class GatewayMixin:
         if data.get("nonce") is not None:
             chunk["nonce"] = data["nonce"]
         self._send_dispatch(session, "GUILD_MEMBERS_CHUNK", chunk)
+
+    @property
+    def connected(self) -> bool:
+        """Whether some bot session has a live, identified (or resumed) websocket now."""
+        return any(s.connection and not s.invalid for s in self._sessions.values())
+
+    async def wait_disconnected(self, timeout: float = 5.0) -> None:
+        """Wait until no bot session has a live websocket (the bot stopped or was dropped)."""
+        await self.wait_for(lambda: not self.connected, timeout, message="no connected session")
+
+    def pause_gateway(self) -> None:
+        """Hold every IDENTIFY and RESUME that arrives from now on, unanswered, until
+        :meth:`resume_gateway`: the bot stays offline while the test posts what it should
+        miss.  Websockets still open and heartbeats are still acknowledged."""
+        self._gateway_paused = True
+
+    @property
+    def pending_handshakes(self) -> int:
+        """IDENTIFY/RESUME payloads held by :meth:`pause_gateway`, not yet answered."""
+        return len(self._held)
+
+    def resume_gateway(self) -> None:
+        """Answer the held IDENTIFY/RESUME payloads in arrival order (skipping those whose
+        websocket went away) and stop holding new ones."""
+        self._gateway_paused = False
+        held, self._held = self._held, []
+        for conn, payload in held:
+            if conn in self._connections and not conn.ws.closed:
+                self._on_gateway_payload(conn, payload)
+
+    def expire_sessions(self) -> None:
+        """Forget every session, as Discord does some time after a bot went away: a later
+        RESUME gets INVALID_SESSION and the bot must IDENTIFY for a fresh READY.  Live
+        websockets are closed with 4009 (session timed out), which discord.py answers by
+        reconnecting and trying to RESUME."""
+        for session in list(self._sessions.values()):
+            conn = session.connection
+            session.connection = None
+            self._end_session(session)
+            if conn is not None:
+                conn.close(4009)
 
     async def disconnect_gateway(self, *, resumable: bool = True, code: int = 4000) -> None:
         """Drop every live websocket.  ``resumable``: close with ``code`` (4000 by default),

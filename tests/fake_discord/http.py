@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import json
 import math
 import re
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,11 +29,13 @@ from tests.fake_discord.common import (
     permission_value,
 )
 from tests.fake_discord.models import (
+    FakeAttachment,
     FakeChannel,
     FakeFile,
     FakeGuild,
     Injection,
     RecordedRequest,
+    RequestHook,
     _Call,
 )
 
@@ -40,7 +45,8 @@ _CALL_KEY: Any = web.RequestKey("fake_call", tuple) if hasattr(web, "RequestKey"
 
 
 class HttpMixin:
-    """REST plumbing, failure injection and identity/guild/channel routes; mixed into :class:`FakeDiscord`."""
+    """REST plumbing, failure injection and identity/guild/channel routes; mixed into
+    :class:`FakeDiscord`."""
 
     # ---- failure injection ----------------------------------------------------------------
 
@@ -56,16 +62,32 @@ class HttpMixin:
         *,
         retry_after: float = 0.05,
         times: int = 1,
+        after: int = 0,
         global_: bool = False,
         body: dict[str, Any] | None = None,
+        drop: str | None = None,
     ) -> Injection:
         """Make the next ``times`` matching REST calls fail with ``status``.
 
         ``method`` may be "*"; ``path_pattern`` is a regex fullmatched against the path after
         /api/v10, where ``{name}`` placeholders match one segment, e.g.
-        ``"/channels/{channel_id}/messages/{message_id}"``.  A 429 carries Discord's body and
-        headers (``Via`` included: without it discord.py takes a 429 for a Cloudflare ban).
-        Note discord.py sleeps 1 s (then 3 s, 5 s...) before retrying a 500/502/504."""
+        ``"/channels/{channel_id}/messages/{message_id}"`` (see ``SEND_MESSAGE`` & co. in
+        ``common``).  ``after=n`` lets the first ``n`` matching calls through first (fail
+        the third edit of a stream: ``after=2``).  The failed call changes nothing.
+
+        A 429 carries Discord's body and headers (``Via`` included: without it discord.py
+        takes a 429 for a Cloudflare ban).  discord.py's bot HTTP client retries 500, 502,
+        504 and 524 itself (sleeping 1 s, 3 s, 5 s...) but raises ``DiscordServerError`` on
+        a 503 at once; its webhook adapter retries every status >= 500 the same way.
+
+        ``drop="reset"`` answers nothing and resets the TCP connection (the client sees
+        ``aiohttp.ClientOSError`` errno 104 ECONNRESET, which discord.py does not retry on
+        Linux); ``drop="close"`` closes it cleanly (``aiohttp.ServerDisconnectedError``).
+        aiohttp retries an idempotent call (GET, PUT, DELETE) once by itself after a drop,
+        so it takes ``times=2`` for the caller to see one there; POST and PATCH fail at once.
+        Attachment downloads match too: see :meth:`inject_download`."""
+        if drop not in (None, "reset", "close"):
+            raise ValueError(f"drop must be None, 'reset' or 'close', not {drop!r}")
         injection = Injection(
             method.upper(),
             self._compile_path(path_pattern),
@@ -74,17 +96,88 @@ class HttpMixin:
             times,
             global_,
             body,
+            skip=after,
+            drop=drop,
         )
         self.injections.append(injection)
         return injection
 
+    def inject_download(
+        self,
+        attachment: FakeAttachment,
+        status: int = 404,
+        *,
+        times: int = 1,
+        after: int = 0,
+        drop: str | None = None,
+    ) -> Injection:
+        """Make the next ``times`` downloads of ``attachment`` (its ``url`` or ``proxy_url``)
+        fail with ``status`` (404 and 403 become discord.py's ``NotFound``/``Forbidden``,
+        others ``HTTPException``) or a dropped connection, as :meth:`inject`."""
+        path = rf"(/media)?/attachments/\d+/{attachment.id}/[^/]+"
+        return self.inject("GET", path, status, times=times, after=after, drop=drop)
+
+    def on_request(
+        self,
+        method: str,
+        path_pattern: str,
+        action: Callable[[RecordedRequest], Any],
+        *,
+        times: int = 1,
+        after: int = 0,
+    ) -> RequestHook:
+        """Run ``action(recorded_request)`` (awaited when it returns an awaitable) just before
+        the route handles each of the next ``times`` matching REST calls, after letting
+        ``after`` of them pass.  Patterns as in :meth:`inject`.  Deterministic staging of
+        races, e.g. the user deletes a message while the bot is posting its reply::
+
+            fake.on_request(*SEND_MESSAGE, lambda r: fake.delete_message(question))
+        """
+        hook = RequestHook(
+            method.upper(), self._compile_path(path_pattern), action, times, skip=after
+        )
+        self.request_hooks.append(hook)
+        return hook
+
     def _take_injection(self, method: str, path: str) -> Injection | None:
         for inj in self.injections:
             if inj.remaining > 0 and inj.method in ("*", method) and inj.pattern.fullmatch(path):
+                if inj.skip > 0:
+                    inj.skip -= 1
+                    continue
                 inj.remaining -= 1
                 inj.hits += 1
                 return inj
         return None
+
+    async def _run_hooks(self, method: str, path: str, record: RecordedRequest) -> None:
+        for hook in list(self.request_hooks):
+            if hook.remaining <= 0 or hook.method not in ("*", method):
+                continue
+            if not hook.pattern.fullmatch(path):
+                continue
+            if hook.skip > 0:
+                hook.skip -= 1
+                continue
+            hook.remaining -= 1
+            hook.hits += 1
+            result = hook.action(record)
+            if inspect.isawaitable(result):
+                await result
+
+    @staticmethod
+    def _drop_connection(request: web.Request, how: str) -> web.Response:
+        """Leave the call unanswered: RST (``how == "reset"``) or FIN the TCP connection."""
+        transport = request.transport
+        if transport is not None:
+            if how == "reset":
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                transport.abort()
+            else:
+                transport.close()
+        return web.Response(status=499)  # never reaches the client
 
     def _injected_response(self, inj: Injection, bucket: str) -> web.Response:
         headers = {"Via": "1.1 google"}
@@ -139,7 +232,7 @@ class HttpMixin:
             response = await self._serve(request, handler, record, path, bucket)
         finally:
             self._notify()
-        record.status = response.status
+        record.status = 0 if record.injected and response.status == 499 else response.status
         return response
 
     async def _serve(
@@ -156,7 +249,10 @@ class HttpMixin:
         injection = self._take_injection(request.method, path)
         if injection is not None:
             record.injected = True
+            if injection.drop is not None:
+                return self._drop_connection(request, injection.drop)
             return self._injected_response(injection, bucket)
+        await self._run_hooks(request.method, path, record)
         headers = {
             "Via": "1.1 google", "X-RateLimit-Limit": "50", "X-RateLimit-Remaining": "49",
             "X-RateLimit-Reset": f"{time.time() + 1:.3f}", "X-RateLimit-Reset-After": "1.000",
@@ -214,12 +310,40 @@ class HttpMixin:
         return handler
 
     async def _download(self, request: web.Request) -> web.StreamResponse:
-        att = self._attachments.get(int(request.match_info["attachment_id"]))
+        """Serve an attachment at its ``url`` (``/attachments/...``) or ``proxy_url``
+        (``/media/attachments/...``); the CDN's ``ex``/``is``/``hm`` query is ignored."""
+        record = RecordedRequest(
+            method=request.method, path=request.path, query=dict(request.query), json=None,
+            files=[], headers=dict(request.headers),
+        )  # fmt: skip
+        self.downloads.append(record)
+        try:
+            injection = self._take_injection(request.method, request.path)
+            if injection is not None:
+                record.injected = True
+                if injection.drop is not None:
+                    return self._drop_connection(request, injection.drop)
+                reason = web.Response(status=injection.status).reason
+                response = web.Response(
+                    status=injection.status, text=f"{injection.status}: {reason}"
+                )
+            else:
+                response = self._attachment_response(request)
+            record.status = response.status
+            return response
+        finally:
+            self._notify()
+
+    def _attachment_response(self, request: web.Request) -> web.Response:
+        try:
+            att = self._attachments.get(int(request.match_info["attachment_id"]))
+        except ValueError:
+            att = None
         if att is None or att.filename != request.match_info["filename"]:
-            raise web.HTTPNotFound()
-        return web.Response(
-            body=att.data, content_type=att.content_type or "application/octet-stream"
-        )
+            return web.Response(status=404, text="404: Not Found")
+        # the header verbatim: aiohttp's content_type= refuses "text/plain; charset=utf-8"
+        content_type = att.content_type or "application/octet-stream"
+        return web.Response(body=att.data, headers={"Content-Type": content_type})
 
     def _routes(self) -> list[tuple[str, str, Callable[[_Call], Any]]]:
         wh_msg = "/webhooks/{webhook_id}/{token}/messages/{message_id}"

@@ -5,10 +5,13 @@ limits, attachments), and the REST message handlers.
 
 from __future__ import annotations
 
+import bisect
 import copy
+import hashlib
 import re
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from tests.fake_discord.common import (
@@ -27,6 +30,7 @@ from tests.fake_discord.common import (
     _not_found,
     _now,
     _opt_str,
+    permission_value,
 )
 from tests.fake_discord.gateway import _Session
 from tests.fake_discord.models import (
@@ -62,17 +66,24 @@ class MessagesMixin:
         mention_author: bool = True,
         attachments: Sequence[FakeFile] = (),
         embeds: Sequence[dict[str, Any]] = (),
+        at: datetime | None = None,
     ) -> FakeMessage:
         """A user posts; dispatches MESSAGE_CREATE.  Mentions are parsed from ``<@id>`` /
         ``<@&id>`` / @everyone in the content, plus the explicit ``mentions``/``mention_roles``;
-        a reply mentions the replied-to author unless ``mention_author=False``."""
+        a reply mentions the replied-to author unless ``mention_author=False``.
+
+        The content goes out exactly as given (CR, NUL, U+2028, zero-width characters...).
+        Posted while no bot session is connected, the message is only stored (history has
+        it; ``delivered`` is 0).  ``at`` (an aware datetime) backdates it: its snowflake and
+        timestamp are that time and history orders it among the others by id."""
         channel = self.channels[channel_id]
         user = self.users[self._user_id(author)]
         if channel.guild_id is not None and user.id not in self.guilds[channel.guild_id].members:
             raise ValueError(f"{user.username} is not a member of guild {channel.guild_id}")
         ref = self._resolve_message(reply_to) if reply_to is not None else None
+        ident = self.snowflake() if at is None else self.snowflake.at(at, self.messages)
         msg = FakeMessage(
-            id=self.snowflake(), channel_id=channel.id, guild_id=channel.guild_id, author=user,
+            id=ident, channel_id=channel.id, guild_id=channel.guild_id, author=user,
             content=content, embeds=[dict(e) for e in embeds], type=19 if ref else 0,
             reference_id=ref.id if ref else None,
         )  # fmt: skip
@@ -152,10 +163,15 @@ class MessagesMixin:
         self, channel_id: int, f: FakeFile, *, ephemeral: bool = False
     ) -> FakeAttachment:
         aid = self.snowflake()
+        # like the CDN's signed links: ex (expiry), is (issued), hm (signature) in the query
+        issued = int(time.time())
+        sig = hashlib.sha256(f"{aid}:{issued}".encode()).hexdigest()
+        query = f"?ex={issued + 86400:x}&is={issued:x}&hm={sig}&"
+        path = f"attachments/{channel_id}/{aid}/{f.filename}"
         att = FakeAttachment(
             id=aid, filename=f.filename, data=f.data, content_type=f.content_type,
             description=f.description, ephemeral=ephemeral,
-            url=f"{self.base_url}/attachments/{channel_id}/{aid}/{f.filename}",
+            url=f"{self.base_url}/{path}{query}", proxy_url=f"{self.base_url}/media/{path}{query}",
         )  # fmt: skip
         self._attachments[aid] = att
         return att
@@ -266,19 +282,22 @@ class MessagesMixin:
             or self.bot_user.id in msg.mentions
         )
 
-    def _dispatch_message(self, event: str, msg: FakeMessage) -> None:
+    def _dispatch_message(self, event: str, msg: FakeMessage) -> int:
         if msg.ephemeral:
-            return  # Discord never dispatches ephemeral messages
+            return 0  # Discord never dispatches ephemeral messages
         intent = Intent.GUILD_MESSAGES if msg.guild_id is not None else Intent.DIRECT_MESSAGES
-        self._dispatch(event, lambda s: self._message_payload(msg, gateway=True, session=s), intent)
+        return self._dispatch(
+            event, lambda s: self._message_payload(msg, gateway=True, session=s), intent
+        )
 
     def _post(self, msg: FakeMessage) -> None:
         """Store a new message and dispatch it (ephemeral ones are only stored)."""
         self.messages[msg.id] = msg
         if not msg.ephemeral:
-            self._channel_messages.setdefault(msg.channel_id, []).append(msg.id)
-            self.channels[msg.channel_id].last_message_id = msg.id
-        self._dispatch_message("MESSAGE_CREATE", msg)
+            bisect.insort(self._channel_messages.setdefault(msg.channel_id, []), msg.id)
+            channel = self.channels[msg.channel_id]
+            channel.last_message_id = max(channel.last_message_id or 0, msg.id)
+        msg.delivered = self._dispatch_message("MESSAGE_CREATE", msg)
 
     def _delete(self, msg: FakeMessage) -> None:
         msg.deleted = True
@@ -424,8 +443,14 @@ class MessagesMixin:
         return msg
 
     def _get_messages(self, call: _Call) -> list[dict[str, Any]]:
+        """Discord's paging: at most ``limit`` (1-100, default 50) messages, always newest
+        first.  ``before``: the newest ones older than it; ``after``: the *oldest* ones newer
+        than it (discord.py's ``history(after=...)`` reverses each page and pages on from
+        the first, newest, entry); ``around``: about half older (it included), half newer.
+        Without Read Message History Discord answers an empty list, not an error."""
         channel = self._channel(call)
-        self._require(channel, "read_message_history")
+        if not self.bot_permissions(channel.id) & permission_value("read_message_history"):
+            return []
         limit = max(1, min(100, int(call.query.get("limit", 50))))
         msgs = self.channel_messages(channel.id)
         if "around" in call.query:

@@ -190,6 +190,15 @@ class FakeFile:
     content_type: str | None = None
     description: str | None = None
 
+    @classmethod
+    def text(
+        cls, filename: str, text: str, content_type: str = "text/plain; charset=utf-8"
+    ) -> FakeFile:
+        """A text file encoded as UTF-8, e.g. the ``message.txt`` Discord makes of a long
+        paste (``FakeFile.text("message.txt", long_text)``) or shared code
+        (``FakeFile.text("bot.py", src, "text/x-python; charset=utf-8")``)."""
+        return cls(filename, text.encode(), content_type)
+
 
 @dataclass
 class FakeAttachment:
@@ -200,11 +209,14 @@ class FakeAttachment:
     content_type: str | None = None
     description: str | None = None
     ephemeral: bool = False
+    #: the media-proxy address (``Attachment.proxy_url``); served like ``url``.
+    proxy_url: str = ""
 
     def to_payload(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "id": str(self.id), "filename": self.filename, "size": len(self.data),
-            "url": self.url, "proxy_url": self.url, "content_type": self.content_type,
+            "url": self.url, "proxy_url": self.proxy_url or self.url,
+            "content_type": self.content_type,
             "description": self.description, "height": None, "width": None, "flags": 0,
         }  # fmt: skip
         if self.ephemeral:
@@ -272,6 +284,9 @@ class FakeMessage:
     history: list[str] = field(default_factory=list)
     deleted: bool = False
     reactions: dict[str, set[int]] = field(default_factory=dict)
+    #: connected gateway sessions its MESSAGE_CREATE was written to when it was posted: 0
+    #: while no bot was connected (a session awaiting a RESUME only buffers it).
+    delivered: int = 0
 
     @property
     def ephemeral(self) -> bool:
@@ -315,6 +330,23 @@ class Injection:
     remaining: int
     global_: bool
     body: dict[str, Any] | None
+    hits: int = 0
+    #: matching calls still to let through before failing (``inject(..., after=n)``).
+    skip: int = 0
+    #: "reset" (TCP RST) or "close" (FIN) instead of an answer; None answers ``status``.
+    drop: str | None = None
+
+
+@dataclass
+class RequestHook:
+    """An action armed by :meth:`FakeDiscord.on_request`: runs before the route handles the
+    next ``remaining`` matching calls (after ``skip`` more pass untouched)."""
+
+    method: str
+    pattern: re.Pattern[str]
+    action: Callable[[RecordedRequest], Any]
+    remaining: int
+    skip: int = 0
     hits: int = 0
 
 

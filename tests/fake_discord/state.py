@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from types import EllipsisType
 from typing import Any
 
 from tests.fake_discord.common import (
@@ -152,13 +153,18 @@ class StateMixin:
         *,
         roles: Sequence[FakeRole | int] = (),
         nick: str | None = None,
+        global_name: str | None = None,
         permissions: PermissionLike | None = None,
     ) -> FakeMember:
         """Add a member (a new user when given a name).  ``permissions`` is a shortcut that
-        gives the member a dedicated role with exactly those permissions."""
+        gives the member a dedicated role with exactly those permissions.  ``nick`` is the
+        guild nickname, ``global_name`` the user's display name (set on the user); any text
+        is taken as is (newlines, ``### Response:``...), as a hostile name would be."""
         guild = self.guilds[guild_id]
         if isinstance(user, str):
             user = self.add_user(user)
+        if global_name is not None:
+            user.global_name = global_name
         role_ids = [r.id if isinstance(r, FakeRole) else int(r) for r in roles]
         if permissions is not None:
             role_ids.append(self.add_role(guild_id, f"{user.username}-perms", permissions).id)
@@ -166,6 +172,27 @@ class StateMixin:
         guild.members[user.id] = member
         payload = member.to_payload() | {"guild_id": str(guild_id)}
         self._dispatch("GUILD_MEMBER_ADD", payload, Intent.GUILD_MEMBERS)
+        return member
+
+    def update_member(
+        self,
+        guild_id: int,
+        user: UserLike,
+        *,
+        nick: str | None | EllipsisType = ...,
+        global_name: str | None | EllipsisType = ...,
+    ) -> FakeMember:
+        """Change a member's guild nickname and/or their user's global display name (None
+        clears it; leave a keyword out to keep it) and dispatch GUILD_MEMBER_UPDATE, as
+        Discord does (discord.py updates its cached member and user from it).  Later
+        MESSAGE_CREATEs carry the new names in ``member.nick`` / ``author.global_name``."""
+        member = self.guilds[guild_id].members[self._user_id(user)]
+        if nick is not ...:
+            member.nick = nick
+        if global_name is not ...:
+            member.user.global_name = global_name
+        payload = member.to_payload() | {"guild_id": str(guild_id)}
+        self._dispatch("GUILD_MEMBER_UPDATE", payload, Intent.GUILD_MEMBERS)
         return member
 
     def set_permission_overwrite(
