@@ -47,10 +47,14 @@ async def policy_for(
     return await resolve(bot.memory, bot.settings, place_of(channel, guild_id), asker)
 
 
+def is_owner(interaction: discord.Interaction) -> bool:
+    """A bot owner: a user in OWNER_IDS."""
+    return interaction.user.id in cast("HermesBot", interaction.client).settings.owner_ids
+
+
 def is_manager(interaction: discord.Interaction) -> bool:
     """Manage Server in this server, or a bot owner (OWNER_IDS) anywhere."""
-    bot = cast("HermesBot", interaction.client)
-    if interaction.user.id in bot.settings.owner_ids:
+    if is_owner(interaction):
         return True
     perms = getattr(interaction.user, "guild_permissions", None)
     return bool(interaction.guild and perms and perms.manage_guild)

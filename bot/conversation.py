@@ -1,7 +1,9 @@
 """One channel's conversation: store turns, order replies, build the request, clean the answer.
 
 The console and the Discord cogs both go through here, so a channel behaves the same wherever
-the message came from. Nothing in this module knows about discord.py.
+the message came from. Which persona and settings a channel uses comes from the channel policy
+(`bot.policy`). `Conversations` also holds the engine in use (`set_engine` swaps it). Nothing in
+this module knows about discord.py.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.checks import policy_for, require_manager
+from bot.checks import is_owner, policy_for, require_manager
 from bot.engine import engine_from_settings, first_line
 from bot.metrics import summary
 from bot.replies import say_privately
@@ -407,7 +407,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         self, interaction: discord.Interaction, model: str | None = None
     ) -> None:
         conv = self.bot.conv
-        if model and is_local_path(model) and not self.is_owner(interaction):
+        if model and is_local_path(model) and not is_owner(interaction):
             await say_privately(
                 interaction, "Only a bot owner (OWNER_IDS) may load a model from a local path."
             )
@@ -442,9 +442,6 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             await say_privately(
                 interaction, f"Now serving `{target}` ({new.info.dtype}, {new.info.device})."
             )
-
-    def is_owner(self, interaction: discord.Interaction) -> bool:
-        return interaction.user.id in self.bot.settings.owner_ids
 
     # ---- audit ------------------------------------------------------------------------------
 

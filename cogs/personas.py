@@ -1,8 +1,9 @@
 """`/persona`: choose, import, create and share characters, and let them speak for themselves.
 
-How a persona speaks (its webhook, name and face) is the Discord layer's: `bot.webhooks`,
-reached as `bot.webhooks`. Who may change a server's personas uses the shared
-`bot.checks.is_manager` rule; `/persona use` the shared `speaks_here` check.
+How a persona speaks (its webhook, name and face) is the Discord layer's, reached as the bot's
+`webhooks` attribute (`bot/webhooks.py`). `/persona export` gives a card as JSON, or as
+SillyTavern's PNG (the card inside the persona's picture). Who may change a server's personas
+uses the shared `bot.checks.is_manager` rule; `/persona use` the shared `speaks_here` check.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class Personas(
         guild = await self.memory.guild(interaction.guild_id)
         return guild.imports_allowed or is_manager(interaction)
 
-    async def _own(self, interaction: discord.Interaction, name: str):  # noqa: ANN202
+    async def _own(self, interaction: discord.Interaction, name: str) -> StoredPersona | None:
         """The server's own persona `name`, if this member may change it; else explain why not."""
         if interaction.guild_id is None:
             await say_privately(interaction, "Server personas live in servers, not DMs.")
