@@ -1,14 +1,15 @@
 """Slash-command checks, and the channel policy as Discord sees it.
 
 Part of the Discord layer. `is_manager` is the one "Manage Server, or a user in OWNER_IDS"
-rule; `manager_only`, `serves_here` and `speaks_here` are `app_commands` checks built on it and
-on the channel policy (`bot.policy`). A check that refuses raises `Refused`, whose message the
-bot's app-command error handler sends privately, once for every command.
+rule and `require_manager` its check (the whole `/admin` group runs it); `serves_here` and
+`speaks_here` are `app_commands` checks on the channel policy (`bot.policy`). A check that
+refuses raises `Refused`, whose message the bot's app-command error handler sends privately,
+once for every command.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import discord
 from discord import app_commands
@@ -25,10 +26,10 @@ class Refused(app_commands.CheckFailure):
     """A check said no; `str(error)` is the one line the member is told."""
 
 
-def place_of(channel: object, guild_id: int | None) -> Place:
+def place_of(channel: discord.abc.Snowflake, guild_id: int | None) -> Place:
     """Describe a Discord channel for the policy; a thread names its parent channel."""
     return Place(
-        channel_id=cast(Any, channel).id,
+        channel_id=channel.id,
         guild_id=guild_id,
         parent_id=channel.parent_id if isinstance(channel, discord.Thread) else None,
         direct=isinstance(channel, discord.DMChannel | discord.GroupChannel),
@@ -40,7 +41,10 @@ def asker_of(user: discord.abc.User) -> Asker:
 
 
 async def policy_for(
-    bot: HermesBot, channel: object, guild_id: int | None, user: discord.abc.User | None = None
+    bot: HermesBot,
+    channel: discord.abc.Snowflake,
+    guild_id: int | None,
+    user: discord.abc.User | None = None,
 ) -> ChannelPolicy:
     """The channel policy at `channel`; with `user`, whether they may use the bot there."""
     asker = asker_of(user) if user is not None else None
@@ -87,8 +91,6 @@ async def _speaks(interaction: discord.Interaction) -> bool:
     return await _policy_refusal(interaction, speaks=True)
 
 
-#: Only managers (Manage Server, or OWNER_IDS).
-manager_only = app_commands.check(require_manager)
 #: The member may use the bot in this channel (not blocked; the channel is served).
 serves_here = app_commands.check(_serves)
 #: As `serves_here`, and the channel is not switched off: for commands that make the bot speak.

@@ -196,7 +196,7 @@ class Conversations:
         """
         policy = await resolve(self.memory, self.settings, Place(channel_id, guild_id, parent_id))
         settings = policy.settings.applied(self.settings)
-        budget = settings.context_tokens - settings.max_new_tokens
+        budget = int(settings.context_tokens) - int(settings.max_new_tokens)
         found = await self._history(channel_id, budget, reply_to)
         if found is None:
             return None
