@@ -245,15 +245,15 @@ async def test_settings_set_show_reset_sources_ranges_and_restart(
         # out of range, or not a number of the right kind: refused, naming the range; no change
         before = await snapshot(bot)
         for name, value, allowed in [
-            ("temperature", "5", "between 0 and 2"),
+            ("temperature", "5.5", "between 0 and 5"),
             ("top_p", "1.5", "between 0 and 1"),
-            ("top_k", "-1", "between 0 and 200"),
-            ("top_k", "2.5", "from 0 to 200"),
-            ("repetition_penalty", "0.5", "between 1 and 2"),
-            ("max_new_tokens", "100000", "between 16 and 2048"),
-            ("context_tokens", "12", "between 512 and 32768"),
-            ("temperature", "warm", "from 0 to 2"),
-            ("temperature", "nan", "between 0 and 2"),
+            ("top_k", "-1", "between 0 and 1000"),
+            ("top_k", "2.5", "from 0 to 1000"),
+            ("repetition_penalty", "0.4", "between 0.5 and 3"),
+            ("max_new_tokens", "100000", "between 1 and 8192"),
+            ("context_tokens", "12", "between 256 and 131072"),
+            ("temperature", "warm", "from 0 to 5"),
+            ("temperature", "nan", "between 0 and 5"),
         ]:
             for scope in ("server", "channel"):
                 got = await command(

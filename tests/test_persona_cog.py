@@ -823,3 +823,33 @@ async def test_thread_takes_its_parents_persona_and_settings(world: World, tmp_p
             "Who did it?",
             "In the thread.",
         ]
+
+
+async def test_export_as_png_puts_the_card_in_the_personas_picture(
+    world: World, tmp_path: Path
+) -> None:
+    fake = world.fake
+    image = small_png((10, 200, 40))
+    card = parse_card(card_json(name="Pixel", first_mes="Beep."))
+    async with running_bot(fake, bot_settings(tmp_path, "x"), engine=ScriptedEngine(["ok"])):
+        png = export_png(card, image)
+        await said(await command(world, "persona import", {"card": FakeFile("p.png", png)}))
+        exporting = await command(world, "persona export", {"name": "Pixel", "format": "png"})
+        response = await exporting.wait_response()
+        assert "Character Card V2 PNG" in (response.content or "")
+        (file,) = response.files
+        assert file.filename == "Pixel.png" and file.data.startswith(b"\x89PNG")
+        assert parse_card(file.data, "Pixel.png") == card  # SillyTavern reads the same card
+        with Image.open(io.BytesIO(file.data)) as im:  # and it is still the persona's picture
+            assert im.size == (8, 8) and im.convert("RGB").getpixel((0, 0)) == (10, 200, 40)
+
+        # a persona without a picture of its own still gets its card, as JSON, and is told so
+        await said(
+            await command(world, "persona import", {"card": FakeFile("n.json", card_json())})
+        )
+        plain = await (
+            await command(world, "persona export", {"name": "Nova", "format": "png"})
+        ).wait_response()
+        assert "no picture" in (plain.content or "")
+        (file,) = plain.files
+        assert file.filename == "Nova.json" and parse_card(file.data) == parse_card(card_json())
