@@ -276,3 +276,37 @@ def test_rare_terms_skip_what_the_window_keeps_saying():
     assert rare_terms(["game"], window) == []  # in 3 of 4 window turns: too common to search
     many = [f"word{i}" for i in range(20)]
     assert len(rare_terms(many, [])) == SEARCH_TERMS
+
+
+@pytest.mark.slow
+async def test_admin_memory_search_shows_what_recall_finds(world, tmp_path: Path):
+    from tests.bot_harness import ScriptedEngine, running_bot
+
+    w = world
+    async with running_bot(w.fake, w.settings(tmp_path), engine=ScriptedEngine(["ok"])) as bot:
+        await bot.memory.add_turn(
+            w.general.id, "user", "my dog is called Biscuit", name="bob", author_id=w.bob.id
+        )
+        await bot.memory.add_turn(
+            w.general.id, "user", "the dog ate my homework", name="mal", author_id=w.carol.id
+        )
+        await bot.memory.set_blocked(w.guild.id, "user", w.carol.id, True)
+
+        async def search(user, query: str) -> tuple[str, bool]:
+            handle = await w.fake.invoke_command(
+                w.general.id, user, "admin memory search", {"query": query}
+            )
+            response = await handle.wait_response(10)
+            return response.content or "", response.ephemeral
+
+        text, private = await search(w.admin, "what's my dog's name?")
+        assert (
+            private and "Recall would show" in text and "**bob**: my dog is called Biscuit" in text
+        )
+        assert "homework" not in text  # a blocked member is never recalled
+        text, _ = await search(w.admin, "quantum chromodynamics")
+        assert text == "Recall finds nothing here for that."
+        text, _ = await search(w.alice, "dog")  # not a manager
+        assert "Biscuit" not in text
+        audit = [r.action for r in await bot.memory.audit_log(w.guild.id)]
+        assert audit.count("memory.search") == 2
