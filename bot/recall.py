@@ -12,6 +12,7 @@ prompt (and defuses it like any other untrusted text).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection, Iterable, Sequence
 
@@ -65,7 +66,7 @@ def rare_terms(words: Sequence[str], window: Iterable[str]) -> list[str]:
         return []
     counts = dict.fromkeys(words, 0)
     for text in window:
-        for word in set(_WORD.findall(text.casefold())) & counts.keys():
+        for word in _words(text) & counts.keys():
             counts[word] += 1
     ranked = sorted(words, key=lambda w: (counts[w], -len(w)))
     return [w for w in ranked if counts[w] <= COMMON_IN_WINDOW][:SEARCH_TERMS]
@@ -76,7 +77,9 @@ def match_expression(terms: Sequence[str]) -> str:
     return " OR ".join(f'"{term}"' for term in terms)
 
 
+@functools.lru_cache(maxsize=8192)
 def _words(text: str) -> frozenset[str]:
+    """The distinct words of `text`; cached, since the window's turns recur message after message."""
     return frozenset(_WORD.findall(text.casefold()))
 
 
