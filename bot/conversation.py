@@ -26,6 +26,7 @@ from bot.prompt import (
     Turn,
     clean_reply,
     fit_prompt,
+    other_speakers,
     stop_strings,
 )
 from bot.settings import Settings
@@ -278,6 +279,7 @@ class Conversations:
                 budget,
                 start_hint=hint,
                 slack=self.settings.fit_slack,
+                speakers=[self.bot_name],
             )
             bot_name, persona_name = self.bot_name, None
         self._start_hint[channel_id] = prompt.start_id
@@ -290,7 +292,7 @@ class Conversations:
             ):
                 return None
             prompt.text = prompt.text[: -len(tail)]
-        names = sorted({t.name for t in prompt.turns if t.role == "user" and t.name} - {bot_name})
+        names = sorted(other_speakers((t.name for t in prompt.turns if t.role == "user"), bot_name))
         params = params_from_settings(
             self.settings,
             **{
