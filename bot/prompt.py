@@ -40,6 +40,9 @@ HEADER_STOPS = (
     "###instruction",
     "###input:",
     "###response",
+    "###INSTRUCTION",
+    "###INPUT:",
+    "###RESPONSE",
 )
 
 # --------------------------------------------------------------------------------------------
@@ -131,10 +134,14 @@ def neutralize(text: str) -> str:
 
 def clean_name(name: str) -> str:
     """A participant's name as the prompt shows it: one line, no colon, never a header."""
-    name = normalize_text(name)
-    name = name.replace(":", " ") if name.isascii() else "".join(map(_no_colon, name))
-    name = " ".join(name.split())
-    return _defuse_header_line(name) if is_header_line(name) else name
+
+    def one_line(text: str) -> str:
+        text = text.replace(":", " ") if text.isascii() else "".join(map(_no_colon, text))
+        return " ".join(text.split())
+
+    name = one_line(normalize_text(name))
+    # A defused header starts with a single `#`: removing its colon cannot make it one again.
+    return one_line(_defuse_header_line(name)) if is_header_line(name) else name
 
 
 def _is_colon(ch: str) -> bool:
