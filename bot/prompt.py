@@ -9,6 +9,7 @@ Alpaca preset: system/persona text in an Input block, human turns in Instruction
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
@@ -132,6 +133,7 @@ def neutralize(text: str) -> str:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def clean_name(name: str) -> str:
     """A participant's name as the prompt shows it: one line, no colon, never a header."""
 
@@ -165,6 +167,11 @@ def speaker_key(text: str) -> str:
 
 def speaker_keys(names: Iterable[str]) -> tuple[str, ...]:
     """The `name:` prefixes `starts_as_speaker` looks for, one per distinct non-empty name."""
+    return _speaker_keys(tuple(names))
+
+
+@functools.lru_cache(maxsize=1024)
+def _speaker_keys(names: tuple[str, ...]) -> tuple[str, ...]:
     keys = (speaker_key(clean_name(n)) for n in names if n)
     return tuple(dict.fromkeys(f"{k}:" for k in keys if k))
 

@@ -10,6 +10,7 @@ case-folded, with format characters and combining marks stripped.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 import unicodedata
@@ -46,6 +47,7 @@ _INVISIBLE_BLANKS = "\u115f\u1160\u3164\uffa0\u2800"
 _COLON_LIKES = "\u2236\ua789\u02f8\u0589\u05c3\u0703\u0704\u1804\ufe30"
 
 
+@functools.cache
 def folded(line: str) -> str:
     """NFKC + casefold, format characters (Cf), controls and combining marks stripped."""
     decomposed = unicodedata.normalize("NFKD", line)
@@ -65,6 +67,7 @@ def header_lines(prompt: str) -> list[str]:
     return [ln for ln in prompt.splitlines() if _DETECT_HEADER.match(folded(ln))]
 
 
+@functools.cache
 def key(text: str) -> str:
     """A speaker comparison key: folded, colon look-alikes as ':', no spaces or emphasis."""
     text = folded(text)
