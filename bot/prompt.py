@@ -24,7 +24,8 @@ SEPARATOR = "\n\n"
 
 #: Strings that end a reply: the model starting a new block, in the cases a model writes it.
 #: Names of other participants are added per request (see `stop_strings`). These are an
-#: optimisation: `clean_reply` is what guarantees no header reaches a stored reply.
+#: optimisation (kept to 12 so an OpenAI-compatible server, which takes 16, also gets a few
+#: names): `clean_reply` is what guarantees no header line reaches a stored reply.
 HEADER_STOPS = (
     "### Instruction",
     "### Input:",
@@ -38,12 +39,6 @@ HEADER_STOPS = (
     "###Instruction",
     "###Input:",
     "###Response",
-    "###instruction",
-    "###input:",
-    "###response",
-    "###INSTRUCTION",
-    "###INPUT:",
-    "###RESPONSE",
 )
 
 # --------------------------------------------------------------------------------------------
