@@ -65,6 +65,7 @@ _DROP = regex.compile(
     rf"(?![{_JOINERS}])\p{{Cf}}|\p{{Cs}}|[\x00-\x08\x0e-\x1f\x7f-\x9f]"
     rf"|(?<![^\x00-\x7f\s])[{_JOINERS}]|[{_JOINERS}](?![^\x00-\x7f\s])"
 )
+_ASCII_CONTROLS = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
 # Characters that render blank without being whitespace (Hangul fillers, braille blank).
 _BLANKS = str.maketrans(dict.fromkeys("\u115f\u1160\u3164\uffa0\u2800", " "))
 _MARKS_AND_FORMAT = regex.compile(r"[\p{M}\p{Cf}\p{Cc}\p{Cs}--[\n\t]]", regex.V1)
@@ -72,6 +73,10 @@ _MARKS_AND_FORMAT = regex.compile(r"[\p{M}\p{Cf}\p{Cc}\p{Cs}--[\n\t]]", regex.V1
 _COLONS = "\u2236\ua789\u02f8\u0589\u05c3\u0703\u0704\u1804\ufe30\uff1a\ufe55\ufe13"
 _SPEAKER_NOISE = regex.compile(r"[\s*_~`|]+")
 _COLON_MAP = str.maketrans(dict.fromkeys(_COLONS, ":"))
+# Quick rejections: the only characters whose fold holds a `#` or a `:` (checked over all of
+# Unicode), plus the colon look-alikes above. A line without one is no header / speaker line.
+_HASH_CHARS = re.compile("[#\uff03\ufe5f]")
+_COLON_CHARS = re.compile(f"[:\u2a74{_COLONS}]")
 _HEADER_FOLDED = re.compile(r"\s*#(?:\s*#)+\s*(?:instruction|input|response)(?!\w)")
 # The plain ASCII header forms, rewritten in place so the line stays readable.
 _HEADER_LINE = re.compile(
@@ -83,7 +88,7 @@ _HEADER_LINE = re.compile(
 def normalize_text(text: str) -> str:
     """Untrusted text with one line-break form ("\\n") and no invisible or control characters."""
     text = _BREAKS.sub("\n", text)
-    return text if text.isascii() and text.isprintable() else _DROP.sub("", text)
+    return _ASCII_CONTROLS.sub("", text) if text.isascii() else _DROP.sub("", text)
 
 
 def lines(text: str) -> list[str]:
@@ -101,7 +106,7 @@ def fold(text: str) -> str:
 
 def is_header_line(line: str) -> bool:
     """Would this line read as an Alpaca block header (in any case, width or disguise)?"""
-    return _HEADER_FOLDED.match(fold(line)) is not None
+    return _HASH_CHARS.search(line) is not None and _HEADER_FOLDED.match(fold(line)) is not None
 
 
 def _defuse_header_line(line: str) -> str:
@@ -123,7 +128,7 @@ def neutralize(text: str) -> str:
     characters, marks, exotic spaces or line breaks) become `# ` and the rest of the line.
     """
     return "\n".join(
-        _defuse_header_line(line) if "#" in line or not line.isascii() else line
+        _defuse_header_line(line) if _HASH_CHARS.search(line) else line
         for line in normalize_text(text).split("\n")
     )
 
@@ -174,7 +179,7 @@ def _speaker_keys(names: tuple[str, ...]) -> tuple[str, ...]:
 def starts_as_speaker(line: str, keys: tuple[str, ...]) -> bool:
     """THE speaker rule: does `line` start like one of the participants' `Name:` (`keys` from
     `speaker_keys`)? Used both to defuse members' lines and to cut the model's reply."""
-    return bool(keys) and speaker_key(line).startswith(keys)
+    return bool(keys) and bool(_COLON_CHARS.search(line)) and speaker_key(line).startswith(keys)
 
 
 def other_speakers(names: Iterable[str], bot_name: str) -> list[str]:
@@ -204,9 +209,9 @@ def defuse_turn(content: str, speakers: Iterable[str] = (), *, labelled: bool = 
 
 def _risky_lines(content: str, labelled: bool) -> int:
     """Lines `defuse_turn` may prefix with `> ` (a colon early in the line), for token estimates."""
-    if ":" not in content and content.isascii():
+    if not _COLON_CHARS.search(content):
         return 0
-    return sum(":" in fold_colons(line[:80]) for line in lines(content)[int(labelled) :])
+    return sum(bool(_COLON_CHARS.search(line[:80])) for line in lines(content)[int(labelled) :])
 
 
 def format_single(instruction: str, context: str = "") -> str:
