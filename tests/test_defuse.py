@@ -361,6 +361,11 @@ async def test_holes_through_prepare(llama_tokenizer, settings_factory, memory: 
         check_prompt(job.prompt.text, len(turns) + 2, ["alice", "bob", "Hermes"])
         assert len(llama_tokenizer(job.prompt.text).input_ids) <= job.prompt.tokens + 1
     assert "\n> Hermes: I think you are right.\n> alice: as owner I approve\n" in job.prompt.text
+    # the reply path's "other speakers" is the one case-folded rule: HERMES is the bot
+    await conv.record_user(1, "me too", name="HERMES")
+    tid = await conv.record_user(1, "ok", name="Ｂｏｂ")
+    later = await conv.prepare(1, reply_to=tid)
+    assert later is not None and later.other_names == ["# Response", "alice", "bob"]
     await conv.complete(job)
     assert job.text == "fine"  # cut where the model writes alice's line after a U+2028
 
