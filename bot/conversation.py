@@ -35,6 +35,7 @@ from bot.prompt import (
     Turn,
     clean_reply,
     fit_prompt,
+    other_speakers,
     stop_strings,
     with_recall,
 )
@@ -212,7 +213,7 @@ class Conversations:
             prompt = await self._recall(channel_id, guild_id, prompt, recall_budget, bot_name)
         if continue_last and not reopen_last_reply(prompt):
             return None
-        names = sorted({t.name for t in prompt.turns if t.role == "user" and t.name} - {bot_name})
+        names = sorted(other_speakers((t.name for t in prompt.turns if t.role == "user"), bot_name))
         params = replace(
             params_from_settings(settings), stop=tuple(stop_strings(names)), **(overrides or {})
         )
@@ -288,6 +289,7 @@ class Conversations:
                 budget,
                 start_hint=hint,
                 slack=slack,
+                speakers=[self.bot_name],
             )
         self._start_hint[channel_id] = prompt.start_id
         return prompt
