@@ -478,6 +478,9 @@ async def test_memory_stats_and_export(world: World, tmp_path: Path) -> None:
         assert rows == [
             {
                 "id": t.id,
+                "channel_id": w.general.id,
+                "guild_id": t.guild_id,
+                "forgotten": False,
                 "message_id": t.message_id,
                 "author_id": t.author_id,
                 "name": t.name,

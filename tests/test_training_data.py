@@ -123,7 +123,9 @@ EXPECTED = {
     "gpteacher": [("Greet me.", "as a pirate", "Ahoy!")],
     "airoboros": [("Write a haiku.", "", "Old pond / frog / splash")],
     "camel": [("Why is the sky blue?", "", "Rayleigh scattering.")],
-    "unnatural": [("Answer with the sum.", "1 2", "3"), ("Add these numbers.", "4 5", "9")],
+    # the instance's own instruction_with_input (its "None." constraints add nothing); the
+    # reformulation without one keeps its input in the Input block
+    "unnatural": [("Answer with the sum. 1 2", "", "3"), ("Add these numbers.", "4 5", "9")],
 }
 
 
