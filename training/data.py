@@ -396,8 +396,11 @@ def iter_raw(src: SourceConfig, stats: SourceStats) -> Iterator[tuple[str, Any]]
     path = Path(str(src.path))
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        stats.error(str(path), f"cannot read: {exc}")
+    except OSError as exc:
+        stats.error(str(path), f"cannot read: {exc.strerror or exc}")
+        return
+    except UnicodeDecodeError as exc:
+        stats.error(str(path), f"cannot read: not UTF-8 text ({exc.reason})")
         return
     if path.suffix == ".jsonl" or (path.suffix != ".json" and not text.lstrip().startswith("[")):
         for n, line in enumerate(text.splitlines(), 1):
