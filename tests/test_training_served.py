@@ -331,24 +331,31 @@ def test_old_export_without_forget_marks_is_refused(tmp_path: Path) -> None:
     assert any("'forgotten'" in f and "export the channel again" in f for f in report.failures())
 
 
-async def test_long_channel_becomes_windows_that_fit(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("persona", "max_length"), [(None, 512), ("Grumbold", 1536)])
+async def test_long_channel_becomes_windows_that_fit(
+    tmp_path: Path, persona: str | None, max_length: int
+) -> None:
+    """Windows fit max_length, persona definitions included; every reply is trained once."""
     enc = Encoder(llama_tokenizer())
     memory = await Memory.open(tmp_path / "bot.db")
     replies = []
-    for i in range(40):
+    for i in range(30):
         await memory.add_turn(LORE_CHANNEL, "user", f"question {i}: " + "why? " * 20, name="ann")
         replies.append(f"answer {i}: " + "because. " * 20)
-        await memory.add_turn(LORE_CHANNEL, "assistant", replies[-1])
+        await memory.add_turn(LORE_CHANNEL, "assistant", replies[-1], persona=persona)
     await memory.close()
     src = SourceConfig(
         name="m", path=str(tmp_path / "bot.db"), format="hermes-memory", channels=[LORE_CHANNEL]
     )
-    cfg = DataConfig(sources=[src], max_length=512, dedup=False)
+    cfg = DataConfig(sources=[src], max_length=max_length, dedup=False)
     records, report = build_mix(cfg, enc.measure)
-    assert len(records) > 3 and report.sources["m"].truncated == 0
-    assert all(len(enc.encode(r)) <= 512 for r in records)
+    assert len({r.position for r in records}) > 2  # several windows
+    assert report.sources["m"].truncated == 0 and not report.sources["m"].dropped
+    assert all(len(enc.encode(r)) <= max_length for r in records)
     trained = sorted(t for r in records for t in r.targets())
     assert trained == sorted(r.strip() for r in replies)  # every reply once, none cut
+    if persona:
+        assert all("Grumbold" in r.segments[0][0] for r in records if r.segments)
 
 
 def test_chat_source_names_and_persona_render_as_served(tmp_path: Path) -> None:

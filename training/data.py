@@ -320,6 +320,10 @@ def detect_format(raw: dict[str, Any]) -> str:
         return "gpteacher"
     if "instruction" in raw and "output" in raw:
         return "alpaca"
+    if {"role", "content", "persona"} <= raw.keys():
+        raise BadRecord(
+            "a /admin memory export line: set format: hermes-memory and channels: [id, ...]"
+        )
     raise BadRecord(
         f"cannot tell the format from keys {sorted(raw)[:8]}; set format: in the config"
     )

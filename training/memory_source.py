@@ -23,7 +23,7 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -206,10 +206,20 @@ class Pseudonyms:
 # Turns -> records
 
 
-def windows(turns: list[Turn], costs: list[int], room: int) -> list[tuple[int, int]]:
-    """Consecutive (start, end) spans whose costs fit `room`, each ending after a reply when
-    it can (so the next one starts with the message that reply did not answer yet)."""
-    spans: list[tuple[int, int]] = []
+def windows(
+    turns: list[Turn],
+    costs: list[int],
+    room: int,
+    build: Callable[[int, int], list[Record]],
+    fits: Callable[[Record], bool],
+) -> Iterator[list[Record]]:
+    """The records of consecutive windows of `turns`.
+
+    A window takes turns while their costs fit `room` and ends after a reply when it can (the
+    next one starts with the message that reply did not answer yet). When a record built from
+    it is still too long (a persona's lore, say), the window gives back its last exchange, and
+    so on, so no reply is cut off: what a window gives back starts the next one.
+    """
     start = 0
     while start < len(turns):
         end, used = start, 0
@@ -220,9 +230,15 @@ def windows(turns: list[Turn], costs: list[int], room: int) -> list[tuple[int, i
             last = max((i for i in range(start, end) if turns[i].role == "assistant"), default=-1)
             if last >= start:
                 end = last + 1
-        spans.append((start, end))
+        records = build(start, end)
+        while not all(fits(r) for r in records):
+            replies = [i + 1 for i in range(start, end - 1) if turns[i].role == "assistant"]
+            if not replies:
+                break  # one exchange alone: the length filter decides
+            end = replies[-1]
+            records = build(start, end)
+        yield records
         start = end
-    return spans
 
 
 def load_memory(src: SourceConfig, stats: SourceStats, ctx: LoadContext) -> Iterator[Record]:
@@ -290,11 +306,11 @@ def _records(
             if not persona:
                 return plain
             guild = by_id[turn.id].guild_id if turn.id is not None else None
-            server = servers.get((guild, persona))
-            if server is None:
-                missing[persona] += 1
-            return server
+            return servers.get((guild, persona))
 
+        for t in stored_turns:
+            if t.role == "assistant" and t.persona and (t.guild_id, t.persona) not in servers:
+                missing[t.persona] += 1
         turns = []
         for t in stored_turns:
             name = t.name
@@ -303,17 +319,26 @@ def _records(
                 content = pseudo.text(content)
                 name = pseudo.name(t) if t.role == "user" else t.name
             turns.append(Turn(t.role, content, name, None, t.id))
-        fixed = count(plain([], None).text) + WINDOW_MARGIN
+        used = {server_for(t) for t in turns if t.role == "assistant"} - {None}
+        fixed = max((count(s([], None).text) for s in used if s), default=0) + WINDOW_MARGIN
         costs = [count.block(t) for t in turns]
-        for start, end in windows(turns, costs, max(ctx.max_length - fixed, 1)):
+
+        def build(
+            start: int, end: int, turns: list[Turn] = turns, channel: int = channel
+        ) -> list[Record]:
             part = turns[start:end]
             examples = served_examples(
-                part, server_for, skip_target=lambda t: t.content.strip() == EMPTY_NOTICE
+                part, server_for, skip_target=lambda reply: reply.content.strip() == EMPTY_NOTICE
             )
-            for ex in examples:
-                kept = part[: ex.end]
-                yield _record(src.name, channel, kept, ex.pieces)
+            return [_record(src.name, channel, part[: ex.end], ex.pieces) for ex in examples]
+
+        def fits(record: Record) -> bool:
+            return ctx.measure is None or ctx.measure(record)[0] <= ctx.max_length
+
+        for records in windows(turns, costs, max(ctx.max_length - fixed, 1), build, fits):
+            for record in records:
                 stats.records_in += 1
+                yield record
     for persona, n in missing.items():
         stats.problems.append(
             f"persona {persona!r}: card not found, its {n} replies kept as history only "
