@@ -95,7 +95,7 @@ class Record:
             return [text for text, _ in self.segments]
         if self.conversation is None:
             return [self.instruction, self.input, self.output]
-        return [self.system] + [f"{m.role}:{m.name}:{m.content}" for m in self.conversation]
+        return [self.system] + [f"{m.role}:{m.content}" for m in self.conversation]
 
     def to_json(self) -> dict[str, Any]:
         if self.conversation is None:

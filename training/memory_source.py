@@ -244,16 +244,16 @@ def windows(
 def load_memory(src: SourceConfig, stats: SourceStats, ctx: LoadContext) -> Iterator[Record]:
     """The records of one hermes-memory source (see the module docstring)."""
     stats.format = "hermes-memory"
+    path = Path(str(src.path))
     if not src.channels:
         stats.error(
-            "source",
+            str(path),
             "name the channels to read with channels: [id, ...]; nothing is read by default",
         )
         return
     if ctx.count is None:
-        stats.error("source", "hermes-memory needs the tokenizer's token count")
+        stats.error(str(path), "hermes-memory needs the tokenizer's token count")
         return
-    path = Path(str(src.path))
     try:
         cards = persona_table(src.personas)
     except CardError as exc:
