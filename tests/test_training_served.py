@@ -394,3 +394,17 @@ def test_chat_source_names_and_persona_render_as_served(tmp_path: Path) -> None:
         pieces = pieces_for(rec)
         assert pieces[-1][1] and "".join(t for t, _ in pieces[:-1]) == bot.text
         assert "Ash: " in bot.text and "Grumbold" in bot.text
+
+
+def test_another_sqlite_file_is_refused_and_left_alone(tmp_path: Path) -> None:
+    import sqlite3
+
+    other = tmp_path / "notes.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE notes (body TEXT)")
+    db.close()
+    before = other.read_bytes()
+    src = SourceConfig(name="m", path=str(other), format="hermes-memory", channels=[1])
+    _, report = build_mix(mix(src), Encoder(llama_tokenizer()).measure)
+    assert any("not the bot's database" in f and str(other) in f for f in report.failures())
+    assert other.read_bytes() == before  # no bot tables added to someone else's file

@@ -20,6 +20,7 @@ true`): `write_prepared` then refuses to write, so the previous output stays as 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -519,7 +520,8 @@ class ChatStyle:
                 stats.error("persona", str(exc))
                 return None
             budget = src.prompt_budget or ctx.max_length
-            style.server = persona_server(style.persona, TokenCounter(ctx.count), budget)
+            count = TokenCounter(functools.lru_cache(maxsize=1 << 16)(ctx.count))
+            style.server = persona_server(style.persona, count, budget)
         return style
 
     def apply(self, rec: Record) -> list[Record]:

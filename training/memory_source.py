@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import random
 import re
+import sqlite3
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -138,8 +140,25 @@ def read_export(
     return Stored(turns, {key: cards.get(key[1]) for key in names})
 
 
+def check_bot_database(path: Path) -> None:
+    """Refuse an SQLite file that is not the bot's: opening it as Memory would add the bot's
+    tables to it. Read-only; raises MemoryError_."""
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise MemoryError_(str(exc)) from None
+    if not version or "turns" not in tables:
+        raise MemoryError_("an SQLite file, but not the bot's database (no turns table)")
+
+
 async def read_db(path: Path, src: SourceConfig, cards: Any) -> tuple[Stored, int]:
     """The named channels' visible turns and their personas, through the bot's own Memory."""
+    check_bot_database(path)
     memory = await Memory.open(path)
     try:
         library = PersonaLibrary(cards, memory)
@@ -244,7 +263,10 @@ def windows(
 def load_memory(src: SourceConfig, stats: SourceStats, ctx: LoadContext) -> Iterator[Record]:
     """The records of one hermes-memory source (see the module docstring)."""
     stats.format = "hermes-memory"
-    path = Path(str(src.path))
+    if src.path is None:
+        stats.error(f"dataset {src.hf}", "hermes-memory reads a file: set path:, not hf:")
+        return
+    path = Path(src.path)
     if not src.channels:
         stats.error(
             str(path),
@@ -283,7 +305,7 @@ def _records(
     src: SourceConfig, stats: SourceStats, ctx: LoadContext, stored: Stored
 ) -> Iterator[Record]:
     assert ctx.count is not None
-    count = TokenCounter(ctx.count)
+    count = TokenCounter(functools.lru_cache(maxsize=1 << 16)(ctx.count))  # each turn, once
     budget = src.prompt_budget or ctx.max_length
     plain = plain_server(src.system or default_system_prompt(), count, budget)
     servers: dict[tuple[int | None, str], Server] = {}
