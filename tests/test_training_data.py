@@ -444,6 +444,22 @@ def test_sharegpt_tool_turns_become_input_blocks(tmp_path: Path) -> None:
     again = Record.from_json(json.loads(json.dumps(rec.to_json())))
     assert again.to_json() == rec.to_json()
 
+    # replies may be separated by tool turns; two user turns (tools between or not) may not
+    def turn(who: str, text: str) -> dict[str, str]:
+        return {"from": who, "value": text}
+
+    bad = [
+        [turn("human", "a"), turn("human", "b"), turn("gpt", "c")],
+        [turn("human", "a"), turn("observation", "x"), turn("human", "b"), turn("gpt", "c")],
+        [turn("human", "a"), turn("gpt", "b"), turn("gpt", "c")],
+    ]
+    path = write_json(tmp_path / "bad.json", [{"conversations": c} for c in bad])
+    records, stats = load(path, "sharegpt")
+    assert (
+        not records
+        and [p.split(": ")[1] for p in stats.problems] == ["speakers do not alternate"] * 3
+    )
+
 
 # --- a source that is missing, unreadable or empty --------------------------------------------
 

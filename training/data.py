@@ -31,6 +31,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -277,14 +278,9 @@ def norm_sharegpt(raw: dict[str, Any], source: str) -> list[Record]:
     turns = [m for m in turns[:first_user] if m.role == "input"] + turns[first_user:]
     last_reply = max((i for i, m in enumerate(turns) if m.role == "assistant"), default=-1)
     turns = turns[: last_reply + 1]
-    if any(a.role == b.role != "input" for a, b in zip(turns, turns[1:], strict=False)) or any(
-        a.role == b.role == "user"
-        for a, b in zip(
-            [m for m in turns if m.role != "input"],
-            [m for m in turns if m.role != "input"][1:],
-            strict=False,
-        )
-    ):
+    spoken = [m.role for m in turns if m.role != "input"]
+    replies_back_to_back = any(a.role == b.role == "assistant" for a, b in pairwise(turns))
+    if replies_back_to_back or any(a == b == "user" for a, b in pairwise(spoken)):
         raise BadRecord("speakers do not alternate")
     if not turns:
         return [Record(source, conversation=[Message("assistant", "")])]  # reported as empty
