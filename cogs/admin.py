@@ -296,10 +296,14 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     async def export(self, interaction: discord.Interaction) -> None:
         assert interaction.channel_id is not None
         turns = await self.memory.all_turns(interaction.channel_id)
+        floor = (await self.memory.channel(interaction.channel_id)).forget_before
         lines = [
             json.dumps(
                 {
                     "id": t.id,
+                    "channel_id": t.channel_id,
+                    "guild_id": t.guild_id,
+                    "forgotten": t.id <= floor,  # hidden by /admin memory forget (training skips)
                     "message_id": t.message_id,
                     "author_id": t.author_id,
                     "name": t.name,
