@@ -158,6 +158,13 @@ class Settings:
         lo=0,
         hi=32768,
     )
+    attachment_kb: int = _opt(
+        64,
+        "Text attachments (message.txt pastes, code files) up to this many KB per message are "
+        "read into the conversation; larger or binary ones are only named. 0 reads none.",
+        lo=0,
+        hi=1024,
+    )
     personas_dir: Path = _opt(
         Path(""), "Folder of persona YAML files; empty uses the shipped personas/."
     )

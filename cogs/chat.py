@@ -17,10 +17,11 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.attachments import message_text
 from bot.checks import is_manager, place_of, policy_for, serves_here, speaks_here
 from bot.conversation import EMPTY_NOTICE, Busy
 from bot.memory import StoredTurn
-from bot.replies import ReplyStream, humanize, post, typing_while
+from bot.replies import ReplyStream, post, typing_while
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
@@ -76,10 +77,7 @@ class Chat(commands.Cog):
             return
         if await self.memory.turn_for_message(message.id) is not None:
             return  # a dispatch seen twice (e.g. replayed after a reconnect)
-        text = humanize(message, self.bot.user)
-        if message.attachments:
-            names = ", ".join(a.filename for a in message.attachments)
-            text = f"{text}\n[attached: {names}]".strip()
+        text = await message_text(message, self.bot.user, self.bot.settings.attachment_kb)
         if not text:
             return
         turn_id = await self.conv.record_user(
@@ -113,7 +111,7 @@ class Chat(commands.Cog):
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         if payload.message.author.bot:
             return
-        text = humanize(payload.message, self.bot.user)
+        text = await message_text(payload.message, self.bot.user, self.bot.settings.attachment_kb)
         if not await self.conv.edit(payload.message_id, text):
             self._remember_early(payload.message_id, text)
 
