@@ -73,6 +73,7 @@ def all_commands() -> list[tuple[str, str]]:
 
 def simple_commands(line: str) -> Iterator[list[str]]:
     """The simple commands of a line, split at &&, ||, |, ; (and redirections dropped)."""
+    line = re.sub(r"<[\w .-]+>", "PLACEHOLDER", line)  # `MODEL=<export_dir>` in prose
     lexer = shlex.shlex(line, posix=True, punctuation_chars="&|;>")
     lexer.whitespace_split = True
     words: list[str] = []
@@ -129,8 +130,9 @@ def parse_hermes_train(args: list[str]) -> None:
         ns = build_parser().parse_args(args)
     except SystemExit as exc:
         raise AssertionError(f"hermes-train {shlex.join(args)}: argparse refused it") from exc
-    if not re.fullmatch(r"[A-Z_]+", ns.config):  # CONFIG is a placeholder in prose
-        load_config(ns.config, ns.overrides)  # a bundled name or a file that exists
+    if "." not in ns.config and not re.fullmatch(r"[A-Z_]+", ns.config):
+        load_config(ns.config, ns.overrides)  # a bundled config's name must exist
+    # (a .yaml path is the reader's own file; CONFIG is a placeholder in prose)
 
 
 def check_pip(args: list[str]) -> None:
