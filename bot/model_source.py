@@ -118,8 +118,9 @@ def resolve_model_source(name: str, what: str = "model") -> str:
         if _cached_snapshot(name) is not None:
             return name
         raise ModelSourceError(
-            f"cannot load the {what} {name!r}: it is not in the local Hugging Face cache and "
-            f"HF_HUB_OFFLINE is set (no folder {absolute} either); {how_to_use_a_folder(name, what)}"
+            f"cannot load the {what} {name!r}: there is no folder {absolute}, and as a hub id it "
+            f"is not in the local Hugging Face cache while HF_HUB_OFFLINE is set; "
+            f"{how_to_use_a_folder(name, what)}"
         )
     if hub_reachable():
         return name
@@ -128,8 +129,9 @@ def resolve_model_source(name: str, what: str = "model") -> str:
         _warn_once(f"the hub cannot be reached; using the cached copy of {name!r} ({cached})")
         return cached
     raise ModelSourceError(
-        f"cannot load the {what} {name!r}: the hub cannot be reached and it is not in the local "
-        f"cache (no folder {absolute} either); {how_to_use_a_folder(name, what)}"
+        f"cannot load the {what} {name!r}: there is no folder {absolute}, and as a hub id it "
+        f"is not in the local cache while the hub cannot be reached; "
+        f"{how_to_use_a_folder(name, what)}"
     )
 
 

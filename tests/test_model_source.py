@@ -83,8 +83,9 @@ def test_hub_id_offline_and_not_cached(tmp_path: Path):
     assert run.returncode == 1
     line = one_line(run)
     assert line.startswith(
-        "hermes-bot: cannot load the model 'NousResearch/Nous-Hermes-llama-2-7b': it is not in "
-        "the local Hugging Face cache and HF_HUB_OFFLINE is set"
+        "hermes-bot: cannot load the model 'NousResearch/Nous-Hermes-llama-2-7b': there is no "
+        f"folder {tmp_path}/NousResearch/Nous-Hermes-llama-2-7b, and as a hub id it is not in "
+        "the local Hugging Face cache while HF_HUB_OFFLINE is set; "
     )
     assert line.endswith(
         "to use a local folder: hf download NousResearch/Nous-Hermes-llama-2-7b --local-dir "
@@ -100,9 +101,10 @@ def test_unreachable_hub_and_not_cached(tmp_path: Path):
     assert run.returncode == 1
     line = one_line(run)
     assert line.startswith(
-        "hermes-bot: cannot load the model 'models/hermes-7b': the hub cannot be reached"
+        f"hermes-bot: cannot load the model 'models/hermes-7b': there is no folder "
+        f"{tmp_path}/models/hermes-7b, and as a hub id it is not in the local cache while the "
+        "hub cannot be reached; "
     )
-    assert f"no folder {tmp_path}/models/hermes-7b" in line
     assert "MODEL=models/hermes-7b" in line
 
 
