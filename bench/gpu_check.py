@@ -55,8 +55,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 TOKENIZER = SHARED / "fixtures" / "llama2-tokenizer"
 
-#: The wheels' import names, as the bot needs them (pip names in the docstring).
-NEEDED = {"discord": "discord.py", "aiosqlite": "aiosqlite", "dotenv": "python-dotenv"}
+#: Import name -> pip name of what the steps need beyond torch/transformers/accelerate (pip
+#: resolves their dependencies from the same wheel folder).
+NEEDED = {
+    "discord": "discord.py",
+    "aiosqlite": "aiosqlite",
+    "dotenv": "python-dotenv",
+    "sentencepiece": "sentencepiece",  # the fixture tokenizer is a SentencePiece model
+    "google.protobuf": "protobuf",
+    "prometheus_client": "prometheus-client",
+    "yaml": "pyyaml",
+    "PIL": "pillow",
+    "tqdm": "tqdm",
+}
 QUANT = {"bitsandbytes": "bitsandbytes"}
 
 SIZES: dict[str, dict[str, int]] = {
@@ -542,7 +553,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def missing(modules: dict[str, str], env: dict[str, str]) -> list[str]:
     """pip names of `modules` the step environment cannot import."""
-    code = "import importlib.util,sys;print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))"
+    code = (
+        "import importlib.util,sys\n"
+        "def has(m):\n"
+        "    try:\n"
+        "        return importlib.util.find_spec(m) is not None\n"
+        "    except ModuleNotFoundError:\n"
+        "        return False\n"
+        "print(' '.join(m for m in sys.argv[1:] if not has(m)))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code, *modules], env=env, capture_output=True, text=True
     )

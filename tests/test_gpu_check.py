@@ -123,3 +123,13 @@ def test_limits_and_steps():
         gpu_check.SIZES["7b"]["hidden_size"] == 4096
         and gpu_check.SIZES["7b"]["num_hidden_layers"] == 32
     )
+
+
+def test_missing_wheels_are_named_by_their_pip_names():
+    import os
+
+    found = gpu_check.missing(
+        {"yaml": "pyyaml", "no_such_module_x": "x-wheel", "google.no_such": "y-wheel"},
+        dict(os.environ),
+    )
+    assert found == ["x-wheel", "y-wheel"]
