@@ -105,6 +105,9 @@ class Conversations:
         self.recent: deque[ReplyStats] = deque(maxlen=50)  # for /admin model status
 
     def set_engine(self, engine: Engine) -> None:
+        # the reply watchers (metrics) move with the engine: hooks belong to an engine instance
+        old = [h for h in self.engine.finish_hooks if h not in engine.finish_hooks]
+        engine.finish_hooks.extend(old)
         self.engine = engine
         self.counter = TokenCounter(engine.count_tokens)
         self._start_hint.clear()
