@@ -359,6 +359,7 @@ def build_persona_prompt(
     start_hint: int | None = None,
     slack: float = 0.25,
     default_system: str = DEFAULT_RP_SYSTEM,
+    scene: str = "",
 ) -> FittedPrompt:
     """The whole prompt for `persona`'s next reply, fitted to `budget` tokens by `fit_prompt`.
 
@@ -369,7 +370,8 @@ def build_persona_prompt(
     Definitions longer than half the window are cut in the middle as a last resort.
 
     Assistant turns without a name are the persona's and get its name. `{{user}}` is
-    `user_name`, the person being answered.
+    `user_name`, the person being answered. `scene` (the roster and scenario of a scene the
+    persona plays in, `bot.scenes`) follows the character definitions in the Input block.
     """
     card, char = persona.card, persona.name
     user = " ".join(user_name.split()) or "User"
@@ -385,7 +387,7 @@ def build_persona_prompt(
         lore_budget = min(lore_budget, book.token_budget)
     lore = select_lore(book, recent, lambda s: count(fill(s, char, user)), budget=lore_budget)
 
-    head = _join(_head(persona, user, lore, default_system))
+    head = _join([*_head(persona, user, lore, default_system), *([scene] if scene else [])])
     if count(head) > (cap := int(budget * SYSTEM_SHARE)):
         head = cut_middle(head, count, cap)
     post_raw = _ORIGINAL.sub("", card.post_history_instructions)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 INSTRUCTION = "### Instruction:\n"
 INPUT = "### Input:\n"
@@ -275,3 +275,26 @@ def clean_reply(text: str, other_names: Iterable[str] = (), bot_name: str = "") 
     if bot_name and text.lower().startswith(bot_name.lower() + ":"):
         text = text[len(bot_name) + 1 :].strip()
     return text
+
+
+# --------------------------------------------------------------------------------------------
+# Several speakers on the bot's side (scenes, a channel whose persona changed)
+
+
+def seen_by(turns: Iterable[Turn], speaker: str) -> list[Turn]:
+    """The turns as `speaker` (a persona's name) should see them: only its own replies stay
+    Response blocks; a reply another persona (or the plain assistant) wrote becomes a named
+    line of that speaker, like a member's message, so no persona is shown another's words as
+    its own turns. Replies without a name (older memory) are kept as the speaker's own.
+
+    Names compare as the prompt shows them (spacing and case ignored). Returns new `Turn`s;
+    the order (newest first or oldest first) is kept.
+    """
+    own = " ".join(speaker.split()).casefold()
+    out: list[Turn] = []
+    for turn in turns:
+        name = " ".join(turn.name.split())
+        if turn.role == "assistant" and name and name.casefold() != own:
+            turn = replace(turn, role="user")
+        out.append(turn)
+    return out

@@ -23,7 +23,7 @@ from bot.checks import is_owner, policy_for, require_manager
 from bot.engine import engine_from_settings, first_line
 from bot.metrics import summary
 from bot.replies import say_privately
-from bot.settings import TUNABLE, check_tunable, tunable_range
+from bot.settings import TUNABLE, check_tunable, tunable_accepts
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
@@ -33,9 +33,7 @@ log = logging.getLogger(__name__)
 Channelish = discord.TextChannel | discord.Thread | discord.VoiceChannel
 #: `/admin settings set` offers the tunable settings, each named with its range.
 SETTING_CHOICES = [
-    app_commands.Choice(name=f"{name} ({lo:g}–{hi:g})", value=name)
-    for name in TUNABLE
-    for lo, hi in [tunable_range(name)]
+    app_commands.Choice(name=f"{name} ({tunable_accepts(name)})", value=name) for name in TUNABLE
 ]
 
 
