@@ -25,6 +25,7 @@ from discord.ext import commands
 from bot.checks import is_manager, place_of, policy_for, serves_here, speaks_here
 from bot.conversation import EMPTY_NOTICE, Busy, ReplyJob
 from bot.memory import StoredTurn
+from bot.personas import persona_key
 from bot.policy import ChannelPolicy
 from bot.replies import ReplyStream, humanize, post, typing_while
 from bot.scenes import Scene, SceneMember, chained, load_scene, member_context, speakers_for
@@ -351,6 +352,9 @@ class Chat(commands.Cog):
         parent_id = place_of(channel, guild_id).parent_id
         jobs: list[tuple[SceneMember, ReplyJob]] = []
         for member in members:
+            if scene.personas.get(persona_key(member.name)) is None:
+                log.info("scene member %s has no persona any more; skipped", member.name)
+                continue
             cast, roster = member_context(scene, member.name)
             job = await self.conv.prepare(
                 channel.id,

@@ -7,6 +7,7 @@ assertions read exactly what the model would have been given.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from bot.engine import Generation, GenerationParams
 from bot.swipes import NOT_YOURS, SETTLED
 from tests.bot_harness import ScriptedEngine, running_bot
 from tests.fake_discord import FakeMessage, FakeUser, InteractionHandle
@@ -147,6 +149,55 @@ async def test_naming_two_of_three_gets_their_two_replies_in_order_with_their_ow
         files = data or handle.response.files
         rows = [json.loads(line) for line in files[0].data.decode().splitlines()]
         assert [r["persona"] for r in rows if r["role"] == "assistant"][:2] == ["Sable", "Grumbold"]
+
+
+class TogetherEngine(ScriptedEngine):
+    """Holds every reply until `together` requests are in flight at once: a scene that asked
+    its members one after another would never get an answer."""
+
+    def __init__(self, together: int) -> None:
+        super().__init__(lambda prompt: f"{speaker(prompt)} answers.")
+        self.together = together
+        self.all_in = asyncio.Event()
+        self.cache_keys: list[str | None] = []
+
+    def generate(
+        self, prompt: str, params: GenerationParams, *, cache_key: str | None = None
+    ) -> Generation:
+        self.cache_keys.append(cache_key)
+        if len(self.prompts) + 1 >= self.together:
+            self.all_in.set()
+        return super().generate(prompt, params, cache_key=cache_key)
+
+    async def _feed(self, gen: Generation, reply: str | BaseException) -> None:
+        await self.all_in.wait()
+        await super()._feed(gen, reply)
+
+
+async def test_members_replies_are_generated_together_and_regenerate_keeps_the_speaker(
+    world: World, tmp_path: Path
+) -> None:
+    w = world
+    engine = TogetherEngine(together=3)
+    async with running_bot(w.fake, w.settings(tmp_path), engine=engine) as bot:
+        await cast_scene(w, CAST3)
+        await w.fake.user_message(
+            w.general.id, w.alice, f"{w.fake.bot_user.mention} MIRA, Sable, Grumbold: report!"
+        )
+        posted = await settled(w, bot, 3)
+        assert [m.username for m in posted] == ["MIRA", "Sable", "Grumbold"]
+        # three requests in flight together, each in its own prompt-cache slot
+        assert len(set(engine.cache_keys)) == 3
+        assert all(k.startswith(f"{w.general.id}:") for k in engine.cache_keys if k)
+
+        # /regenerate replaces the last reply as the persona that spoke it
+        assert await command(w, "regenerate") == "Regenerated."
+        await w.fake.wait_for(lambda: w.fake.get_message(posted[-1].id).deleted, 10)
+        *_, last = await settled(w, bot, 3)
+        assert last.username == "Grumbold" and last.id != posted[-1].id
+        assert speaker(engine.prompts[-1]) == "Grumbold"
+        turns = [t for t in await bot.memory.all_turns(w.general.id) if t.role == "assistant"]
+        assert [t.persona for t in turns] == ["MIRA", "Sable", "Grumbold"]
 
 
 async def test_the_chain_limit_holds_in_an_always_channel(world: World, tmp_path: Path) -> None:
