@@ -950,6 +950,10 @@ class Memory:
             )
         return str(row[0])
 
+    async def end_swipes(self, turn_id: int) -> None:
+        """The reply is settled as it is now (e.g. `/continue` extended it)."""
+        await self._tx([("DELETE FROM swipe_turns WHERE turn_id = ?", (turn_id,))])
+
     async def later_user_turn(self, channel_id: int, turn_id: int) -> bool:
         """Has a member spoken in the channel since turn `turn_id`?"""
         cur = await self.db.execute(

@@ -3,9 +3,9 @@
 Part of the Discord layer, owned by the bot (`HermesBot.swipes`). Under each one-message reply
 sit ◀, a counter ("2/3"), ▶ and 🔁. 🔁 generates another alternative with a new seed and shows
 it; ◀ ▶ move between the alternatives. The turn's stored text is always the alternative shown,
-so the one shown when the conversation moves on is what memory keeps; after that the reply is
-settled. Only the member whose message was answered (or a manager, `bot.checks.is_manager`) may
-swipe. The buttons are `DynamicItem`s whose custom ids name the turn, and the alternatives live
+so the one shown when the conversation moves on is what memory keeps; after that (or after a
+`/continue` extended it) the reply is settled. Only the member whose message was answered (or a
+manager, `bot.checks.is_manager`) may swipe, where the channel policy lets them use the bot. The buttons are `DynamicItem`s whose custom ids name the turn, and the alternatives live
 in SQLite, so buttons keep working after a restart.
 """
 
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import discord
 
-from bot.checks import is_manager
+from bot.checks import is_manager, policy_for
 from bot.conversation import EMPTY_NOTICE, Busy
 from bot.replies import LIMIT, NO_PINGS
 from bot.scenes import load_scene, member_context
@@ -129,6 +129,10 @@ class Swipes:
             return
         if interaction.user.id != state.requester and not is_manager(interaction):
             await interaction.response.send_message(NOT_YOURS, ephemeral=True)
+            return
+        policy = await policy_for(self.bot, channel, interaction.guild_id, interaction.user)
+        if (refusal := policy.refusal_to_speak()) is not None:
+            await interaction.response.send_message(refusal, ephemeral=True)
             return
         if await memory.later_user_turn(turn.channel_id, turn_id):
             await interaction.response.send_message(SETTLED, ephemeral=True)

@@ -545,6 +545,7 @@ class Chat(commands.Cog):
             extended = last.content + joiner + text
             await memory.update_turn(last.id, extended, self.conv.counter(extended))
             await memory.link_messages(last.id, [m.id for m in messages])
+            await memory.end_swipes(last.id)  # its versions no longer match what is shown
         await interaction.followup.send("Continued.", ephemeral=True)
 
 

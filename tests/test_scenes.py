@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from bot.engine import Generation, GenerationParams
-from bot.swipes import NOT_YOURS, SETTLED
+from bot.swipes import GONE, NOT_YOURS, SETTLED
 from tests.bot_harness import ScriptedEngine, running_bot
 from tests.fake_discord import FakeMessage, FakeUser, InteractionHandle
 from tests.world import World
@@ -374,6 +374,25 @@ async def test_swipes_three_alternatives_switching_who_may_and_a_restart(
         handle = await click(w, reply, "prev", w.alice)
         assert await answer(handle) == (SETTLED, True)
         assert shows(w, reply) == ("Third take.", "3/3")
+
+
+async def test_continue_settles_a_reply_and_regenerate_offers_fresh_swipes(
+    world: World, tmp_path: Path
+) -> None:
+    w = world
+    engine = ScriptedEngine(["Once upon", "a time.", "Another tale."])
+    async with running_bot(w.fake, w.settings(tmp_path), engine=engine) as bot:
+        await w.fake.user_message(w.general.id, w.alice, f"{w.fake.bot_user.mention} a story?")
+        (reply,) = await settled(w, bot, 1)
+        assert shows(w, reply) == ("Once upon", "1/1")
+        assert await command(w, "continue") == "Continued."
+        handle = await click(w, reply, "new", w.alice)
+        assert await answer(handle) == (GONE, True)  # its versions would drop the continuation
+        assert len(engine.prompts) == 2
+        assert await command(w, "regenerate") == "Regenerated."
+        await w.fake.wait_for(lambda: w.fake.get_message(reply.id).deleted, 10)
+        (fresh,) = await settled(w, bot, 1)
+        assert shows(w, fresh) == ("Another tale.", "1/1")
 
 
 # ---- persona switch -----------------------------------------------------------------------
