@@ -32,6 +32,15 @@ from bot.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
+# A text bot: discord.py's "PyNaCl/davey is not installed, voice will NOT be supported" warnings
+# at start only worry users about a feature it never uses.
+discord.VoiceClient.warn_nacl = False
+discord.VoiceClient.warn_dave = False
+
+#: Exit status when Discord cannot be reached at start (EX_TEMPFAIL): a service manager that
+#: restarts on failure (the systemd unit, Docker's restart policy) tries again later.
+EXIT_UNREACHABLE = 75
+
 COGS = ("cogs.chat", "cogs.personas", "cogs.admin")
 
 
@@ -217,5 +226,15 @@ def run_bot(settings: Settings) -> int:
     except EngineError as exc:
         log.error("%s", exc)
         return 2
+    except (OSError, discord.GatewayNotFound, discord.DiscordServerError) as exc:
+        # aiohttp's connection errors (DNS, refused, reset, TLS) are OSErrors
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.error(
+            "cannot reach Discord (%s); check the network. Exiting with status %d so a service "
+            "manager restarts the bot later.",
+            reason,
+            EXIT_UNREACHABLE,
+        )
+        return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130

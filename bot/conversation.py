@@ -35,9 +35,12 @@ from bot.prompt import (
     Turn,
     clean_reply,
     fit_prompt,
+    other_speakers,
     seen_by,
     stop_strings,
+    with_recall,
 )
+from bot.recall import recall
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -206,7 +209,9 @@ class Conversations:
         """
         policy = await resolve(self.memory, self.settings, Place(channel_id, guild_id, parent_id))
         settings = policy.settings.applied(self.settings)
-        budget = int(settings.context_tokens) - int(settings.max_new_tokens)
+        recall_budget = self.recall_budget(settings)
+        # the history's share of the window; recalled turns take the rest
+        budget = int(settings.context_tokens) - int(settings.max_new_tokens) - recall_budget
         found = await self._history(channel_id, budget, reply_to, skip)
         if found is None:
             return None
@@ -215,10 +220,12 @@ class Conversations:
         bot_name = chosen.name if chosen else self.bot_name
         history = seen_by(history, bot_name)
         prompt = self._fit(chosen, history, current, budget, (channel_id, bot_name), scene)
+        if recall_budget and prompt.older:
+            prompt = await self._recall(channel_id, guild_id, prompt, recall_budget, bot_name)
         if continue_last and not reopen_last_reply(prompt):
             return None
-        speakers = {t.name for t in prompt.turns if t.role == "user" and t.name} | set(cast)
-        names = sorted(speakers - {bot_name})
+        speakers = [*(t.name for t in prompt.turns if t.role == "user"), *cast]
+        names = sorted(other_speakers(speakers, bot_name))
         params = replace(
             params_from_settings(settings), stop=tuple(stop_strings(names)), **(overrides or {})
         )
@@ -299,9 +306,43 @@ class Conversations:
                 budget,
                 start_hint=hint,
                 slack=slack,
+                speakers=[self.bot_name],
             )
         self._start_hint[slot] = prompt.start_id
         return prompt
+
+    def recall_budget(self, settings: Settings) -> int:
+        """Tokens of the window set aside for recalled turns (`settings` as this channel has
+        them): 0 when recall is off here or the SQLite build has no full-text index."""
+        if not (settings.recall and self.memory.fts):
+            return 0
+        return settings.recall_tokens or int(settings.context_tokens) // 10
+
+    async def _recall(
+        self,
+        channel_id: int,
+        guild_id: int | None,
+        prompt: FittedPrompt,
+        budget: int,
+        bot_name: str,
+    ) -> FittedPrompt:
+        """Add the turns from before the window that best match the latest messages."""
+        users = [t for t in prompt.turns if t.role == "user"]
+        query = [t.content for t in reversed(prompt.turns[-3:])]
+        if users and users[-1].content not in query:
+            query.insert(0, users[-1].content)
+        oldest = prompt.start_id if prompt.start_id is not None else prompt.turns[-1].id
+        blocked = (await self.memory.blocked(guild_id))[0] if guild_id else set()
+        found = await recall(
+            self.memory,
+            channel_id,
+            query,
+            before_id=oldest,
+            budget_tokens=budget,
+            window=[t.content for t in prompt.turns[:-1]],
+            exclude_authors=blocked,
+        )
+        return with_recall(prompt, [t.to_turn() for t in found], self.counter, bot_name)
 
     # ---- generating -------------------------------------------------------------------------
 

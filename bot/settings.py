@@ -145,6 +145,26 @@ class Settings:
         lo=0.0,
         hi=0.9,
     )
+    recall: bool = _opt(
+        True,
+        "Long-term recall: when the history does not fit the window, search the channel's older "
+        "turns (SQLite FTS5) for the new message and show the best hits to the model.",
+        tunable=True,
+    )
+    recall_tokens: int = _opt(
+        0,
+        "Tokens of the window given to recalled turns (taken from the history); 0 is 10% of "
+        "CONTEXT_TOKENS.",
+        lo=0,
+        hi=32768,
+    )
+    attachment_kb: int = _opt(
+        64,
+        "Text attachments (message.txt pastes, code files) up to this many KB per message are "
+        "read into the conversation; larger or binary ones are only named. 0 reads none.",
+        lo=0,
+        hi=1024,
+    )
     personas_dir: Path = _opt(
         Path(""), "Folder of persona YAML files; empty uses the shipped personas/."
     )
@@ -272,14 +292,15 @@ def tunable_range(name: str) -> tuple[float, float]:
     return meta["lo"], meta["hi"]
 
 
-def tunable_accepts(name: str) -> str:
-    """What `name` accepts, in a few words: its range, `on/off`, or text up to a length."""
+def tunable_label(name: str) -> str:
+    """What `name` accepts, as `/admin settings set` offers it: `0–5`, `on/off`, or text up to
+    a length."""
     f = _FIELDS[name]
-    lo, hi = f.metadata["lo"], f.metadata["hi"]
     if f.type == "bool":
         return "on/off"
+    lo, hi = tunable_range(name)
     if f.type == "str":
-        return f"text, up to {hi} characters" if hi is not None else "text"
+        return f"text, up to {hi:g} characters" if hi is not None else "text"
     return f"{lo:g}–{hi:g}"
 
 

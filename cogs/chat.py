@@ -22,12 +22,13 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.attachments import message_text
 from bot.checks import is_manager, place_of, policy_for, serves_here, speaks_here
 from bot.conversation import EMPTY_NOTICE, Busy, ReplyJob
 from bot.memory import StoredTurn
 from bot.personas import persona_key
 from bot.policy import ChannelPolicy
-from bot.replies import ReplyStream, humanize, post, typing_while
+from bot.replies import ReplyStream, post, typing_while
 from bot.scenes import Scene, SceneMember, chained, load_scene, member_context, speakers_for
 from bot.scenes import mentions_any as _mentions_any
 
@@ -107,10 +108,7 @@ class Chat(commands.Cog):
             return
         if await self.memory.turn_for_message(message.id) is not None:
             return  # a dispatch seen twice (e.g. replayed after a reconnect)
-        text = humanize(message, self.bot.user)
-        if message.attachments:
-            names = ", ".join(a.filename for a in message.attachments)
-            text = f"{text}\n[attached: {names}]".strip()
+        text = await message_text(message, self.bot.user, self.bot.settings.attachment_kb)
         if not text:
             return
         turn_id = await self.conv.record_user(
@@ -127,14 +125,15 @@ class Chat(commands.Cog):
                 return
             await self.conv.edit(message.id, late)
         scene = await load_scene(self.memory, self.bot.personas, message.channel.id, guild_id)
-        called = await self.addressed(message) or self.woken(policy, text, scene)
+        said = message.clean_content  # names count in what was written, not in attachments
+        called = await self.addressed(message) or self.woken(policy, said, scene)
         if not (policy.mode == "always" or called):
             return
         speakers: list[SceneMember] = []
         if scene:
             speakers = speakers_for(
                 scene,
-                text,
+                said,
                 replied_to=await self.replied_persona(message),
                 pick=policy.mode == "always" or called,
                 rng=self.rng,
@@ -168,7 +167,7 @@ class Chat(commands.Cog):
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         if payload.message.author.bot:
             return
-        text = humanize(payload.message, self.bot.user)
+        text = await message_text(payload.message, self.bot.user, self.bot.settings.attachment_kb)
         if not await self.conv.edit(payload.message_id, text):
             self._remember_early(payload.message_id, text)
 
