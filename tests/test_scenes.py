@@ -395,6 +395,58 @@ async def test_continue_settles_a_reply_and_regenerate_offers_fresh_swipes(
         assert shows(w, fresh) == ("Another tale.", "1/1")
 
 
+async def test_a_scene_in_a_dm_speaks_with_bold_names_and_swipes_keep_them(
+    world: World, tmp_path: Path
+) -> None:
+    w = world
+    engine = ScriptedEngine(lambda prompt: f"{speaker(prompt)} at your door.")
+    async with running_bot(w.fake, w.settings(tmp_path), engine=engine) as bot:
+        dm = w.fake.dm_channel(w.alice)
+        for name in ("Grumbold", "Sable"):
+            handle = await w.fake.invoke_command(
+                dm.id, w.alice, "persona scene add", {"name": name}
+            )
+            assert "joins the scene" in (await answer(handle))[0]
+        await w.fake.user_message(dm.id, w.alice, "Grumbold? Sable?")  # a DM answers always
+
+        def posted() -> list[FakeMessage]:
+            return [
+                m
+                for m in w.fake.channel_messages(dm.id)
+                if m.author.id == w.fake.bot_user.id and m.interaction_metadata is None
+            ]
+
+        await w.fake.wait_for(lambda: len(posted()) >= 2 and bot.conv.pending == 0, 15)
+        first, second = posted()
+        assert first.content == "**Grumbold:** Grumbold at your door."
+        assert second.content == "**Sable:** Sable at your door."
+        assert not w.fake.webhooks
+        await click(w, second, "new", w.alice)
+        await w.fake.wait_for(lambda: shows(w, second)[1] == "2/2", 15)
+        assert shows(w, second)[0] == "**Sable:** Sable at your door."
+        stored = await bot.memory.turn_for_message(second.id)
+        assert stored is not None and (stored.persona, stored.content) == (
+            "Sable",
+            "Sable at your door.",
+        )
+
+
+async def test_scene_replies_through_the_real_local_engine(
+    world: World, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The tiny model behind the local engine (continuous batching): two named members get a
+    reply each, in order, under their own names."""
+    w = world
+    async with running_bot(w.fake, w.settings(tmp_path, tiny_model)) as bot:
+        await cast_scene(w, ("MIRA", "Grumbold"))
+        await w.fake.user_message(
+            w.general.id, w.alice, f"{w.fake.bot_user.mention} grumbold, mira: status?"
+        )
+        posted = await settled(w, bot, 2, timeout=120)
+        assert [m.username for m in posted] == ["Grumbold", "MIRA"]
+        assert all(m.content.strip() for m in posted)
+
+
 # ---- persona switch -----------------------------------------------------------------------
 
 
