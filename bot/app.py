@@ -27,6 +27,7 @@ from bot.memory import Memory
 from bot.personas import PersonaLibrary, load_builtin_personas
 from bot.replies import say_privately
 from bot.settings import Settings
+from bot.swipes import SwipeButton, Swipes
 from bot.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,15 @@ class HermesBot(commands.AutoShardedBot):
     """Carries the shared core for the cogs; every attribute below is set before a cog loads.
 
     `settings`, `memory`, `personas`, `conv` (the conversations, which hold the engine; `engine`
-    reads and swaps it there), `webhooks` (persona identities), and `metrics` when enabled.
+    reads and swaps it there), `webhooks` (persona identities), `swipes` (alternative replies),
+    and `metrics` when enabled.
     """
 
     memory: Memory
     personas: PersonaLibrary
     conv: Conversations
     webhooks: Webhooks
+    swipes: Swipes
 
     def __init__(
         self,
@@ -111,6 +114,8 @@ class HermesBot(commands.AutoShardedBot):
         self._engine = None
         self.webhooks = Webhooks(self, self.memory, self.personas)
         await self.webhooks.load()
+        self.swipes = Swipes(self)
+        self.add_dynamic_items(SwipeButton)  # swipe buttons work on replies from earlier runs
         self.metrics = metrics.setup(self.settings, lambda: self.engine)
         self.engine_ready.set()
         for name in self.cog_names:

@@ -13,12 +13,12 @@ import contextlib
 import logging
 import random
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bot.engine import Engine, Generation, GenerationParams, ReplyStats, params_from_settings
-from bot.memory import Memory, StoredTurn
+from bot.memory import Memory
 from bot.personas import (
     DEFAULT_PERSONA,
     Persona,
@@ -36,6 +36,7 @@ from bot.prompt import (
     clean_reply,
     fit_prompt,
     other_speakers,
+    seen_by,
     stop_strings,
     with_recall,
 )
@@ -51,22 +52,6 @@ class Busy(RuntimeError):
     """Too many replies are already waiting; tell the user to try again shortly."""
 
 
-def as_seen_by(turn: StoredTurn, speaking: str | None, default_name: str) -> Turn:
-    """A stored turn as the persona `speaking` (None: the default assistant) reads it.
-
-    Replies by another persona are that persona's named lines (`### Instruction:` with its
-    name, like any participant's message, and its name joins the stop strings), never the
-    speaking persona's own turns: after a channel's persona changes, the new one does not
-    inherit the old one's replies as things it said.
-    """
-    seen = turn.to_turn()
-    if turn.role == "assistant" and persona_key(turn.persona or DEFAULT_PERSONA) != persona_key(
-        speaking or DEFAULT_PERSONA
-    ):
-        seen.role, seen.name = "user", turn.name or turn.persona or default_name
-    return seen
-
-
 @dataclass(slots=True)
 class ReplyJob:
     """Everything needed to generate and store one reply."""
@@ -79,6 +64,7 @@ class ReplyJob:
     bot_name: str
     persona: str | None
     reply_to: int | None  # turn id of the message being answered
+    cache_key: str = ""  # the engine's prompt-cache slot; one per channel and speaker
     text: str = ""
     stats: ReplyStats | None = None
     notes: list[str] = field(default_factory=list)
@@ -116,11 +102,14 @@ class Conversations:
         self.personas = personas
         self.counter = TokenCounter(engine.count_tokens)
         self._locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._start_hint: dict[int, int | None] = {}
+        self._start_hint: dict[tuple[int, str], int | None] = {}
         self.pending = 0
         self.recent: deque[ReplyStats] = deque(maxlen=50)  # for /admin model status
 
     def set_engine(self, engine: Engine) -> None:
+        # the reply watchers (metrics) move with the engine: hooks belong to an engine instance
+        old = [h for h in self.engine.finish_hooks if h not in engine.finish_hooks]
+        engine.finish_hooks.extend(old)
         self.engine = engine
         self.counter = TokenCounter(engine.count_tokens)
         self._start_hint.clear()
@@ -204,6 +193,9 @@ class Conversations:
         overrides: dict[str, Any] | None = None,
         continue_last: bool = False,
         parent_id: int | None = None,
+        cast: Sequence[str] = (),
+        scene: str = "",
+        skip: int | None = None,
     ) -> ReplyJob | None:
         """Build the request for the next reply from what memory holds now.
 
@@ -212,26 +204,31 @@ class Conversations:
         (`parent_id` set) has its own memory but takes its parent's persona and settings unless
         it has its own (the channel policy decides). `continue_last` reopens the last reply
         instead (None when it is no longer the latest turn).
+
+        Replies by another persona than the one speaking are shown as that persona's named
+        lines (`bot.prompt.seen_by`), never as its own turns. In a scene, `cast` are the other
+        members (each one a stop) and `scene` the roster and scenario for the Input block;
+        `skip` leaves one stored reply out (the one a swipe replaces).
         """
         policy = await resolve(self.memory, self.settings, Place(channel_id, guild_id, parent_id))
         settings = policy.settings.applied(self.settings)
         recall_budget = self.recall_budget(settings)
         # the history's share of the window; recalled turns take the rest
         budget = int(settings.context_tokens) - int(settings.max_new_tokens) - recall_budget
-        chosen = await self._persona(persona if persona is not None else policy.persona, guild_id)
-        found = await self._history(channel_id, budget, reply_to, chosen)
+        found = await self._history(channel_id, budget, reply_to, skip)
         if found is None:
             return None
         history, current = found
+        chosen = await self._persona(persona if persona is not None else policy.persona, guild_id)
         bot_name = chosen.name if chosen else self.bot_name
-        prompt = self._fit(chosen, history, current, budget, channel_id)
+        history = seen_by(history, bot_name)
+        prompt = self._fit(chosen, history, current, budget, (channel_id, bot_name), scene)
         if recall_budget and prompt.older:
-            prompt = await self._recall(
-                channel_id, guild_id, prompt, recall_budget, bot_name, chosen is not None
-            )
+            prompt = await self._recall(channel_id, guild_id, prompt, recall_budget, bot_name)
         if continue_last and not reopen_last_reply(prompt):
             return None
-        names = sorted(other_speakers((t.name for t in prompt.turns if t.role == "user"), bot_name))
+        speakers = [*(t.name for t in prompt.turns if t.role == "user"), *cast]
+        names = sorted(other_speakers(speakers, bot_name))
         params = replace(
             params_from_settings(settings), stop=tuple(stop_strings(names)), **(overrides or {})
         )
@@ -244,27 +241,27 @@ class Conversations:
             bot_name,
             chosen.name if chosen else None,
             reply_to,
+            cache_key=f"{channel_id}:{bot_name}" if cast else str(channel_id),
             notes=list(prompt.notes),
         )
 
     async def _history(
-        self, channel_id: int, budget: int, reply_to: int | None, chosen: Persona | None = None
+        self, channel_id: int, budget: int, reply_to: int | None, skip: int | None = None
     ) -> tuple[list[Turn], Turn | None] | None:
         """The turns before the one being answered, and that turn; None if it was deleted.
 
         Human messages that arrived after `reply_to` wait for their own reply; the bot's replies
-        to earlier messages belong before it even when stored later. Turns are as `chosen` (the
-        persona speaking) sees them (`as_seen_by`).
+        to earlier messages belong before it even when stored later.
         """
         turns = await self.memory.recent_turns(channel_id, token_budget=budget)
-        speaking = chosen.name if chosen else None
+        turns = [t for t in turns if t.id != skip]
         if reply_to is None:
-            return [as_seen_by(t, speaking, self.bot_name) for t in turns], None
+            return [t.to_turn() for t in turns], None
         found = [t for t in turns if t.id == reply_to]
         if not found:
             return None
         history = [
-            as_seen_by(t, speaking, self.bot_name)
+            t.to_turn()
             for t in turns
             if t.id != reply_to and (t.id < reply_to or t.role == "assistant")
         ]
@@ -283,10 +280,12 @@ class Conversations:
         history: list[Turn],
         current: Turn | None,
         budget: int,
-        channel_id: int,
+        slot: tuple[int, str],
+        scene: str = "",
     ) -> FittedPrompt:
-        """The prompt text fitted to `budget`, starting where the last one did when it can."""
-        hint = self._start_hint.get(channel_id)
+        """The prompt text fitted to `budget`, starting where the last one did when it can
+        (remembered per channel and speaker: `slot`)."""
+        hint = self._start_hint.get(slot)
         slack = self.settings.fit_slack
         if chosen is not None:
             speaker = current.name if current else ""
@@ -299,10 +298,11 @@ class Conversations:
                 budget,
                 start_hint=hint,
                 slack=slack,
+                scene=scene,
             )
         else:
             prompt = fit_prompt(
-                self.settings.system_prompt,
+                "\n\n".join(filter(None, [self.settings.system_prompt, scene])),
                 history,
                 current,
                 self.counter,
@@ -311,7 +311,7 @@ class Conversations:
                 slack=slack,
                 speakers=[self.bot_name],
             )
-        self._start_hint[channel_id] = prompt.start_id
+        self._start_hint[slot] = prompt.start_id
         return prompt
 
     def recall_budget(self, settings: Settings) -> int:
@@ -328,10 +328,8 @@ class Conversations:
         prompt: FittedPrompt,
         budget: int,
         bot_name: str,
-        is_persona: bool = False,
     ) -> FittedPrompt:
-        """Add the turns from before the window that best match the latest messages (as the
-        speaking persona sees them, `as_seen_by`)."""
+        """Add the turns from before the window that best match the latest messages."""
         users = [t for t in prompt.turns if t.role == "user"]
         query = [t.content for t in reversed(prompt.turns[-3:])]
         if users and users[-1].content not in query:
@@ -347,9 +345,7 @@ class Conversations:
             window=[t.content for t in prompt.turns[:-1]],
             exclude_authors=blocked,
         )
-        speaking = bot_name if is_persona else None
-        seen = [as_seen_by(t, speaking, self.bot_name) for t in found]
-        return with_recall(prompt, seen, self.counter, bot_name)
+        return with_recall(prompt, [t.to_turn() for t in found], self.counter, bot_name)
 
     # ---- generating -------------------------------------------------------------------------
 
@@ -370,7 +366,7 @@ class Conversations:
                 )
             )
             gen: Generation = self.engine.generate(
-                job.prompt.text, params, cache_key=str(job.channel_id)
+                job.prompt.text, params, cache_key=job.cache_key or str(job.channel_id)
             )
             job.stats = gen.stats
             shown = ""

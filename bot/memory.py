@@ -153,8 +153,45 @@ async def ensure_fts(db: aiosqlite.Connection) -> bool:
     return True
 
 
+# v5: scenes (several personas in one channel) and swipes (alternative replies of one turn).
+# Numbered after v3 (recall's full-text index) and v4 (the reply path's); it depends on neither
+# (every statement is IF NOT EXISTS over v1/v2 tables), so a merge only orders the list.
+_V5 = """
+CREATE TABLE IF NOT EXISTS scenes (
+    channel_id  INTEGER PRIMARY KEY,
+    guild_id    INTEGER,
+    policy      TEXT NOT NULL DEFAULT 'natural' CHECK (policy IN ('natural', 'list', 'manual')),
+    scenario    TEXT NOT NULL DEFAULT '',
+    next_seat   INTEGER NOT NULL DEFAULT 0,
+    manual_next TEXT,
+    updated_at  REAL
+);
+CREATE TABLE IF NOT EXISTS scene_members (
+    channel_id     INTEGER NOT NULL REFERENCES scenes (channel_id) ON DELETE CASCADE,
+    name           TEXT NOT NULL,
+    seat           INTEGER NOT NULL,
+    muted          INTEGER NOT NULL DEFAULT 0,
+    nicknames      TEXT NOT NULL DEFAULT '[]',
+    talkativeness  REAL,
+    PRIMARY KEY (channel_id, name COLLATE NOCASE)
+);
+CREATE TABLE IF NOT EXISTS swipes (
+    turn_id   INTEGER NOT NULL REFERENCES turns (id) ON DELETE CASCADE,
+    idx       INTEGER NOT NULL,
+    content   TEXT NOT NULL,
+    tokens    INTEGER,
+    PRIMARY KEY (turn_id, idx)
+);
+CREATE TABLE IF NOT EXISTS swipe_turns (
+    turn_id    INTEGER PRIMARY KEY REFERENCES turns (id) ON DELETE CASCADE,
+    shown      INTEGER NOT NULL DEFAULT 0,
+    reply_to   INTEGER,
+    requester  INTEGER
+);
+"""
+
 Migration = str | Callable[[aiosqlite.Connection], Awaitable[Any]]
-MIGRATIONS: list[Migration] = [_V1, _V2, ensure_fts]
+MIGRATIONS: list[Migration] = [_V1, _V2, ensure_fts, _V5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 #: Rows read per page when walking a channel's history newest first.
@@ -223,6 +260,39 @@ class StoredPersona:
     avatar: bytes | None
     created_by: int
     created_at: float
+
+
+@dataclass(slots=True)
+class SceneMember:
+    name: str
+    seat: int
+    muted: bool = False
+    nicknames: list[str] = field(default_factory=list)
+    talkativeness: float | None = None  # None: the card's (extensions.talkativeness)
+
+
+@dataclass(slots=True)
+class SceneState:
+    """A channel's cast, in seating order, and how the next speaker is chosen."""
+
+    channel_id: int
+    guild_id: int | None = None
+    policy: str = "natural"  # natural | list | manual
+    scenario: str = ""
+    next_seat: int = 0  # round robin position (policy `list`)
+    manual_next: str | None = None  # who speaks next (policy `manual`)
+    members: list[SceneMember] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SwipeState:
+    """The alternatives of one reply, the one shown now, and who may swipe it."""
+
+    turn_id: int
+    shown: int
+    alternatives: list[str]
+    reply_to: int | None
+    requester: int | None
 
 
 @dataclass(slots=True)
@@ -808,6 +878,190 @@ class Memory:
             (guild_id, limit),
         )
         return [AuditRow(*row) for row in await cur.fetchall()]
+
+    # ---- scenes ---------------------------------------------------------------------------
+
+    async def scene(self, channel_id: int) -> SceneState:
+        """The channel's scene (no members when it has none)."""
+        cur = await self.db.execute(
+            "SELECT channel_id, guild_id, policy, scenario, next_seat, manual_next FROM scenes "
+            "WHERE channel_id = ?",
+            (channel_id,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return SceneState(channel_id)
+        state = SceneState(*row)  # type: ignore[arg-type]
+        cur = await self.db.execute(
+            "SELECT name, seat, muted, nicknames, talkativeness FROM scene_members "
+            "WHERE channel_id = ? ORDER BY seat",
+            (channel_id,),
+        )
+        state.members = [
+            SceneMember(r[0], r[1], bool(r[2]), json.loads(r[3]), r[4])
+            for r in await cur.fetchall()
+        ]
+        return state
+
+    async def update_scene(self, channel_id: int, guild_id: int | None, **changes: Any) -> None:
+        """Set policy, scenario, next_seat or manual_next of a channel's scene."""
+        allowed = {"policy", "scenario", "next_seat", "manual_next"}
+        if bad := set(changes) - allowed:
+            raise ValueError(f"unknown scene fields: {sorted(bad)}")
+        stmts: list[tuple[str, Sequence[Any]]] = [
+            (
+                "INSERT INTO scenes (channel_id, guild_id) VALUES (?, ?) "
+                "ON CONFLICT (channel_id) DO NOTHING",
+                (channel_id, guild_id),
+            )
+        ]
+        if changes:
+            sets = ", ".join(f"{k} = ?" for k in changes)
+            stmts.append(
+                (
+                    f"UPDATE scenes SET {sets}, updated_at = ? WHERE channel_id = ?",
+                    (*changes.values(), time.time(), channel_id),
+                )
+            )
+        await self._tx(stmts)
+
+    async def add_scene_member(
+        self,
+        channel_id: int,
+        guild_id: int | None,
+        name: str,
+        *,
+        nicknames: Sequence[str] = (),
+        talkativeness: float | None = None,
+    ) -> None:
+        """Seat `name` last (or update its nicknames and talkativeness if already seated)."""
+        await self.update_scene(channel_id, guild_id)
+        await self._tx(
+            [
+                (
+                    "INSERT INTO scene_members (channel_id, name, seat, nicknames, talkativeness) "
+                    "VALUES (?, ?, (SELECT COALESCE(MAX(seat), -1) + 1 FROM scene_members "
+                    "WHERE channel_id = ?), ?, ?) ON CONFLICT (channel_id, name) DO UPDATE SET "
+                    "nicknames = excluded.nicknames, talkativeness = excluded.talkativeness",
+                    (channel_id, name, channel_id, json.dumps(list(nicknames)), talkativeness),
+                )
+            ]
+        )
+
+    async def update_scene_member(self, channel_id: int, name: str, *, muted: bool) -> bool:
+        before = self.db.total_changes
+        await self._tx(
+            [
+                (
+                    "UPDATE scene_members SET muted = ? WHERE channel_id = ? "
+                    "AND name = ? COLLATE NOCASE",
+                    (int(muted), channel_id, name),
+                )
+            ]
+        )
+        return self.db.total_changes != before
+
+    async def remove_scene_member(self, channel_id: int, name: str) -> bool:
+        before = self.db.total_changes
+        await self._tx(
+            [
+                (
+                    "DELETE FROM scene_members WHERE channel_id = ? AND name = ? COLLATE NOCASE",
+                    (channel_id, name),
+                )
+            ]
+        )
+        return self.db.total_changes != before
+
+    async def clear_scene(self, channel_id: int) -> int:
+        """Remove the whole scene; returns how many members it had."""
+        scene = await self.scene(channel_id)
+        await self._tx([("DELETE FROM scenes WHERE channel_id = ?", (channel_id,))])
+        return len(scene.members)
+
+    # ---- swipes (alternative replies) -----------------------------------------------------
+
+    async def start_swipes(
+        self, turn_id: int, content: str, tokens: int | None, *, reply_to: int | None,
+        requester: int | None,
+    ) -> None:  # fmt: skip
+        """Record a reply's first alternative (its text now) and who may swipe it."""
+        await self._tx(
+            [
+                (
+                    "INSERT OR REPLACE INTO swipe_turns (turn_id, shown, reply_to, requester) "
+                    "VALUES (?, 0, ?, ?)",
+                    (turn_id, reply_to, requester),
+                ),
+                (
+                    "INSERT OR REPLACE INTO swipes (turn_id, idx, content, tokens) "
+                    "VALUES (?, 0, ?, ?)",
+                    (turn_id, content, tokens),
+                ),
+            ]
+        )
+
+    async def swipes(self, turn_id: int) -> SwipeState | None:
+        cur = await self.db.execute(
+            "SELECT shown, reply_to, requester FROM swipe_turns WHERE turn_id = ?", (turn_id,)
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        cur = await self.db.execute(
+            "SELECT content FROM swipes WHERE turn_id = ? ORDER BY idx", (turn_id,)
+        )
+        texts = [r[0] for r in await cur.fetchall()]
+        return SwipeState(turn_id, row[0], texts, row[1], row[2])
+
+    async def add_swipe(self, turn_id: int, content: str, tokens: int | None) -> int:
+        """Store another alternative and show it (the turn's text becomes it); its index."""
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "SELECT COALESCE(MAX(idx), -1) + 1 FROM swipes WHERE turn_id = ?", (turn_id,)
+            )
+            (idx,) = await cur.fetchone()  # type: ignore[misc]
+            await db.execute(
+                "INSERT INTO swipes (turn_id, idx, content, tokens) VALUES (?, ?, ?, ?)",
+                (turn_id, idx, content, tokens),
+            )
+            await db.execute("UPDATE swipe_turns SET shown = ? WHERE turn_id = ?", (idx, turn_id))
+            await db.execute(
+                "UPDATE turns SET content = ?, tokens = ? WHERE id = ?", (content, tokens, turn_id)
+            )
+        return int(idx)
+
+    async def show_swipe(self, turn_id: int, idx: int) -> str | None:
+        """Show alternative `idx`: the turn's text becomes it (what memory keeps). Its text."""
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "SELECT content, tokens FROM swipes WHERE turn_id = ? AND idx = ?", (turn_id, idx)
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            await db.execute("UPDATE swipe_turns SET shown = ? WHERE turn_id = ?", (idx, turn_id))
+            await db.execute(
+                "UPDATE turns SET content = ?, tokens = ? WHERE id = ?", (row[0], row[1], turn_id)
+            )
+        return str(row[0])
+
+    async def end_swipes(self, turn_id: int) -> None:
+        """The reply is settled as it is now (e.g. `/continue` extended it)."""
+        await self._tx([("DELETE FROM swipe_turns WHERE turn_id = ?", (turn_id,))])
+
+    async def later_user_turn(self, channel_id: int, turn_id: int) -> bool:
+        """Has a member spoken in the channel since turn `turn_id`?"""
+        cur = await self.db.execute(
+            "SELECT 1 FROM turns WHERE channel_id = ? AND id > ? AND role = 'user' LIMIT 1",
+            (channel_id, turn_id),
+        )
+        return await cur.fetchone() is not None
+
+    async def turn(self, turn_id: int) -> StoredTurn | None:
+        cur = await self.db.execute(f"SELECT {_TURN_COLUMNS} FROM turns WHERE id = ?", (turn_id,))
+        row = await cur.fetchone()
+        return StoredTurn(*row) if row else None
 
 
 def _prefixed(alias: str) -> str:

@@ -307,6 +307,7 @@ def persona_system(
     default_system: str = DEFAULT_RP_SYSTEM,
     count: Callable[[str], int] | None = None,
     cap: int | None = None,
+    scene: str = "",
 ) -> str:
     """The persona's whole system text: what goes in the one Input block.
 
@@ -315,10 +316,11 @@ def persona_system(
     example dialogues (all when None). A card without definitions (the Hermes assistant) is
     just its system line: no roleplay framing is added around empty fields. With `count` and
     `cap`, definitions over `cap` tokens are cut in the middle (the examples are not).
-    `user_name` is used as `{{user}}` as the prompt shows names (`clean_name`).
+    `user_name` is used as `{{user}}` as the prompt shows names (`clean_name`). `scene` (the
+    roster and scenario of a scene the persona plays in, `bot.scenes`) follows the definitions.
     """
     user = clean_name(user_name) or "User"
-    head = _join(_head(persona, user, lore, default_system))
+    head = _join([*_head(persona, user, lore, default_system), *([scene] if scene else [])])
     if count is not None and cap is not None and count(head) > cap:
         head = cut_middle(head, count, cap)
     return _join([head], _examples(persona, user, examples))
@@ -364,6 +366,7 @@ def build_persona_prompt(
     start_hint: int | None = None,
     slack: float = 0.25,
     default_system: str = DEFAULT_RP_SYSTEM,
+    scene: str = "",
 ) -> FittedPrompt:
     """The whole prompt for `persona`'s next reply, fitted to `budget` tokens by `fit_prompt`.
 
@@ -403,6 +406,7 @@ def build_persona_prompt(
             default_system=default_system,
             count=count,
             cap=cap,
+            scene=scene,
         )
         return fit_prompt(
             system,

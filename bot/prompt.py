@@ -14,7 +14,7 @@ import re
 import time
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import regex
 
@@ -556,3 +556,26 @@ def clean_reply(text: str, other_names: Iterable[str] = (), bot_name: str = "") 
 
 
 _BREAKS_OR_END = re.compile(rf"{_BREAKS.pattern}|\Z")
+
+
+# --------------------------------------------------------------------------------------------
+# Several speakers on the bot's side (scenes, a channel whose persona changed)
+
+
+def seen_by(turns: Iterable[Turn], speaker: str) -> list[Turn]:
+    """The turns as `speaker` (a persona's name) should see them: only its own replies stay
+    Response blocks; a reply another persona (or the plain assistant) wrote becomes a named
+    line of that speaker, like a member's message, so no persona is shown another's words as
+    its own turns. Replies without a name (older memory) are kept as the speaker's own.
+
+    Names compare by the one speaker rule (`speaker_key` of the name as the prompt shows it).
+    Returns new `Turn`s; the order (newest first or oldest first) is kept.
+    """
+    own = speaker_key(clean_name(speaker))
+    out: list[Turn] = []
+    for turn in turns:
+        name = turn.name.strip()
+        if turn.role == "assistant" and name and speaker_key(clean_name(name)) != own:
+            turn = replace(turn, role="user")
+        out.append(turn)
+    return out

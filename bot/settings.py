@@ -178,6 +178,28 @@ class Settings:
     metrics_port: int = _opt(
         0, "Serve Prometheus metrics on this port; 0 disables.", lo=0, hi=65535
     )
+    scene_max: int = _opt(
+        4, "Most personas one channel's scene may hold (`/persona scene add`).", lo=1, hi=25
+    )
+    scene_chain: int = _opt(
+        1,
+        "Most replies scene personas make to each other per human message (0: they only "
+        "answer people).",
+        lo=0,
+        hi=10,
+    )
+    wake_words: bool = _opt(
+        False,
+        "In `mention` channels, also answer messages that name the bot, its persona or a scene "
+        "member as a word (and any WAKE_EXTRA word).",
+        tunable=True,
+    )
+    wake_extra: str = _opt(
+        "",
+        "Extra comma-separated wake words for WAKE_WORDS (at most 200 characters).",
+        hi=200,
+        tunable=True,
+    )
 
     def redacted(self) -> dict[str, Any]:
         """Settings safe to print: secrets show only whether they are set."""
@@ -226,9 +248,13 @@ def _parse(f: Any, raw: str) -> Any:
         elif typ == "tuple[int, ...]":
             return tuple(int(part) for part in raw.replace(" ", "").split(",") if part)
         else:
-            return raw
+            value = raw
     except ValueError:
         raise _WrongKind from None
+    if isinstance(value, str):  # text: `hi` is its longest length
+        if f.metadata["hi"] is not None and len(value) > f.metadata["hi"]:
+            raise _OutOfRange
+        return value
     lo, hi = f.metadata["lo"], f.metadata["hi"]
     # `value != value` is NaN, which no range comparison would catch
     if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -271,14 +297,18 @@ def tunable_range(name: str) -> tuple[float, float]:
 
 
 def tunable_label(name: str) -> str:
-    """What `name` accepts, as `/admin settings set` offers it: `0–5`, or `on/off`."""
-    if _FIELDS[name].type == "bool":
+    """What `name` accepts, as `/admin settings set` offers it: `0–5`, `on/off`, or text up to
+    a length."""
+    f = _FIELDS[name]
+    if f.type == "bool":
         return "on/off"
     lo, hi = tunable_range(name)
+    if f.type == "str":
+        return f"text, up to {hi:g} characters" if hi is not None else "text"
     return f"{lo:g}–{hi:g}"
 
 
-def check_tunable(name: str, raw: str) -> float | int | bool:
+def check_tunable(name: str, raw: str) -> float | int | bool | str:
     """Parse and range-check an admin-supplied value; ValueError names the allowed range.
 
     The same parser and range as `.env` (`load_settings`), with the message worded for Discord.
@@ -294,6 +324,8 @@ def check_tunable(name: str, raw: str) -> float | int | bool:
             raise ValueError(f"{name} must be on or off (got {raw})") from None
         raise ValueError(f"{name} must be {_KINDS[f.type]} from {lo:g} to {hi:g}") from None
     except _OutOfRange:
+        if f.type == "str":
+            raise ValueError(f"{name} must be at most {hi} characters") from None
         raise ValueError(f"{name} must be between {lo:g} and {hi:g} (got {raw})") from None
 
 

@@ -1,7 +1,11 @@
 """Talking to the bot: when it answers, what it stores, and how the reply reaches the channel.
 
 Also the user commands `/reset`, `/regenerate` and `/continue`. Whether to answer comes from the
-channel policy (`bot.policy`, through `bot.checks`); who speaks from `bot.webhooks`.
+channel policy (`bot.policy`, through `bot.checks`); who speaks from `bot.webhooks`. In a channel
+with a scene (`bot.scenes`) the cast members a message names (or the one the scene's policy picks)
+answer, each as itself, and may answer each other up to SCENE_CHAIN times per human message.
+With WAKE_WORDS on, a `mention` channel also answers a message naming the bot, its persona or a
+cast member. Replies posted as one message get swipe buttons (`bot.swipes`).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -19,9 +24,13 @@ from discord.ext import commands
 
 from bot.attachments import message_text
 from bot.checks import is_manager, place_of, policy_for, serves_here, speaks_here
-from bot.conversation import EMPTY_NOTICE, Busy
+from bot.conversation import EMPTY_NOTICE, Busy, ReplyJob
 from bot.memory import StoredTurn
+from bot.personas import persona_key
+from bot.policy import ChannelPolicy
 from bot.replies import ReplyStream, post, typing_while
+from bot.scenes import Scene, SceneMember, chained, load_scene, member_context, speakers_for
+from bot.scenes import mentions_any as _mentions_any
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
@@ -40,6 +49,7 @@ class Chat(commands.Cog):
         self.memory = bot.memory
         self.last_trigger: dict[int, float] = {}
         self.early: dict[int, str | None] = {}  # message id -> edited text, or None if deleted
+        self.rng = random.Random()  # the `natural` scene policy's draws
 
     # ---- deciding ---------------------------------------------------------------------------
 
@@ -59,6 +69,27 @@ class Chat(commands.Cog):
                 return True
         turn = await self.memory.turn_for_message(ref.message_id)
         return turn is not None and turn.role == "assistant"
+
+    async def replied_persona(self, message: discord.Message) -> str | None:
+        """The persona whose reply `message` answers (a Discord reply to it), if any."""
+        ref = message.reference
+        if ref is None or ref.message_id is None:
+            return None
+        turn = await self.memory.turn_for_message(ref.message_id)
+        return turn.persona if turn is not None and turn.role == "assistant" else None
+
+    def woken(self, policy: ChannelPolicy, text: str, scene: Scene) -> bool:
+        """WAKE_WORDS: the message names the bot, its persona, a cast member or an extra word."""
+        values = policy.settings.values
+        if not values.get("wake_words"):
+            return False
+        me = self.bot.user
+        words = [self.conv.bot_name, policy.persona or "", *scene.names()]
+        words += [n for m in scene.active for n in m.nicknames]
+        if me is not None:
+            words += [me.name, getattr(me, "display_name", "")]
+        words += str(values.get("wake_extra") or "").split(",")
+        return _mentions_any(text, [w for w in words if w and w.strip()])
 
     # ---- events -----------------------------------------------------------------------------
 
@@ -93,8 +124,30 @@ class Chat(commands.Cog):
                 await self.memory.delete_turn(turn_id)
                 return
             await self.conv.edit(message.id, late)
-        if not (policy.mode == "always" or await self.addressed(message)):
+        scene = await load_scene(self.memory, self.bot.personas, message.channel.id, guild_id)
+        said = message.clean_content  # names count in what was written, not in attachments
+        called = await self.addressed(message) or self.woken(policy, said, scene)
+        if not (policy.mode == "always" or called):
             return
+        speakers: list[SceneMember] = []
+        if scene:
+            speakers = speakers_for(
+                scene,
+                said,
+                replied_to=await self.replied_persona(message),
+                pick=policy.mode == "always" or called,
+                rng=self.rng,
+            )
+            state = scene.state
+            if state.policy in ("list", "manual"):  # the pick moved the round or used the choice
+                await self.memory.update_scene(
+                    state.channel_id,
+                    guild_id,
+                    next_seat=state.next_seat,
+                    manual_next=state.manual_next,
+                )
+            if not speakers:
+                return
         now = time.monotonic()
         cooldown = self.bot.settings.user_cooldown
         if now - self.last_trigger.get(message.author.id, -1e9) < cooldown:
@@ -105,6 +158,9 @@ class Chat(commands.Cog):
         task = asyncio.current_task()
         if task is not None:
             self.bot.track(task)
+        if speakers:
+            await self.answer_scene(message, turn_id, scene, speakers)
+            return
         await self.answer(message, turn_id)
 
     @commands.Cog.listener()
@@ -152,6 +208,7 @@ class Chat(commands.Cog):
         *,
         reference: discord.Message | None = None,
         overrides: dict | None = None,
+        persona: str | None = None,
     ) -> list[discord.Message]:
         """Stream one reply into `channel` and store it; the caller holds the channel's slot."""
         settings = self.bot.settings
@@ -159,15 +216,21 @@ class Chat(commands.Cog):
         typing = asyncio.create_task(typing_while(channel, shown))
         job = None
         try:
+            cast, roster = await self._scene_context(channel.id, guild_id, persona)
             job = await self.conv.prepare(
                 channel.id,
                 guild_id,
                 reply_to=turn_id,
+                persona=persona,
                 overrides=overrides,
                 parent_id=place_of(channel, guild_id).parent_id,
+                cast=cast,
+                scene=roster,
             )
             if job is None:
                 return []  # the message was deleted while it waited
+            if persona is not None:  # a scene member keeps its name, the default one too
+                job.persona = persona
             webhooks = self.bot.webhooks
             identity = await webhooks.identity(channel, job.persona, guild_id)
             stream = ReplyStream(channel, reference, identity, interval=settings.stream_interval)
@@ -182,14 +245,7 @@ class Chat(commands.Cog):
                 text = f"{text}\n-# {' '.join(job.notes)}"
             messages = await stream.finish(text)
             if job.text != EMPTY_NOTICE:
-                await self.conv.record_assistant(
-                    channel.id,
-                    job.text,
-                    guild_id=guild_id,
-                    persona=job.persona,
-                    message_ids=[m.id for m in messages],
-                    name=job.bot_name,
-                )
+                await self._keep(channel.id, guild_id, job, messages, turn_id)
             return messages
         except TimeoutError:
             log.error(
@@ -214,6 +270,135 @@ class Chat(commands.Cog):
             shown.set()
             typing.cancel()
         return []
+
+    async def _keep(
+        self,
+        channel_id: int,
+        guild_id: int | None,
+        job: ReplyJob,
+        messages: list[discord.Message],
+        asked: int | None,
+    ) -> int:
+        """Store a posted reply as the speaking persona's turn; offer swipes on a one-message
+        reply to the author of turn `asked` (the human message that led to it)."""
+        turn = await self.conv.record_assistant(
+            channel_id,
+            job.text,
+            guild_id=guild_id,
+            persona=job.persona,
+            message_ids=[m.id for m in messages],
+            name=job.bot_name,
+        )
+        if len(messages) == 1 and not job.notes:
+            await self.bot.swipes.attach(messages[0], turn, job.text, job.reply_to, asked)
+        return turn
+
+    async def _scene_context(
+        self, channel_id: int, guild_id: int | None, persona: str | None
+    ) -> tuple[list[str], str]:
+        """The other cast members and the roster, when `persona` plays in this channel's scene."""
+        if persona is None:
+            return [], ""
+        scene = await load_scene(self.memory, self.bot.personas, channel_id, guild_id)
+        return member_context(scene, persona)
+
+    # ---- scenes -----------------------------------------------------------------------------
+
+    async def answer_scene(
+        self,
+        message: discord.Message,
+        turn_id: int,
+        scene: Scene,
+        speakers: list[SceneMember],
+    ) -> None:
+        """The named (or picked) cast members answer `message`, each as itself, in order; then
+        members their replies name answer them, at most SCENE_CHAIN times."""
+        channel = message.channel
+        guild_id = message.guild.id if message.guild else None
+        chain = self.bot.settings.scene_chain
+        try:
+            async with self.conv.slot(channel.id):
+                posted = await self.scene_round(
+                    channel, guild_id, scene, speakers, turn_id, message, turn_id
+                )
+                while chain > 0 and posted:
+                    member, text = posted[0]
+                    waiting = [m.name for m, _ in posted[1:]]
+                    following = chained(scene, member.name, text, waiting)
+                    posted = posted[1:]
+                    if following:
+                        chain -= 1
+                        more = await self.scene_round(
+                            channel, guild_id, scene, following[:1], None, None, turn_id
+                        )
+                        posted = more + posted
+        except Busy:
+            await post(channel, BUSY, reference=message)
+
+    async def scene_round(
+        self,
+        channel: discord.abc.Messageable,
+        guild_id: int | None,
+        scene: Scene,
+        members: list[SceneMember],
+        turn_id: int | None,
+        reference: discord.Message | None,
+        asked: int | None,
+    ) -> list[tuple[SceneMember, str]]:
+        """Generate the members' replies together (separate requests the engine batches), then
+        post them in order under each member's own name; the caller holds the channel's slot."""
+        settings = self.bot.settings
+        parent_id = place_of(channel, guild_id).parent_id
+        jobs: list[tuple[SceneMember, ReplyJob]] = []
+        for member in members:
+            if scene.personas.get(persona_key(member.name)) is None:
+                log.info("scene member %s has no persona any more; skipped", member.name)
+                continue
+            cast, roster = member_context(scene, member.name)
+            job = await self.conv.prepare(
+                channel.id,
+                guild_id,
+                reply_to=turn_id,
+                persona=member.name,
+                parent_id=parent_id,
+                cast=cast,
+                scene=roster,
+            )
+            if job is None:
+                return []  # the message was deleted while it waited
+            job.persona = member.name
+            jobs.append((member, job))
+        shown = asyncio.Event()
+        typing = asyncio.create_task(typing_while(channel, shown))
+        try:
+            async with asyncio.timeout(settings.reply_timeout):
+                results = await asyncio.gather(
+                    *(self.conv.complete(job) for _, job in jobs), return_exceptions=True
+                )
+        except TimeoutError:
+            log.error("scene reply timed out in channel %s", channel.id)
+            await post(channel, TIMEOUT, reference=reference)
+            return []
+        finally:
+            shown.set()
+            typing.cancel()
+        posted: list[tuple[SceneMember, str]] = []
+        for (member, job), result in zip(jobs, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("scene reply by %s failed in channel %s", member.name, channel.id,
+                          exc_info=result)  # fmt: skip
+                continue
+            try:
+                messages = await self.bot.webhooks.post_as(
+                    channel, member.name, job.text, guild_id, reference=reference
+                )
+            except discord.HTTPException:
+                log.exception("could not post %s's reply in channel %s", member.name, channel.id)
+                continue
+            if job.text != EMPTY_NOTICE:
+                await self._keep(channel.id, guild_id, job, messages, asked)
+                posted.append((member, job.text))
+        return posted
 
     # ---- user commands ----------------------------------------------------------------------
 
@@ -292,7 +477,10 @@ class Chat(commands.Cog):
                 if t.id < last.id and t.role == "user"
             ]
             messages = await self.reply(
-                channel, interaction.guild_id, before[0].id if before else None
+                channel,
+                interaction.guild_id,
+                before[0].id if before else None,
+                persona=last.persona,
             )
             if messages:
                 await self.bot.webhooks.delete_messages(channel, ids)
@@ -322,11 +510,15 @@ class Chat(commands.Cog):
         async with self._last_reply(interaction, "continue") as last:
             if last is None or channel is None:
                 return
+            cast, roster = await self._scene_context(channel.id, interaction.guild_id, last.persona)
             job = await self.conv.prepare(
                 channel.id,
                 interaction.guild_id,
                 continue_last=True,
+                persona=last.persona,
                 parent_id=place_of(channel, interaction.guild_id).parent_id,
+                cast=cast,
+                scene=roster,
             )
             if job is None:  # someone spoke after my reply: it is no longer mine to extend
                 await interaction.followup.send(
@@ -345,11 +537,14 @@ class Chat(commands.Cog):
                 await interaction.followup.send("I had nothing to add.", ephemeral=True)
                 return
             joiner = "" if text[:1] in ",.;:!?)" else " "
-            identity = await self.bot.webhooks.identity(channel, job.persona, interaction.guild_id)
+            identity = await self.bot.webhooks.identity(
+                channel, last.persona or job.persona, interaction.guild_id
+            )
             messages = await post(channel, text, identity=identity)
             extended = last.content + joiner + text
             await memory.update_turn(last.id, extended, self.conv.counter(extended))
             await memory.link_messages(last.id, [m.id for m in messages])
+            await memory.end_swipes(last.id)  # its versions no longer match what is shown
         await interaction.followup.send("Continued.", ephemeral=True)
 
 

@@ -12,13 +12,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: The Discord layer inside `bot/`: the bot class, reply rendering, webhooks, command checks.
+#: The Discord layer inside `bot/`: the bot class, reply rendering, webhooks, command checks,
+#: attachments, swipe buttons.
 DISCORD_LAYER = {
     "bot/app.py",
     "bot/replies.py",
     "bot/webhooks.py",
     "bot/checks.py",
     "bot/attachments.py",
+    "bot/swipes.py",
 }
 
 

@@ -35,7 +35,7 @@ from bot.personas import Persona, PersonaLibrary
 from bot.prompt import TokenCounter, Turn
 from bot.settings import Settings
 from training.config import SourceConfig
-from training.data import LoadContext, Message, Record, SourceStats
+from training.records import LoadContext, Message, Record, SourceStats
 from training.served import Server, persona_server, persona_table, plain_server, served_examples
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
