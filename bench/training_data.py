@@ -29,17 +29,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.packing_reference import collate_padded, forward_packed, token_loss_sum  # noqa: E402
 from training.config import DataConfig, SourceConfig  # noqa: E402
 from training.data import build_mix  # noqa: E402
-from training.packing import (  # noqa: E402
-    collate_padded,
-    collate_rows,
-    forward_packed,
-    pack_lengths,
-    token_loss_sum,
-)
+from training.flops import PEAK_TFLOPS, flops_per_token  # noqa: E402
+from training.packing import collate_rows, pack_lengths  # noqa: E402
 from training.tokenize import Encoder, Example  # noqa: E402
-from training.train import PEAK_TFLOPS, flops_per_token  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 

@@ -27,15 +27,12 @@ from tests.training_helpers import (
     write_json,
 )
 from training.__main__ import main
+from training.checkpoint import load_checkpoint
 from training.config import CONFIG_DIR, ConfigError, config_from_dict, load_config
-from training.train import (
-    DataPlan,
-    DistInfo,
-    build_model,
-    cosine_schedule,
-    load_checkpoint,
-    train,
-)
+from training.distributed import DistInfo
+from training.model import build_model
+from training.plan import DataPlan
+from training.train import cosine_schedule, train
 
 CPU = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 

@@ -55,8 +55,8 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
+    from training.checkpoint import checkpoint_dirs
     from training.export import export_checkpoint
-    from training.train import checkpoint_dirs
 
     if args.checkpoint:
         ckpt = Path(args.checkpoint)

@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
+from training.checkpoint import single_process_dcp, step_of
 from training.config import Config
+from training.model import add_lora, load_base_model
 from training.tokenize import pad_id_for
 
 log = logging.getLogger(__name__)
@@ -98,19 +100,15 @@ def export_checkpoint(cfg: Config, checkpoint: Path, out: Path) -> Path:
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.train import single_process_dcp
-
     no_dist = not dist.is_initialized()
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
-    step = _step_of(checkpoint)
+    step = step_of(checkpoint)
     if cfg.lora.enabled:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
             set_model_state_dict,
         )
-
-        from training.train import add_lora, load_base_model
 
         # the base in the export dtype (bf16: 14 GB of RAM for 7B), never 4-bit; peft keeps the
         # adapter in fp32 and merges its delta into each weight
@@ -129,10 +127,3 @@ def export_checkpoint(cfg: Config, checkpoint: Path, out: Path) -> Path:
         dcp.load({"model": state}, checkpoint_id=str(checkpoint), no_dist=no_dist)
     model = model_from_state_dict(cfg, state, _dtype(cfg))
     return save_hf_folder(cfg, model, tokenizer, out, step=step)
-
-
-def _step_of(checkpoint: Path) -> int | None:
-    try:
-        return json.loads((checkpoint / "trainer_state.json").read_text())["step"]
-    except (OSError, ValueError, KeyError):
-        return None
