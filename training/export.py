@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from training import hub
 from training.checkpoint import single_process_dcp, step_of
 from training.config import Config
 from training.model import add_lora, load_base_model
@@ -35,7 +36,7 @@ def base_config(cfg: Config) -> Any:
 
     if cfg.model.from_config is not None:
         return LlamaConfig(**cfg.model.from_config)
-    return AutoConfig.from_pretrained(cfg.model.name_or_path)
+    return hub.load("model", str(cfg.model.name_or_path), AutoConfig.from_pretrained)
 
 
 def model_from_state_dict(cfg: Config, state: dict[str, torch.Tensor], dtype: torch.dtype) -> Any:
@@ -55,8 +56,8 @@ def generation_config(cfg: Config, tokenizer: Any) -> Any:
     gen = None
     if cfg.model.name_or_path:
         try:
-            gen = GenerationConfig.from_pretrained(cfg.model.name_or_path)
-        except OSError:
+            gen = hub.load("model", cfg.model.name_or_path, GenerationConfig.from_pretrained)
+        except OSError:  # none published (or no hub): transformers' defaults
             gen = None
     gen = gen or GenerationConfig()
     gen.bos_token_id = tokenizer.bos_token_id
@@ -65,7 +66,18 @@ def generation_config(cfg: Config, tokenizer: Any) -> Any:
     return gen
 
 
+def check_finite(model: Any, *, step: int | None) -> None:
+    """Refuse weights with a NaN or inf: the bot would load them and answer nothing useful."""
+    bad = [k for k, v in model.state_dict().items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"refusing to export step {step}: {len(bad)} weight tensors are not finite "
+            f"(first: {bad[0]}); export an earlier checkpoint with --checkpoint"
+        )
+
+
 def save_hf_folder(cfg: Config, model: Any, tokenizer: Any, out: Path, *, step: int | None) -> Path:
+    check_finite(model, step=step)
     out.mkdir(parents=True, exist_ok=True)
     model.config.use_cache = True
     model.generation_config = generation_config(cfg, tokenizer)
@@ -98,10 +110,10 @@ def export_checkpoint(cfg: Config, checkpoint: Path, out: Path) -> Path:
     """Read a DCP checkpoint in this one process and write the Hugging Face folder."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     no_dist = not dist.is_initialized()
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+    tokenizer = hub.load_tokenizer(cfg.tokenizer_path)
     step = step_of(checkpoint)
     if cfg.lora.enabled:
         from torch.distributed.checkpoint.state_dict import (

@@ -1,6 +1,23 @@
-"""Model FLOPs utilisation: the FLOPs a training step needs, and the device's peak to divide by."""
+"""Model FLOPs utilisation: the FLOPs a training step needs, and the device's peak to divide by.
+
+    step FLOPs = 6 * N * T  +  12 * L * d * sum(n_i ** 2)
+
+- `N` is the parameters that do a matmul per token: every parameter except the input embedding,
+  which is a table lookup (its tied twin, when the output projection shares it, does count);
+- `T = sum(n_i)` is the real tokens of the step, `n_i` the length of each document (sample);
+- `12 * L * d * n` per token is the attention scores and values, forward and backward (PaLM,
+  appendix B), with `n` the length the token can attend over. Packed rows use document masking,
+  so a token attends within its own sample: the row length (4096) would overstate it. Per token
+  that is `12 * L * d * s_eff` with `s_eff = sum(n_i ** 2) / sum(n_i)`, the token-weighted mean
+  document length.
+
+MFU = step FLOPs / (seconds x devices x peak FLOP/s per device).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -23,6 +40,7 @@ PEAK_TFLOPS = {
 
 
 def peak_flops(cfg: Config, device: torch.device) -> float | None:
+    """Peak FLOP/s of one device: `train.peak_tflops`, else guessed from the CUDA device name."""
     if cfg.train.peak_tflops:
         return cfg.train.peak_tflops * 1e12
     if device.type != "cuda":
@@ -31,7 +49,23 @@ def peak_flops(cfg: Config, device: torch.device) -> float | None:
     return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def flops_per_token(n_params: int, layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls (forward + backward) plus 12*L*d*s for
-    attention scores (PaLM appendix B). Llama-2-7B at 4096: ~46.9 GFLOP."""
-    return 6.0 * n_params + 12.0 * layers * hidden * seq_len
+def matmul_params(model: Any) -> int:
+    """Parameters used in a matmul per token: all of them but the input embedding (a lookup),
+    unless it is tied to the output projection (then the one matrix is counted, as lm_head)."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
+    return total if tied else total - embedding.numel()
+
+
+def step_flops(n_matmul: int, layers: int, hidden: int, doc_lengths: Sequence[int]) -> float:
+    """Training FLOPs (forward + backward) of a step over documents of `doc_lengths` tokens,
+    each attending only within itself: 6*N*sum(n) + 12*L*d*sum(n^2)."""
+    tokens = sum(doc_lengths)
+    return 6.0 * n_matmul * tokens + 12.0 * layers * hidden * sum(n * n for n in doc_lengths)
+
+
+def mfu(flops: float, seconds: float, devices: int, peak: float) -> float:
+    """Model FLOPs utilisation: the share of the devices' peak the step's FLOPs used."""
+    return flops / (seconds * devices * peak)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from training import hub
 from training.config import Config
 from training.distributed import DistInfo
 
@@ -51,7 +52,8 @@ def load_base_model(
                 bnb_4bit_compute_dtype=torch.bfloat16,
             )
             kwargs["device_map"] = {"": device.index if device and device.type == "cuda" else 0}
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **kwargs)
+        name = str(cfg.model.name_or_path)
+        model = hub.load("model", name, AutoModelForCausalLM.from_pretrained, **kwargs)
     model.config.use_cache = False
     return model
 
@@ -79,12 +81,51 @@ def enable_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """Each decoder layer once: the `torch.compile` wrapper where there is one, else the layer."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    found: list[torch.nn.Module] = []
+    wrapped: set[int] = set()
+    for module in model.modules():  # pre-order: a wrapper comes before the layer it wraps
+        inner = getattr(module, "_orig_mod", None)
+        if isinstance(inner, LlamaDecoderLayer):
+            found.append(module)
+            wrapped.add(id(inner))
+        elif isinstance(module, LlamaDecoderLayer) and id(module) not in wrapped:
+            found.append(module)
+    return found
+
+
+def compile_layers(model: Any) -> int:
+    """Replace each decoder layer by its `torch.compile` wrapper (as torchtitan does, before
+    FSDP2 wraps it, so FSDP's hooks stay outside the compiled graph). Returns how many."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LlamaDecoderLayer):
+                parent.register_module(name, torch.compile(child))
+                count += 1
+    return count
+
+
+def set_grad_sync(model: Any, on: bool) -> bool:
+    """FSDP2: whether the next backward reduce-scatters gradients (off: they accumulate locally
+    until the last micro-batch of the step). False when the model is not sharded."""
+    setter = getattr(model, "set_requires_gradient_sync", None)
+    if setter is None:
+        return False
+    setter(on)
+    return True
+
+
 def shard_model(model: Any, cfg: Config, info: DistInfo) -> Any:
     """FSDP2 full shard: each decoder layer is one unit (gathered just in time), then the root
     (embeddings, norm, lm_head). bf16 compute with fp32 master weights and fp32 reductions."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     mesh = init_device_mesh(info.device.type, (info.world,))
     kwargs: dict[str, Any] = {"mesh": mesh}
@@ -92,9 +133,8 @@ def shard_model(model: Any, cfg: Config, info: DistInfo) -> Any:
         kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32
         )
-    for module in model.modules():
-        if isinstance(module, LlamaDecoderLayer):
-            fully_shard(module, **kwargs)
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model
 
@@ -134,10 +174,23 @@ def build_model(cfg: Config, info: DistInfo) -> Any:
         model = add_lora(cfg, model)
     if cfg.model.gradient_checkpointing and not quantize:
         enable_checkpointing(model)
+    if cfg.model.compile:
+        compile_layers(model)
     if info.world > 1:
         return shard_model(model, cfg, info)
     return model if quantize else model.to(info.device)
 
 
-def count_params(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
+def nonfinite_weights(model: Any, info: DistInfo) -> int:
+    """How many parameter tensors hold a NaN or inf, over every process's shards."""
+    import torch.distributed as dist
+
+    local = sum(
+        1
+        for p in model.parameters()
+        if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+    )
+    count = torch.tensor(local, device=info.device)
+    if info.world > 1:
+        dist.all_reduce(count)
+    return int(count)

@@ -38,14 +38,15 @@ from training.checkpoint import (
     save_checkpoint,
     seed_everything,
 )
-from training.config import Config
+from training.config import Config, save_resolved
 from training.distributed import DistInfo, all_sum, full, init_distributed
 from training.export import export_checkpoint, export_live_model
-from training.flops import flops_per_token, peak_flops
-from training.model import build_model, check_setup, count_params
-from training.packing import collate_rows, pack_lengths, packed_loss_sum
-from training.plan import DataPlan, load_examples, micro_batches
-from training.tokenize import Encoder
+from training.flops import matmul_params, mfu, peak_flops, step_flops
+from training.hub import load_tokenizer
+from training.model import build_model, check_setup, nonfinite_weights, set_grad_sync
+from training.packing import collate_packed, packed_loss_sum
+from training.plan import DataPlan, load_examples, total_steps, warmup_steps
+from training.tokenize import Encoder, Example
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ class TrainResult:
     export_dir: Path | None
 
 
+class TrainingDiverged(RuntimeError):
+    """`train.max_bad_steps` steps in a row had a non-finite loss or gradient norm."""
+
+
 @dataclass
 class Run:
     """Everything the loop touches, built once by `setup`; `step` is the optimizer steps done."""
@@ -88,12 +93,16 @@ class Run:
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    flops_per_token: float
+    n_matmul: int  # parameters in a matmul per token, for FLOPs (0: unknown, no MFU)
+    layers: int
+    hidden: int
     peak: float | None
     autocast: AbstractContextManager[Any]
     step: int = 0
     checkpoint: Path | None = None
     losses: list[float] = field(default_factory=list)
+    bad_in_a_row: int = 0
+    skipped: int = 0
     bar: Any = None
 
 
@@ -103,9 +112,15 @@ class StepStats:
 
     loss: float
     grad_norm: float
-    lr: float
-    tokens: float  # real (non-pad) tokens over all ranks
+    lr: float  # the learning rate this step's update used (or would have used, when skipped)
+    tokens: float  # real tokens over all ranks
     seconds: float
+    micro_batches: int
+    grad_syncs: int  # micro-batches whose backward reduce-scattered gradients (FSDP2 only)
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,29 +130,23 @@ class StepStats:
 def setup(cfg: Config, info: DistInfo, resume: str | None) -> Run:
     """Tokenizer, examples and their order, model, optimizer and schedule; then the resume."""
     check_setup(cfg, info)  # refuse QLoRA without CUDA etc. before anything is fetched
-    from transformers import AutoTokenizer
-
     tc = cfg.train
     seed_everything(tc.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
     encoder = Encoder(tokenizer)
     examples = load_examples(cfg, encoder)
-    packs = pack_lengths([len(e) for e in examples], cfg.data.max_length)
-    plan = DataPlan(examples, packs, tc.global_batch_size, tc.seed)
-    per_rank = tc.global_batch_size // info.world
-    if per_rank * info.world != tc.global_batch_size or per_rank % tc.micro_batch_size:
+    if tc.global_batch_size % info.world:
         raise ValueError(
-            f"global_batch_size {tc.global_batch_size} must be a multiple of "
-            f"world size {info.world} x micro_batch_size {tc.micro_batch_size}"
+            f"global_batch_size {tc.global_batch_size} (samples) must be a multiple of the "
+            f"number of processes, {info.world}"
         )
-    total = tc.max_steps or max(1, math.ceil(tc.epochs * plan.steps_per_epoch))
-    warmup = max(1, math.ceil(tc.warmup_ratio * total)) if tc.warmup_ratio > 0 else 0
+    micro_tokens = tc.micro_batch_size * cfg.data.max_length
+    plan = DataPlan(examples, tc.global_batch_size, tc.seed, micro_tokens)
+    total = total_steps(cfg, len(examples))
+    warmup = warmup_steps(cfg, total)
 
     model = build_model(cfg, info)
     base = model.get_base_model() if cfg.lora.enabled else model
-    n_params = count_params(base) if not cfg.lora.load_in_4bit else 0
-    mc = base.config
-    fpt = flops_per_token(n_params, mc.num_hidden_layers, mc.hidden_size, cfg.data.max_length)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,
@@ -159,7 +168,9 @@ def setup(cfg: Config, info: DistInfo, resume: str | None) -> Run:
         params=params,
         optimizer=optimizer,
         scheduler=cosine_schedule(optimizer, warmup, total, tc.min_lr_ratio),
-        flops_per_token=fpt if n_params else 0.0,
+        n_matmul=0 if cfg.lora.load_in_4bit else matmul_params(base),  # 4-bit: numel is packed
+        layers=base.config.num_hidden_layers,
+        hidden=base.config.hidden_size,
         peak=peak_flops(cfg, info.device),
         autocast=(
             torch.autocast(info.device.type, dtype=torch.bfloat16)
@@ -170,14 +181,13 @@ def setup(cfg: Config, info: DistInfo, resume: str | None) -> Run:
     if resume is not None:
         resume_from(run, checkpoint_dirs(run.out) if resume == "auto" else [Path(resume)])
     if info.main:
-        run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        save_resolved(cfg)  # output_dir/config.yaml: every field this run trains with
         log.info(
-            "%d examples in %d rows of %d tokens; %d steps/epoch, %d steps, warmup %d; "
-            "%d processes on %s",
+            "%d examples, %d samples per step (micro-batches of <= %d tokens); %d steps/epoch, "
+            "%d steps, warmup %d; %d processes on %s",
             len(examples),
-            len(packs),
-            cfg.data.max_length,
+            tc.global_batch_size,
+            micro_tokens,
             plan.steps_per_epoch,
             total,
             warmup,
@@ -219,60 +229,106 @@ def resume_from(run: Run, found: list[Path]) -> None:
 # one optimizer step
 
 
+def micro_loss(run: Run, samples: list[int]) -> tuple[torch.Tensor, int]:
+    """Summed loss over the target tokens of one micro-batch (one flat packed row), and its real
+    tokens. An empty micro-batch (a process with less to do this step) still runs the model so
+    FSDP2's collectives match, with a loss of exactly zero."""
+    examples = [run.plan.examples[i] for i in samples]
+    batch = collate_packed(examples or [_EMPTY], run.encoder.pad)
+    with run.autocast:
+        if not examples:
+            logits = run.model(input_ids=_on(batch.input_ids, run), use_cache=False).logits
+            return logits.sum() * 0.0, 0
+        return packed_loss_sum(run.model, _to(batch, run.info.device)), batch.n_real
+
+
 def train_step(run: Run) -> StepStats:
-    """Forward and backward over this rank's micro-batches, then clip, update and schedule."""
+    """Forward and backward over this process's micro-batches, then clip, update and schedule.
+
+    A step whose loss or gradient norm is not finite updates nothing: the optimizer (and its
+    moments) are left as they were, the gradients are dropped. The schedule and the data move on
+    (the learning rate is a function of the step number, and a resumed run replays the same
+    batches), and `bad_in_a_row` counts it.
+    """
     cfg, info, plan = run.cfg, run.info, run.plan
     t0 = time.perf_counter()
     n_targets = plan.step_targets(run.step)  # of the whole step: every micro-batch, every rank
+    poison = math.nan if run.step + 1 in cfg.train.inject_nan_at else 1.0  # fault injection
     loss_sum = torch.zeros((), device=info.device)
-    real = 0
-    rows = plan.rank_rows(run.step, info.rank, info.world)
-    for micro in micro_batches(rows, cfg.train.micro_batch_size):
-        batch = collate_rows(
-            [[plan.examples[i] for i in plan.packs[r]] for r in micro],
-            run.encoder.pad,
-            cfg.data.max_length,
-        )
-        real += batch.n_real
-        with run.autocast:
-            loss = packed_loss_sum(run.model, _to(batch, info.device))
+    real = syncs = 0
+    micro = plan.micro_batches(run.step, info.rank, info.world)
+    for k, samples in enumerate(micro):
+        # FSDP2: reduce-scatter gradients once per step, in the last micro-batch's backward;
+        # before that they accumulate unsharded on each rank (no communication)
+        last = k == len(micro) - 1
+        if set_grad_sync(run.model, last) and last:
+            syncs += 1
+        loss, n_real = micro_loss(run, samples)
         # FSDP averages gradients over ranks; * world makes it the step's token-weighted sum.
-        (loss * (info.world / max(1, n_targets))).backward()
-        loss_sum += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.train.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.step += 1
-    loss_value = all_sum(loss_sum, info) / max(1, n_targets)
-    run.losses.append(loss_value)
-    return StepStats(
+        (loss * poison * (info.world / max(1, n_targets))).backward()
+        loss_sum += loss.detach() * poison
+        real += n_real
+    grad_norm = float(full(torch.nn.utils.clip_grad_norm_(run.params, cfg.train.max_grad_norm)))
+    loss_value = all_sum(loss_sum, info) / max(1, n_targets)  # the same on every rank
+    lr = run.optimizer.param_groups[0]["lr"]  # what this step's update uses
+    stats = StepStats(
         loss=loss_value,
-        grad_norm=float(full(grad_norm)),
-        lr=run.scheduler.get_last_lr()[0],
+        grad_norm=grad_norm,
+        lr=lr,
         tokens=all_sum(torch.tensor(float(real), device=info.device), info),
-        seconds=time.perf_counter() - t0,
+        seconds=0.0,
+        micro_batches=len(micro),
+        grad_syncs=syncs,
     )
+    if stats.finite:
+        run.optimizer.step()
+        run.bad_in_a_row = 0
+    else:  # every rank sees the same loss and norm, so every rank skips
+        run.bad_in_a_row += 1
+        run.skipped += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    run.step += 1
+    run.losses.append(loss_value)
+    stats.seconds = time.perf_counter() - t0
+    return stats
 
 
 def log_step(run: Run, stats: StepStats) -> None:
     """One line of log.jsonl per step, the progress bar, and the console every `log_every`."""
     info = run.info
+    if not stats.finite:
+        log.warning(
+            "step %d skipped: loss %s, grad norm %s (%d in a row; train.max_bad_steps %d)",
+            run.step,
+            stats.loss,
+            stats.grad_norm,
+            run.bad_in_a_row,
+            run.cfg.train.max_bad_steps,
+        )
     if not info.main:
         return
     tps = stats.tokens / stats.seconds
-    mfu = tps / info.world * run.flops_per_token / run.peak if run.peak else None
-    if not run.flops_per_token:
-        mfu = None
+    util = None
+    if run.peak and run.n_matmul:
+        flops = step_flops(
+            run.n_matmul, run.layers, run.hidden, run.plan.step_lengths(run.step - 1)
+        )
+        util = mfu(flops, stats.seconds, info.world, run.peak)
     entry = {
         "step": run.step,
         "epoch": round(run.step / run.plan.steps_per_epoch, 4),
-        "loss": round(stats.loss, 6),
+        "loss": round(stats.loss, 6) if math.isfinite(stats.loss) else str(stats.loss),
         "lr": stats.lr,
-        "grad_norm": round(stats.grad_norm, 4),
+        "grad_norm": round(stats.grad_norm, 4)
+        if math.isfinite(stats.grad_norm)
+        else str(stats.grad_norm),
+        "skipped": not stats.finite,
+        "micro_batches": stats.micro_batches,
+        "grad_syncs": stats.grad_syncs,
         "tokens_per_s": round(tps, 1),
         "tokens_per_s_per_device": round(tps / info.world, 1),
-        "mfu": round(mfu, 4) if mfu is not None else None,
+        "mfu": round(util, 4) if util is not None else None,
     }
     with (run.out / "log.jsonl").open("a") as f:
         f.write(json.dumps(entry) + "\n")
@@ -282,14 +338,37 @@ def log_step(run: Run, stats: StepStats) -> None:
             loss=f"{stats.loss:.4f}",
             lr=f"{stats.lr:.2e}",
             tok_s=f"{tps:,.0f}",
-            mfu=f"{mfu:.1%}" if mfu is not None else "n/a",
+            mfu=f"{util:.1%}" if util is not None else "n/a",
         )
     if run.step % max(1, run.cfg.train.log_every) == 0:
         log.info("step %s", json.dumps(entry))
 
 
+def check_divergence(run: Run) -> None:
+    """Stop after `train.max_bad_steps` non-finite steps in a row; nothing after the last good
+    checkpoint is written, so it is what resume and export use."""
+    limit = run.cfg.train.max_bad_steps
+    if run.bad_in_a_row < limit:
+        return
+    if run.bar is not None:
+        run.bar.close()
+    kept = run.checkpoint or "none was written"
+    raise TrainingDiverged(
+        f"stopped at step {run.step}: {limit} steps in a row had a non-finite loss or gradient "
+        f"norm (train.max_bad_steps={limit}); last good checkpoint: {kept}. Lower train.lr or "
+        "check the data; resume from it, or start again with --resume none"
+    )
+
+
 def save(run: Run) -> None:
-    """A checkpoint at the current step (with the data position, for an exact resume)."""
+    """A checkpoint at the current step (with the data position, for an exact resume), written
+    only after a step that updated the weights and only if every weight is finite: rotation then
+    never removes a good checkpoint to make room for a bad one."""
+    if run.bad_in_a_row:
+        return
+    if bad := nonfinite_weights(run.model, run.info):
+        log.warning("step %d: %d weight tensors are not finite; no checkpoint", run.step, bad)
+        return
     epoch, in_epoch = run.plan.position(run.step)
     run.checkpoint = run.out / CHECKPOINTS / f"step-{run.step:08d}"
     save_checkpoint(
@@ -306,6 +385,7 @@ def save(run: Run) -> None:
             "step_in_epoch": in_epoch,
             "world": run.info.world,
             "data": run.plan.fingerprint(),
+            "skipped_steps": run.skipped,
         },
     )
 
@@ -315,6 +395,11 @@ def finish(run: Run) -> Path | None:
     cfg, info = run.cfg, run.info
     if run.step < run.total or not cfg.train.export_dir:
         return None
+    if bad := nonfinite_weights(run.model, info):  # on every rank, so none waits for rank 0
+        raise TrainingDiverged(
+            f"refusing to export at step {run.step}: {bad} weight tensors are not finite; "
+            f"last good checkpoint: {run.checkpoint or 'none was written'}"
+        )
     exported = Path(cfg.train.export_dir)
     if cfg.lora.enabled:  # the adapter is merged into a full-precision base, from the checkpoint
         if info.main and run.checkpoint is not None:
@@ -344,14 +429,22 @@ def train(
     save_every = cfg.train.save_every
     run.model.train()
     while run.step < end:
-        stats = train_step(run)  # every micro-batch of this step, then one optimizer update
+        stats = train_step(run)  # every micro-batch of this step, then one update (or a skip)
         log_step(run, stats)  # rank 0: log.jsonl, progress bar, console
+        check_divergence(run)  # N non-finite steps in a row: stop with an error, save nothing
         if run.step == end or (save_every and run.step % save_every == 0):
             save(run)  # the last step always, so a stopped run resumes where it stopped
     if run.bar is not None:
         run.bar.close()
     exported = finish(run)  # only when the whole schedule ran
     return TrainResult(run.step, run.total, run.losses, run.checkpoint, exported)
+
+
+_EMPTY = Example([0], [-100])  # the stand-in row of an empty micro-batch (its loss is zeroed)
+
+
+def _on(x: torch.Tensor, run: Run) -> torch.Tensor:
+    return x if run.info.device.type == "cpu" else x.to(run.info.device)
 
 
 def _to(batch: Any, device: torch.device) -> Any:
