@@ -13,7 +13,7 @@ import yaml
 from tests.conftest import subprocess_env
 from tests.training_helpers import need_data, need_tokenizer_path
 from training.__main__ import main
-from training.config import OVERRIDES_FILE, RESOLVED_FILE
+from training.config import CONFIG_DIR, OVERRIDES_FILE, RESOLVED_FILE
 
 
 @pytest.mark.slow
@@ -122,3 +122,23 @@ def test_a_hub_dataset_fails_at_once_when_the_hub_is_unreachable(
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "cannot load the dataset 'sahil280114/codealpaca'" in line
     assert "--data PATH[:FORMAT]" in line
+
+
+def test_saved_overrides_are_reused_and_replaced_by_new_flags(tmp_path: Path) -> None:
+    from training.config import load_run_config, save_run_config
+
+    config = tmp_path / "run.yaml"
+    base = yaml.safe_load((CONFIG_DIR / "tiny-cpu.yaml").read_text())
+    base["train"]["output_dir"] = str(tmp_path / "out")
+    config.write_text(yaml.safe_dump(base))
+    first = load_run_config(config, [("train.max_steps", 3), ("model.tokenizer", "/tok/a")])
+    assert first.reused == []
+    save_run_config(config, first)
+    again = load_run_config(config, [("model.tokenizer", "/tok/b")])
+    assert again.config.train.max_steps == 3 and again.config.model.tokenizer == "/tok/b"
+    assert again.reused == ["train.max_steps"]
+    assert (tmp_path / "out" / RESOLVED_FILE).exists()
+    # another config file writing to the same folder does not pick them up
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(base))
+    assert load_run_config(other, []).config.train.max_steps == 20

@@ -264,3 +264,19 @@ def test_compile_wraps_each_decoder_layer_and_trains_like_eager(tmp_path: Path) 
     assert compiled.keys() == eager.keys()  # no `_orig_mod.` in the exported names
     for k in eager:
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-3, atol=1e-5)
+
+
+def test_an_empty_micro_batch_runs_the_model_and_adds_nothing(tmp_path: Path) -> None:
+    from training.train import micro_loss, setup
+
+    cfg = config_from_dict(tiny_config_dict(tmp_path, sources(4)))
+    prepare(cfg)
+    run = setup(cfg, CPU, None)
+    loss, real = micro_loss(run, [])
+    loss.backward()  # a process with less work still joins every collective of the step
+    assert (float(loss.detach()), real) == (0.0, 0)
+    grads = [p.grad for p in run.model.parameters()]
+    assert all(g is not None and not g.any() for g in grads)
+    loss, real = micro_loss(run, [0, 1])
+    assert real == len(run.plan.examples[0]) + len(run.plan.examples[1])
+    assert float(loss.detach()) > 0

@@ -13,9 +13,11 @@ wrong are in plain sight here and tested on CPU:
   checkpoints are sharded DCP folders that any world size can read, and the export gathers a
   full state dict to write plain Hugging Face weights.
 
-The loop in `train` is four calls: `setup` builds everything once, `train_step` runs one
-optimizer step, `log_step` writes its figures, `save` writes a checkpoint. Launch with `torchrun`
-(or `accelerate launch`) for several GPUs; one process needs no launcher.
+The loop in `train` is a handful of calls: `setup` builds everything once, `train_step` runs one
+optimizer step (or skips its update when the loss or gradient norm is NaN/inf), `log_step`
+writes its figures, `check_divergence` stops the run after `train.max_bad_steps` such steps in a
+row, `save` writes a checkpoint (of finite weights only) and `finish` the Hugging Face folder.
+Launch with `torchrun` (or `accelerate launch`) for several GPUs; one process needs no launcher.
 """
 
 from __future__ import annotations
@@ -268,6 +270,7 @@ def train_step(run: Run) -> StepStats:
         (loss * poison * (info.world / max(1, n_targets))).backward()
         loss_sum += loss.detach() * poison
         real += n_real
+    # clip the whole step's gradient (the norm is over every shard, so every rank agrees)
     grad_norm = float(full(torch.nn.utils.clip_grad_norm_(run.params, cfg.train.max_grad_norm)))
     loss_value = all_sum(loss_sum, info) / max(1, n_targets)  # the same on every rank
     lr = run.optimizer.param_groups[0]["lr"]  # what this step's update uses
@@ -286,8 +289,8 @@ def train_step(run: Run) -> StepStats:
     else:  # every rank sees the same loss and norm, so every rank skips
         run.bad_in_a_row += 1
         run.skipped += 1
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)  # None, not zeros: frees the memory until backward
+    run.scheduler.step()  # also after a skip: the LR stays a function of the step number
     run.step += 1
     run.losses.append(loss_value)
     stats.seconds = time.perf_counter() - t0
