@@ -1,8 +1,9 @@
-"""`python -m training {prepare,train,export}` (also installed as `hermes-train`).
+"""`python -m training {prepare,train,export,eval}` (also installed as `hermes-train`).
 
     hermes-train prepare --config hermes-7b-8xa100        # sources -> records.jsonl + report
     torchrun --standalone --nproc_per_node 8 -m training train --config hermes-7b-8xa100
     hermes-train export --config hermes-7b-8xa100 --out models/hermes-7b   # -> MODEL=models/hermes-7b
+    hermes-train eval --model BASE --model models/hermes-7b --suite all --data data/prepared
 
 `--config` takes a YAML path or the name of a bundled config; `--set a.b=value` overrides a field.
 """
@@ -16,6 +17,8 @@ import sys
 from pathlib import Path
 
 from training.config import Config, ConfigError, load_config
+from training.evaluate.cli import add_parser as add_eval_parser
+from training.evaluate.cli import cmd_eval
 
 log = logging.getLogger("training")
 
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--out", help="output folder (default: train.export_dir or <output_dir>/hf)"
             )
+    add_eval_parser(sub)
     return parser
 
 
@@ -122,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
     )
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = None if args.command == "eval" else load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    commands = {"prepare": cmd_prepare, "train": cmd_train, "export": cmd_export}
+    commands = {"prepare": cmd_prepare, "train": cmd_train, "export": cmd_export, "eval": cmd_eval}
     try:
         return commands[args.command](cfg, args)
     except (OSError, ValueError, RuntimeError) as exc:
