@@ -132,6 +132,53 @@ def test_card_suites_match_the_model_card() -> None:
     assert set(BIGBENCH.tasks) <= set(manager.all_tasks)
 
 
+def test_card_bigbench_definition_runs_on_bigbench_shaped_data(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The card's BigBench template and helpers, run by the harness on rows shaped like BIG-bench's
+    published data: only the three-choice rows form the `three_objects` subtask, and the metric is
+    the card's multiple_choice_grade (argmax log-likelihood == gold)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    rows = []
+    for i in range(12):
+        n = (3, 5, 7)[i % 3]
+        choices = [f"option {chr(65 + j)}" for j in range(n)]
+        rows.append(
+            {
+                "idx": i,
+                "inputs": f"Q: item {i}, pick one.\nA:",
+                "targets": [choices[i % n]],
+                "multiple_choice_targets": choices,
+                "multiple_choice_scores": [int(j == i % n) for j in range(n)],
+            }
+        )
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "bb_three.yaml").write_text(
+        "task: bb_local_three\n"
+        f"include: {TASKS_DIR}/_bigbench_card_template_yaml\n"
+        "dataset_path: json\n"
+        "dataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    default: {tmp_path}/rows.jsonl\n"
+        "process_docs: !function training.evaluate.tasks.utils.three_choices\n"
+    )
+    manager = TaskManager(include_path=[str(TASKS_DIR), str(tmp_path)], include_defaults=False)
+    tasks = manager.load(["bb_local_three"])["tasks"]
+    lm = HFLM(pretrained=str(tiny_model), device="cpu", batch_size=4)
+    raw = simple_evaluate(model=lm, tasks=list(tasks.values()), task_manager=manager)
+    assert raw is not None
+    samples = raw["samples"]["bb_local_three"]
+    assert len(samples) == 4 and all(len(s["doc"]["multiple_choice_targets"]) == 3 for s in samples)
+    for s in samples:
+        lls = [r[0][0] for r in s["resps"]]
+        best = max(range(len(lls)), key=lls.__getitem__)
+        assert s["multiple_choice_grade"] == float(best == s["target"])
+    grade = sum(s["multiple_choice_grade"] for s in samples) / 4
+    assert raw["results"]["bb_local_three"]["multiple_choice_grade,none"] == grade
+
+
 def _score(task: str, **metrics: tuple[float, float]) -> TaskScore:
     return TaskScore(task, "0", 0, 100, dict(metrics))
 
