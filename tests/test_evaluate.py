@@ -442,6 +442,10 @@ def test_eval_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["eval", "--model", str(tmp_path), "--suite", "chat"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["hermes-train eval: the chat suite needs --data: a `prepare` output folder"]
-    assert main(["eval", "--model", "m", "--suite", "chat", "--data", str(tmp_path)]) == 1
+    assert main(["eval", "--model", str(tmp_path), "--suite", "chat", "--data", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "records.jsonl does not exist" in err[0]
+    missing = tmp_path / "no-such-model"
+    assert main(["eval", "--model", str(missing), "--suite", "gpt4all"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"hermes-train eval: no model folder at {missing}"]

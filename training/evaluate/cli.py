@@ -100,6 +100,13 @@ def records_path(data: str) -> Path:
     return path.parent if path.is_file() else path
 
 
+def check_model(model: str) -> None:
+    """A path that is not a folder is a typo, not a hub id: say so before loading anything."""
+    looks_local = model.startswith(("/", ".", "~")) or model.count("/") != 1
+    if looks_local and not Path(model).expanduser().is_dir():
+        raise FileNotFoundError(f"no model folder at {model}")
+
+
 def cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
     """Run the selected suites; 0 when anything ran, 1 when nothing could."""
     from training.evaluate.tables import benchmark_table, chat_table, model_labels, write_json
@@ -107,6 +114,8 @@ def cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
     suites, chat = selected(args)
     if chat and not args.data:
         raise ValueError("the chat suite needs --data: a `prepare` output folder")
+    for model in args.models:
+        check_model(model)
     out = Path(args.out)
     labels = model_labels(args.models)
     report: dict[str, Any] = {
