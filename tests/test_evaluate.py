@@ -31,17 +31,20 @@ from training.evaluate.suites import AGIEVAL, BIGBENCH, GPT4ALL, TASKS_DIR
 from training.evaluate.tables import benchmark_table, chat_table
 from training.tokenize import IGNORE_INDEX, Encoder
 
-pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
-
 EVAL_TASKS = ROOT / "tests" / "eval_task"
 
 
 # --- the harness, for real -----------------------------------------------------------------
 
 
+def need_lm_eval() -> None:
+    pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
+
+
 def test_harness_runs_a_local_task_and_names_the_unavailable_one(
     tiny_model: Path, tmp_path: Path
 ) -> None:
+    need_lm_eval()
     other = make_model(tmp_path / "other", seed=1)
     out = tmp_path / "out"
     env = subprocess_env(tmp_path)
@@ -109,6 +112,7 @@ def test_harness_runs_a_local_task_and_names_the_unavailable_one(
 
 
 def test_card_suites_match_the_model_card() -> None:
+    need_lm_eval()
     assert GPT4ALL.tasks == (
         "arc_challenge",
         "arc_easy",
@@ -130,6 +134,12 @@ def test_card_suites_match_the_model_card() -> None:
 
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     assert set(BIGBENCH.tasks) <= set(manager.all_tasks)
+    # AGIEval is the harness's own `agieval_nous` group (the card's 8 English tasks).
+    import lm_eval
+    import yaml
+
+    group = Path(lm_eval.__file__).parent / "tasks" / "agieval" / "agieval_nous.yaml"
+    assert set(yaml.safe_load(group.read_text())["task"]) == set(AGIEVAL.tasks)
 
 
 def test_card_bigbench_definition_runs_on_bigbench_shaped_data(
@@ -138,6 +148,7 @@ def test_card_bigbench_definition_runs_on_bigbench_shaped_data(
     """The card's BigBench template and helpers, run by the harness on rows shaped like BIG-bench's
     published data: only the three-choice rows form the `three_objects` subtask, and the metric is
     the card's multiple_choice_grade (argmax log-likelihood == gold)."""
+    need_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
