@@ -436,6 +436,19 @@ def test_validation_split_is_stable_and_complete() -> None:
     assert split_records(records, 0.1, "other seed")[1] != val
 
 
+def test_model_labels_tell_models_apart() -> None:
+    from training.evaluate.tables import model_labels
+
+    assert model_labels(["NousResearch/Nous-Hermes-llama-2-7b", "models/hermes-7b/"]) == {
+        "NousResearch/Nous-Hermes-llama-2-7b": "Nous-Hermes-llama-2-7b",
+        "models/hermes-7b/": "hermes-7b",
+    }
+    assert model_labels(["/r/start/hf", "/r/run/hf"]) == {
+        "/r/start/hf": "start/hf",
+        "/r/run/hf": "run/hf",
+    }
+
+
 def test_chat_table_layout() -> None:
     table = chat_table(
         {

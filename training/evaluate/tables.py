@@ -19,12 +19,14 @@ from training.evaluate.suites import Suite, headline_metric
 
 
 def model_labels(models: Sequence[str]) -> dict[str, str]:
-    """Short column names: the folder (or hub repo) name, the full path where two collide."""
-    short = {m: Path(m.rstrip("/")).name or m for m in models}
-    counts: dict[str, int] = {}
-    for s in short.values():
-        counts[s] = counts.get(s, 0) + 1
-    return {m: (s if counts[s] == 1 else m) for m, s in short.items()}
+    """Short column names: the folder (or hub repo) name, with as many parent folders as it
+    takes to tell the models apart (`run/hf` vs `start/hf`)."""
+    parts = {m: Path(m.rstrip("/")).parts or (m,) for m in models}
+    for depth in range(1, max(len(p) for p in parts.values()) + 1):
+        labels = {m: "/".join(p[-depth:]) for m, p in parts.items()}
+        if len(set(labels.values())) == len(set(models)):
+            return labels
+    return {m: m for m in models}
 
 
 def _num(value: float | None) -> str:
