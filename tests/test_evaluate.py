@@ -17,7 +17,7 @@ import torch
 
 from tests.conftest import ROOT, subprocess_env
 from tests.tiny import make_model
-from training.__main__ import main
+from training.__main__ import build_parser, main
 from training.data import Record, Report, read_prepared, write_prepared
 from training.evaluate.chat_suite import (
     chat_loss,
@@ -26,6 +26,7 @@ from training.evaluate.chat_suite import (
     served_prompt,
     split_records,
 )
+from training.evaluate.cli import selected
 from training.evaluate.harness import SuiteResult, TaskScore
 from training.evaluate.suites import AGIEVAL, BIGBENCH, GPT4ALL, TASKS_DIR
 from training.evaluate.tables import benchmark_table, chat_table
@@ -408,9 +409,13 @@ def test_chat_loss_counts_reply_tokens_only(chat_setup: dict[str, Any]) -> None:
                 if ex.labels[pos] != IGNORE_INDEX:
                     expected_sum -= float(logp[pos - 1, ex.labels[pos]])
                     expected_n += 1
-    total, n = reply_nll(model, examples, max_batch_tokens=64, pad_id=s["encoder"].pad)
-    assert n == expected_n == sum(e.n_targets for e in examples)
-    assert math.isclose(total, expected_sum, rel_tol=1e-4)
+    assert len({len(e) for e in examples}) > 1  # batched together, the shorter rows are padded
+    for max_batch_tokens in (64, 10_000):  # one row per batch, then all rows in one batch
+        total, n = reply_nll(
+            model, examples, max_batch_tokens=max_batch_tokens, pad_id=s["encoder"].pad
+        )
+        assert n == expected_n == sum(e.n_targets for e in examples)
+        assert math.isclose(total, expected_sum, rel_tol=1e-4)
     assert model.training is False
     # The reply (and its EOS) is all that is scored: one span per reply, each ending in EOS.
     spans = s["encoder"].target_spans(examples[0])
@@ -469,7 +474,13 @@ def test_eval_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["eval", "--model", str(tmp_path), "--suite", "chat", "--data", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "records.jsonl does not exist" in err[0]
+    # `all` without --data runs the benchmarks and says in one line that chat needs data.
+    args = build_parser().parse_args(["eval", "--model", "m", "--suite", "all"])
+    assert [s.name for s in selected(args)[0]] == ["gpt4all", "bigbench", "agieval"]
     missing = tmp_path / "no-such-model"
-    assert main(["eval", "--model", str(missing), "--suite", "gpt4all"]) == 1
+    assert main(["eval", "--model", str(missing), "--suite", "all"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"hermes-train eval: no model folder at {missing}"]
+    assert err == [
+        "eval: chat: skipped, it needs --data (a `prepare` output folder)",
+        f"hermes-train eval: no model folder at {missing}",
+    ]

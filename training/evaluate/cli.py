@@ -113,7 +113,10 @@ def cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
 
     suites, chat = selected(args)
     if chat and not args.data:
-        raise ValueError("the chat suite needs --data: a `prepare` output folder")
+        if "chat" in (args.suites or []):
+            raise ValueError("the chat suite needs --data: a `prepare` output folder")
+        _notice("chat: skipped, it needs --data (a `prepare` output folder)")
+        chat = False
     for model in args.models:
         check_model(model)
     out = Path(args.out)
