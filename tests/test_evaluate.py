@@ -477,6 +477,9 @@ def test_eval_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     # `all` without --data runs the benchmarks and says in one line that chat needs data.
     args = build_parser().parse_args(["eval", "--model", "m", "--suite", "all"])
     assert [s.name for s in selected(args)[0]] == ["gpt4all", "bigbench", "agieval"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--model", "m", "--batch-size", "0"])
+    assert "is not auto or a positive number" in capsys.readouterr().err
     missing = tmp_path / "no-such-model"
     assert main(["eval", "--model", str(missing), "--suite", "all"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -304,9 +304,7 @@ def load_model(path: str, opts: ChatOptions) -> Any:
     return model.eval()
 
 
-def evaluate_model(
-    path: str, val: Sequence[Record], opts: ChatOptions, notice: Notice = print
-) -> dict[str, Any]:
+def evaluate_model(path: str, val: Sequence[Record], opts: ChatOptions) -> dict[str, Any]:
     """Loss and generation figures for one model folder on the validation records."""
     from bot.engine import engine_from_settings, load_tokenizer, params_from_settings
 
@@ -372,7 +370,7 @@ def run_chat_suite(
     out = {}
     for path in models:
         notice(f"chat: {len(val)} validation conversation(s) on {path}")
-        out[path] = evaluate_model(path, val, opts, notice)
+        out[path] = evaluate_model(path, val, opts)
     return out, settings
 
 

@@ -55,7 +55,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="folder of task YAMLs in the harness's format (repeatable)",
     )
     h.add_argument("--num-fewshot", type=int, help="shots for --tasks (default 0)")
-    h.add_argument("--batch-size", default="auto", help="auto (default) or a number")
+    h.add_argument(
+        "--batch-size", type=batch_size_arg, default="auto", help="auto (default) or a number"
+    )
     h.add_argument("--max-batch-size", type=int, default=64, help="ceiling for auto")
     h.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     h.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
@@ -77,6 +79,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     c.add_argument("--device-map", default="auto", help="as DEVICE_MAP (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def batch_size_arg(value: str) -> str:
+    """`auto` or a positive whole number (kept as text: the harness takes either)."""
+    if value == "auto" or (value.isdigit() and int(value) > 0):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is not auto or a positive number")
 
 
 def _notice(line: str) -> None:
