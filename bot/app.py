@@ -1,7 +1,9 @@
-"""The Discord side's assembly: one `commands.Bot` holding the settings, memory and engine.
+"""The bot class, `HermesBot`: the Discord layer's owner of the shared core.
 
-The cogs in `cogs/` do the Discord glue; this module only opens the shared pieces once, loads
-the cogs, syncs slash commands, and shuts everything down cleanly.
+It opens the core once (settings, memory, personas, conversations and the engine inside them)
+and the Discord-layer pieces every cog shares (webhooks), as typed attributes, then loads the
+cogs, syncs slash commands, answers refused checks and failed commands once for all of them,
+and shuts everything down cleanly. Cogs talk to each other only through these attributes.
 """
 
 from __future__ import annotations
@@ -18,14 +20,25 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import metrics
+from bot.checks import Refused
 from bot.conversation import Conversations
 from bot.engine import Engine, EngineError, engine_from_settings
 from bot.memory import Memory
 from bot.personas import PersonaLibrary, load_builtin_personas
 from bot.replies import say_privately
 from bot.settings import Settings
+from bot.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
+
+# A text bot: discord.py's "PyNaCl/davey is not installed, voice will NOT be supported" warnings
+# at start only worry users about a feature it never uses.
+discord.VoiceClient.warn_nacl = False
+discord.VoiceClient.warn_dave = False
+
+#: Exit status when Discord cannot be reached at start (EX_TEMPFAIL): a service manager that
+#: restarts on failure (the systemd unit, Docker's restart policy) tries again later.
+EXIT_UNREACHABLE = 75
 
 COGS = ("cogs.chat", "cogs.personas", "cogs.admin")
 
@@ -42,7 +55,16 @@ def intents() -> discord.Intents:
 
 
 class HermesBot(commands.AutoShardedBot):
-    """Carries the shared core (`settings`, `memory`, `engine`, `conv`) for the cogs."""
+    """Carries the shared core for the cogs; every attribute below is set before a cog loads.
+
+    `settings`, `memory`, `personas`, `conv` (the conversations, which hold the engine; `engine`
+    reads and swaps it there), `webhooks` (persona identities), and `metrics` when enabled.
+    """
+
+    memory: Memory
+    personas: PersonaLibrary
+    conv: Conversations
+    webhooks: Webhooks
 
     def __init__(
         self,
@@ -61,26 +83,35 @@ class HermesBot(commands.AutoShardedBot):
             **options,
         )
         self.settings = settings
-        self.engine: Engine = engine or engine_from_settings(settings)
-        self.memory: Memory | None = None
-        self.conv: Conversations | None = None
-        self.personas: PersonaLibrary | None = None
+        #: the engine until `setup_hook` hands it to the conversations, which then hold it
+        self._engine: Engine | None = engine or engine_from_settings(settings)
         self.cog_names = cogs
         self.started_at = time.time()
         self.reply_tasks: set[asyncio.Task[None]] = set()
         self.engine_ready = asyncio.Event()
         self.metrics: metrics.Metrics | None = None
+        self._memory_open = False
+
+    @property
+    def engine(self) -> Engine:
+        """The engine serving now (held by the conversations once the bot has started)."""
+        return self._engine if self._engine is not None else self.conv.engine
 
     async def setup_hook(self) -> None:
         self.tree.on_error = self.on_app_command_error
         self.memory = await Memory.open(self.settings.db_path)
-        await self.engine.start()
+        self._memory_open = True
+        engine = self.engine
+        await engine.start()
         builtins, problems = load_builtin_personas(self.settings.personas_dir)
         for problem in problems:  # a bad persona file is skipped, never fatal
             log.warning("persona skipped: %s", problem)
         self.personas = PersonaLibrary(builtins, self.memory)
-        self.conv = Conversations(self.settings, self.memory, self.engine, personas=self.personas)
-        self.metrics = metrics.setup(self.settings, lambda: self.conv.engine if self.conv else None)
+        self.conv = Conversations(self.settings, self.memory, engine, personas=self.personas)
+        self._engine = None
+        self.webhooks = Webhooks(self, self.memory, self.personas)
+        await self.webhooks.load()
+        self.metrics = metrics.setup(self.settings, lambda: self.engine)
         self.engine_ready.set()
         for name in self.cog_names:
             try:
@@ -115,14 +146,18 @@ class HermesBot(commands.AutoShardedBot):
             self.metrics.stop()
         with contextlib.suppress(Exception):
             await self.engine.close()
-        if self.memory is not None:
+        if self._memory_open:
+            self._memory_open = False
             await self.memory.close()
-            self.memory = None
 
     async def on_app_command_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError
     ) -> None:
-        """A refused check has already answered; anything else gets a short private apology."""
+        """A refused check gets its one line, privately; anything else a short private apology."""
+        if isinstance(error, Refused):
+            with contextlib.suppress(discord.HTTPException):
+                await say_privately(interaction, str(error))
+            return
         if isinstance(error, app_commands.CheckFailure):
             return
         name = interaction.command.qualified_name if interaction.command else "?"
@@ -186,5 +221,15 @@ def run_bot(settings: Settings) -> int:
     except EngineError as exc:
         log.error("%s", exc)
         return 2
+    except (OSError, discord.GatewayNotFound, discord.DiscordServerError) as exc:
+        # aiohttp's connection errors (DNS, refused, reset, TLS) are OSErrors
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.error(
+            "cannot reach Discord (%s); check the network. Exiting with status %d so a service "
+            "manager restarts the bot later.",
+            reason,
+            EXIT_UNREACHABLE,
+        )
+        return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130

@@ -1,7 +1,9 @@
 """One channel's conversation: store turns, order replies, build the request, clean the answer.
 
 The console and the Discord cogs both go through here, so a channel behaves the same wherever
-the message came from. Nothing in this module knows about discord.py.
+the message came from. Which persona and settings a channel uses comes from the channel policy
+(`bot.policy`). `Conversations` also holds the engine in use (`set_engine` swaps it). Nothing in
+this module knows about discord.py.
 """
 
 from __future__ import annotations
@@ -16,8 +18,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bot.engine import Engine, Generation, GenerationParams, ReplyStats, params_from_settings
-from bot.memory import ChannelState, GuildState, Memory
-from bot.personas import DEFAULT_PERSONA, PersonaLibrary, build_persona_prompt, persona_key
+from bot.memory import Memory
+from bot.personas import (
+    DEFAULT_PERSONA,
+    Persona,
+    PersonaLibrary,
+    build_persona_prompt,
+    persona_key,
+)
+from bot.policy import Place, resolve
 from bot.prompt import (
     RESPONSE,
     SEPARATOR,
@@ -26,71 +35,20 @@ from bot.prompt import (
     Turn,
     clean_reply,
     fit_prompt,
+    other_speakers,
     stop_strings,
+    with_recall,
 )
+from bot.recall import recall
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
-
-#: Generation settings an admin may override per server or channel, with their allowed ranges.
-TUNABLE: dict[str, tuple[type, float, float]] = {
-    "temperature": (float, 0.0, 2.0),
-    "top_p": (float, 0.0, 1.0),
-    "top_k": (int, 0, 200),
-    "repetition_penalty": (float, 1.0, 2.0),
-    "max_new_tokens": (int, 16, 2048),
-    "context_tokens": (int, 512, 32768),
-}
 
 EMPTY_NOTICE = "*(I had nothing to say to that. Try rephrasing?)*"
 
 
 class Busy(RuntimeError):
     """Too many replies are already waiting; tell the user to try again shortly."""
-
-
-def check_tunable(name: str, raw: str) -> float | int:
-    """Parse and range-check an admin-supplied value; ValueError names the allowed range."""
-    if name not in TUNABLE:
-        raise ValueError(f"unknown setting {name!r}; choose one of {', '.join(TUNABLE)}")
-    kind, lo, hi = TUNABLE[name]
-    try:
-        value = kind(float(raw)) if kind is int and float(raw).is_integer() else kind(raw)
-    except ValueError:
-        raise ValueError(
-            f"{name} must be {'a whole number' if kind is int else 'a number'} from {lo:g} to {hi:g}"
-        ) from None
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} must be between {lo:g} and {hi:g} (got {raw})")
-    return value
-
-
-@dataclass(slots=True)
-class Effective:
-    """Generation settings in force for one channel, and where each came from."""
-
-    values: dict[str, Any]
-    source: dict[str, str]
-
-
-def effective_settings(
-    settings: Settings,
-    guild: GuildState | None,
-    channel: ChannelState,
-    parent: ChannelState | None = None,
-) -> Effective:
-    """Defaults, then the server's, then a thread's parent channel's, then the channel's own."""
-    values = {name: getattr(settings, name) for name in TUNABLE}
-    source = dict.fromkeys(TUNABLE, "default")
-    for scope, overrides in (
-        ("server", guild.settings if guild else {}),
-        ("parent channel", parent.settings if parent else {}),
-        ("channel", channel.settings),
-    ):
-        for name, value in overrides.items():
-            if name in TUNABLE:
-                values[name], source[name] = value, scope
-    return Effective(values, source)
 
 
 @dataclass(slots=True)
@@ -110,7 +68,22 @@ class ReplyJob:
     notes: list[str] = field(default_factory=list)
 
 
+def reopen_last_reply(prompt: FittedPrompt) -> bool:
+    """Make `prompt` continue its last reply instead of asking for a new one; False if the
+    last turn is not the bot's.
+
+    Drops the trailing "\\n\\n### Response:\\n" so the model writes on from the reply's last word.
+    """
+    tail = SEPARATOR + RESPONSE
+    if not (prompt.turns and prompt.turns[-1].role == "assistant" and prompt.text.endswith(tail)):
+        return False
+    prompt.text = prompt.text[: -len(tail)]
+    return True
+
+
 class Conversations:
+    """Stores a channel's turns, orders its replies and builds and runs its requests."""
+
     def __init__(
         self,
         settings: Settings,
@@ -221,43 +194,82 @@ class Conversations:
         Reading memory at this point (not when the message arrived) means an edit made while the
         message waited is used as edited, and a deleted message is not answered (None). A thread
         (`parent_id` set) has its own memory but takes its parent's persona and settings unless
-        it has its own.
+        it has its own (the channel policy decides). `continue_last` reopens the last reply
+        instead (None when it is no longer the latest turn).
         """
-        channel = await self.memory.channel(channel_id)
-        parent = await self.memory.channel(parent_id) if parent_id else None
-        guild = await self.memory.guild(guild_id) if guild_id else None
-        eff = effective_settings(self.settings, guild, channel, parent).values
-        budget = int(eff["context_tokens"]) - int(eff["max_new_tokens"])
-        turns = await self.memory.recent_turns(channel_id, token_budget=budget)
-        current: Turn | None = None
-        if reply_to is not None:
-            found = [t for t in turns if t.id == reply_to]
-            if not found:
-                return None
-            current = found[0].to_turn()
-            # Human messages that arrived after this one wait for their own reply; the bot's
-            # replies to earlier messages belong before it even when stored later.
-            history = [
-                t.to_turn()
-                for t in turns
-                if t.id != reply_to and (t.id < reply_to or t.role == "assistant")
-            ]
-        else:
-            history = [t.to_turn() for t in turns]
-        persona_name = (
-            persona
-            if persona is not None
-            else channel.persona
-            or (parent.persona if parent else None)
-            or (guild.default_persona if guild else None)
+        policy = await resolve(self.memory, self.settings, Place(channel_id, guild_id, parent_id))
+        settings = policy.settings.applied(self.settings)
+        recall_budget = self.recall_budget(settings)
+        # the history's share of the window; recalled turns take the rest
+        budget = int(settings.context_tokens) - int(settings.max_new_tokens) - recall_budget
+        found = await self._history(channel_id, budget, reply_to)
+        if found is None:
+            return None
+        history, current = found
+        chosen = await self._persona(persona if persona is not None else policy.persona, guild_id)
+        bot_name = chosen.name if chosen else self.bot_name
+        prompt = self._fit(chosen, history, current, budget, channel_id)
+        if recall_budget and prompt.older:
+            prompt = await self._recall(channel_id, guild_id, prompt, recall_budget, bot_name)
+        if continue_last and not reopen_last_reply(prompt):
+            return None
+        names = sorted(other_speakers((t.name for t in prompt.turns if t.role == "user"), bot_name))
+        params = replace(
+            params_from_settings(settings), stop=tuple(stop_strings(names)), **(overrides or {})
         )
-        # The default assistant is the plain SYSTEM_PROMPT layout, whatever its persona file says.
-        chosen = None
-        if persona_name and persona_key(persona_name) != persona_key(DEFAULT_PERSONA):
-            chosen = await self.personas.get(persona_name, guild_id) if self.personas else None
-        speaker = current.name if current else ""
+        return ReplyJob(
+            channel_id,
+            guild_id,
+            prompt,
+            params,
+            names,
+            bot_name,
+            chosen.name if chosen else None,
+            reply_to,
+            notes=list(prompt.notes),
+        )
+
+    async def _history(
+        self, channel_id: int, budget: int, reply_to: int | None
+    ) -> tuple[list[Turn], Turn | None] | None:
+        """The turns before the one being answered, and that turn; None if it was deleted.
+
+        Human messages that arrived after `reply_to` wait for their own reply; the bot's replies
+        to earlier messages belong before it even when stored later.
+        """
+        turns = await self.memory.recent_turns(channel_id, token_budget=budget)
+        if reply_to is None:
+            return [t.to_turn() for t in turns], None
+        found = [t for t in turns if t.id == reply_to]
+        if not found:
+            return None
+        history = [
+            t.to_turn()
+            for t in turns
+            if t.id != reply_to and (t.id < reply_to or t.role == "assistant")
+        ]
+        return history, found[0].to_turn()
+
+    async def _persona(self, name: str | None, guild_id: int | None) -> Persona | None:
+        """The persona to play; None for the default assistant, whatever its persona file says
+        (it uses the plain SYSTEM_PROMPT layout)."""
+        if not name or persona_key(name) == persona_key(DEFAULT_PERSONA) or not self.personas:
+            return None
+        return await self.personas.get(name, guild_id)
+
+    def _fit(
+        self,
+        chosen: Persona | None,
+        history: list[Turn],
+        current: Turn | None,
+        budget: int,
+        channel_id: int,
+    ) -> FittedPrompt:
+        """The prompt text fitted to `budget`, starting where the last one did when it can."""
         hint = self._start_hint.get(channel_id)
+        slack = self.settings.fit_slack
         if chosen is not None:
+            speaker = current.name if current else ""
             prompt = build_persona_prompt(
                 chosen,
                 history,
@@ -266,9 +278,8 @@ class Conversations:
                 self.counter,
                 budget,
                 start_hint=hint,
-                slack=self.settings.fit_slack,
+                slack=slack,
             )
-            bot_name, persona_name = chosen.name, chosen.name
         else:
             prompt = fit_prompt(
                 self.settings.system_prompt,
@@ -277,39 +288,44 @@ class Conversations:
                 self.counter,
                 budget,
                 start_hint=hint,
-                slack=self.settings.fit_slack,
+                slack=slack,
+                speakers=[self.bot_name],
             )
-            bot_name, persona_name = self.bot_name, None
         self._start_hint[channel_id] = prompt.start_id
-        if continue_last:
-            # Reopen the last reply instead of asking for a new one: drop the trailing
-            # "\n\n### Response:\n" so the model writes on from the reply's last word.
-            tail = SEPARATOR + RESPONSE
-            if not (
-                prompt.turns and prompt.turns[-1].role == "assistant" and prompt.text.endswith(tail)
-            ):
-                return None
-            prompt.text = prompt.text[: -len(tail)]
-        names = sorted({t.name for t in prompt.turns if t.role == "user" and t.name} - {bot_name})
-        params = params_from_settings(
-            self.settings,
-            **{
-                k: eff[k]
-                for k in ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
-            },
-        )
-        params = replace(params, stop=tuple(stop_strings(names)), **(overrides or {}))
-        return ReplyJob(
+        return prompt
+
+    def recall_budget(self, settings: Settings) -> int:
+        """Tokens of the window set aside for recalled turns (`settings` as this channel has
+        them): 0 when recall is off here or the SQLite build has no full-text index."""
+        if not (settings.recall and self.memory.fts):
+            return 0
+        return settings.recall_tokens or int(settings.context_tokens) // 10
+
+    async def _recall(
+        self,
+        channel_id: int,
+        guild_id: int | None,
+        prompt: FittedPrompt,
+        budget: int,
+        bot_name: str,
+    ) -> FittedPrompt:
+        """Add the turns from before the window that best match the latest messages."""
+        users = [t for t in prompt.turns if t.role == "user"]
+        query = [t.content for t in reversed(prompt.turns[-3:])]
+        if users and users[-1].content not in query:
+            query.insert(0, users[-1].content)
+        oldest = prompt.start_id if prompt.start_id is not None else prompt.turns[-1].id
+        blocked = (await self.memory.blocked(guild_id))[0] if guild_id else set()
+        found = await recall(
+            self.memory,
             channel_id,
-            guild_id,
-            prompt,
-            params,
-            names,
-            bot_name,
-            persona_name,
-            reply_to,
-            notes=list(prompt.notes),
+            query,
+            before_id=oldest,
+            budget_tokens=budget,
+            window=[t.content for t in prompt.turns[:-1]],
+            exclude_authors=blocked,
         )
+        return with_recall(prompt, [t.to_turn() for t in found], self.counter, bot_name)
 
     # ---- generating -------------------------------------------------------------------------
 

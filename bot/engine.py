@@ -19,9 +19,11 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from bot.settings import TUNABLE
 
 log = logging.getLogger(__name__)
 
@@ -470,11 +472,7 @@ def engine_from_settings(settings: Any, *, model: str | None = None) -> Engine:
 
 
 def params_from_settings(settings: Any, **overrides: Any) -> GenerationParams:
-    base = GenerationParams(
-        max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        top_k=settings.top_k,
-        repetition_penalty=settings.repetition_penalty,
-    )
+    """The tunable settings (`bot.settings.TUNABLE`) that are sampling parameters, then overrides."""
+    names = {f.name for f in fields(GenerationParams)} & set(TUNABLE)
+    base = GenerationParams(**{name: getattr(settings, name) for name in names})
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -13,7 +13,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,7 +104,57 @@ CREATE TABLE audit (
 CREATE INDEX audit_by_guild ON audit (guild_id, id);
 """
 
-MIGRATIONS: list[str] = [_V1, _V2]
+# v3: the full-text index behind recall (FTS5, BM25). An external-content table over `turns`
+# kept in step by triggers, so the text is stored once and insert/edit/delete/clear follow it.
+# Porter stemming lets "lives" find "live"; the speaker's name is indexed too. Trigger bodies
+# hold ';', so this version is code, not a statement list (see `ensure_fts`).
+_FTS = [
+    "CREATE VIRTUAL TABLE IF NOT EXISTS turns_fts USING fts5(name, content, content='turns', "
+    "content_rowid='id', tokenize='porter unicode61 remove_diacritics 2')",
+    "CREATE TRIGGER IF NOT EXISTS turns_fts_insert AFTER INSERT ON turns BEGIN "
+    "INSERT INTO turns_fts (rowid, name, content) VALUES (new.id, new.name, new.content); END",
+    "CREATE TRIGGER IF NOT EXISTS turns_fts_delete AFTER DELETE ON turns BEGIN "
+    "INSERT INTO turns_fts (turns_fts, rowid, name, content) "
+    "VALUES ('delete', old.id, old.name, old.content); END",
+    "CREATE TRIGGER IF NOT EXISTS turns_fts_update AFTER UPDATE OF name, content ON turns BEGIN "
+    "INSERT INTO turns_fts (turns_fts, rowid, name, content) "
+    "VALUES ('delete', old.id, old.name, old.content); "
+    "INSERT INTO turns_fts (rowid, name, content) VALUES (new.id, new.name, new.content); END",
+]
+_FTS_TRIGGERS = ("turns_fts_insert", "turns_fts_delete", "turns_fts_update")
+
+
+async def fts5_available(db: aiosqlite.Connection) -> bool:
+    """Whether this SQLite build has FTS5 (most do; some distribution builds do not)."""
+    try:
+        await db.execute("CREATE VIRTUAL TABLE temp.fts5_probe USING fts5(x)")
+        await db.execute("DROP TABLE temp.fts5_probe")
+    except sqlite3.OperationalError:
+        return False
+    return True
+
+
+async def ensure_fts(db: aiosqlite.Connection) -> bool:
+    """Create the recall index if FTS5 exists and the index does not; returns whether it is on.
+
+    Idempotent, and run inside the caller's transaction. Without FTS5 the triggers are dropped
+    (a file indexed elsewhere must stay writable here) and recall is off.
+    """
+    if not await fts5_available(db):
+        for trigger in _FTS_TRIGGERS:
+            await db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+        return False
+    cur = await db.execute("SELECT 1 FROM sqlite_master WHERE name = 'turns_fts'")
+    existed = await cur.fetchone() is not None
+    for statement in _FTS:
+        await db.execute(statement)
+    if not existed:  # index what the file already holds (a v2 database, or one built without FTS5)
+        await db.execute("INSERT INTO turns_fts (turns_fts) VALUES ('rebuild')")
+    return True
+
+
+Migration = str | Callable[[aiosqlite.Connection], Awaitable[Any]]
+MIGRATIONS: list[Migration] = [_V1, _V2, ensure_fts]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 #: Rows read per page when walking a channel's history newest first.
@@ -134,7 +184,7 @@ class StoredTurn:
     created_at: float
 
     def to_turn(self) -> Turn:
-        return Turn(self.role, self.content, self.name, self.tokens, self.id)
+        return Turn(self.role, self.content, self.name, self.tokens, self.id, self.created_at)
 
 
 _TURN_COLUMNS = (
@@ -202,9 +252,11 @@ class ChannelStats:
 class Memory:
     """Async SQLite store. Open with `await Memory.open(path)`; close with `await close()`."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+    def __init__(self, db: aiosqlite.Connection, path: Path, *, fts: bool = False) -> None:
         self.db = db
         self.path = path
+        #: Whether the full-text index behind recall exists (False on SQLite builds without FTS5).
+        self.fts = fts
         # One connection serves every coroutine: transactions must not interleave on it.
         self._write = asyncio.Lock()
 
@@ -234,6 +286,10 @@ class Memory:
             await db.execute("PRAGMA foreign_keys=ON")
             await db.execute("PRAGMA busy_timeout=5000")
             await migrate(db)
+            # FTS5 may have appeared (or gone) since the file was last migrated.
+            await db.execute("BEGIN IMMEDIATE")
+            fts = await ensure_fts(db)
+            await db.execute("COMMIT")
         except sqlite3.DatabaseError as exc:  # "file is not a database", a damaged file, ...
             await db.close()
             raise MemoryError_(
@@ -243,7 +299,7 @@ class Memory:
         except Exception:
             await db.close()
             raise
-        return cls(db, path)
+        return cls(db, path, fts=fts)
 
     async def close(self) -> None:
         await self.db.close()
@@ -407,6 +463,46 @@ class Memory:
                 break
             before = out[-1].id
         return out
+
+    async def search_turns(
+        self,
+        channel_id: int,
+        match: str,
+        *,
+        before_id: int | None = None,
+        limit: int = 16,
+    ) -> list[tuple[StoredTurn, StoredTurn | None]]:
+        """The channel's turns matching an FTS5 `match` expression, best BM25 score first, each
+        with the turn just before it (its context; None for the channel's first turn).
+
+        Only turns after the forget watermark and (when given) before `before_id` are searched,
+        so forgotten turns and the ones already in the prompt are never found. A hit on the
+        message text weighs twice one on the speaker's name. Two queries whatever the hit
+        count: this runs before every reply in a long channel. Empty when the index is off.
+        """
+        if not self.fts or not match:
+            return []
+        floor = "COALESCE((SELECT forget_before FROM channels WHERE channel_id = ?1), 0)"
+        cur = await self.db.execute(
+            f"SELECT {_prefixed('t')}, (SELECT MAX(p.id) FROM turns p WHERE p.channel_id = ?1 "
+            f"AND p.id < t.id AND p.id > {floor}) FROM turns_fts JOIN turns t "
+            "ON t.id = turns_fts.rowid WHERE turns_fts MATCH ?2 AND t.channel_id = ?1 "
+            f"AND t.id > {floor} AND t.id < ?3 ORDER BY bm25(turns_fts, 0.5, 1.0) LIMIT ?4",
+            (channel_id, match, before_id if before_id is not None else 2**62, limit),
+        )
+        rows = await cur.fetchall()
+        context_ids = sorted({row[-1] for row in rows if row[-1] is not None})
+        context: dict[int, StoredTurn] = {}
+        if context_ids:
+            marks = ",".join("?" * len(context_ids))
+            cur = await self.db.execute(
+                f"SELECT {_TURN_COLUMNS} FROM turns WHERE id IN ({marks})", context_ids
+            )
+            context = {row[0]: StoredTurn(*row) for row in await cur.fetchall()}
+        return [
+            (StoredTurn(*row[:-1]), context.get(row[-1]) if row[-1] is not None else None)
+            for row in rows
+        ]
 
     async def all_turns(self, channel_id: int) -> list[StoredTurn]:
         """Every stored turn of a channel, oldest first, forgotten ones included (for export)."""
@@ -729,9 +825,13 @@ async def migrate(db: aiosqlite.Connection) -> int:
     for target in range(version + 1, SCHEMA_VERSION + 1):
         await db.execute("BEGIN IMMEDIATE")
         try:
-            for statement in MIGRATIONS[target - 1].split(";"):
-                if statement.strip():
-                    await db.execute(statement)
+            step = MIGRATIONS[target - 1]
+            if callable(step):
+                await step(db)
+            else:
+                for statement in step.split(";"):
+                    if statement.strip():
+                        await db.execute(statement)
             await db.execute(f"PRAGMA user_version = {target}")
             await db.execute("COMMIT")
         except BaseException:

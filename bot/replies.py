@@ -1,7 +1,8 @@
 """Putting a reply into Discord: streaming edits, the 2000-character split, code fences, pings.
 
-The one module of `bot/` that knows discord.py: everything the bot posts goes through a
-`ReplyStream`, so no path can forget `AllowedMentions` or the length limit.
+Part of the Discord layer (with `app`, `webhooks` and `checks`, the only modules of `bot/` that
+import discord.py): everything the bot posts goes through a `ReplyStream`, so no path can forget
+`AllowedMentions` or the length limit.
 """
 
 from __future__ import annotations

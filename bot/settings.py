@@ -3,7 +3,10 @@
 One frozen `Settings` object is built at start and passed to whatever needs it; nothing else
 reads the environment. Each field's metadata carries its environment key, accepted values and
 help text, which also generate `.env.example` and the README's table (`python -m bot
-settings-table`), so the docs cannot drift from the code.
+settings-table`), so the docs cannot drift from the code. The generation settings marked
+`tunable` may be overridden per server or channel; `check_tunable` validates those overrides
+with the same parser and range as the environment, so `.env` and `/admin settings set` accept
+exactly the same values.
 """
 
 from __future__ import annotations
@@ -28,10 +31,20 @@ def _opt(
     lo: float | None = None,
     hi: float | None = None,
     secret: bool = False,
+    tunable: bool = False,
 ) -> Any:
+    """A field with its help text and accepted values; `tunable`: admins may override it per
+    server or channel (`/admin settings set`), within the same range."""
     return field(
         default=default,
-        metadata={"help": help, "choices": choices, "lo": lo, "hi": hi, "secret": secret},
+        metadata={
+            "help": help,
+            "choices": choices,
+            "lo": lo,
+            "hi": hi,
+            "secret": secret,
+            "tunable": tunable,
+        },
     )
 
 
@@ -76,14 +89,16 @@ class Settings:
         Path("data/hermes.db"), "SQLite file for memory and settings; parent folders are created."
     )
     context_tokens: int = _opt(
-        4096, "Prompt + reply window in tokens (Llama 2: 4096).", lo=256, hi=131072
+        4096, "Prompt + reply window in tokens (Llama 2: 4096).", lo=256, hi=131072, tunable=True
     )
-    max_new_tokens: int = _opt(400, "Longest reply in tokens.", lo=1, hi=8192)
-    temperature: float = _opt(0.7, "Sampling temperature; 0 is greedy.", lo=0.0, hi=5.0)
-    top_p: float = _opt(0.9, "Nucleus sampling mass.", lo=0.0, hi=1.0)
-    top_k: int = _opt(40, "Top-k sampling; 0 disables.", lo=0, hi=1000)
+    max_new_tokens: int = _opt(400, "Longest reply in tokens.", lo=1, hi=8192, tunable=True)
+    temperature: float = _opt(
+        0.7, "Sampling temperature; 0 is greedy.", lo=0.0, hi=5.0, tunable=True
+    )
+    top_p: float = _opt(0.9, "Nucleus sampling mass.", lo=0.0, hi=1.0, tunable=True)
+    top_k: int = _opt(40, "Top-k sampling; 0 disables.", lo=0, hi=1000, tunable=True)
     repetition_penalty: float = _opt(
-        1.1, "Penalty for repeated tokens; 1 disables.", lo=0.5, hi=3.0
+        1.1, "Penalty for repeated tokens; 1 disables.", lo=0.5, hi=3.0, tunable=True
     )
     system_prompt: str = _opt(
         "You are Hermes, a helpful, witty assistant chatting in a Discord "
@@ -130,6 +145,26 @@ class Settings:
         lo=0.0,
         hi=0.9,
     )
+    recall: bool = _opt(
+        True,
+        "Long-term recall: when the history does not fit the window, search the channel's older "
+        "turns (SQLite FTS5) for the new message and show the best hits to the model.",
+        tunable=True,
+    )
+    recall_tokens: int = _opt(
+        0,
+        "Tokens of the window given to recalled turns (taken from the history); 0 is 10% of "
+        "CONTEXT_TOKENS.",
+        lo=0,
+        hi=32768,
+    )
+    attachment_kb: int = _opt(
+        64,
+        "Text attachments (message.txt pastes, code files) up to this many KB per message are "
+        "read into the conversation; larger or binary ones are only named. 0 reads none.",
+        lo=0,
+        hi=1024,
+    )
     personas_dir: Path = _opt(
         Path(""), "Folder of persona YAML files; empty uses the shipped personas/."
     )
@@ -153,16 +188,25 @@ class Settings:
         return out
 
 
-def _convert(key: str, raw: str, f: Any) -> Any:
-    meta, typ = f.metadata, f.type
-    raw = raw.strip()
-    if meta["choices"]:
-        value = raw.upper() if key == "LOG_LEVEL" else raw.lower()
-        if value not in meta["choices"]:
-            raise SettingsError(
-                f"{key}={raw!r} is not valid; use one of: {', '.join(meta['choices'])}"
-            )
-        return value
+_KINDS = {
+    "int": "a whole number",
+    "float": "a number",
+    "bool": "true or false",
+    "tuple[int, ...]": "comma-separated numeric ids",
+}
+
+
+class _WrongKind(ValueError):
+    """The text is not a value of the field's type."""
+
+
+class _OutOfRange(ValueError):
+    """A value of the right type outside the field's range (NaN included)."""
+
+
+def _parse(f: Any, raw: str) -> Any:
+    """The value `raw` (already stripped) stands for; the one place a field's range is checked."""
+    typ = f.type
     try:
         if typ == "int":
             value = int(raw)
@@ -180,21 +224,73 @@ def _convert(key: str, raw: str, f: Any) -> Any:
         else:
             return raw
     except ValueError:
-        kinds = {
-            "int": "a whole number",
-            "float": "a number",
-            "bool": "true or false",
-            "tuple[int, ...]": "comma-separated numeric ids",
-        }
-        raise SettingsError(f"{key}={raw!r} is not valid; expected {kinds[typ]}") from None
-    lo, hi = meta["lo"], meta["hi"]
+        raise _WrongKind from None
+    lo, hi = f.metadata["lo"], f.metadata["hi"]
     # `value != value` is NaN, which no range comparison would catch
     if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise _OutOfRange
+    return value
+
+
+def _convert(key: str, raw: str, f: Any) -> Any:
+    meta = f.metadata
+    raw = raw.strip()
+    if meta["choices"]:
+        value = raw.upper() if key == "LOG_LEVEL" else raw.lower()
+        if value not in meta["choices"]:
+            raise SettingsError(
+                f"{key}={raw!r} is not valid; use one of: {', '.join(meta['choices'])}"
+            )
+        return value
+    try:
+        return _parse(f, raw)
+    except _WrongKind:
+        raise SettingsError(f"{key}={raw!r} is not valid; expected {_KINDS[f.type]}") from None
+    except _OutOfRange:
+        lo, hi = meta["lo"], meta["hi"]
         allowed = (
             f"at least {lo}" if hi is None else f"at most {hi}" if lo is None else f"{lo} to {hi}"
         )
-        raise SettingsError(f"{key}={raw!r} is out of range; allowed {allowed}")
-    return value
+        raise SettingsError(f"{key}={raw!r} is out of range; allowed {allowed}") from None
+
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+
+#: Generation settings an admin may override per server or channel (`tunable=True` fields).
+TUNABLE: tuple[str, ...] = tuple(f.name for f in fields(Settings) if f.metadata["tunable"])
+
+
+def tunable_range(name: str) -> tuple[float, float]:
+    """The lowest and highest value `name` accepts, from `.env` and `/admin settings set` alike."""
+    meta = _FIELDS[name].metadata
+    return meta["lo"], meta["hi"]
+
+
+def tunable_label(name: str) -> str:
+    """What `name` accepts, as `/admin settings set` offers it: `0–5`, or `on/off`."""
+    if _FIELDS[name].type == "bool":
+        return "on/off"
+    lo, hi = tunable_range(name)
+    return f"{lo:g}–{hi:g}"
+
+
+def check_tunable(name: str, raw: str) -> float | int | bool:
+    """Parse and range-check an admin-supplied value; ValueError names the allowed range.
+
+    The same parser and range as `.env` (`load_settings`), with the message worded for Discord.
+    """
+    if name not in TUNABLE:
+        raise ValueError(f"unknown setting {name!r}; choose one of {', '.join(TUNABLE)}")
+    f = _FIELDS[name]
+    lo, hi = tunable_range(name)
+    try:
+        return _parse(f, raw.strip())
+    except _WrongKind:
+        if f.type == "bool":
+            raise ValueError(f"{name} must be on or off (got {raw})") from None
+        raise ValueError(f"{name} must be {_KINDS[f.type]} from {lo:g} to {hi:g}") from None
+    except _OutOfRange:
+        raise ValueError(f"{name} must be between {lo:g} and {hi:g} (got {raw})") from None
 
 
 def load_settings(
@@ -253,5 +349,6 @@ def settings_table() -> str:
             default = ""
         extra = f" One of: {', '.join(meta['choices'])}." if meta["choices"] else ""
         rng = f" Range {meta['lo']}–{meta['hi']}." if meta["lo"] is not None and meta["hi"] else ""
-        rows.append(f"| `{f.name.upper()}` | `{default}` | {meta['help']}{extra}{rng} |")
+        admin = " Per server/channel: `/admin settings set`." if meta["tunable"] else ""
+        rows.append(f"| `{f.name.upper()}` | `{default}` | {meta['help']}{extra}{rng}{admin} |")
     return "\n".join(rows)

@@ -1,5 +1,7 @@
 """`/admin`: run the bot from Discord alone. Visible to Manage Server by default, checked again on
-every use (Manage Server, or a user in OWNER_IDS), answered ephemerally, and audited."""
+every use (`bot.checks.is_manager`: Manage Server, or a user in OWNER_IDS), answered ephemerally,
+and audited. Setting names and ranges come from `bot.settings`; what a channel's settings are,
+and where each comes from, from the channel policy (`bot.policy`)."""
 
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.conversation import TUNABLE, check_tunable, effective_settings
+from bot.checks import is_owner, policy_for, require_manager
 from bot.engine import engine_from_settings, first_line
 from bot.metrics import summary
+from bot.recall import recall
 from bot.replies import say_privately
+from bot.settings import TUNABLE, check_tunable, tunable_label
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
@@ -28,16 +32,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Channelish = discord.TextChannel | discord.Thread | discord.VoiceChannel
-SettingName = Literal[
-    "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "context_tokens"
+#: `/admin settings set` offers the tunable settings, each named with its range.
+SETTING_CHOICES = [
+    app_commands.Choice(name=f"{name} ({tunable_label(name)})", value=name) for name in TUNABLE
 ]
-
-
-def is_admin(bot: HermesBot, interaction: discord.Interaction) -> bool:
-    if interaction.user.id in bot.settings.owner_ids:
-        return True
-    perms = getattr(interaction.user, "guild_permissions", None)
-    return bool(interaction.guild and perms and perms.manage_guild)
 
 
 class ConfirmClear(discord.ui.View):
@@ -85,19 +83,13 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
 
     def __init__(self, bot: HermesBot) -> None:
         self.bot = bot
+        self.memory = bot.memory
         self._reloading = asyncio.Lock()
         super().__init__()
 
-    @property
-    def memory(self):  # noqa: ANN201
-        assert self.bot.memory is not None
-        return self.bot.memory
-
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        if is_admin(self.bot, interaction):
-            return True
-        await say_privately(interaction, "You need the Manage Server permission to use /admin.")
-        return False
+        """Every /admin command: the shared manager check (refusals are answered by the bot)."""
+        return await require_manager(interaction)
 
     async def audit(
         self,
@@ -146,23 +138,19 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     async def settings_show(
         self, interaction: discord.Interaction, channel: Channelish | None = None
     ) -> None:
-        target = channel.id if channel else interaction.channel_id
-        assert target is not None and interaction.guild_id is not None
-        parent_id = getattr(channel or interaction.channel, "parent_id", None)
-        eff = effective_settings(
-            self.bot.settings,
-            await self.memory.guild(interaction.guild_id),
-            await self.memory.channel(target),
-            await self.memory.channel(parent_id) if parent_id else None,
-        )
+        where = channel or interaction.channel
+        assert where is not None and interaction.guild_id is not None
+        target = where.id
+        eff = (await policy_for(self.bot, where, interaction.guild_id)).settings
         lines = [f"`{k}` = **{eff.values[k]}** ({eff.source[k]})" for k in TUNABLE]
         await say_privately(interaction, f"Settings for <#{target}>:\n" + "\n".join(lines))
 
     @settings_group.command(name="set", description="Change a generation setting")
+    @app_commands.choices(name=SETTING_CHOICES)
     async def settings_set(
         self,
         interaction: discord.Interaction,
-        name: SettingName,
+        name: str,
         value: str,
         scope: Literal["server", "channel"] = "channel",
     ) -> None:
@@ -268,14 +256,54 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         )
         await self.audit(interaction, "memory.stats")
 
+    @memory_group.command(name="search", description="What long-term recall finds here")
+    @app_commands.describe(query="Words to look for, as if someone had just said them")
+    async def search(self, interaction: discord.Interaction, query: str) -> None:
+        assert interaction.channel is not None
+        if not self.memory.fts:
+            await say_privately(
+                interaction, "Recall is off: this SQLite build has no full-text search (FTS5)."
+            )
+            return
+        policy = await policy_for(self.bot, interaction.channel, interaction.guild_id)
+        settings = policy.settings.applied(self.bot.settings)
+        budget = self.bot.conv.recall_budget(settings) or int(settings.context_tokens) // 10
+        blocked = (
+            (await self.memory.blocked(interaction.guild_id))[0] if interaction.guild_id else set()
+        )
+        found = await recall(
+            self.memory,
+            interaction.channel.id,
+            [query],
+            before_id=None,
+            budget_tokens=budget,
+            exclude_authors=blocked,
+        )
+        await self.audit(interaction, "memory.search", None, query)
+        if not found:
+            await say_privately(interaction, "Recall finds nothing here for that.")
+            return
+        status = "" if settings.recall else " (recall is off in this channel)"
+        lines = [f"Recall would show{status}:"]
+        for turn in found:
+            text = " ".join(turn.content.split())
+            text = text if len(text) <= 160 else text[:157] + "…"
+            who = turn.name or ("the bot" if turn.role == "assistant" else "someone")
+            lines.append(f"- <t:{int(turn.created_at)}:d> **{who}**: {text}")
+        await say_privately(interaction, "\n".join(lines)[:1990])
+
     @memory_group.command(name="export", description="This channel's memory as JSONL")
     async def export(self, interaction: discord.Interaction) -> None:
         assert interaction.channel_id is not None
         turns = await self.memory.all_turns(interaction.channel_id)
+        floor = (await self.memory.channel(interaction.channel_id)).forget_before
         lines = [
             json.dumps(
                 {
                     "id": t.id,
+                    "channel_id": t.channel_id,
+                    "guild_id": t.guild_id,
+                    "forgotten": t.id <= floor,  # hidden by /admin memory forget (training skips)
                     "message_id": t.message_id,
                     "author_id": t.author_id,
                     "name": t.name,
@@ -302,10 +330,8 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     @persona_group.command(name="default", description="The persona channels use unless set")
     async def persona_default(self, interaction: discord.Interaction, name: str) -> None:
         assert interaction.guild_id is not None
-        personas = self.bot.get_cog("Personas")
-        resolved = None
-        if personas is not None:
-            resolved = await personas.resolve_name(interaction.guild_id, name)  # type: ignore[attr-defined]
+        persona = await self.bot.personas.get(name, interaction.guild_id)
+        resolved = persona.name if persona else None
         if resolved is None:
             await say_privately(
                 interaction, f"There is no persona called {name!r}. See `/persona list`."
@@ -402,7 +428,6 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     @model_group.command(name="status", description="Model, memory, queue, speed and uptime")
     async def model_status(self, interaction: discord.Interaction) -> None:
         conv = self.bot.conv
-        assert conv is not None
         info = conv.engine.info
         uptime = int(time.time() - self.bot.started_at)
         lines = [
@@ -421,8 +446,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         self, interaction: discord.Interaction, model: str | None = None
     ) -> None:
         conv = self.bot.conv
-        assert conv is not None
-        if model and is_local_path(model) and not self.is_owner(interaction):
+        if model and is_local_path(model) and not is_owner(interaction):
             await say_privately(
                 interaction, "Only a bot owner (OWNER_IDS) may load a model from a local path."
             )
@@ -452,15 +476,11 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
                 )
                 return
             conv.set_engine(new)  # replies that start from now on use the new model
-            self.bot.engine = new
             await old.close()  # requests already queued on the old engine finish first
             await self.audit(interaction, "model.reload", old.info.model, target)
             await say_privately(
                 interaction, f"Now serving `{target}` ({new.info.dtype}, {new.info.device})."
             )
-
-    def is_owner(self, interaction: discord.Interaction) -> bool:
-        return interaction.user.id in self.bot.settings.owner_ids
 
     # ---- audit ------------------------------------------------------------------------------
 

@@ -1,4 +1,8 @@
-"""Talking to the bot: when it answers, what it stores, and how the reply reaches the channel."""
+"""Talking to the bot: when it answers, what it stores, and how the reply reaches the channel.
+
+Also the user commands `/reset`, `/regenerate` and `/continue`. Whether to answer comes from the
+channel policy (`bot.policy`, through `bot.checks`); who speaks from `bot.webhooks`.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,11 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.attachments import message_text
+from bot.checks import is_manager, place_of, policy_for, serves_here, speaks_here
 from bot.conversation import EMPTY_NOTICE, Busy
 from bot.memory import StoredTurn
-from bot.replies import Identity, ReplyStream, humanize, post, typing_while
+from bot.replies import ReplyStream, post, typing_while
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
@@ -30,55 +36,12 @@ TIMEOUT = "Sorry, that took too long and I gave up. Please try again."
 class Chat(commands.Cog):
     def __init__(self, bot: HermesBot) -> None:
         self.bot = bot
+        self.conv = bot.conv
+        self.memory = bot.memory
         self.last_trigger: dict[int, float] = {}
-        self.webhook_ids: set[int] = set()
         self.early: dict[int, str | None] = {}  # message id -> edited text, or None if deleted
 
-    @property
-    def conv(self):  # noqa: ANN201 - the core's Conversations, opened in setup_hook
-        assert self.bot.conv is not None
-        return self.bot.conv
-
-    async def cog_load(self) -> None:
-        assert self.bot.memory is not None
-        self.webhook_ids = await self.bot.memory.webhook_ids()
-
     # ---- deciding ---------------------------------------------------------------------------
-
-    async def channel_mode(self, channel: discord.abc.MessageableChannel) -> str:
-        """off | mention | always; threads inherit their parent's mode."""
-        if isinstance(channel, discord.DMChannel | discord.GroupChannel):
-            return "always" if self.bot.settings.allow_dms else "off"
-        memory = self.conv.memory
-        state = await memory.channel(channel.id)
-        if state.mode:
-            return state.mode
-        parent_id = getattr(channel, "parent_id", None)
-        if isinstance(channel, discord.Thread) and parent_id:
-            parent = await memory.channel(parent_id)
-            if parent.mode:
-                return parent.mode
-        return "mention"
-
-    async def access_problem(
-        self, guild_id: int | None, user: discord.abc.User, channel: object
-    ) -> str | None:
-        """Why the bot will not serve `user` in `channel`, or None.
-
-        Blocked users and roles, and channels outside a server's allow-list (threads count as
-        their parent), keep the bot out; messages and commands follow the same rules.
-        """
-        if guild_id is None:
-            return None
-        memory = self.conv.memory
-        users, roles = await memory.blocked(guild_id)
-        if user.id in users or any(r.id in roles for r in getattr(user, "roles", ())):
-            return "Sorry, you can't use my commands in this server."
-        guild = await memory.guild(guild_id)
-        here = {getattr(channel, "id", None), getattr(channel, "parent_id", None)}
-        if guild.channel_allowlist and not here & set(guild.channel_allowlist):
-            return "I'm not serving this channel."
-        return None
 
     async def addressed(self, message: discord.Message) -> bool:
         """Mentioned, or a reply to one of the bot's messages (its own or its webhooks')."""
@@ -92,33 +55,29 @@ class Chat(commands.Cog):
         if isinstance(resolved, discord.Message):
             if me is not None and resolved.author.id == me.id:
                 return True
-            if resolved.webhook_id and resolved.webhook_id in self.webhook_ids:
+            if resolved.webhook_id and resolved.webhook_id in self.bot.webhooks.ids:
                 return True
-        turn = await self.conv.memory.turn_for_message(ref.message_id)
+        turn = await self.memory.turn_for_message(ref.message_id)
         return turn is not None and turn.role == "assistant"
 
     # ---- events -----------------------------------------------------------------------------
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
-        if self.bot.conv is None or (self.bot.user and message.author.id == self.bot.user.id):
+        if self.bot.user and message.author.id == self.bot.user.id:
             return
         if message.webhook_id is not None or message.author.bot:
             # Replies through our own webhooks are stored by the code that posts them.
             return
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return
-        mode = await self.channel_mode(message.channel)
         guild_id = message.guild.id if message.guild else None
-        if mode == "off" or await self.access_problem(guild_id, message.author, message.channel):
+        policy = await policy_for(self.bot, message.channel, guild_id, message.author)
+        if policy.mode == "off" or policy.refusal is not None:
             return
-        memory = self.conv.memory
-        if await memory.turn_for_message(message.id) is not None:
+        if await self.memory.turn_for_message(message.id) is not None:
             return  # a dispatch seen twice (e.g. replayed after a reconnect)
-        text = humanize(message, self.bot.user)
-        if message.attachments:
-            names = ", ".join(a.filename for a in message.attachments)
-            text = f"{text}\n[attached: {names}]".strip()
+        text = await message_text(message, self.bot.user, self.bot.settings.attachment_kb)
         if not text:
             return
         turn_id = await self.conv.record_user(
@@ -131,10 +90,10 @@ class Chat(commands.Cog):
         )
         if message.id in self.early:  # edited or deleted while we were storing it
             if (late := self.early.pop(message.id)) is None:
-                await self.conv.memory.delete_turn(turn_id)
+                await self.memory.delete_turn(turn_id)
                 return
             await self.conv.edit(message.id, late)
-        if not (mode == "always" or await self.addressed(message)):
+        if not (policy.mode == "always" or await self.addressed(message)):
             return
         now = time.monotonic()
         cooldown = self.bot.settings.user_cooldown
@@ -150,25 +109,22 @@ class Chat(commands.Cog):
 
     @commands.Cog.listener()
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
-        if self.bot.conv is None or payload.message.author.bot:
+        if payload.message.author.bot:
             return
-        text = humanize(payload.message, self.bot.user)
+        text = await message_text(payload.message, self.bot.user, self.bot.settings.attachment_kb)
         if not await self.conv.edit(payload.message_id, text):
             self._remember_early(payload.message_id, text)
 
     @commands.Cog.listener()
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
-        if self.bot.conv is not None and not await self.conv.memory.delete_message(
-            payload.message_id
-        ):
+        if not await self.memory.delete_message(payload.message_id):
             self._remember_early(payload.message_id, None)
 
     @commands.Cog.listener()
     async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
-        if self.bot.conv is not None:
-            for message_id in payload.message_ids:
-                if not await self.conv.memory.delete_message(message_id):
-                    self._remember_early(message_id, None)
+        for message_id in payload.message_ids:
+            if not await self.memory.delete_message(message_id):
+                self._remember_early(message_id, None)
 
     def _remember_early(self, message_id: int, content: str | None) -> None:
         """An edit or delete that overtook the message's own event (each runs as its own task)."""
@@ -177,24 +133,6 @@ class Chat(commands.Cog):
             self.early.pop(next(iter(self.early)))
 
     # ---- replying ---------------------------------------------------------------------------
-
-    async def identity_for(
-        self, channel: discord.abc.Messageable, persona: str | None, bot_name: str
-    ) -> Identity:
-        """Who speaks: the personas cog may post as the character through a webhook."""
-        personas = self.bot.get_cog("Personas")
-        if persona and personas is not None:
-            return await personas.identity(channel, persona)  # type: ignore[attr-defined]
-        return Identity()
-
-    async def fresh_identity(
-        self, channel: discord.abc.Messageable, persona: str | None, bot_name: str
-    ) -> Identity:
-        """Someone deleted the channel's webhook: forget it and make (or fall back from) a new one."""
-        personas = self.bot.get_cog("Personas")
-        if personas is not None:
-            await personas.forget_webhook(channel)  # type: ignore[attr-defined]
-        return await self.identity_for(channel, persona, bot_name)
 
     async def answer(self, message: discord.Message, turn_id: int) -> None:
         """Generate and post the reply to `message`, then store it as the bot's turn."""
@@ -226,14 +164,15 @@ class Chat(commands.Cog):
                 guild_id,
                 reply_to=turn_id,
                 overrides=overrides,
-                parent_id=getattr(channel, "parent_id", None),
+                parent_id=place_of(channel, guild_id).parent_id,
             )
             if job is None:
                 return []  # the message was deleted while it waited
-            identity = await self.identity_for(channel, job.persona, job.bot_name)
+            webhooks = self.bot.webhooks
+            identity = await webhooks.identity(channel, job.persona, guild_id)
             stream = ReplyStream(channel, reference, identity, interval=settings.stream_interval)
             if identity.webhook is not None:
-                stream.recover = lambda: self.fresh_identity(channel, job.persona, job.bot_name)
+                stream.recover = lambda: webhooks.fresh_identity(channel, job.persona, guild_id)
             async with asyncio.timeout(settings.reply_timeout):
                 async for partial in self.conv.stream(job):
                     shown.set()
@@ -278,58 +217,15 @@ class Chat(commands.Cog):
 
     # ---- user commands ----------------------------------------------------------------------
 
-    async def _refused(self, interaction: discord.Interaction, *, speaks: bool) -> bool:
-        """Answer ephemerally and return True when this member may not use a command here.
-
-        The rules of chatting apply: blocked users and roles, and channels outside a server's
-        allow-list, get nothing; commands that make the bot speak also respect mode `off`.
-        """
-        text = await self.access_problem(
-            interaction.guild_id, interaction.user, interaction.channel
-        )
-        channel = interaction.channel
-        if (
-            text is None
-            and speaks
-            and channel is not None
-            and await self.channel_mode(channel) == "off"  # type: ignore[arg-type]
-        ):
-            text = "I'm switched off in this channel."
-        if text is None:
-            return False
-        await interaction.response.send_message(text, ephemeral=True)
-        return True
-
-    async def _delete_messages(self, channel: discord.abc.Messageable, ids: list[int]) -> None:
-        """Remove a reply's Discord messages, through our webhook if a persona posted them."""
-        hook = await self.conv.memory.webhook(channel.id) if hasattr(channel, "id") else None
-        for message_id in ids:
-            try:
-                if hook is not None:
-                    webhook = discord.Webhook.partial(hook[0], hook[1], client=self.bot)
-                    try:
-                        await webhook.delete_message(message_id)
-                        continue
-                    except discord.HTTPException:
-                        pass
-                await channel.get_partial_message(message_id).delete()  # type: ignore[attr-defined]
-            except discord.HTTPException:
-                log.warning("could not delete message %s", message_id)
-
     @app_commands.command(name="reset", description="Forget this conversation")
+    @serves_here
     async def reset(self, interaction: discord.Interaction) -> None:
         channel_id = interaction.channel_id
         assert channel_id is not None
-        if await self._refused(interaction, speaks=False):
-            return
-        memory = self.conv.memory
+        memory = self.memory
         if interaction.guild_id is not None:
             guild = await memory.guild(interaction.guild_id)
-            perms = getattr(interaction.user, "guild_permissions", None)
-            manager = bool(perms and perms.manage_guild)
-            if not (
-                guild.reset_allowed or manager or interaction.user.id in self.bot.settings.owner_ids
-            ):
+            if not (guild.reset_allowed or is_manager(interaction)):
                 await interaction.response.send_message(
                     "An admin has not allowed /reset in this server.", ephemeral=True
                 )
@@ -355,17 +251,14 @@ class Chat(commands.Cog):
     ) -> AsyncIterator[StoredTurn | None]:
         """Hold the channel and yield the bot's last reply there, or None once answered.
 
-        Checks the member may make the bot speak, defers (generation outlasts Discord's 3 s),
-        waits for the channel's turn, and reads the reply again then: a /regenerate or /reset
-        that ran while this one waited may have replaced or hidden it.
+        Defers (generation outlasts Discord's 3 s), waits for the channel's turn, and reads the
+        reply again then: a /regenerate or /reset that ran while this one waited may have
+        replaced or hidden it. (The `speaks_here` check has already let the member in.)
         """
         channel = interaction.channel
         assert channel is not None
         nothing = f"I have no reply here to {verb}."
-        memory = self.conv.memory
-        if await self._refused(interaction, speaks=True):
-            yield None
-            return
+        memory = self.memory
         if await memory.last_assistant_turn(channel.id) is None:
             await interaction.response.send_message(nothing, ephemeral=True)
             yield None
@@ -384,9 +277,10 @@ class Chat(commands.Cog):
             yield last
 
     @app_commands.command(name="regenerate", description="Replace my last reply here")
+    @speaks_here
     async def regenerate(self, interaction: discord.Interaction) -> None:
         channel = interaction.channel
-        memory = self.conv.memory
+        memory = self.memory
         async with self._last_reply(interaction, "regenerate") as last:
             if last is None or channel is None:
                 return
@@ -401,7 +295,7 @@ class Chat(commands.Cog):
                 channel, interaction.guild_id, before[0].id if before else None
             )
             if messages:
-                await self._delete_messages(channel, ids)
+                await self.bot.webhooks.delete_messages(channel, ids)
             else:  # no new reply: the old one stays, in Discord and in memory
                 await memory.add_turn(
                     channel.id,
@@ -421,9 +315,10 @@ class Chat(commands.Cog):
         )
 
     @app_commands.command(name="continue", description="Make my last reply longer")
+    @speaks_here
     async def continue_(self, interaction: discord.Interaction) -> None:
         channel = interaction.channel
-        memory = self.conv.memory
+        memory = self.memory
         async with self._last_reply(interaction, "continue") as last:
             if last is None or channel is None:
                 return
@@ -431,7 +326,7 @@ class Chat(commands.Cog):
                 channel.id,
                 interaction.guild_id,
                 continue_last=True,
-                parent_id=getattr(channel, "parent_id", None),
+                parent_id=place_of(channel, interaction.guild_id).parent_id,
             )
             if job is None:  # someone spoke after my reply: it is no longer mine to extend
                 await interaction.followup.send(
@@ -450,7 +345,7 @@ class Chat(commands.Cog):
                 await interaction.followup.send("I had nothing to add.", ephemeral=True)
                 return
             joiner = "" if text[:1] in ",.;:!?)" else " "
-            identity = await self.identity_for(channel, job.persona, job.bot_name)
+            identity = await self.bot.webhooks.identity(channel, job.persona, interaction.guild_id)
             messages = await post(channel, text, identity=identity)
             extended = last.content + joiner + text
             await memory.update_turn(last.id, extended, self.conv.counter(extended))

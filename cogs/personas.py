@@ -1,27 +1,26 @@
 """`/persona`: choose, import, create and share characters, and let them speak for themselves.
 
-In server channels a persona speaks through a webhook the bot owns there, with the character's
-name and face; where the bot may not manage webhooks, and in DMs, it falls back to its own
-account with the name in bold.
+How a persona speaks (its webhook, name and face) is the Discord layer's, reached as the bot's
+`webhooks` attribute (`bot/webhooks.py`). `/persona export` gives a card as JSON, or as
+SillyTavern's PNG (the card inside the persona's picture). Who may change a server's personas
+uses the shared `bot.checks.is_manager` rule; `/persona use` the shared `speaks_here` check.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import io
 import logging
-from collections import defaultdict
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cards import MAX_CARD_BYTES, Card, CardError, export_card, parse_card
-from bot.personas import DEFAULT_PERSONA, Persona, PersonaLibrary, fill, persona_key
-from bot.replies import Identity, post, say_privately
+from bot.cards import MAX_CARD_BYTES, Card, CardError, export_card, export_png, parse_card
+from bot.checks import is_manager, speaks_here
+from bot.personas import DEFAULT_PERSONA, Persona, fill, persona_key
+from bot.replies import say_privately
+from bot.webhooks import NAME_MAX, avatar_bytes, avatar_url
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
@@ -29,41 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WEBHOOK_NAME = "Hermes personas"
 #: The most a modal's text input holds (Discord's limit); longer card fields cannot be edited there.
 INPUT_MAX = 4000
-NAME_MAX = 80
-_NO_FACE = object()
-
-
-def webhook_username_ok(name: str) -> bool:
-    """Discord refuses webhook usernames containing "discord" or "clyde", and "everyone"/"here"."""
-    lowered = name.casefold()
-    return (
-        "discord" not in lowered
-        and "clyde" not in lowered
-        and lowered.strip() not in ("everyone", "here")
-    )
-
-
-def avatar_bytes(persona: Persona) -> bytes | None:
-    """The persona's image when it is a file or PNG bytes (URLs are used as they are)."""
-    avatar = persona.card.avatar
-    if isinstance(avatar, bytes):
-        return avatar
-    if isinstance(avatar, str) and not avatar.startswith(("http://", "https://")):
-        try:
-            return Path(avatar).read_bytes()
-        except OSError:
-            return None
-    return None
-
-
-def avatar_url(persona: Persona) -> str | None:
-    avatar = persona.card.avatar
-    return (
-        avatar if isinstance(avatar, str) and avatar.startswith(("http://", "https://")) else None
-    )
 
 
 def summary_embed(persona: Persona) -> tuple[discord.Embed, discord.File | None]:
@@ -168,148 +134,19 @@ class Personas(
 ):
     def __init__(self, bot: HermesBot) -> None:
         self.bot = bot
-        #: webhooks checked this run, by the channel that owns them (a thread uses its parent's)
-        self._hooks: dict[int, discord.Webhook] = {}
-        self._hook_locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
-        #: the picture each webhook shows now (a digest of the image; None: the default one)
-        self._faces: dict[int, str | None] = {}
+        self.library = bot.personas
+        self.memory = bot.memory
         super().__init__()
 
-    @property
-    def library(self) -> PersonaLibrary:
-        assert self.bot.personas is not None
-        return self.bot.personas
-
-    @property
-    def memory(self):  # noqa: ANN201
-        assert self.bot.memory is not None
-        return self.bot.memory
-
-    async def resolve_name(self, guild_id: int | None, name: str) -> str | None:
-        persona = await self.library.get(name, guild_id)
-        return persona.name if persona else None
-
-    # ---- speaking as the persona ------------------------------------------------------------
-
-    @staticmethod
-    def _parent(channel: discord.abc.Messageable) -> tuple[object, discord.Thread | None]:
-        thread = channel if isinstance(channel, discord.Thread) else None
-        return (channel.parent if thread is not None else channel), thread
-
-    async def webhook_for(
-        self, channel: discord.abc.Messageable
-    ) -> tuple[discord.Webhook, discord.abc.Snowflake | None] | None:
-        """The bot's webhook for this channel (a thread uses its parent's), made once and kept."""
-        parent, thread = self._parent(channel)
-        if not isinstance(
-            parent, discord.TextChannel | discord.ForumChannel | discord.VoiceChannel
-        ):
-            return None
-        async with self._hook_locks[parent.id]:  # one webhook, even for replies racing to make it
-            if (known := self._hooks.get(parent.id)) is not None:
-                return known, thread
-            stored = await self.memory.webhook(parent.id)
-            if stored is not None:
-                hook = discord.Webhook.partial(stored[0], stored[1], client=self.bot)
-                try:
-                    await hook.fetch(prefer_auth=False)  # once a run: is it still there?
-                except discord.NotFound:
-                    log.info("webhook %s of channel %s is gone; making another", hook.id, parent.id)
-                    await self.memory.forget_webhook(parent.id)
-                except discord.HTTPException as exc:
-                    log.info("could not check webhook %s (%s); using it anyway", hook.id, exc)
-                    return hook, thread
-                else:
-                    self._hooks[parent.id] = hook
-                    return hook, thread
-            me = parent.guild.me
-            if me is not None and not parent.permissions_for(me).manage_webhooks:
-                return None
-            try:
-                hook = await parent.create_webhook(name=WEBHOOK_NAME, reason="persona replies")
-            except discord.HTTPException as exc:
-                log.info("no webhook in channel %s (%s); personas speak as the bot", parent.id, exc)
-                return None
-            assert hook.token is not None
-            await self.memory.save_webhook(parent.id, hook.id, hook.token)
-            self._hooks[parent.id] = hook
-            self._faces[hook.id] = None  # a new webhook shows the default picture
-            chat = self.bot.get_cog("Chat")
-            if chat is not None:
-                chat.webhook_ids.add(hook.id)  # type: ignore[attr-defined]
-            return hook, thread
-
-    async def forget_webhook(self, channel: discord.abc.Messageable) -> None:
-        """Drop the channel's webhook (deleted by someone); the next reply makes a new one."""
-        parent, _ = self._parent(channel)
-        parent_id = getattr(parent, "id", None)
-        if parent_id is not None:
-            self._hooks.pop(parent_id, None)
-            await self.memory.forget_webhook(parent_id)
-
-    async def identity(
-        self, channel: discord.abc.Messageable, name: str, guild_id: int | None = None
-    ) -> Identity:
-        guild = getattr(channel, "guild", None)
-        persona = await self.library.get(name, guild_id or (guild.id if guild else None))
-        if persona is None:
-            return Identity()
-        found = None
-        if guild is not None and webhook_username_ok(persona.name[:NAME_MAX]):
-            found = await self.webhook_for(channel)
-        if found is None:
-            return Identity(prefix=f"**{persona.name}:** ")
-        hook, thread = found
-        url = avatar_url(persona)
-        if url is None:
-            await self._show_face(hook, persona)
-        return Identity(
-            webhook=hook, username=persona.name[:NAME_MAX], avatar_url=url, thread=thread
-        )
-
-    async def _show_face(self, hook: discord.Webhook, persona: Persona) -> None:
-        """A webhook message takes a URL avatar, not an image file: so for image-file avatars
-        the webhook itself must wear the persona's face, and a persona without one the default
-        face rather than the last persona's. Set only when it changes."""
-        data = avatar_bytes(persona)
-        face = hashlib.sha256(data).hexdigest() if data else None
-        if self._faces.get(hook.id, _NO_FACE) == face:
-            return
-        try:
-            await hook.edit(avatar=data, reason=f"persona {persona.name}")
-        except (discord.HTTPException, ValueError) as exc:
-            log.info("could not set the webhook avatar for %s: %s", persona.name, exc)
-        self._faces[hook.id] = face  # not retried every message when Discord refuses it
-
-    async def greet(
-        self, channel: discord.abc.Messageable, persona: Persona, text: str, guild_id: int | None
-    ) -> list[discord.Message]:
-        """Post `text` as the persona; a webhook deleted behind our back is replaced once."""
-        identity = await self.identity(channel, persona.name, guild_id)
-        try:
-            return await post(channel, text, identity=identity)  # type: ignore[arg-type]
-        except discord.NotFound:
-            if identity.webhook is None:
-                raise
-        await self.forget_webhook(channel)
-        identity = await self.identity(channel, persona.name, guild_id)
-        return await post(channel, text, identity=identity)  # type: ignore[arg-type]
-
     # ---- permissions ------------------------------------------------------------------------
-
-    def manager(self, interaction: discord.Interaction) -> bool:
-        perms = getattr(interaction.user, "guild_permissions", None)
-        return (
-            bool(perms and perms.manage_guild) or interaction.user.id in self.bot.settings.owner_ids
-        )
 
     async def may_import(self, interaction: discord.Interaction) -> bool:
         if interaction.guild_id is None:
             return False
         guild = await self.memory.guild(interaction.guild_id)
-        return guild.imports_allowed or self.manager(interaction)
+        return guild.imports_allowed or is_manager(interaction)
 
-    async def _own(self, interaction: discord.Interaction, name: str):  # noqa: ANN202
+    async def _own(self, interaction: discord.Interaction, name: str) -> StoredPersona | None:
         """The server's own persona `name`, if this member may change it; else explain why not."""
         if interaction.guild_id is None:
             await say_privately(interaction, "Server personas live in servers, not DMs.")
@@ -324,7 +161,7 @@ class Personas(
                 else f"This server has no persona called {name!r}.",
             )
             return None
-        if stored.created_by != interaction.user.id and not self.manager(interaction):
+        if stored.created_by != interaction.user.id and not is_manager(interaction):
             await say_privately(
                 interaction,
                 f"Only <@{stored.created_by}> (who made **{stored.name}**) "
@@ -375,11 +212,9 @@ class Personas(
 
     @app_commands.command(name="use", description="Play this persona in this channel")
     @app_commands.autocomplete(name=name_autocomplete)
+    @speaks_here  # not for blocked members, channels outside the allow-list, or mode off
     async def use(self, interaction: discord.Interaction, name: str) -> None:
         channel = interaction.channel
-        chat = self.bot.get_cog("Chat")
-        if chat is not None and await chat._refused(interaction, speaks=True):  # type: ignore[attr-defined]
-            return  # blocked members, channels outside the allow-list, mode off
         persona = await self.library.get(name, interaction.guild_id)
         if persona is None or channel is None:
             await say_privately(
@@ -401,7 +236,9 @@ class Personas(
         greetings = persona.greetings(getattr(interaction.user, "display_name", "you"))
         if greetings and persona_key(persona.name) != persona_key(DEFAULT_PERSONA):
             try:
-                messages = await self.greet(channel, persona, greetings[0], interaction.guild_id)
+                messages = await self.bot.webhooks.post_as(
+                    channel, persona.name, greetings[0], interaction.guild_id
+                )
             except discord.HTTPException as exc:
                 log.warning("could not post %s's greeting in %s: %s", persona.name, channel.id, exc)
                 await say_privately(
@@ -410,7 +247,6 @@ class Personas(
                     "but I could not post the greeting here.",
                 )
                 return
-            assert self.bot.conv is not None
             await self.bot.conv.record_assistant(
                 channel.id,
                 greetings[0],
@@ -585,20 +421,43 @@ class Personas(
         )
         await say_privately(interaction, f"Deleted **{stored.name}**.")
 
-    @app_commands.command(name="export", description="Download a persona as a Card V2 JSON file")
+    @app_commands.command(name="export", description="Download a persona as a Character Card V2")
+    @app_commands.describe(format="json, or png: the card inside the persona's picture")
     @app_commands.autocomplete(name=name_autocomplete)
-    async def export(self, interaction: discord.Interaction, name: str) -> None:
+    async def export(
+        self,
+        interaction: discord.Interaction,
+        name: str,
+        format: Literal["json", "png"] = "json",
+    ) -> None:
         persona = await self.library.get(name, interaction.guild_id)
         if persona is None:
             await say_privately(interaction, f"There is no persona called {name!r}.")
             return
-        data = export_card(persona.card)
         filename = "".join(c for c in persona.name if c.isalnum() or c in "-_") or "persona"
-        await say_privately(
-            interaction,
-            f"**{persona.name}** as a Character Card V2:",
-            file=discord.File(io.BytesIO(data), f"{filename}.json"),
+        text, file = f"**{persona.name}** as a Character Card V2:", None
+        if format == "png":
+            text, file = card_png(persona, filename)
+        if file is None:
+            file = discord.File(io.BytesIO(export_card(persona.card)), f"{filename}.json")
+        await say_privately(interaction, text, file=file)
+
+
+def card_png(persona: Persona, filename: str) -> tuple[str, discord.File | None]:
+    """The persona's picture with its card inside (SillyTavern's PNG card), or why not."""
+    image = avatar_bytes(persona)
+    if image is None:
+        return f"**{persona.name}** has no picture to hold the card, so here it is as JSON:", None
+    try:
+        data = export_png(persona.card, image)
+    except CardError as exc:
+        return (
+            f"**{persona.name}**'s picture cannot hold the card ({exc}); here it is as JSON:",
+            None,
         )
+    return f"**{persona.name}** as a Character Card V2 PNG:", discord.File(
+        io.BytesIO(data), f"{filename}.png"
+    )
 
 
 async def setup(bot: HermesBot) -> None:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny model, the real Llama 2 tokenizer, a fresh memory, settings.
+"""Shared fixtures: the tiny model, the real Llama 2 tokenizer, a fresh memory, settings, and
+the fake Discord with its one shared test world (`fake`, `world`; see tests/world.py).
 
 Everything here runs on the CPU without a network: the tiny model is built on the spot
 (`tests/tiny.py`) and the Llama 2 tokenizer is a checked-in fixture next to the project
@@ -10,12 +11,16 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from bot.memory import Memory
 from bot.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from tests.fake_discord import FakeDiscord
+    from tests.world import World
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "llama2-tokenizer"
@@ -47,6 +52,23 @@ async def memory(tmp_path: Path) -> AsyncIterator[Memory]:
         yield mem
     finally:
         await mem.close()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDiscord]:
+    """A running fake Discord (discord.py pointed at it), stopped afterwards."""
+    from tests.fake_discord import running_fake
+
+    async with running_fake(heartbeat_interval=1000) as running:
+        yield running
+
+
+@pytest.fixture
+def world(fake: FakeDiscord) -> World:
+    """The shared test world (tests/world.py) on the running fake `fake`."""
+    from tests.world import build_world
+
+    return build_world(fake)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,54 +17,17 @@ import pytest
 
 from bot.engine import EngineError, LocalEngine
 from cogs.chat import APOLOGY
-from tests.bot_harness import ScriptedEngine, bot_settings, running_bot
+from tests.bot_harness import ScriptedEngine, running_bot
 from tests.fake_discord import (
-    FakeChannel,
     FakeDiscord,
-    FakeGuild,
     FakeMessage,
-    FakeRole,
     FakeUser,
-    running_fake,
 )
+from tests.world import World
 
 pytestmark = pytest.mark.slow
 
 MANAGE_GUILD = 1 << 5
-
-
-@dataclass
-class World:
-    fake: FakeDiscord
-    guild: FakeGuild
-    general: FakeChannel
-    other: FakeChannel
-    admin: FakeUser  # has Manage Server
-    admin2: FakeUser  # has Manage Server too
-    owner: FakeUser  # in OWNER_IDS, no Manage Server
-    alice: FakeUser  # plain members
-    bob: FakeUser
-    muted: FakeRole
-    carol: FakeUser  # has the `muted` role
-
-    def settings(self, tmp_path: Path, model: Path | str = "scripted", **env: str):
-        return bot_settings(tmp_path, model, OWNER_IDS=str(self.owner.id), **env)
-
-
-@pytest.fixture
-async def world() -> AsyncIterator[World]:
-    async with running_fake(heartbeat_interval=1000) as fake:
-        guild = fake.add_guild("Admin Guild")
-        general = fake.add_channel(guild.id, "general")
-        other = fake.add_channel(guild.id, "other")
-        admin = fake.add_member(guild.id, "admin", permissions=["manage_guild"]).user
-        admin2 = fake.add_member(guild.id, "admin2", permissions=["manage_guild"]).user
-        owner = fake.add_member(guild.id, "owner").user
-        alice = fake.add_member(guild.id, "alice").user
-        bob = fake.add_member(guild.id, "bob").user
-        muted = fake.add_role(guild.id, "muted")
-        carol = fake.add_member(guild.id, "carol", roles=[muted]).user
-        yield World(fake, guild, general, other, admin, admin2, owner, alice, bob, muted, carol)
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -283,15 +245,15 @@ async def test_settings_set_show_reset_sources_ranges_and_restart(
         # out of range, or not a number of the right kind: refused, naming the range; no change
         before = await snapshot(bot)
         for name, value, allowed in [
-            ("temperature", "5", "between 0 and 2"),
+            ("temperature", "5.5", "between 0 and 5"),
             ("top_p", "1.5", "between 0 and 1"),
-            ("top_k", "-1", "between 0 and 200"),
-            ("top_k", "2.5", "from 0 to 200"),
-            ("repetition_penalty", "0.5", "between 1 and 2"),
-            ("max_new_tokens", "100000", "between 16 and 2048"),
-            ("context_tokens", "12", "between 512 and 32768"),
-            ("temperature", "warm", "from 0 to 2"),
-            ("temperature", "nan", "between 0 and 2"),
+            ("top_k", "-1", "between 0 and 1000"),
+            ("top_k", "2.5", "from 0 to 1000"),
+            ("repetition_penalty", "0.4", "between 0.5 and 3"),
+            ("max_new_tokens", "100000", "between 1 and 8192"),
+            ("context_tokens", "12", "between 256 and 131072"),
+            ("temperature", "warm", "from 0 to 5"),
+            ("temperature", "nan", "between 0 and 5"),
         ]:
             for scope in ("server", "channel"):
                 got = await command(
@@ -478,6 +440,9 @@ async def test_memory_stats_and_export(world: World, tmp_path: Path) -> None:
         assert rows == [
             {
                 "id": t.id,
+                "channel_id": w.general.id,
+                "guild_id": t.guild_id,
+                "forgotten": False,
                 "message_id": t.message_id,
                 "author_id": t.author_id,
                 "name": t.name,
@@ -495,11 +460,18 @@ async def test_memory_stats_and_export(world: World, tmp_path: Path) -> None:
             "and again",
             "Second reply, with ünïcode ✓.",
         ]
+        # after a forget the export still holds every turn, marked for training to leave out
+        await command(w, w.admin, "admin memory forget")
+        got = await command(w, w.admin, "admin memory export")
+        rows = [json.loads(line) for line in got.files[0].data.decode().splitlines()]
+        assert [r["forgotten"] for r in rows] == [True] * 4
 
         actions = [(r.user_id, r.action, r.new) for r in await audit_rows(bot, w)]
         assert actions == [
             (w.admin.id, "memory.stats", None),
             (w.admin.id, "memory.stats", None),
+            (w.admin.id, "memory.export", "4"),
+            (w.admin.id, "memory.forget", str(turns[-1].id)),
             (w.admin.id, "memory.export", "4"),
         ]
 

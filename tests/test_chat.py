@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,28 +12,10 @@ from bot.conversation import EMPTY_NOTICE
 from bot.engine import EngineError
 from cogs.chat import APOLOGY, BUSY
 from tests.bot_harness import ScriptedEngine, bot_settings, running_bot
-from tests.fake_discord import FakeChannel, FakeDiscord, FakeGuild, FakeUser, running_fake
+from tests.fake_discord import FakeDiscord, FakeUser
+from tests.world import World
 
 pytestmark = pytest.mark.slow
-
-
-@dataclass
-class World:
-    fake: FakeDiscord
-    guild: FakeGuild
-    general: FakeChannel
-    alice: FakeUser
-    bob: FakeUser
-
-
-@pytest.fixture
-async def world() -> AsyncIterator[World]:
-    async with running_fake(heartbeat_interval=1000) as fake:
-        guild = fake.add_guild("Test Guild")
-        general = fake.add_channel(guild.id, "general")
-        alice = fake.add_member(guild.id, "alice").user
-        bob = fake.add_member(guild.id, "bob").user
-        yield World(fake, guild, general, alice, bob)
 
 
 def bot_messages(fake: FakeDiscord, channel_id: int) -> list:

@@ -251,9 +251,9 @@ def _records(n_train: int, n_val: int) -> list[Record]:
 
             def chat(reply: str, prompt: str = prompt) -> Record:
                 turns = [
-                    Message("user", prompt[:30]),
+                    Message("user", prompt[:30], "alice"),
                     Message("assistant", "Hello."),
-                    Message("user", prompt[30:]),
+                    Message("user", prompt[30:], "bob"),
                     Message("assistant", reply),
                 ]
                 return Record("chat", conversation=turns, system="You are Hermes.")
@@ -324,7 +324,7 @@ def chat_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = make_model(tmp / "base", seed=3, max_positions=512)
     data = tmp / "prepared"
     records = _records(n_train=24, n_val=8)
-    write_prepared(data, records, Report())
+    write_prepared(data, records, Report(records_out=len(records)))
     encoder = Encoder(AutoTokenizer.from_pretrained(base))
     train_recs, val_recs = split_records(read_prepared(data), FRACTION)
     assert len(train_recs) == 24 and len(val_recs) == 8
@@ -424,6 +424,10 @@ def test_chat_loss_counts_reply_tokens_only(chat_setup: dict[str, Any]) -> None:
     sp = served_prompt(s["val_recs"][0])
     assert sp.prompt.endswith("### Response:\n") and VAL_REPLY not in sp.prompt
     assert sp.reference == VAL_REPLY
+    # In a chat, the other speakers' names become the bot's stop strings for that reply.
+    chat = next(served_prompt(r) for r in s["val_recs"] if r.conversation)
+    assert chat.other_names == ("alice", "bob") and "\nbob: " in chat.prompt
+    assert chat.prompt.endswith("### Response:\n") and chat.reference == VAL_REPLY
 
 
 def test_validation_split_is_stable_and_complete() -> None:

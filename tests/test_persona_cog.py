@@ -8,8 +8,6 @@ import io
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +18,14 @@ from bot.cards import export_png, parse_card
 from bot.personas import fill, load_builtin_personas
 from tests.bot_harness import ScriptedEngine, bot_settings, running_bot
 from tests.fake_discord import (
-    FakeChannel,
     FakeDiscord,
     FakeFile,
-    FakeGuild,
     FakeMessage,
     FakeUser,
     FakeWebhook,
     InteractionHandle,
-    running_fake,
 )
+from tests.world import World
 
 pytestmark = pytest.mark.slow
 
@@ -89,27 +85,6 @@ def small_png(color: tuple[int, int, int] = (200, 30, 90)) -> bytes:
 
 # --------------------------------------------------------------------------------------------
 # The world and small helpers
-
-
-@dataclass
-class World:
-    fake: FakeDiscord
-    guild: FakeGuild
-    general: FakeChannel
-    alice: FakeUser
-    bob: FakeUser
-    mod: FakeUser
-
-
-@pytest.fixture
-async def world() -> AsyncIterator[World]:
-    async with running_fake(heartbeat_interval=1000) as fake:
-        guild = fake.add_guild("Test Guild")
-        general = fake.add_channel(guild.id, "general")
-        alice = fake.add_member(guild.id, "alice").user
-        bob = fake.add_member(guild.id, "bob").user
-        mod = fake.add_member(guild.id, "mod", permissions=["manage_guild"]).user
-        yield World(fake, guild, general, alice, bob, mod)
 
 
 async def command(
@@ -551,10 +526,12 @@ async def test_imports_can_be_limited_to_managers(world: World, tmp_path: Path) 
         denied = await command(world, "persona create", user=world.bob)
         assert "Manage Server" in await said(denied)
         assert await bot.memory.list_personas(world.guild.id) == []
-        allowed = await said(await command(world, "persona import", {"card": card}, user=world.mod))
+        allowed = await said(
+            await command(world, "persona import", {"card": card}, user=world.admin)
+        )
         assert "Saved **Nova**" in allowed
         (stored,) = await bot.memory.list_personas(world.guild.id)
-        assert stored.created_by == world.mod.id
+        assert stored.created_by == world.admin.id
 
 
 async def test_create_edit_delete_and_who_may(world: World, tmp_path: Path) -> None:
@@ -633,8 +610,10 @@ async def test_create_edit_delete_and_who_may(world: World, tmp_path: Path) -> N
         )
 
         # a manager renames someone else's persona: it stays its creator's
-        editing = await command(world, "persona edit", {"name": "Nova"}, user=world.mod)
-        assert "Saved **Nova Prime**" in await submit(world, editing, world.mod, Name="Nova Prime")
+        editing = await command(world, "persona edit", {"name": "Nova"}, user=world.admin)
+        assert "Saved **Nova Prime**" in await submit(
+            world, editing, world.admin, Name="Nova Prime"
+        )
         renamed = await bot.memory.get_persona(world.guild.id, "Nova Prime")
         assert renamed is not None and renamed.created_by == world.bob.id
         assert await bot.memory.get_persona(world.guild.id, "Nova") is None
@@ -649,14 +628,14 @@ async def test_create_edit_delete_and_who_may(world: World, tmp_path: Path) -> N
 
         # a manager may delete it
         text = await said(
-            await command(world, "persona delete", {"name": "Captain Brine"}, user=world.mod)
+            await command(world, "persona delete", {"name": "Captain Brine"}, user=world.admin)
         )
         assert text == "Deleted **Captain Brine**."
         assert await bot.memory.get_persona(world.guild.id, "Captain Brine") is None
         log = await bot.memory.audit_log(world.guild.id)
         assert (log[0].action, log[0].user_id, log[0].old) == (
             "persona.delete",
-            world.mod.id,
+            world.admin.id,
             "Captain Brine",
         )
         gone = await said(await command(world, "persona show", {"name": "Captain Brine"}))
@@ -844,3 +823,33 @@ async def test_thread_takes_its_parents_persona_and_settings(world: World, tmp_p
             "Who did it?",
             "In the thread.",
         ]
+
+
+async def test_export_as_png_puts_the_card_in_the_personas_picture(
+    world: World, tmp_path: Path
+) -> None:
+    fake = world.fake
+    image = small_png((10, 200, 40))
+    card = parse_card(card_json(name="Pixel", first_mes="Beep."))
+    async with running_bot(fake, bot_settings(tmp_path, "x"), engine=ScriptedEngine(["ok"])):
+        png = export_png(card, image)
+        await said(await command(world, "persona import", {"card": FakeFile("p.png", png)}))
+        exporting = await command(world, "persona export", {"name": "Pixel", "format": "png"})
+        response = await exporting.wait_response()
+        assert "Character Card V2 PNG" in (response.content or "")
+        (file,) = response.files
+        assert file.filename == "Pixel.png" and file.data.startswith(b"\x89PNG")
+        assert parse_card(file.data, "Pixel.png") == card  # SillyTavern reads the same card
+        with Image.open(io.BytesIO(file.data)) as im:  # and it is still the persona's picture
+            assert im.size == (8, 8) and im.convert("RGB").getpixel((0, 0)) == (10, 200, 40)
+
+        # a persona without a picture of its own still gets its card, as JSON, and is told so
+        await said(
+            await command(world, "persona import", {"card": FakeFile("n.json", card_json())})
+        )
+        plain = await (
+            await command(world, "persona export", {"name": "Nova", "format": "png"})
+        ).wait_response()
+        assert "no picture" in (plain.content or "")
+        (file,) = plain.files
+        assert file.filename == "Nova.json" and parse_card(file.data) == parse_card(card_json())

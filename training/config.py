@@ -57,6 +57,15 @@ class SourceConfig:
     weight: float = 1.0  # <1 samples that share, >1 repeats the source (upsampling)
     limit: int | None = None  # at most this many records after weighting
     system: str = ""  # system text for this source's multi-turn records
+    optional: bool = False  # a missing/unreadable/empty source is skipped instead of an error
+    names: list[str] = field(default_factory=list)  # speaker names for user turns: one fixed
+    # name, or a list drawn from per conversation (seeded); pseudonyms for hermes-memory
+    persona: str | None = None  # a built-in persona name or a card file: chats rendered as it
+    personas: list[str] = field(default_factory=list)  # hermes-memory: extra card files
+    channels: list[int] = field(default_factory=list)  # hermes-memory: channel ids to read
+    pseudonymise: bool = True  # hermes-memory: replace members' names and mentions
+    prompt_budget: int | None = None  # the bot's prompt budget (CONTEXT_TOKENS - MAX_NEW_TOKENS)
+    # for persona prompts; default data.max_length
 
 
 @dataclass

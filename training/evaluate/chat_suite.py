@@ -175,9 +175,7 @@ def served_prompt(record: Record) -> ServedPrompt:
     last = max(i for i, (_, target) in enumerate(pieces) if target)
     turns = record.conversation or []
     others = tuple(
-        dict.fromkeys(
-            n for m in turns if m.role != "assistant" and (n := getattr(m, "name", "") or "")
-        )
+        dict.fromkeys(n for m in turns if m.role == "user" and (n := getattr(m, "name", "") or ""))
     )
     bots = [n for m in turns if m.role == "assistant" and (n := getattr(m, "name", "") or "")]
     return ServedPrompt(
