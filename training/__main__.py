@@ -1,8 +1,9 @@
-"""`python -m training {prepare,train,export}` (also installed as `hermes-train`).
+"""`python -m training {prepare,train,export,eval}` (also installed as `hermes-train`).
 
     hermes-train prepare --config hermes-7b-8xa100        # sources -> records.jsonl + report
     torchrun --standalone --nproc_per_node 8 -m training train --config hermes-7b-8xa100
     hermes-train export --config hermes-7b-8xa100 --out models/hermes-7b   # -> MODEL=models/hermes-7b
+    hermes-train eval --model BASE --model models/hermes-7b --suite all --data data/prepared
 
 `--config` takes a YAML path or the name of a bundled config; `--set a.b=value` overrides a field,
 `--tokenizer PATH` the tokenizer and `--data PATH[:FORMAT]` (repeatable) the sources. Overrides
@@ -16,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ from training.config import (
     parse_override,
     save_run_config,
 )
+from training.evaluate.cli import add_parser as add_eval_parser
+from training.evaluate.cli import cmd_eval
 
 log = logging.getLogger("training")
 
@@ -169,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--out", help="output folder (default: train.export_dir or <output_dir>/hf)"
             )
+    add_eval_parser(sub)
     return parser
 
 
@@ -179,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
     )
+    if args.command == "eval":  # models and prepared data, no run config
+        return guarded(args, lambda: cmd_eval(None, args))
     try:
         run = load_run_config(args.config, command_overrides(args))
     except ConfigError as exc:
@@ -191,10 +198,19 @@ def main(argv: list[str] | None = None) -> int:
             run.config.train.output_dir,
         )
     commands = {"prepare": cmd_prepare, "train": cmd_train, "export": cmd_export}
-    try:
+
+    def command() -> int:
         if rank == 0:
             save_run_config(args.config, run)
         return commands[args.command](run.config, args)
+
+    return guarded(args, command)
+
+
+def guarded(args: argparse.Namespace, command: Callable[[], int]) -> int:
+    """Run a subcommand: a failure is one line and exit 1, never a traceback."""
+    try:
+        return command()
     except (OSError, ValueError, RuntimeError) as exc:
         # Missing files, an unreachable hub, a bad record format, a diverged run: one line.
         logging.getLogger("training").debug("failed", exc_info=exc)
