@@ -121,6 +121,7 @@ def _defuse_header_line(line: str) -> str:
     return line
 
 
+@functools.lru_cache(maxsize=4096)
 def neutralize(text: str) -> str:
     """Normalise `text` and defuse every line that would read as a block header.
 
@@ -160,6 +161,7 @@ def fold_colons(text: str) -> str:
     return text.translate(_COLON_MAP)
 
 
+@functools.lru_cache(maxsize=4096)
 def speaker_key(text: str) -> str:
     """The form the speaker rule compares: `fold`, colon look-alikes as `:`, and no spaces or
     Markdown emphasis (so `**HERMES :**`, `Ｈｅｒｍｅｓ：` and `h e r m e s:` all match Hermes)."""
@@ -242,7 +244,13 @@ def render_turn(role: str, content: str, name: str = "", speakers: Iterable[str]
 
     A member's block is `Name: text`: the name made single-line and header-free (`clean_name`),
     the text defused against headers and against lines forging one of `speakers` (`defuse_turn`).
+    Cached: a channel's turns are rendered again for every prompt while they stay in the window.
     """
+    return _render_turn(role, content, name, tuple(speakers))
+
+
+@functools.lru_cache(maxsize=4096)
+def _render_turn(role: str, content: str, name: str, speakers: tuple[str, ...]) -> str:
     if role == "assistant":
         return f"{RESPONSE}{neutralize(content.strip())}{SEPARATOR}"
     name = clean_name(name)

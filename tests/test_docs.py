@@ -126,12 +126,18 @@ def parse_hermes_train(args: list[str]) -> None:
     from training.__main__ import build_parser
     from training.config import load_config
 
+    parser = build_parser()
+    if len(args) == 1:  # prose naming a subcommand ("`hermes-train eval` runs ...")
+        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        assert args[0] in sub.choices, f"hermes-train has no {args[0]!r}"
+        return
     try:
-        ns = build_parser().parse_args(args)
+        ns = parser.parse_args(args)
     except SystemExit as exc:
         raise AssertionError(f"hermes-train {shlex.join(args)}: argparse refused it") from exc
-    if "." not in ns.config and not re.fullmatch(r"[A-Z_]+", ns.config):
-        load_config(ns.config, ns.overrides)  # a bundled config's name must exist
+    config = getattr(ns, "config", None)
+    if config and "." not in config and not re.fullmatch(r"[A-Z_]+", config):
+        load_config(config, ns.overrides)  # a bundled config's name must exist
     # (a .yaml path is the reader's own file; CONFIG is a placeholder in prose)
 
 
@@ -250,7 +256,8 @@ def test_command_exists_with_these_flags(doc: str, line: str, monkeypatch: pytes
 def test_a_drifted_command_is_caught(monkeypatch: pytest.MonkeyPatch):
     """The checker itself: the drift issue 17 found would fail it."""
     for bad in (
-        "python -m training export",  # no --config
+        "python -m training export --out models/x",  # no --config
+        "hermes-train evaluate",  # prose naming a subcommand that does not exist
         ".venv/bin/hermes-bot console --no-such-flag",
         ".venv/bin/pip install -e '.[cuda]'",
         "SHARDS=2 hermes-bot run",
@@ -302,10 +309,15 @@ def clone(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("hermes-bot", "hermes-train", "python", "pip"):
         if (real_bin / name).exists():
             (bin_dir / name).symlink_to(real_bin / name)
-    (folder / "models").mkdir()
-    (folder / "models" / "hermes-7b").symlink_to(tiny_model)
-    (folder / "runs" / "tiny").mkdir(parents=True)
-    (folder / "runs" / "tiny" / "hf").symlink_to(tiny_model)
+    # every relative --model folder the docs name is there (the README's download/train result)
+    for _, line in COMMANDS:
+        for words in simple_commands(line):
+            for flag, value in zip(words, words[1:], strict=False):
+                if flag == "--model" and not value.startswith(("/", "~")) and "/" in value:
+                    target = folder / value
+                    if not target.exists() and not (ROOT / value).exists():
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.symlink_to(tiny_model)
     (folder / "prod.env").write_text("MAX_NEW_TOKENS=4\n")
     return folder
 
