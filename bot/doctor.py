@@ -58,6 +58,13 @@ async def check_database(settings: Settings, report: Report) -> None:
         )
         if integrity != "ok":
             report.problem(f"integrity check: {integrity}")
+        if memory.fts:
+            print("  long-term recall: on (SQLite full-text search, FTS5)")
+        else:  # not a problem: everything else works without it
+            print(
+                "  long-term recall: off, this SQLite build has no full-text search (FTS5); "
+                "a Python built with a newer SQLite turns it on"
+            )
     except Exception as exc:
         report.problem(str(exc))
     finally:
