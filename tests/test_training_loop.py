@@ -92,7 +92,7 @@ def test_logged_mfu_uses_the_step_flops(tmp_path: Path) -> None:
     from training.plan import load_examples
     from training.tokenize import Encoder
 
-    examples = load_examples(cfg, Encoder(llama_tokenizer()))
+    examples, _ = load_examples(cfg, Encoder(llama_tokenizer()))
     plan = DataPlan(examples, 4, cfg.train.seed)
     for step, entry in enumerate(log_entries(tmp_path / "run")):
         lengths = plan.step_lengths(step)

@@ -208,6 +208,8 @@ def test_fsdp2_two_processes_match_one_process(tmp_path: Path) -> None:
         max_steps=4,
         global_batch_size=8,  # 4 samples per process: several micro-batches of <= 256 tokens
         export_dir=str(tmp_path / "fsdp" / "hf"),
+        eval_every=2,  # the validation loss on the sharded model, every rank scoring alike
+        val_fraction=0.1,
     )
     d["train"]["output_dir"] = str(tmp_path / "fsdp")
     d["model"]["gradient_checkpointing"] = True  # as on GPUs: checkpointed layers inside FSDP
@@ -236,6 +238,10 @@ def test_fsdp2_two_processes_match_one_process(tmp_path: Path) -> None:
     log = [json.loads(x) for x in (tmp_path / "fsdp" / "log.jsonl").read_text().splitlines()]
     assert [e["grad_syncs"] for e in log] == [1, 1, 1, 1]
     assert all(e["micro_batches"] >= 2 for e in log)
+    # both ranks scored the held-out records alike (a disagreement is reported on stderr)
+    assert [e["step"] for e in log if "val_loss" in e] == [2, 4]
+    assert "differs across processes" not in proc.stderr
+    assert "validation: 8 held-out examples every 2 steps" in proc.stderr
 
     single = str(tmp_path / "single")
     assert (
@@ -252,6 +258,10 @@ def test_fsdp2_two_processes_match_one_process(tmp_path: Path) -> None:
         )
         == 0
     )
+    # the sharded validation loss is the one process's
+    single_log = [json.loads(x) for x in (Path(single) / "log.jsonl").read_text().splitlines()]
+    fsdp_val = [e["val_loss"] for e in log if "val_loss" in e]
+    assert [e["val_loss"] for e in single_log if "val_loss" in e] == pytest.approx(fsdp_val, 1e-4)
     fsdp_w, single_w = weights(tmp_path / "fsdp" / "hf"), weights(Path(single) / "hf")
     assert fsdp_w.keys() == single_w.keys()
     for k in fsdp_w:

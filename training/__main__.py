@@ -53,7 +53,12 @@ def cmd_prepare(cfg: Config, args: argparse.Namespace) -> int:
     if not records:
         print("error: no records left; see the problems above", file=sys.stderr)
         return 1
-    print(schedule_summary(cfg, len(records), report.tokens))
+    held_out = 0
+    if cfg.train.eval_every:  # the records `train` holds out for its validation loss
+        from training.evaluate.chat_suite import split_records
+
+        held_out = len(split_records(records, cfg.train.val_fraction)[1])
+    print(schedule_summary(cfg, len(records), report.tokens, held_out))
     return 0
 
 
@@ -74,11 +79,14 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
-    from training.checkpoint import checkpoint_dirs
+    from training.checkpoint import best_checkpoint, checkpoint_dirs
     from training.export import export_checkpoint
 
+    best = best_checkpoint(Path(cfg.train.output_dir)) if cfg.train.keep_best else None
     if args.checkpoint:
         ckpt = Path(args.checkpoint)
+    elif best is not None:  # train.keep_best: the lowest validation loss, not the last step
+        ckpt = best
     else:
         found = checkpoint_dirs(Path(cfg.train.output_dir))
         if not found:
@@ -169,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                 help="stop with a checkpoint after this many steps in total",
             )
         if name == "export":
-            p.add_argument("--checkpoint", help="checkpoint folder (default: the latest)")
+            p.add_argument(
+                "--checkpoint",
+                help="checkpoint folder (default: the best with train.keep_best, else the latest)",
+            )
             p.add_argument(
                 "--out", help="output folder (default: train.export_dir or <output_dir>/hf)"
             )

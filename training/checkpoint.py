@@ -79,6 +79,18 @@ def step_of(checkpoint: Path) -> int | None:
         return None
 
 
+def best_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint kept for the lowest validation loss (`train.keep_best`), as the latest
+    checkpoint's state records it; None when there is none."""
+    found = checkpoint_dirs(output_dir)
+    try:
+        name = json.loads((found[-1] / STATE_FILE).read_text())["best"]["checkpoint"]
+    except (IndexError, OSError, ValueError, KeyError, TypeError):
+        return None
+    path = output_dir / CHECKPOINTS / str(name)
+    return path if name and (path / COMPLETE).exists() else None
+
+
 def save_checkpoint(
     path: Path,
     *,
@@ -88,7 +100,10 @@ def save_checkpoint(
     optimizer: Any,
     scheduler: Any,
     state: dict[str, Any],
+    keep: Path | None = None,
 ) -> None:
+    """Write a complete checkpoint at `path`, then remove all but the `keep_last` newest ones
+    and `keep` (the best checkpoint, with `train.keep_best`)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -102,7 +117,8 @@ def save_checkpoint(
         (path / STATE_FILE).write_text(json.dumps(state, indent=2))
         (path / COMPLETE).write_text("")
         for old in checkpoint_dirs(path.parent.parent)[: -max(1, cfg.train.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
     info.barrier()
 
 

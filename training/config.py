@@ -40,6 +40,13 @@ DEFAULT_REFUSAL_PHRASES = (
 )
 
 
+#: Validation split shared by the trainer (`train.val_fraction`, `train.val_examples`) and
+#: `hermes-train eval --suite chat` (`--val-fraction`, `--max-examples`): with the defaults, the
+#: eval scores exactly the records the trainer held out and scored.
+DEFAULT_VAL_FRACTION = 0.02  # share of the prepared records held out (a stable hash of each)
+DEFAULT_VAL_EXAMPLES = 500  # held-out conversations scored for the loss (the first, file order)
+
+
 class ConfigError(ValueError):
     """The config file is wrong in a way the user must fix."""
 
@@ -142,6 +149,17 @@ class TrainSettings:
     peak_tflops: float | None = None  # per device, for MFU; guessed from the GPU name if unset
     export_dir: str | None = None  # write the Hugging Face folder here when training ends
     progress_bar: bool = True
+    # Validation: every eval_every optimizer steps and at the last one, the chat suite's loss on
+    # reply tokens (training.evaluate.chat_suite.chat_loss) over held-out records, logged as
+    # val_loss. 0: off, and no record is held out. When on, the val_fraction split of the
+    # prepared records (the split `hermes-train eval --suite chat` uses) is never trained on;
+    # the first val_examples of it are scored.
+    eval_every: int = 0
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    val_examples: int = DEFAULT_VAL_EXAMPLES
+    # Checkpoint every step whose val_loss is the lowest so far and keep it (keep_last never
+    # removes it); the run's export and `hermes-train export` write it instead of the last step.
+    keep_best: bool = False
 
 
 @dataclass
@@ -173,6 +191,14 @@ class Config:
             raise ConfigError("train.global_batch_size and micro_batch_size must be at least 1")
         if self.train.max_bad_steps < 1:
             raise ConfigError("train.max_bad_steps must be at least 1")
+        if self.train.eval_every < 0 or self.train.val_examples < 1:
+            raise ConfigError("train.eval_every must be >= 0 and train.val_examples >= 1")
+        if self.train.eval_every and not 0 < self.train.val_fraction < 1:
+            raise ConfigError(
+                f"train.val_fraction must be between 0 and 1, not {self.train.val_fraction}"
+            )
+        if self.train.keep_best and not self.train.eval_every:
+            raise ConfigError("train.keep_best needs train.eval_every > 0 (a validation loss)")
         if self.lora.load_in_4bit and not self.lora.enabled:
             raise ConfigError("lora.load_in_4bit needs lora.enabled: true (QLoRA)")
         names = [s.name for s in self.data.sources]

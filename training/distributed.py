@@ -1,7 +1,8 @@
 """Which process this is: rank, world size and device, as torchrun/accelerate set them up.
 
 `DistInfo` is passed to everything that behaves differently with several processes (sharding,
-checkpoints, logging on rank 0); `all_sum` is the one reduction the loop needs for its figures.
+checkpoints, logging on rank 0); `all_sum` is the reduction the loop needs for its figures, and
+`all_values` lets every rank see each rank's validation loss.
 """
 
 from __future__ import annotations
@@ -50,6 +51,16 @@ def all_sum(value: torch.Tensor, info: DistInfo) -> float:
         value = value.clone()
         dist.all_reduce(value)
     return float(value)
+
+
+def all_values(value: float, info: DistInfo) -> list[float]:
+    """`value` from every process, in rank order (`[value]` with one process)."""
+    if info.world == 1:
+        return [value]
+    slots = torch.zeros(info.world, dtype=torch.float64, device=info.device)
+    slots[info.rank] = value
+    dist.all_reduce(slots)
+    return slots.tolist()
 
 
 def full(x: Any) -> Any:

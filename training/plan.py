@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from training.config import Config
-from training.data import read_prepared
+from training.data import Record, read_prepared
+from training.evaluate.chat_suite import split_records
 from training.packing import pack_lengths
 from training.tokenize import Encoder, Example
 
@@ -113,8 +114,23 @@ class DataPlan:
         return {"examples": len(self.examples), "tokens": sum(self.lengths), "sha256": digest}
 
 
-def load_examples(cfg: Config, encoder: Encoder) -> list[Example]:
+def load_examples(cfg: Config, encoder: Encoder) -> tuple[list[Example], list[Example]]:
+    """(training examples, validation examples) from the prepared records.
+
+    With `train.eval_every` > 0, the records of the chat suite's validation split
+    (`split_records` at `train.val_fraction`, the split `hermes-train eval --suite chat` scores)
+    are held out of training, and the first `train.val_examples` of them are the validation
+    examples; otherwise every record is trained on and there are none.
+    """
     records = read_prepared(Path(cfg.data.prepared_dir))
+    val: list[Record] = []
+    if cfg.train.eval_every > 0:
+        records, val = split_records(records, cfg.train.val_fraction)
+        if not val:
+            raise ValueError(
+                f"no validation records at train.val_fraction {cfg.train.val_fraction} in "
+                f"{cfg.data.prepared_dir}; raise it, or set train.eval_every=0"
+            )
     examples = [encoder.encode(r) for r in records]
     kept = [ex for ex in examples if len(ex) <= cfg.data.max_length]
     if len(kept) < len(examples):
@@ -125,18 +141,21 @@ def load_examples(cfg: Config, encoder: Encoder) -> list[Example]:
         )
     if not kept:
         raise ValueError(f"no training examples in {cfg.data.prepared_dir}")
-    return kept
+    return kept, [encoder.encode(r) for r in val[: cfg.train.val_examples]]
 
 
-def schedule_summary(cfg: Config, n_records: int, n_tokens: int) -> str:
-    """What `prepare` prints: the batch in samples and tokens, and the optimizer steps it makes."""
+def schedule_summary(cfg: Config, n_records: int, n_tokens: int, held_out: int = 0) -> str:
+    """What `prepare` prints: the batch in samples and tokens, and the optimizer steps it makes
+    on the records left for training once `held_out` validation records are set aside."""
     tc = cfg.train
-    per_epoch = steps_per_epoch(n_records, tc.global_batch_size)
-    total = total_steps(cfg, n_records)
+    n_train = n_records - held_out
+    per_epoch = steps_per_epoch(n_train, tc.global_batch_size)
+    total = total_steps(cfg, n_train)
     per_step = n_tokens / max(1, n_records) * tc.global_batch_size
     how = f"train.max_steps={tc.max_steps}" if tc.max_steps else f"{tc.epochs:g} epochs"
+    held = f" ({held_out} held out for validation)" if held_out else ""
     return (
-        f"schedule: {n_records} records, {n_tokens} tokens; {tc.global_batch_size} samples "
+        f"schedule: {n_records} records{held}, {n_tokens} tokens; {tc.global_batch_size} samples "
         f"(~{per_step:,.0f} tokens) per optimizer step; {per_epoch} steps per epoch; "
         f"{total} steps ({how}), warmup {warmup_steps(cfg, total)}"
     )

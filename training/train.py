@@ -14,9 +14,11 @@ wrong are in plain sight here and tested on CPU:
   full state dict to write plain Hugging Face weights.
 
 The loop in `train` is a handful of calls: `setup` builds everything once, `train_step` runs one
-optimizer step (or skips its update when the loss or gradient norm is NaN/inf), `log_step`
+optimizer step (or skips its update when the loss or gradient norm is NaN/inf), `validate`
+scores the held-out records every `train.eval_every` steps (the chat suite's loss), `log_step`
 writes its figures, `check_divergence` stops the run after `train.max_bad_steps` such steps in a
-row, `save` writes a checkpoint (of finite weights only) and `finish` the Hugging Face folder.
+row, `save` writes a checkpoint (of finite weights only; with `train.keep_best` also at each
+lowest validation loss, kept from rotation) and `finish` the Hugging Face folder.
 Launch with `torchrun` (or `accelerate launch`) for several GPUs; one process needs no launcher.
 """
 
@@ -41,7 +43,8 @@ from training.checkpoint import (
     seed_everything,
 )
 from training.config import Config, save_resolved
-from training.distributed import DistInfo, all_sum, full, init_distributed
+from training.distributed import DistInfo, all_sum, all_values, full, init_distributed
+from training.evaluate.chat_suite import chat_loss
 from training.export import export_checkpoint, export_live_model
 from training.flops import matmul_params, mfu, peak_flops, step_flops
 from training.hub import load_tokenizer
@@ -74,6 +77,7 @@ class TrainResult:
     losses: list[float]  # per optimizer step run in this call
     checkpoint: Path | None
     export_dir: Path | None
+    best: dict[str, Any] | None = None  # lowest val_loss: step, val_loss, checkpoint (keep_best)
 
 
 class TrainingDiverged(RuntimeError):
@@ -90,6 +94,7 @@ class Run:
     tokenizer: Any
     encoder: Encoder
     plan: DataPlan
+    val_examples: list[Example]  # held out of `plan` (train.eval_every > 0), else empty
     total: int
     model: Any
     params: list[torch.nn.Parameter]
@@ -105,6 +110,7 @@ class Run:
     losses: list[float] = field(default_factory=list)
     bad_in_a_row: int = 0
     skipped: int = 0
+    best: dict[str, Any] | None = None  # {"step", "val_loss", "checkpoint": its name or None}
     bar: Any = None
 
 
@@ -119,6 +125,7 @@ class StepStats:
     seconds: float
     micro_batches: int
     grad_syncs: int  # micro-batches whose backward reduce-scattered gradients (FSDP2 only)
+    val_loss: float | None = None  # at validation steps: the loss on the held-out examples
 
     @property
     def finite(self) -> bool:
@@ -136,7 +143,7 @@ def setup(cfg: Config, info: DistInfo, resume: str | None) -> Run:
     seed_everything(tc.seed)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     encoder = Encoder(tokenizer)
-    examples = load_examples(cfg, encoder)
+    examples, val_examples = load_examples(cfg, encoder)
     if tc.global_batch_size % info.world:
         raise ValueError(
             f"global_batch_size {tc.global_batch_size} (samples) must be a multiple of the "
@@ -165,6 +172,7 @@ def setup(cfg: Config, info: DistInfo, resume: str | None) -> Run:
         tokenizer=tokenizer,
         encoder=encoder,
         plan=plan,
+        val_examples=val_examples,
         total=total,
         model=model,
         params=params,
@@ -196,6 +204,14 @@ def setup(cfg: Config, info: DistInfo, resume: str | None) -> Run:
             info.world,
             info.device,
         )
+        if tc.eval_every:
+            log.info(
+                "validation: %d held-out examples every %d steps (val_fraction %g)%s",
+                len(val_examples),
+                tc.eval_every,
+                tc.val_fraction,
+                "; the best checkpoint is kept" if tc.keep_best else "",
+            )
         if tc.progress_bar:
             from tqdm.auto import tqdm
 
@@ -221,7 +237,7 @@ def resume_from(run: Run, found: list[Path]) -> None:
             f"{ckpt} was trained on other data ({state['data']}, now "
             f"{run.plan.fingerprint()}); use a new output_dir or resume: none"
         )
-    run.step, run.checkpoint = state["step"], ckpt
+    run.step, run.checkpoint, run.best = state["step"], ckpt, state.get("best")
     if run.info.main:
         pos = run.plan.position(run.step)
         log.info("resumed from %s at step %d (epoch %d, step %d in epoch)", ckpt, run.step, *pos)
@@ -297,6 +313,31 @@ def train_step(run: Run) -> StepStats:
     return stats
 
 
+def validate(run: Run) -> float:
+    """The chat suite's loss on reply tokens over the held-out examples, at this step.
+
+    Every rank scores the same examples (under FSDP2 each forward is collective) and gets the
+    same value; all take rank 0's, so the keep_best save (also collective) is decided alike
+    everywhere, and ranks that disagree are reported. The lowest value at a step that updated
+    the weights becomes `run.best`.
+    """
+    with run.autocast:
+        mine = chat_loss(
+            run.model,
+            run.val_examples,
+            max_batch_tokens=run.cfg.train.micro_batch_size * run.cfg.data.max_length,
+            pad_id=run.encoder.pad,
+        )
+    values = all_values(mine, run.info)
+    loss = values[0]
+    if run.info.main and not all(math.isclose(v, loss, rel_tol=1e-3) for v in values):
+        log.warning("step %d: validation loss differs across processes: %s", run.step, values)
+    best = run.best["val_loss"] if run.best else math.inf
+    if math.isfinite(loss) and loss < best and not run.bad_in_a_row:
+        run.best = {"step": run.step, "val_loss": loss, "checkpoint": None}
+    return loss
+
+
 def log_step(run: Run, stats: StepStats) -> None:
     """One line of log.jsonl per step, the progress bar, and the console every `log_every`."""
     info = run.info
@@ -321,11 +362,9 @@ def log_step(run: Run, stats: StepStats) -> None:
     entry = {
         "step": run.step,
         "epoch": round(run.step / run.plan.steps_per_epoch, 4),
-        "loss": round(stats.loss, 6) if math.isfinite(stats.loss) else str(stats.loss),
+        "loss": _num(stats.loss, 6),
         "lr": stats.lr,
-        "grad_norm": round(stats.grad_norm, 4)
-        if math.isfinite(stats.grad_norm)
-        else str(stats.grad_norm),
+        "grad_norm": _num(stats.grad_norm, 4),
         "skipped": not stats.finite,
         "micro_batches": stats.micro_batches,
         "grad_syncs": stats.grad_syncs,
@@ -333,6 +372,8 @@ def log_step(run: Run, stats: StepStats) -> None:
         "tokens_per_s_per_device": round(tps / info.world, 1),
         "mfu": round(util, 4) if util is not None else None,
     }
+    if stats.val_loss is not None:
+        entry["val_loss"] = _num(stats.val_loss, 6)
     with (run.out / "log.jsonl").open("a") as f:
         f.write(json.dumps(entry) + "\n")
     if run.bar is not None:
@@ -342,8 +383,9 @@ def log_step(run: Run, stats: StepStats) -> None:
             lr=f"{stats.lr:.2e}",
             tok_s=f"{tps:,.0f}",
             mfu=f"{util:.1%}" if util is not None else "n/a",
+            **({"val_loss": f"{stats.val_loss:.4f}"} if stats.val_loss is not None else {}),
         )
-    if run.step % max(1, run.cfg.train.log_every) == 0:
+    if run.step % max(1, run.cfg.train.log_every) == 0 or stats.val_loss is not None:
         log.info("step %s", json.dumps(entry))
 
 
@@ -374,6 +416,8 @@ def save(run: Run) -> None:
         return
     epoch, in_epoch = run.plan.position(run.step)
     run.checkpoint = run.out / CHECKPOINTS / f"step-{run.step:08d}"
+    if run.cfg.train.keep_best and run.best and run.best["step"] == run.step:
+        run.best["checkpoint"] = run.checkpoint.name
     save_checkpoint(
         run.checkpoint,
         cfg=run.cfg,
@@ -389,12 +433,33 @@ def save(run: Run) -> None:
             "world": run.info.world,
             "data": run.plan.fingerprint(),
             "skipped_steps": run.skipped,
+            "best": run.best,
         },
+        keep=kept_best(run),
     )
 
 
+def best_unsaved(run: Run) -> bool:
+    """With keep_best: this step has the lowest validation loss so far and no checkpoint yet."""
+    best = run.best
+    return (
+        run.cfg.train.keep_best
+        and best is not None
+        and best["step"] == run.step
+        and not best["checkpoint"]
+    )
+
+
+def kept_best(run: Run) -> Path | None:
+    """The checkpoint of the lowest validation loss (keep_best), once `save` has named it."""
+    if not (run.cfg.train.keep_best and run.best and run.best["checkpoint"]):
+        return None
+    return run.out / CHECKPOINTS / run.best["checkpoint"]
+
+
 def finish(run: Run) -> Path | None:
-    """At the last step, write the Hugging Face folder (`train.export_dir`) if one is set."""
+    """At the last step, write the Hugging Face folder (`train.export_dir`) if one is set: the
+    best checkpoint's weights with keep_best, else the last step's."""
     cfg, info = run.cfg, run.info
     if run.step < run.total or not cfg.train.export_dir:
         return None
@@ -404,9 +469,11 @@ def finish(run: Run) -> Path | None:
             f"last good checkpoint: {run.checkpoint or 'none was written'}"
         )
     exported = Path(cfg.train.export_dir)
-    if cfg.lora.enabled:  # the adapter is merged into a full-precision base, from the checkpoint
-        if info.main and run.checkpoint is not None:
-            export_checkpoint(cfg, run.checkpoint, exported)
+    best = kept_best(run)
+    if best or cfg.lora.enabled:  # LoRA: the adapter is merged into a full-precision base
+        source = best or run.checkpoint
+        if info.main and source is not None:
+            export_checkpoint(cfg, source, exported)
     else:
         export_live_model(cfg, run.model, run.tokenizer, exported, info, step=run.step)
     info.barrier()
@@ -429,18 +496,33 @@ def train(
     steps in total, as if interrupted there; for tests and time-boxed jobs."""
     run = setup(cfg, info or init_distributed(), resume)
     end = min(run.total, stop_after) if stop_after is not None else run.total
-    save_every = cfg.train.save_every
+    save_every, eval_every = cfg.train.save_every, cfg.train.eval_every
     run.model.train()
     while run.step < end:
         stats = train_step(run)  # every micro-batch of this step, then one update (or a skip)
+        if eval_every and (run.step % eval_every == 0 or run.step == run.total):
+            stats.val_loss = validate(run)  # every rank: the chat loss on held-out records
         log_step(run, stats)  # rank 0: log.jsonl, progress bar, console
         check_divergence(run)  # N non-finite steps in a row: stop with an error, save nothing
-        if run.step == end or (save_every and run.step % save_every == 0):
+        if run.step == end or (save_every and run.step % save_every == 0) or best_unsaved(run):
             save(run)  # the last step always, so a stopped run resumes where it stopped
     if run.bar is not None:
         run.bar.close()
+    if run.best and run.info.main:
+        kept = kept_best(run)
+        log.info(
+            "best val_loss %.6f at step %d%s",
+            run.best["val_loss"],
+            run.best["step"],
+            f"; kept in {kept}" if kept else "",
+        )
     exported = finish(run)  # only when the whole schedule ran
-    return TrainResult(run.step, run.total, run.losses, run.checkpoint, exported)
+    return TrainResult(run.step, run.total, run.losses, run.checkpoint, exported, run.best)
+
+
+def _num(x: float, digits: int) -> float | str:
+    """A figure for log.jsonl: rounded, or "nan"/"inf" as text (JSON has no such numbers)."""
+    return round(x, digits) if math.isfinite(x) else str(x)
 
 
 _EMPTY = Example([0], [-100])  # the stand-in row of an empty micro-batch (its loss is zeroed)

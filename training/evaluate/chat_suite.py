@@ -29,11 +29,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from training.config import DEFAULT_VAL_EXAMPLES, DEFAULT_VAL_FRACTION
 from training.data import Record, dedup_key
 from training.tokenize import IGNORE_INDEX, Encoder, Example, pieces_for
 
-#: Share of the prepared records held out for validation when nothing else is said.
-DEFAULT_VAL_FRACTION = 0.02
 DEFAULT_SPLIT_SEED = "hermes-validation"
 
 Notice = Callable[[str], None]
@@ -267,7 +266,7 @@ def reply_metrics(replies: Sequence[Reply], wall: float) -> dict[str, Any]:
 class ChatOptions:
     val_fraction: float = DEFAULT_VAL_FRACTION
     split_seed: str = DEFAULT_SPLIT_SEED
-    max_examples: int = 500  # validation conversations scored for loss
+    max_examples: int = DEFAULT_VAL_EXAMPLES  # validation conversations scored for loss
     samples: int = 64  # validation conversations the model answers (0: no generation)
     max_new_tokens: int | None = None  # default: the bot's MAX_NEW_TOKENS
     seed: int = 1234

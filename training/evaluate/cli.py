@@ -22,7 +22,11 @@ DEFAULT_OUT = "eval-results"
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Register the `eval` subcommand on `hermes-train`'s subparsers."""
-    from training.evaluate.chat_suite import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
+    from training.evaluate.chat_suite import (
+        DEFAULT_SPLIT_SEED,
+        DEFAULT_VAL_EXAMPLES,
+        DEFAULT_VAL_FRACTION,
+    )
 
     p = sub.add_parser(
         "eval",
@@ -72,7 +76,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "1 = every record, for a prepared validation set)",
     )
     c.add_argument("--split-seed", default=DEFAULT_SPLIT_SEED, help="seed of the split's hash")
-    c.add_argument("--max-examples", type=int, default=500, help="conversations scored for loss")
+    c.add_argument(
+        "--max-examples",
+        type=int,
+        default=DEFAULT_VAL_EXAMPLES,
+        help=f"conversations scored for loss (default {DEFAULT_VAL_EXAMPLES}, as the trainer)",
+    )
     c.add_argument("--samples", type=int, default=64, help="conversations answered (0: none)")
     c.add_argument("--max-new-tokens", type=int, help="default: the bot's MAX_NEW_TOKENS")
     c.add_argument("--seed", type=int, default=1234, help="sampling seed")
