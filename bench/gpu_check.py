@@ -302,8 +302,13 @@ def packed_check(device: str) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    from training.packing import collate_rows, forward_packed, pack_lengths, token_loss_sum
+    from training.packing import collate_rows, pack_lengths, packed_loss_sum
     from training.tokenize import IGNORE_INDEX, Example
+
+    def loss_sum(logits: Any, labels: Any) -> Any:  # plain causal-LM loss of one document
+        return torch.nn.functional.cross_entropy(
+            logits[0, :-1].float(), labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="sum"
+        )
 
     impls = ["sdpa"]
     if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
@@ -336,17 +341,21 @@ def packed_check(device: str) -> str:
             for ex in examples:
                 logits = model(input_ids=torch.tensor([ex.input_ids], device=device)).logits
                 labels = torch.tensor([ex.labels], device=device)
-                losses.append(token_loss_sum(logits.float(), labels) / ex.n_targets)
+                losses.append(loss_sum(logits, labels) / ex.n_targets)
                 weights.append(ex.n_targets)
             w = torch.tensor(weights, dtype=torch.float64, device=device)
             expected = float((torch.stack(losses).double() * w).sum() / w.sum())
-            batch = collate_rows([[examples[i] for i in b] for b in bins], pad_id=0, length=128)
-            batch = dataclasses.replace(
-                batch,
-                **{f.name: _to(getattr(batch, f.name), device) for f in dataclasses.fields(batch)},
-            )
-            logits = forward_packed(model, batch, explicit_mask=False)
-            packed = float(token_loss_sum(logits.float(), batch.labels) / batch.n_targets)
+            # the trainer's own packed loss, one packed row at a time
+            total, targets = 0.0, 0
+            for b in bins:
+                row = collate_rows([[examples[i] for i in b]], pad_id=0, length=128)
+                row = dataclasses.replace(
+                    row,
+                    **{f.name: _to(getattr(row, f.name), device) for f in dataclasses.fields(row)},
+                )
+                total += float(packed_loss_sum(model, row))
+                targets += row.n_targets
+            packed = total / targets
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
         diff = abs(packed - expected) / abs(expected)
         if diff > tol:
@@ -364,7 +373,7 @@ def _to(value: Any, device: str) -> Any:
 
 
 def fsdp_steps(cfg_path: Path, device: str) -> str:
-    """2 training steps of the tiny config with the model sharded by FSDP2 (`training.train.
+    """2 training steps of the tiny config with the model sharded by FSDP2 (`training.model.
     shard_model`) in a process group of one (NCCL on CUDA, gloo on the CPU), under torchrun.
     The trainer itself shards only with several processes; this forces the sharded path."""
     import random
@@ -374,9 +383,10 @@ def fsdp_steps(cfg_path: Path, device: str) -> str:
 
     sys.path.insert(0, str(ROOT))
     from training.config import load_config
-    from training.packing import collate_rows, forward_packed, pack_lengths, token_loss_sum
+    from training.distributed import DistInfo
+    from training.model import build_model, shard_model
+    from training.packing import collate_rows, pack_lengths, packed_loss_sum
     from training.tokenize import IGNORE_INDEX, Example
-    from training.train import DistInfo, build_model, shard_model
 
     cuda = device.startswith("cuda")
     backend = "nccl" if cuda else "gloo"
@@ -402,18 +412,20 @@ def fsdp_steps(cfg_path: Path, device: str) -> str:
                 ids = [1] + [rng.randrange(3, 32000) for _ in range(n - 2)] + [2]
                 examples.append(Example(ids, [IGNORE_INDEX] * (n // 2) + ids[n // 2 :]))
             bins = pack_lengths([len(e) for e in examples], 256)
-            batch = collate_rows([[examples[i] for i in b] for b in bins], pad_id=0, length=256)
-            batch = dataclasses.replace(
-                batch,
-                **{f.name: _to(getattr(batch, f.name), dev) for f in dataclasses.fields(batch)},
-            )
-            loss = (
-                token_loss_sum(forward_packed(model, batch).float(), batch.labels) / batch.n_targets
-            )
-            loss.backward()
+            rows = [collate_rows([[examples[i] for i in b]], pad_id=0, length=256) for b in bins]
+            n_targets = sum(r.n_targets for r in rows)
+            loss = 0.0
+            for row in rows:  # the trainer's packed loss, one row per micro-batch
+                row = dataclasses.replace(
+                    row,
+                    **{f.name: _to(getattr(row, f.name), dev) for f in dataclasses.fields(row)},
+                )
+                part = packed_loss_sum(model, row) / n_targets
+                part.backward()
+                loss += float(part)
             opt.step()
             opt.zero_grad()
-            losses.append(float(loss))
+            losses.append(loss)
         kind = type(next(model.parameters())).__name__
         return (
             f"FSDP2 over {backend}, {dist.get_world_size()} process on {dev}, "
