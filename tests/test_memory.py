@@ -227,7 +227,7 @@ async def test_migrates_from_v1_keeping_turns(tmp_path: Path):
 
     mem = await Memory.open(path)
     try:
-        assert user_version(path) == 2
+        assert user_version(path) == SCHEMA_VERSION
         assert "guilds" in tables(path) and "personas" in tables(path)
         turns = await mem.all_turns(11)
         assert [t.content for t in turns] == [f"old {i}" for i in range(5)]
