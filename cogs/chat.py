@@ -84,13 +84,16 @@ class Chat(commands.Cog):
         self.last_trigger[message.author.id] = at
         return False
 
-    async def ingest(self, message: discord.Message, *, live: bool = True) -> int | None:
+    async def ingest(
+        self, message: discord.Message, *, live: bool = True, replied: bool = False
+    ) -> int | None:
         """Store a member's message where the bot serves; returns its turn id when the bot
         should answer it (the turn is stored as owed a reply).
 
         The one path for live events and for messages found by catch-up (`live=False`: they
         are answered later, from memory, oldest first). A message seen twice (a replayed
-        dispatch, or both paths) is taken once.
+        dispatch, or both paths) is taken once. `replied`: the bot's reply to it is already in
+        the channel (it stopped before storing that), so it is stored but not owed.
         """
         if self._ours(message) or message.author.bot or message.webhook_id is not None:
             # Replies through our own webhooks are stored by the code that posts them.
@@ -100,13 +103,13 @@ class Chat(commands.Cog):
         if not self.claims.claim(message.id):
             return None
         try:
-            return await self._ingest(message, live=live)
+            return await self._ingest(message, live=live, replied=replied)
         except BaseException:
             self.claims.release(message.id)
             self.answering.discard(message.id)
             raise
 
-    async def _ingest(self, message: discord.Message, *, live: bool) -> int | None:
+    async def _ingest(self, message: discord.Message, *, live: bool, replied: bool) -> int | None:
         guild_id = message.guild.id if message.guild else None
         policy = await policy_for(self.bot, message.channel, guild_id, message.author)
         if policy.mode == "off" or policy.refusal is not None:
@@ -119,7 +122,7 @@ class Chat(commands.Cog):
             text = f"{text}\n[attached: {names}]".strip()
         if not text:
             return None
-        owed = policy.mode == "always" or await self.addressed(message)
+        owed = not replied and (policy.mode == "always" or await self.addressed(message))
         if owed and self._cooling(message):
             owed = False
             with contextlib.suppress(discord.HTTPException):
@@ -211,14 +214,14 @@ class Chat(commands.Cog):
         if minutes <= 0:
             return
         now = time.time()
-        found = 0
+        read = 0
         for channel_id, guild_id in await self.memory.known_channels():
             channel = await self._channel(channel_id)
             if channel is None:
                 continue
             if (await policy_for(self.bot, channel, guild_id)).mode == "off":
                 continue
-            found += await self._read_back(channel, guild_id, now, minutes)
+            read += await self._read_back(channel, guild_id, now, minutes)
         owed = owed_replies(await self.memory.awaiting_turns(), now, minutes)
         for turn in owed.expired:
             await self.memory.mark_answered(turn.id)
@@ -237,10 +240,11 @@ class Chat(commands.Cog):
             # Started in order: each takes its place in the channel's queue before the next.
             self.bot.track(asyncio.create_task(self.answer(trigger, turn.id)))
             started += 1
-        if found or started or owed.expired:
+        if read or started or owed.expired:
             log.info(
-                "catch-up: %d missed messages stored, %d owed replies queued, %d too old to answer",
-                found,
+                "catch-up: %d recent messages read back, %d owed replies queued, "
+                "%d too old to answer",
+                read,
                 started,
                 len(owed.expired),
             )
