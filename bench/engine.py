@@ -2,6 +2,11 @@
 
 - P1: aggregate generated tokens/s for 8 channels talking at once: the local engine batching
   them (MAX_BATCH=8) against one at a time (MAX_BATCH=1). Targets: >= 3x CPU, >= 6x GPU.
+  Beside it, the peer a user already has: HF `model.generate` with a static batch of the same
+  8 prompts and the same sampling ("ours / HF generate").
+- P4: a server under load: requests arriving every `--gap` seconds with replies of 16-256
+  tokens. The engine against a static-batching server built on HF `generate` that takes
+  whatever has arrived (up to 8) and runs it to the end: throughput and mean latency.
 - P2: time to first token for a new message in a channel with ~3,500 tokens of history, with the
   channel's cached prefix against a cold prompt. Target <= 0.2x.
 - P3: the bot's own work between a message event and the engine submit (store the turn, read
@@ -12,6 +17,11 @@
     python bench/engine.py --model /models/Nous-Hermes-llama-2-7b --device cuda   # GPU, 7B
 
 Nothing is downloaded: the small model is built on the spot (tests/tiny.py).
+
+Threads: the engine's worker thread and the thread that runs HF `generate` each get their own
+OpenMP pool, and two pools spinning on a small CPU distort every figure. So on the CPU the bench
+sets `torch.set_num_threads(1)` for the whole process by default (`--threads N` to change it;
+the header line states the count); the engine is idle while HF generates, and the reverse.
 """
 
 from __future__ import annotations
@@ -28,78 +38,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bot.engine import Engine, EngineInfo, GenerationParams, LocalEngine  # noqa: E402
-from bot.prompt import RESPONSE, Turn, render_chat  # noqa: E402
+from bot.benchmark import SYSTEM, chatter, history, next_message  # noqa: E402
+from bot.engine import (  # noqa: E402
+    Engine,
+    EngineInfo,
+    GenerationParams,
+    LocalEngine,
+    eos_ids,
+)
+from bot.prompt import render_chat  # noqa: E402
 
 LLAMA_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "llama2-tokenizer"
-SYSTEM = "You are Hermes, a helpful, witty assistant chatting in a Discord server."
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "lazy",
-    "dog",
-    "discord",
-    "bots",
-    "answer",
-    "questions",
-    "about",
-    "code",
-    "music",
-    "games",
-    "weather",
-    "python",
-    "print",
-    "hello",
-    "there",
-    "how",
-    "are",
-    "you",
-    "fine",
-    "thank",
-    "you",
-    "server",
-    "channel",
-    "message",
-    "reply",
-    "model",
-    "token",
-    "cache",
-    "batch",
-    "prompt",
-    "history",
-    "turn",
-    "user",
-    "assistant",
-]
-
-
-def chatter(seed: int, words: int) -> str:
-    """Deterministic filler text that tokenises like chat (spaces, punctuation, names)."""
-    out = []
-    x = seed * 7919 + 17
-    for i in range(words):
-        x = (x * 1103515245 + 12345) % (1 << 31)
-        out.append(WORDS[x % len(WORDS)])
-        if i % 11 == 10:
-            out[-1] += "."
-    return " ".join(out)
-
-
-def history(count: Any, target_tokens: int, seed: int = 0) -> list[Turn]:
-    """Alternating user/assistant turns, oldest first, totalling about `target_tokens`."""
-    turns: list[Turn] = []
-    i = 0
-    while count(render_chat(SYSTEM, turns)) < target_tokens:
-        if i % 2 == 0:
-            turns.append(Turn("user", chatter(seed * 1000 + i, 25), f"User{i % 5}"))
-        else:
-            turns.append(Turn("assistant", chatter(seed * 1000 + i, 30)))
-        i += 1
-    return turns
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -120,12 +69,51 @@ async def started(model: Path, args: argparse.Namespace, **kw: Any) -> LocalEngi
 # --------------------------------------------------------------------------------------------
 
 
-async def p1(model: Path, args: argparse.Namespace) -> float:
-    """Batched vs one-at-a-time aggregate tokens/s, 8 channels submitting at once.
+def hf_sampling(p: GenerationParams) -> dict[str, Any]:
+    """`model.generate` arguments for the same sampling as `p` (the bot's default)."""
+    if p.temperature <= 0:
+        return {"do_sample": False, "repetition_penalty": p.repetition_penalty}
+    return {
+        "do_sample": True,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "top_k": p.top_k,
+        "repetition_penalty": p.repetition_penalty,
+    }
+
+
+def hf_generate(model: Any, tok: Any, prompts: list[str], p: GenerationParams) -> list[int]:
+    """One static batch through HF `generate`, left-padded; new tokens of each row (to EOS)."""
+    import torch
+
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    tok.padding_side = "left"
+    device = model.get_input_embeddings().weight.device
+    enc = tok(prompts, return_tensors="pt", padding=True).to(device)
+    with torch.inference_mode():
+        out = model.generate(
+            **enc,
+            max_new_tokens=p.max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            **hf_sampling(p),
+        )
+    eos = set(eos_ids(tok, model))
+    counts = []
+    for row in out[:, enc.input_ids.shape[1] :].tolist():
+        n = next((i for i, t in enumerate(row) if t in eos), len(row))
+        counts.append(n)
+    return counts
+
+
+async def p1(model: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """Batched vs one-at-a-time aggregate tokens/s, 8 channels submitting at once; and the
+    batched figure against HF `generate` with a static batch of the same prompts.
 
     One engine, one model: between rounds only the batch cap changes (MAX_BATCH=1 runs the
     same requests through the same scheduler one at a time). Rounds alternate and the best of
-    each is kept, so a neighbour's burst of CPU load does not decide the ratio.
+    each is kept, so a neighbour's burst of CPU load does not decide the ratio. HF generate
+    runs on the engine's own model object, in this thread, while the engine is idle.
     """
     eng = await started(model, args, max_batch=args.channels, kv_cache_mb=0)
     try:
@@ -138,7 +126,7 @@ async def p1(model: Path, args: argparse.Namespace) -> float:
         params = [
             GenerationParams(max_new_tokens=args.new_tokens, seed=c) for c in range(args.channels)
         ]
-        best: dict[int, float] = {}
+        best: dict[int | str, float] = {}
         texts: dict[int, list[str]] = {}
         for _ in range(args.rounds):
             for cap in (1, args.channels):
@@ -151,15 +139,99 @@ async def p1(model: Path, args: argparse.Namespace) -> float:
                 texts[cap] = await asyncio.gather(*(g.text_all() for g in gens))
                 rate = sum(g.stats.new_tokens for g in gens) / (time.perf_counter() - t0)
                 best[cap] = max(best.get(cap, 0.0), rate)
+            if args.peer:
+                t0 = time.perf_counter()
+                counts = hf_generate(eng.model, eng.tokenizer, prompts, params[0])
+                rate = sum(counts) / (time.perf_counter() - t0)
+                best["hf"] = max(best.get("hf", 0.0), rate)
         tokens = sum(g.stats.new_tokens for g in gens)
         for cap in (1, args.channels):
             print(f"  MAX_BATCH={cap}: best {best[cap]:.1f} tokens/s of {args.rounds} rounds")
+        if args.peer:
+            print(
+                f"  HF generate, static batch of {args.channels}: best {best['hf']:.1f} tokens/s "
+                f"(same prompts and sampling, {sum(counts)} tokens)"
+            )
         print(
             f"  {args.channels} channels, prompts {min(sizes)}-{max(sizes)} tokens, "
             f"{tokens} tokens per round; same text batched and alone: "
             f"{texts[1] == texts[args.channels]}"
         )
-        return best[args.channels] / best[1]
+        peer = best[args.channels] / best["hf"] if args.peer else float("nan")
+        return best[args.channels] / best[1], peer
+    finally:
+        await eng.close()
+
+
+def arrivals(args: argparse.Namespace) -> list[tuple[float, int]]:
+    """(arrival offset in seconds, reply tokens) of P4's requests: deterministic, 16-256 tokens."""
+    lo, hi = args.p4_min, args.p4_max
+    return [(k * args.gap, lo + (k * 97) % (hi - lo + 1)) for k in range(args.p4_requests)]
+
+
+async def p4_ours(eng: LocalEngine, prompts: list[str], plan: list[tuple[float, int]]) -> Any:
+    """Submit each request at its arrival time; (tokens, makespan, mean latency)."""
+    t0 = time.perf_counter()
+
+    async def one(k: int) -> tuple[int, float]:
+        at, n = plan[k]
+        await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+        arrived = time.perf_counter()
+        gen = eng.generate(prompts[k], GenerationParams(max_new_tokens=n, seed=k))
+        await gen.text_all()
+        return gen.stats.new_tokens, time.perf_counter() - arrived
+
+    done = await asyncio.gather(*(one(k) for k in range(len(plan))))
+    makespan = time.perf_counter() - t0
+    return sum(t for t, _ in done), makespan, statistics.mean(lat for _, lat in done)
+
+
+def p4_static(
+    eng: LocalEngine, prompts: list[str], plan: list[tuple[float, int]], batch: int
+) -> Any:
+    """A static-batching server on HF generate: take whatever has arrived (up to `batch`),
+    generate to the longest reply asked, answer them all at the end; repeat."""
+    t0 = time.perf_counter()
+    pending = list(range(len(plan)))
+    tokens, latencies = 0, []
+    while pending:
+        now = time.perf_counter() - t0
+        if plan[pending[0]][0] > now:
+            time.sleep(plan[pending[0]][0] - now)
+            now = time.perf_counter() - t0
+        take = [k for k in pending if plan[k][0] <= now][:batch]
+        pending = [k for k in pending if k not in take]
+        longest = max(plan[k][1] for k in take)
+        p = GenerationParams(max_new_tokens=longest, seed=take[0])
+        counts = hf_generate(eng.model, eng.tokenizer, [prompts[k] for k in take], p)
+        end = time.perf_counter() - t0
+        for k, n in zip(take, counts, strict=True):
+            tokens += min(n, plan[k][1])  # what the request asked for; the rest is waste
+            latencies.append(end - plan[k][0])
+    return tokens, time.perf_counter() - t0, statistics.mean(latencies)
+
+
+async def p4(model: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """Requests arriving over time: the engine vs a static-batching HF generate server."""
+    eng = await started(model, args, max_batch=args.channels, kv_cache_mb=0)
+    try:
+        plan = arrivals(args)
+        prompts = [
+            render_chat(SYSTEM, history(eng.count_tokens, args.p1_prompt, seed=200 + k))
+            for k in range(len(plan))
+        ]
+        ours = await p4_ours(eng, prompts, plan)
+        static = p4_static(eng, prompts, plan, args.channels)
+        for name, (tok, span, lat) in (("ours", ours), ("HF static server", static)):
+            print(
+                f"  {name}: {tok} tokens in {span:.1f} s = {tok / span:.1f} tokens/s, "
+                f"mean latency {lat:.2f} s"
+            )
+        print(
+            f"  {len(plan)} requests every {args.gap:g} s, replies {args.p4_min}-{args.p4_max} "
+            f"tokens, batches up to {args.channels}"
+        )
+        return (ours[0] / ours[1]) / (static[0] / static[1]), ours[2] / static[2]
     finally:
         await eng.close()
 
@@ -174,7 +246,7 @@ async def p2(model: Path, args: argparse.Namespace) -> float:
         reply = await eng.generate(prompt, short, cache_key="chan").text_all()
         warm, cold, reused, sizes = [], [], [], []
         for k in range(args.trials):
-            prompt = f"{prompt}{reply}\n\n### Instruction:\nUser{k}: {chatter(k, 12)}\n\n{RESPONSE}"
+            prompt = next_message(prompt, reply, k)
             c = eng.generate(prompt, short)  # no cache key: computed from scratch
             await c.text_all()
             w = eng.generate(prompt, short, cache_key="chan")
@@ -291,18 +363,28 @@ async def main() -> None:
     ap.add_argument("--kv-cache-mb", type=float, default=8192)
     ap.add_argument("--p3-turns", type=int, default=2000)
     ap.add_argument("--p3-messages", type=int, default=200)
-    ap.add_argument("--only", default="123", help="which of P1, P2, P3 to run, e.g. 13")
+    ap.add_argument("--only", default="1234", help="which of P1, P2, P3, P4 to run, e.g. 13")
+    ap.add_argument(
+        "--no-peer", dest="peer", action="store_false", help="skip HF generate beside P1"
+    )
+    ap.add_argument("--gap", type=float, default=0.15, help="P4: seconds between arrivals")
+    ap.add_argument("--p4-requests", type=int, default=24)
+    ap.add_argument("--p4-min", type=int, default=16, help="P4: shortest reply asked")
+    ap.add_argument("--p4-max", type=int, default=256, help="P4: longest reply asked")
     ap.add_argument(
         "--threads",
         type=int,
-        default=0,
-        help="torch intra-op threads (0: torch's default). On a small shared CPU, 1 avoids "
-        "OpenMP threads spinning against other processes, which distorts every figure.",
+        default=-1,
+        help="torch intra-op threads; default 1 on the CPU (see the module docstring: the "
+        "engine's worker and HF generate must not run two spinning OpenMP pools), torch's own "
+        "default on a GPU; 0: torch's default everywhere",
     )
     args = ap.parse_args()
 
     import torch
 
+    if args.threads < 0:
+        args.threads = 0 if args.device.startswith("cuda") else 1
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -321,9 +403,12 @@ async def main() -> None:
         gpu = args.device.startswith("cuda")
         if "1" in args.only:
             print("P1 aggregate tokens/s, batched vs one-at-a-time")
-            r = await p1(model, args)
+            r, peer = await p1(model, args)
             target = 6.0 if gpu else 3.0
-            print(f"P1 = {r:.2f}x  (target >= {target:g}x: {'met' if r >= target else 'NOT met'})")
+            vs = f"; ours / HF generate = {peer:.2f}x" if args.peer else ""
+            print(
+                f"P1 = {r:.2f}x  (target >= {target:g}x: {'met' if r >= target else 'NOT met'}){vs}"
+            )
         if "2" in args.only:
             print("P2 time to first token, prefix cache vs cold")
             r = await p2(model, args)
@@ -334,6 +419,12 @@ async def main() -> None:
             if p50 is not None:
                 ok = "met" if p50 <= 0.005 else "NOT met"
                 print(f"P3 p50 = {p50 * 1000:.2f} ms  (target <= 5 ms: {ok})")
+        if "4" in args.only:
+            print("P4 requests arriving over time, ours vs a static-batching HF generate server")
+            thr, lat = await p4(model, args)
+            print(
+                f"P4 throughput ours / static = {thr:.2f}x, mean latency ours / static = {lat:.2f}x"
+            )
         if not gpu:
             print("GPU: not run (no --device cuda); the 7B GPU figures need a GPU and the weights")
 

@@ -1,6 +1,7 @@
 """Benchmark: building the next prompt in a long channel (memory read + fitting).
 
-    python bench/prompt_memory.py [--turns 2000] [--iterations 200] [--profile]
+    python bench/prompt_memory.py [--turns 2000] [--iterations 200] [--recall on|off] [--profile]
+    python bench/prompt_memory.py --turns 100000 --recall on      # the long-term recall variant
 
 With the real Llama 2 tokenizer (../shared/fixtures/llama2-tokenizer; skipped with a message when
 absent) a channel of 2,000 Discord-like turns is stored in a real SQLite file through `Memory`
@@ -8,6 +9,12 @@ absent) a channel of 2,000 Discord-like turns is stored in a real SQLite file th
 `Conversations.prepare` under a 4096-token window (budget 4096 - 400), each iteration adding a
 new user message first and the reply after, as in real use. No model is loaded: a stand-in
 engine only counts tokens with the real tokenizer.
+
+With `--recall on` the history gives 10% of the window to long-term recall, and every prompt
+whose history overflows searches the channel's older turns (FTS5) first; the time from the
+message event to the engine submit (storing the message + building its prompt) is printed too,
+with how much of each prompt is an unchanged prefix of the next (what the engine's prefix cache
+reuses).
 
 Printed: prepare median / p99 (target: median <= 5 ms), the memory store's append rate
 (add_turn) and read rate (recent_turns), and a baseline measured in this same process (one
@@ -20,6 +27,7 @@ import argparse
 import asyncio
 import cProfile
 import io
+import os
 import pstats
 import random
 import statistics
@@ -115,6 +123,7 @@ async def run(args: argparse.Namespace) -> int:
                 "DB_PATH": str(db_path),
                 "CONTEXT_TOKENS": str(CONTEXT),
                 "MAX_NEW_TOKENS": str(MAX_NEW),
+                "RECALL": args.recall,
             },
             env_file=None,
         )
@@ -159,11 +168,15 @@ async def run(args: argparse.Namespace) -> int:
             counts = [engine.count_tokens(t.strip()) for t in texts]
             reply_counts = [engine.count_tokens(t.strip()) for t in replies]
             timings: list[float] = []
+            event_to_submit: list[float] = []
+            recalled: list[int] = []
+            reused: list[float] = []
             starts: list[int | None] = []
             prompt_tokens: list[int] = []
             profiler = cProfile.Profile() if args.profile else None
             last_text = ""
             for i in range(args.iterations):
+                t_event = time.perf_counter()
                 turn_id = await memory.add_turn(
                     CHANNEL,
                     "user",
@@ -177,11 +190,18 @@ async def run(args: argparse.Namespace) -> int:
                 t0 = time.perf_counter()
                 job = await conv.prepare(CHANNEL, GUILD, reply_to=turn_id)
                 timings.append(time.perf_counter() - t0)
+                event_to_submit.append(time.perf_counter() - t_event)
                 if profiler:
                     profiler.disable()
                 assert job is not None
                 starts.append(job.prompt.start_id)
                 prompt_tokens.append(job.prompt.tokens)
+                recalled.append(len(job.prompt.recalled))
+                if last_text:
+                    # the share of the previous prompt (up to its Response header) that this one
+                    # starts with: what a prefix cache keeps from one message to the next
+                    head = last_text[: last_text.rindex("### Response:")]
+                    reused.append(len(os.path.commonprefix([head, job.prompt.text])) / len(head))
                 last_text = job.prompt.text
                 await memory.add_turn(
                     CHANNEL,
@@ -219,6 +239,13 @@ async def run(args: argparse.Namespace) -> int:
         f"moved {rebuilt} times in {args.iterations - 1} messages (cache-friendly fitting)"
     )
     print(
+        f"recall {args.recall}: message event -> engine submit (add_turn + prepare) median "
+        f"{statistics.median(event_to_submit) * 1e3:.2f} ms, p99 "
+        f"{percentile(event_to_submit, 0.99) * 1e3:.2f} ms; recalled turns per prompt: median "
+        f"{statistics.median(recalled):.0f}; previous prompt kept as prefix: median "
+        f"{statistics.median(reused):.1%}, mean {statistics.mean(reused):.1%}"
+    )
+    print(
         f"baseline: tokenizing the whole last prompt once: {baseline * 1e3:.2f} ms; "
         f"prepare median / baseline = {median / baseline:.2f}x, p99 / baseline = "
         f"{p99 / baseline:.2f}x"
@@ -246,6 +273,9 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=2000)
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--recall", choices=("on", "off"), default="off", help="long-term recall (RECALL)"
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile the measured loop")
     return asyncio.run(run(parser.parse_args()))
 

@@ -11,7 +11,11 @@
    real tokens per second of each, and the ratio. Both compute logits at every position so the
    comparison isolates packing.
 3. With CUDA and `--size 1b`: a ~1.1B Llama (TinyLlama shape) at 4096 tokens, bf16 autocast,
-   AdamW: tokens/s and MFU from the model's FLOPs per token (6N + 12*L*d*s).
+   AdamW: tokens/s and MFU from the step's FLOPs (`training.flops`: 6N without the input
+   embedding, plus attention over each document's own length, as document masking computes it).
+4. FSDP2 gradient accumulation, 2 gloo processes on the CPU (`--no-fsdp` to skip): tokens/s of
+   the same micro-batches when gradients are reduce-scattered after every micro-batch (what the
+   trainer did before) and only after the last one (`set_requires_gradient_sync(False)` before).
 """
 
 from __future__ import annotations
@@ -29,17 +33,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.config import DataConfig, SourceConfig  # noqa: E402
-from training.data import build_mix  # noqa: E402
-from training.packing import (  # noqa: E402
-    collate_padded,
-    collate_rows,
-    forward_packed,
-    pack_lengths,
-    token_loss_sum,
+from tests.packing_reference import collate_padded, forward_packed, token_loss_sum  # noqa: E402
+from training.config import (  # noqa: E402
+    Config,  # noqa: E402
+    DataConfig,
+    SourceConfig,
 )
+from training.data import build_mix  # noqa: E402
+from training.flops import PEAK_TFLOPS, matmul_params, mfu, step_flops  # noqa: E402
+from training.model import set_grad_sync, shard_model  # noqa: E402
+from training.packing import collate_rows, pack_lengths  # noqa: E402
 from training.tokenize import Encoder, Example  # noqa: E402
-from training.train import PEAK_TFLOPS, flops_per_token  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -199,7 +203,6 @@ def throughput(
 
     t_packed, real_packed = timed_steps(model, packed, packed_step(device, autocast), device)
     t_padded, real_padded = timed_steps(model, padded, padded_step(device, autocast), device)
-    n_params = sum(p.numel() for p in model.parameters())
     cfg = model.config
     out = {
         "samples": float(len(chosen)),
@@ -212,12 +215,93 @@ def throughput(
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-        fpt = flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, seq)
-        out["params (M)"] = n_params / 1e6
-        out["GFLOP/token"] = fpt / 1e9
-        if peak:
-            out["packed MFU"] = out["packed tokens/s"] * fpt / (peak * 1e12)
-            out["padded MFU"] = out["padded tokens/s"] * fpt / (peak * 1e12)
+        n = matmul_params(model)
+        timed = [len(chosen[i]) for r in rows[1:] for i in r]  # the documents of the timed steps
+        flops = step_flops(n, cfg.num_hidden_layers, cfg.hidden_size, timed)
+        out["matmul params (M)"] = n / 1e6
+        out["GFLOP/token"] = flops / sum(timed) / 1e9
+        if peak:  # the same documents both ways: one FLOP count, two times
+            out["packed MFU"] = mfu(flops, t_packed, 1, peak * 1e12)
+            out["padded MFU"] = mfu(flops * real_padded / real_packed, t_padded, 1, peak * 1e12)
+    return out
+
+
+def _fsdp_worker(
+    rank: int, world: int, port: int, rows: list[list[Example]], args: Any, q: Any
+) -> None:
+    """One of `world` gloo processes: the same packed micro-batches, two sync policies."""
+    import os
+
+    import torch.distributed as dist
+
+    from training.distributed import DistInfo
+    from training.packing import packed_loss_sum
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    info = DistInfo(rank, world, rank, torch.device("cpu"))
+    cfg = Config()
+    cfg.train.precision = "fp32"
+    model = shard_model(make_model(args.fsdp_size, info.device, "sdpa"), cfg, info)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    mine = rows[rank::world]
+    per_step = args.micro_batches
+
+    def run(sync_every: bool, steps: int) -> tuple[float, int]:
+        real = 0
+        dist.barrier()
+        t0 = time.perf_counter()
+        for s in range(steps):
+            batch = mine[s * per_step : (s + 1) * per_step]
+            for k, micro in enumerate(batch):
+                set_grad_sync(model, sync_every or k == len(batch) - 1)
+                b = collate_rows([micro], 0, args.fsdp_seq_len)
+                packed_loss_sum(model, b).backward()
+                real += b.n_real
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        dist.barrier()
+        return time.perf_counter() - t0, real
+
+    run(True, 1)  # warm-up
+    results = {}
+    for name, every in (
+        ("tokens/s, sync every micro", True),
+        ("tokens/s, sync last micro only", False),
+    ):
+        seconds, real = run(every, args.fsdp_steps)
+        results[name] = real * world / seconds
+    if rank == 0:
+        q.put(results)
+    dist.destroy_process_group()
+
+
+def fsdp_sync(examples: list[Example], args: argparse.Namespace) -> dict[str, float]:
+    """Tokens/s over 2 gloo processes with and without gradient sync on non-final micro-batches."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    world = 2
+    seq = args.fsdp_seq_len
+    pool = [e for e in examples if len(e) <= seq]
+    random.Random(2).shuffle(pool)
+    need = world * args.micro_batches * (args.fsdp_steps + 1)
+    rows = [[pool[i] for i in b] for b in pack_lengths([len(e) for e in pool], seq)][:need]
+    if len(rows) < need:
+        raise SystemExit(f"not enough data for {need} rows of {seq} tokens")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    mp.start_processes(
+        _fsdp_worker, args=(world, port, rows, args, q), nprocs=world, start_method="spawn"
+    )
+    out = q.get()
+    names = list(out)
+    out["last-only/every"] = out[names[1]] / out[names[0]]
     return out
 
 
@@ -244,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4, help="timed steps per variant")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
     p.add_argument("--no-throughput", action="store_true")
+    p.add_argument("--no-fsdp", action="store_true", help="skip the 2-process FSDP2 sync part")
+    p.add_argument("--micro-batches", type=int, default=4, help="FSDP part: per step per process")
+    p.add_argument("--fsdp-steps", type=int, default=3, help="FSDP part: timed steps per policy")
+    p.add_argument("--fsdp-size", choices=sorted(SIZES), default="small", help="FSDP part model")
+    p.add_argument("--fsdp-seq-len", type=int, default=1024, help="FSDP part: tokens per row")
     args = p.parse_args(argv)
     if not args.data.is_dir() or not (args.tokenizer / "tokenizer.model").exists():
         print(f"need {args.data} and {args.tokenizer} (the ../shared folder)", file=sys.stderr)
@@ -265,20 +354,30 @@ def main(argv: list[str] | None = None) -> int:
     print("## Share of real (non-pad) tokens")
     for k, v in token_efficiency(lengths, args.seq_len, args.batch_size).items():
         print(f"  {k:<30} {v:.0f}" if k == "packed rows" else f"  {k:<30} {v:.2%}")
-    if args.no_throughput:
-        return 0
-    print(
-        f"\n## Train step, {args.size} Llama, rows of {args.step_seq_len}, {device}"
-        f"{' bf16' if cuda else ' fp32'}, attention {'flash_attention_2' if args.flash else 'sdpa'}"
-    )
-    for k, v in throughput(examples, enc.pad, args, device).items():
+    if not args.no_throughput:
+        print(
+            f"\n## Train step, {args.size} Llama, rows of {args.step_seq_len}, {device}"
+            f"{' bf16' if cuda else ' fp32'}, attention "
+            f"{'flash_attention_2' if args.flash else 'sdpa'}"
+        )
+        show(throughput(examples, enc.pad, args, device))
+    if not args.no_fsdp:
+        print(
+            f"\n## FSDP2 gradient accumulation, 2 gloo processes on the CPU, {args.fsdp_size} "
+            f"Llama, {args.micro_batches} micro-batches of {args.fsdp_seq_len} tokens per step"
+        )
+        show(fsdp_sync(examples, args))
+    return 0
+
+
+def show(figures: dict[str, float]) -> None:
+    for k, v in figures.items():
         if "MFU" in k:
             print(f"  {k:<30} {v:.1%}")
-        elif k.endswith("tokens/s") or k == "packed/padded" or "GFLOP" in k or "params" in k:
+        elif "tokens/s" in k or "/" in k or "GFLOP" in k or "params" in k:
             print(f"  {k:<30} {v:,.2f}")
         else:
             print(f"  {k:<30} {v:.0f}")
-    return 0
 
 
 if __name__ == "__main__":

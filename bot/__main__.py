@@ -1,4 +1,5 @@
-"""`hermes-bot` / `python -m bot`: run the Discord bot, chat in the terminal, or check the setup."""
+"""`hermes-bot` / `python -m bot`: run the Discord bot, chat in the terminal, check the setup, or
+benchmark the model on this machine."""
 
 from __future__ import annotations
 
@@ -77,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     doctor = sub.add_parser("doctor", help="check settings, database and model loading")
     doctor.add_argument("--model", help="model folder or hub id (overrides MODEL)")
     doctor.add_argument("--skip-model", action="store_true", help="do not load the model")
+    bench = sub.add_parser("bench", help="measure MODEL on this machine (load, tokens/s, TTFT)")
+    bench.add_argument("--model", help="model folder or hub id (overrides MODEL)")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    bench.add_argument("--tokens", type=int, default=128, help="reply tokens per request")
+    bench.add_argument("--trials", type=int, default=3, help="messages timed for first token")
     sub.add_parser("env-example", help="print .env.example")
     sub.add_parser("settings-table", help="print the README settings table")
     args = parser.parse_args(argv)
@@ -96,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(settings)
     if args.command == "console":
         return cmd_console(settings, args)
+    if args.command == "bench":
+        from bot.benchmark import main as bench_main
+
+        return bench_main(
+            settings, model=args.model, as_json=args.json, tokens=args.tokens, trials=args.trials
+        )
     return cmd_doctor(settings, args)
 
 

@@ -27,9 +27,19 @@ from bot.memory import Memory
 from bot.personas import PersonaLibrary, load_builtin_personas
 from bot.replies import say_privately
 from bot.settings import Settings
+from bot.swipes import SwipeButton, Swipes
 from bot.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
+
+# A text bot: discord.py's "PyNaCl/davey is not installed, voice will NOT be supported" warnings
+# at start only worry users about a feature it never uses.
+discord.VoiceClient.warn_nacl = False
+discord.VoiceClient.warn_dave = False
+
+#: Exit status when Discord cannot be reached at start (EX_TEMPFAIL): a service manager that
+#: restarts on failure (the systemd unit, Docker's restart policy) tries again later.
+EXIT_UNREACHABLE = 75
 
 COGS = ("cogs.chat", "cogs.personas", "cogs.admin")
 
@@ -49,13 +59,15 @@ class HermesBot(commands.AutoShardedBot):
     """Carries the shared core for the cogs; every attribute below is set before a cog loads.
 
     `settings`, `memory`, `personas`, `conv` (the conversations, which hold the engine; `engine`
-    reads and swaps it there), `webhooks` (persona identities), and `metrics` when enabled.
+    reads and swaps it there), `webhooks` (persona identities), `swipes` (alternative replies),
+    and `metrics` when enabled.
     """
 
     memory: Memory
     personas: PersonaLibrary
     conv: Conversations
     webhooks: Webhooks
+    swipes: Swipes
 
     def __init__(
         self,
@@ -104,6 +116,8 @@ class HermesBot(commands.AutoShardedBot):
         self._engine = None
         self.webhooks = Webhooks(self, self.memory, self.personas)
         await self.webhooks.load()
+        self.swipes = Swipes(self)
+        self.add_dynamic_items(SwipeButton)  # swipe buttons work on replies from earlier runs
         self.metrics = metrics.setup(self.settings, lambda: self.engine)
         self.engine_ready.set()
         for name in self.cog_names:
@@ -226,5 +240,15 @@ def run_bot(settings: Settings) -> int:
     except EngineError as exc:
         log.error("%s", exc)
         return 2
+    except (OSError, discord.GatewayNotFound, discord.DiscordServerError) as exc:
+        # aiohttp's connection errors (DNS, refused, reset, TLS) are OSErrors
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.error(
+            "cannot reach Discord (%s); check the network. Exiting with status %d so a service "
+            "manager restarts the bot later.",
+            reason,
+            EXIT_UNREACHABLE,
+        )
+        return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import random
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,8 +35,12 @@ from bot.prompt import (
     Turn,
     clean_reply,
     fit_prompt,
+    other_speakers,
+    seen_by,
     stop_strings,
+    with_recall,
 )
+from bot.recall import recall
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,6 +64,7 @@ class ReplyJob:
     bot_name: str
     persona: str | None
     reply_to: int | None  # turn id of the message being answered
+    cache_key: str = ""  # the engine's prompt-cache slot; one per channel and speaker
     text: str = ""
     stats: ReplyStats | None = None
     notes: list[str] = field(default_factory=list)
@@ -97,11 +102,14 @@ class Conversations:
         self.personas = personas
         self.counter = TokenCounter(engine.count_tokens)
         self._locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._start_hint: dict[int, int | None] = {}
+        self._start_hint: dict[tuple[int, str], int | None] = {}
         self.pending = 0
         self.recent: deque[ReplyStats] = deque(maxlen=50)  # for /admin model status
 
     def set_engine(self, engine: Engine) -> None:
+        # the reply watchers (metrics) move with the engine: hooks belong to an engine instance
+        old = [h for h in self.engine.finish_hooks if h not in engine.finish_hooks]
+        engine.finish_hooks.extend(old)
         self.engine = engine
         self.counter = TokenCounter(engine.count_tokens)
         self._start_hint.clear()
@@ -191,6 +199,9 @@ class Conversations:
         overrides: dict[str, Any] | None = None,
         continue_last: bool = False,
         parent_id: int | None = None,
+        cast: Sequence[str] = (),
+        scene: str = "",
+        skip: int | None = None,
     ) -> ReplyJob | None:
         """Build the request for the next reply from what memory holds now.
 
@@ -199,20 +210,31 @@ class Conversations:
         (`parent_id` set) has its own memory but takes its parent's persona and settings unless
         it has its own (the channel policy decides). `continue_last` reopens the last reply
         instead (None when it is no longer the latest turn).
+
+        Replies by another persona than the one speaking are shown as that persona's named
+        lines (`bot.prompt.seen_by`), never as its own turns. In a scene, `cast` are the other
+        members (each one a stop) and `scene` the roster and scenario for the Input block;
+        `skip` leaves one stored reply out (the one a swipe replaces).
         """
         policy = await resolve(self.memory, self.settings, Place(channel_id, guild_id, parent_id))
         settings = policy.settings.applied(self.settings)
-        budget = int(settings.context_tokens) - int(settings.max_new_tokens)
-        found = await self._history(channel_id, budget, reply_to)
+        recall_budget = self.recall_budget(settings)
+        # the history's share of the window; recalled turns take the rest
+        budget = int(settings.context_tokens) - int(settings.max_new_tokens) - recall_budget
+        found = await self._history(channel_id, budget, reply_to, skip)
         if found is None:
             return None
         history, current = found
         chosen = await self._persona(persona if persona is not None else policy.persona, guild_id)
-        prompt = self._fit(chosen, history, current, budget, channel_id)
+        bot_name = chosen.name if chosen else self.bot_name
+        history = seen_by(history, bot_name)
+        prompt = self._fit(chosen, history, current, budget, (channel_id, bot_name), scene)
+        if recall_budget and prompt.older:
+            prompt = await self._recall(channel_id, guild_id, prompt, recall_budget, bot_name)
         if continue_last and not reopen_last_reply(prompt):
             return None
-        bot_name = chosen.name if chosen else self.bot_name
-        names = sorted({t.name for t in prompt.turns if t.role == "user" and t.name} - {bot_name})
+        speakers = [*(t.name for t in prompt.turns if t.role == "user"), *cast]
+        names = sorted(other_speakers(speakers, bot_name))
         params = replace(
             params_from_settings(settings), stop=tuple(stop_strings(names)), **(overrides or {})
         )
@@ -225,11 +247,12 @@ class Conversations:
             bot_name,
             chosen.name if chosen else None,
             reply_to,
+            cache_key=f"{channel_id}:{bot_name}" if cast else str(channel_id),
             notes=list(prompt.notes),
         )
 
     async def _history(
-        self, channel_id: int, budget: int, reply_to: int | None
+        self, channel_id: int, budget: int, reply_to: int | None, skip: int | None = None
     ) -> tuple[list[Turn], Turn | None] | None:
         """The turns before the one being answered, and that turn; None if it was deleted.
 
@@ -237,6 +260,7 @@ class Conversations:
         to earlier messages belong before it even when stored later.
         """
         turns = await self.memory.recent_turns(channel_id, token_budget=budget)
+        turns = [t for t in turns if t.id != skip]
         if reply_to is None:
             return [t.to_turn() for t in turns], None
         found = [t for t in turns if t.id == reply_to]
@@ -262,10 +286,12 @@ class Conversations:
         history: list[Turn],
         current: Turn | None,
         budget: int,
-        channel_id: int,
+        slot: tuple[int, str],
+        scene: str = "",
     ) -> FittedPrompt:
-        """The prompt text fitted to `budget`, starting where the last one did when it can."""
-        hint = self._start_hint.get(channel_id)
+        """The prompt text fitted to `budget`, starting where the last one did when it can
+        (remembered per channel and speaker: `slot`)."""
+        hint = self._start_hint.get(slot)
         slack = self.settings.fit_slack
         if chosen is not None:
             speaker = current.name if current else ""
@@ -278,19 +304,54 @@ class Conversations:
                 budget,
                 start_hint=hint,
                 slack=slack,
+                scene=scene,
             )
         else:
             prompt = fit_prompt(
-                self.settings.system_prompt,
+                "\n\n".join(filter(None, [self.settings.system_prompt, scene])),
                 history,
                 current,
                 self.counter,
                 budget,
                 start_hint=hint,
                 slack=slack,
+                speakers=[self.bot_name],
             )
-        self._start_hint[channel_id] = prompt.start_id
+        self._start_hint[slot] = prompt.start_id
         return prompt
+
+    def recall_budget(self, settings: Settings) -> int:
+        """Tokens of the window set aside for recalled turns (`settings` as this channel has
+        them): 0 when recall is off here or the SQLite build has no full-text index."""
+        if not (settings.recall and self.memory.fts):
+            return 0
+        return settings.recall_tokens or int(settings.context_tokens) // 10
+
+    async def _recall(
+        self,
+        channel_id: int,
+        guild_id: int | None,
+        prompt: FittedPrompt,
+        budget: int,
+        bot_name: str,
+    ) -> FittedPrompt:
+        """Add the turns from before the window that best match the latest messages."""
+        users = [t for t in prompt.turns if t.role == "user"]
+        query = [t.content for t in reversed(prompt.turns[-3:])]
+        if users and users[-1].content not in query:
+            query.insert(0, users[-1].content)
+        oldest = prompt.start_id if prompt.start_id is not None else prompt.turns[-1].id
+        blocked = (await self.memory.blocked(guild_id))[0] if guild_id else set()
+        found = await recall(
+            self.memory,
+            channel_id,
+            query,
+            before_id=oldest,
+            budget_tokens=budget,
+            window=[t.content for t in prompt.turns[:-1]],
+            exclude_authors=blocked,
+        )
+        return with_recall(prompt, [t.to_turn() for t in found], self.counter, bot_name)
 
     # ---- generating -------------------------------------------------------------------------
 
@@ -311,7 +372,7 @@ class Conversations:
                 )
             )
             gen: Generation = self.engine.generate(
-                job.prompt.text, params, cache_key=str(job.channel_id)
+                job.prompt.text, params, cache_key=job.cache_key or str(job.channel_id)
             )
             job.stats = gen.stats
             shown = ""

@@ -13,7 +13,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,20 +104,112 @@ CREATE TABLE audit (
 CREATE INDEX audit_by_guild ON audit (guild_id, id);
 """
 
-# v3 is reserved for the recall branch's FTS5 index (`ensure_fts`, branch `recall`), which lands
-# in this slot; until it does, the slot is empty so that v4 keeps its number in every file.
-_V3_RESERVED = ""
+# v3: the full-text index behind recall (FTS5, BM25). An external-content table over `turns`
+# kept in step by triggers, so the text is stored once and insert/edit/delete/clear follow it.
+# Porter stemming lets "lives" find "live"; the speaker's name is indexed too. Trigger bodies
+# hold ';', so this version is code, not a statement list (see `ensure_fts`).
+_FTS = [
+    "CREATE VIRTUAL TABLE IF NOT EXISTS turns_fts USING fts5(name, content, content='turns', "
+    "content_rowid='id', tokenize='porter unicode61 remove_diacritics 2')",
+    "CREATE TRIGGER IF NOT EXISTS turns_fts_insert AFTER INSERT ON turns BEGIN "
+    "INSERT INTO turns_fts (rowid, name, content) VALUES (new.id, new.name, new.content); END",
+    "CREATE TRIGGER IF NOT EXISTS turns_fts_delete AFTER DELETE ON turns BEGIN "
+    "INSERT INTO turns_fts (turns_fts, rowid, name, content) "
+    "VALUES ('delete', old.id, old.name, old.content); END",
+    "CREATE TRIGGER IF NOT EXISTS turns_fts_update AFTER UPDATE OF name, content ON turns BEGIN "
+    "INSERT INTO turns_fts (turns_fts, rowid, name, content) "
+    "VALUES ('delete', old.id, old.name, old.content); "
+    "INSERT INTO turns_fts (rowid, name, content) VALUES (new.id, new.name, new.content); END",
+]
+_FTS_TRIGGERS = ("turns_fts_insert", "turns_fts_delete", "turns_fts_update")
 
-# v4: replies owed. A user turn the bot decided to answer is stored `awaiting = 1`; the reply's
-# first message clears it (`mark_answered`, or `add_turn(answers=...)` with the bot's turn). What
-# is still awaiting at start was queued when the bot stopped, and is answered then (catch-up).
-# Only ADD COLUMN and an index: it applies the same after v3, whatever v3 built.
-_V4 = """
-ALTER TABLE turns ADD COLUMN awaiting INTEGER NOT NULL DEFAULT 0;
-CREATE INDEX turns_awaiting ON turns (awaiting, id) WHERE awaiting = 1;
+
+async def fts5_available(db: aiosqlite.Connection) -> bool:
+    """Whether this SQLite build has FTS5 (most do; some distribution builds do not)."""
+    try:
+        await db.execute("CREATE VIRTUAL TABLE temp.fts5_probe USING fts5(x)")
+        await db.execute("DROP TABLE temp.fts5_probe")
+    except sqlite3.OperationalError:
+        return False
+    return True
+
+
+async def ensure_fts(db: aiosqlite.Connection) -> bool:
+    """Create the recall index if FTS5 exists and the index does not; returns whether it is on.
+
+    Idempotent, and run inside the caller's transaction. Without FTS5 the triggers are dropped
+    (a file indexed elsewhere must stay writable here) and recall is off.
+    """
+    if not await fts5_available(db):
+        for trigger in _FTS_TRIGGERS:
+            await db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+        return False
+    cur = await db.execute("SELECT 1 FROM sqlite_master WHERE name = 'turns_fts'")
+    existed = await cur.fetchone() is not None
+    for statement in _FTS:
+        await db.execute(statement)
+    if not existed:  # index what the file already holds (a v2 database, or one built without FTS5)
+        await db.execute("INSERT INTO turns_fts (turns_fts) VALUES ('rebuild')")
+    return True
+
+
+# v5: scenes (several personas in one channel) and swipes (alternative replies of one turn).
+# Numbered after v3 (recall's full-text index) and v4 (the reply path's); it depends on neither
+# (every statement is IF NOT EXISTS over v1/v2 tables), so a merge only orders the list.
+_V5 = """
+CREATE TABLE IF NOT EXISTS scenes (
+    channel_id  INTEGER PRIMARY KEY,
+    guild_id    INTEGER,
+    policy      TEXT NOT NULL DEFAULT 'natural' CHECK (policy IN ('natural', 'list', 'manual')),
+    scenario    TEXT NOT NULL DEFAULT '',
+    next_seat   INTEGER NOT NULL DEFAULT 0,
+    manual_next TEXT,
+    updated_at  REAL
+);
+CREATE TABLE IF NOT EXISTS scene_members (
+    channel_id     INTEGER NOT NULL REFERENCES scenes (channel_id) ON DELETE CASCADE,
+    name           TEXT NOT NULL,
+    seat           INTEGER NOT NULL,
+    muted          INTEGER NOT NULL DEFAULT 0,
+    nicknames      TEXT NOT NULL DEFAULT '[]',
+    talkativeness  REAL,
+    PRIMARY KEY (channel_id, name COLLATE NOCASE)
+);
+CREATE TABLE IF NOT EXISTS swipes (
+    turn_id   INTEGER NOT NULL REFERENCES turns (id) ON DELETE CASCADE,
+    idx       INTEGER NOT NULL,
+    content   TEXT NOT NULL,
+    tokens    INTEGER,
+    PRIMARY KEY (turn_id, idx)
+);
+CREATE TABLE IF NOT EXISTS swipe_turns (
+    turn_id    INTEGER PRIMARY KEY REFERENCES turns (id) ON DELETE CASCADE,
+    shown      INTEGER NOT NULL DEFAULT 0,
+    reply_to   INTEGER,
+    requester  INTEGER
+);
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3_RESERVED, _V4]
+
+async def ensure_owed_replies(db: aiosqlite.Connection) -> None:
+    """v4: replies owed. A user turn the bot decided to answer is stored `awaiting = 1`; the
+    reply's first message clears it (`mark_answered`, or `add_turn(answers=...)` with the bot's
+    turn). What still awaits at start was queued when the bot stopped, and catch-up answers it.
+
+    Idempotent (the column is added only when missing), so it applies after v3 whatever v3
+    built, and `Memory.open` runs it again for a file that skipped it (one numbered 4 before this
+    version was placed ahead of the scenes one).
+    """
+    cur = await db.execute("PRAGMA table_info(turns)")
+    if "awaiting" not in {row[1] for row in await cur.fetchall()}:
+        await db.execute("ALTER TABLE turns ADD COLUMN awaiting INTEGER NOT NULL DEFAULT 0")
+    await db.execute(
+        "CREATE INDEX IF NOT EXISTS turns_awaiting ON turns (awaiting, id) WHERE awaiting = 1"
+    )
+
+
+Migration = str | Callable[[aiosqlite.Connection], Awaitable[Any]]
+MIGRATIONS: list[Migration] = [_V1, _V2, ensure_fts, ensure_owed_replies, _V5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 #: Rows read per page when walking a channel's history newest first.
@@ -147,7 +239,7 @@ class StoredTurn:
     created_at: float
 
     def to_turn(self) -> Turn:
-        return Turn(self.role, self.content, self.name, self.tokens, self.id)
+        return Turn(self.role, self.content, self.name, self.tokens, self.id, self.created_at)
 
 
 _TURN_COLUMNS = (
@@ -189,6 +281,39 @@ class StoredPersona:
 
 
 @dataclass(slots=True)
+class SceneMember:
+    name: str
+    seat: int
+    muted: bool = False
+    nicknames: list[str] = field(default_factory=list)
+    talkativeness: float | None = None  # None: the card's (extensions.talkativeness)
+
+
+@dataclass(slots=True)
+class SceneState:
+    """A channel's cast, in seating order, and how the next speaker is chosen."""
+
+    channel_id: int
+    guild_id: int | None = None
+    policy: str = "natural"  # natural | list | manual
+    scenario: str = ""
+    next_seat: int = 0  # round robin position (policy `list`)
+    manual_next: str | None = None  # who speaks next (policy `manual`)
+    members: list[SceneMember] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SwipeState:
+    """The alternatives of one reply, the one shown now, and who may swipe it."""
+
+    turn_id: int
+    shown: int
+    alternatives: list[str]
+    reply_to: int | None
+    requester: int | None
+
+
+@dataclass(slots=True)
 class AuditRow:
     id: int
     guild_id: int | None
@@ -215,9 +340,11 @@ class ChannelStats:
 class Memory:
     """Async SQLite store. Open with `await Memory.open(path)`; close with `await close()`."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+    def __init__(self, db: aiosqlite.Connection, path: Path, *, fts: bool = False) -> None:
         self.db = db
         self.path = path
+        #: Whether the full-text index behind recall exists (False on SQLite builds without FTS5).
+        self.fts = fts
         # One connection serves every coroutine: transactions must not interleave on it.
         self._write = asyncio.Lock()
 
@@ -247,6 +374,12 @@ class Memory:
             await db.execute("PRAGMA foreign_keys=ON")
             await db.execute("PRAGMA busy_timeout=5000")
             await migrate(db)
+            # FTS5 may have appeared (or gone) since the file was last migrated; a file numbered
+            # past v4 without it gets the owed-replies column too.
+            await db.execute("BEGIN IMMEDIATE")
+            fts = await ensure_fts(db)
+            await ensure_owed_replies(db)
+            await db.execute("COMMIT")
         except sqlite3.DatabaseError as exc:  # "file is not a database", a damaged file, ...
             await db.close()
             raise MemoryError_(
@@ -256,7 +389,7 @@ class Memory:
         except Exception:
             await db.close()
             raise
-        return cls(db, path)
+        return cls(db, path, fts=fts)
 
     async def close(self) -> None:
         await self.db.close()
@@ -429,6 +562,46 @@ class Memory:
                 break
             before = out[-1].id
         return out
+
+    async def search_turns(
+        self,
+        channel_id: int,
+        match: str,
+        *,
+        before_id: int | None = None,
+        limit: int = 16,
+    ) -> list[tuple[StoredTurn, StoredTurn | None]]:
+        """The channel's turns matching an FTS5 `match` expression, best BM25 score first, each
+        with the turn just before it (its context; None for the channel's first turn).
+
+        Only turns after the forget watermark and (when given) before `before_id` are searched,
+        so forgotten turns and the ones already in the prompt are never found. A hit on the
+        message text weighs twice one on the speaker's name. Two queries whatever the hit
+        count: this runs before every reply in a long channel. Empty when the index is off.
+        """
+        if not self.fts or not match:
+            return []
+        floor = "COALESCE((SELECT forget_before FROM channels WHERE channel_id = ?1), 0)"
+        cur = await self.db.execute(
+            f"SELECT {_prefixed('t')}, (SELECT MAX(p.id) FROM turns p WHERE p.channel_id = ?1 "
+            f"AND p.id < t.id AND p.id > {floor}) FROM turns_fts JOIN turns t "
+            "ON t.id = turns_fts.rowid WHERE turns_fts MATCH ?2 AND t.channel_id = ?1 "
+            f"AND t.id > {floor} AND t.id < ?3 ORDER BY bm25(turns_fts, 0.5, 1.0) LIMIT ?4",
+            (channel_id, match, before_id if before_id is not None else 2**62, limit),
+        )
+        rows = await cur.fetchall()
+        context_ids = sorted({row[-1] for row in rows if row[-1] is not None})
+        context: dict[int, StoredTurn] = {}
+        if context_ids:
+            marks = ",".join("?" * len(context_ids))
+            cur = await self.db.execute(
+                f"SELECT {_TURN_COLUMNS} FROM turns WHERE id IN ({marks})", context_ids
+            )
+            context = {row[0]: StoredTurn(*row) for row in await cur.fetchall()}
+        return [
+            (StoredTurn(*row[:-1]), context.get(row[-1]) if row[-1] is not None else None)
+            for row in rows
+        ]
 
     async def all_turns(self, channel_id: int) -> list[StoredTurn]:
         """Every stored turn of a channel, oldest first, forgotten ones included (for export)."""
@@ -796,6 +969,190 @@ class Memory:
         )
         return [AuditRow(*row) for row in await cur.fetchall()]
 
+    # ---- scenes ---------------------------------------------------------------------------
+
+    async def scene(self, channel_id: int) -> SceneState:
+        """The channel's scene (no members when it has none)."""
+        cur = await self.db.execute(
+            "SELECT channel_id, guild_id, policy, scenario, next_seat, manual_next FROM scenes "
+            "WHERE channel_id = ?",
+            (channel_id,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return SceneState(channel_id)
+        state = SceneState(*row)  # type: ignore[arg-type]
+        cur = await self.db.execute(
+            "SELECT name, seat, muted, nicknames, talkativeness FROM scene_members "
+            "WHERE channel_id = ? ORDER BY seat",
+            (channel_id,),
+        )
+        state.members = [
+            SceneMember(r[0], r[1], bool(r[2]), json.loads(r[3]), r[4])
+            for r in await cur.fetchall()
+        ]
+        return state
+
+    async def update_scene(self, channel_id: int, guild_id: int | None, **changes: Any) -> None:
+        """Set policy, scenario, next_seat or manual_next of a channel's scene."""
+        allowed = {"policy", "scenario", "next_seat", "manual_next"}
+        if bad := set(changes) - allowed:
+            raise ValueError(f"unknown scene fields: {sorted(bad)}")
+        stmts: list[tuple[str, Sequence[Any]]] = [
+            (
+                "INSERT INTO scenes (channel_id, guild_id) VALUES (?, ?) "
+                "ON CONFLICT (channel_id) DO NOTHING",
+                (channel_id, guild_id),
+            )
+        ]
+        if changes:
+            sets = ", ".join(f"{k} = ?" for k in changes)
+            stmts.append(
+                (
+                    f"UPDATE scenes SET {sets}, updated_at = ? WHERE channel_id = ?",
+                    (*changes.values(), time.time(), channel_id),
+                )
+            )
+        await self._tx(stmts)
+
+    async def add_scene_member(
+        self,
+        channel_id: int,
+        guild_id: int | None,
+        name: str,
+        *,
+        nicknames: Sequence[str] = (),
+        talkativeness: float | None = None,
+    ) -> None:
+        """Seat `name` last (or update its nicknames and talkativeness if already seated)."""
+        await self.update_scene(channel_id, guild_id)
+        await self._tx(
+            [
+                (
+                    "INSERT INTO scene_members (channel_id, name, seat, nicknames, talkativeness) "
+                    "VALUES (?, ?, (SELECT COALESCE(MAX(seat), -1) + 1 FROM scene_members "
+                    "WHERE channel_id = ?), ?, ?) ON CONFLICT (channel_id, name) DO UPDATE SET "
+                    "nicknames = excluded.nicknames, talkativeness = excluded.talkativeness",
+                    (channel_id, name, channel_id, json.dumps(list(nicknames)), talkativeness),
+                )
+            ]
+        )
+
+    async def update_scene_member(self, channel_id: int, name: str, *, muted: bool) -> bool:
+        before = self.db.total_changes
+        await self._tx(
+            [
+                (
+                    "UPDATE scene_members SET muted = ? WHERE channel_id = ? "
+                    "AND name = ? COLLATE NOCASE",
+                    (int(muted), channel_id, name),
+                )
+            ]
+        )
+        return self.db.total_changes != before
+
+    async def remove_scene_member(self, channel_id: int, name: str) -> bool:
+        before = self.db.total_changes
+        await self._tx(
+            [
+                (
+                    "DELETE FROM scene_members WHERE channel_id = ? AND name = ? COLLATE NOCASE",
+                    (channel_id, name),
+                )
+            ]
+        )
+        return self.db.total_changes != before
+
+    async def clear_scene(self, channel_id: int) -> int:
+        """Remove the whole scene; returns how many members it had."""
+        scene = await self.scene(channel_id)
+        await self._tx([("DELETE FROM scenes WHERE channel_id = ?", (channel_id,))])
+        return len(scene.members)
+
+    # ---- swipes (alternative replies) -----------------------------------------------------
+
+    async def start_swipes(
+        self, turn_id: int, content: str, tokens: int | None, *, reply_to: int | None,
+        requester: int | None,
+    ) -> None:  # fmt: skip
+        """Record a reply's first alternative (its text now) and who may swipe it."""
+        await self._tx(
+            [
+                (
+                    "INSERT OR REPLACE INTO swipe_turns (turn_id, shown, reply_to, requester) "
+                    "VALUES (?, 0, ?, ?)",
+                    (turn_id, reply_to, requester),
+                ),
+                (
+                    "INSERT OR REPLACE INTO swipes (turn_id, idx, content, tokens) "
+                    "VALUES (?, 0, ?, ?)",
+                    (turn_id, content, tokens),
+                ),
+            ]
+        )
+
+    async def swipes(self, turn_id: int) -> SwipeState | None:
+        cur = await self.db.execute(
+            "SELECT shown, reply_to, requester FROM swipe_turns WHERE turn_id = ?", (turn_id,)
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        cur = await self.db.execute(
+            "SELECT content FROM swipes WHERE turn_id = ? ORDER BY idx", (turn_id,)
+        )
+        texts = [r[0] for r in await cur.fetchall()]
+        return SwipeState(turn_id, row[0], texts, row[1], row[2])
+
+    async def add_swipe(self, turn_id: int, content: str, tokens: int | None) -> int:
+        """Store another alternative and show it (the turn's text becomes it); its index."""
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "SELECT COALESCE(MAX(idx), -1) + 1 FROM swipes WHERE turn_id = ?", (turn_id,)
+            )
+            (idx,) = await cur.fetchone()  # type: ignore[misc]
+            await db.execute(
+                "INSERT INTO swipes (turn_id, idx, content, tokens) VALUES (?, ?, ?, ?)",
+                (turn_id, idx, content, tokens),
+            )
+            await db.execute("UPDATE swipe_turns SET shown = ? WHERE turn_id = ?", (idx, turn_id))
+            await db.execute(
+                "UPDATE turns SET content = ?, tokens = ? WHERE id = ?", (content, tokens, turn_id)
+            )
+        return int(idx)
+
+    async def show_swipe(self, turn_id: int, idx: int) -> str | None:
+        """Show alternative `idx`: the turn's text becomes it (what memory keeps). Its text."""
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "SELECT content, tokens FROM swipes WHERE turn_id = ? AND idx = ?", (turn_id, idx)
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            await db.execute("UPDATE swipe_turns SET shown = ? WHERE turn_id = ?", (idx, turn_id))
+            await db.execute(
+                "UPDATE turns SET content = ?, tokens = ? WHERE id = ?", (row[0], row[1], turn_id)
+            )
+        return str(row[0])
+
+    async def end_swipes(self, turn_id: int) -> None:
+        """The reply is settled as it is now (e.g. `/continue` extended it)."""
+        await self._tx([("DELETE FROM swipe_turns WHERE turn_id = ?", (turn_id,))])
+
+    async def later_user_turn(self, channel_id: int, turn_id: int) -> bool:
+        """Has a member spoken in the channel since turn `turn_id`?"""
+        cur = await self.db.execute(
+            "SELECT 1 FROM turns WHERE channel_id = ? AND id > ? AND role = 'user' LIMIT 1",
+            (channel_id, turn_id),
+        )
+        return await cur.fetchone() is not None
+
+    async def turn(self, turn_id: int) -> StoredTurn | None:
+        cur = await self.db.execute(f"SELECT {_TURN_COLUMNS} FROM turns WHERE id = ?", (turn_id,))
+        row = await cur.fetchone()
+        return StoredTurn(*row) if row else None
+
 
 def _prefixed(alias: str) -> str:
     return ", ".join(f"{alias}.{c.strip()}" for c in _TURN_COLUMNS.split(","))
@@ -812,9 +1169,13 @@ async def migrate(db: aiosqlite.Connection) -> int:
     for target in range(version + 1, SCHEMA_VERSION + 1):
         await db.execute("BEGIN IMMEDIATE")
         try:
-            for statement in MIGRATIONS[target - 1].split(";"):
-                if statement.strip():
-                    await db.execute(statement)
+            step = MIGRATIONS[target - 1]
+            if callable(step):
+                await step(db)
+            else:
+                for statement in step.split(";"):
+                    if statement.strip():
+                        await db.execute(statement)
             await db.execute(f"PRAGMA user_version = {target}")
             await db.execute("COMMIT")
         except BaseException:

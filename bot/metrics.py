@@ -1,7 +1,7 @@
 """Per-reply serving metrics: a one-line summary for `/admin model status`, and Prometheus.
 
-Every engine ends a reply through `Generation.finish`, which calls `bot.engine.FINISH_HOOKS`;
-the exporter registers there, so local and OpenAI-compatible engines report the same figures
+Every engine ends a reply through `Generation.finish`, which calls its engine's `finish_hooks`;
+the exporter registers on the engine it watches (a reload hands the hooks on), so local and OpenAI-compatible engines report the same figures
 without the chat code knowing. The exporter is optional (METRICS_PORT=0 turns it off) and cheap:
 a few histogram observations per reply, served from prometheus-client's own thread.
 """
@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.engine import FINISH_HOOKS, Engine, ReplyStats
+from bot.engine import Engine, ReplyStats
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class Metrics:
 
     registry: Any = None
     _server: Any = field(default=None, repr=False)
+    _engine: Callable[[], Engine | None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -101,7 +102,9 @@ class Metrics:
         self.generated_tokens.inc(s.new_tokens)
 
     def bind(self, engine: Callable[[], Engine | None]) -> None:
-        """Read the queue length from whichever engine is current at scrape time."""
+        """Watch `engine()`: its replies feed the histograms (once started), and its queue
+        length is read from whichever engine is current at scrape time."""
+        self._engine = engine
 
         def length() -> float:
             current = engine()
@@ -114,12 +117,14 @@ class Metrics:
         from prometheus_client import start_http_server
 
         self._server = start_http_server(port, addr=addr, registry=self.registry)
-        FINISH_HOOKS.append(self.observe)
+        if self._engine is not None and (engine := self._engine()) is not None:
+            engine.finish_hooks.append(self.observe)
         log.info("Prometheus metrics on http://%s:%d/metrics", addr, port)
 
     def stop(self) -> None:
-        if self.observe in FINISH_HOOKS:
-            FINISH_HOOKS.remove(self.observe)
+        engine = self._engine() if self._engine is not None else None
+        if engine is not None and self.observe in engine.finish_hooks:
+            engine.finish_hooks.remove(self.observe)
         if isinstance(self._server, tuple):  # prometheus-client >= 0.17: (server, thread)
             server, thread = self._server
             server.shutdown()

@@ -28,8 +28,7 @@ from bot.cards import (
     normalize_newlines,
     parse_card,
 )
-from bot.prompt import FittedPrompt, TokenCounter, Turn, clean_reply, cut_middle, fit_prompt
-from bot.prompt import stop_strings as _stop_strings
+from bot.prompt import FittedPrompt, TokenCounter, Turn, clean_name, cut_middle, fit_prompt
 
 #: The persona a channel gets when nobody chose one.
 DEFAULT_PERSONA = "Hermes"
@@ -306,21 +305,29 @@ def persona_system(
     lore: Sequence[BookEntry] = (),
     examples: int | None = None,
     default_system: str = DEFAULT_RP_SYSTEM,
+    count: Callable[[str], int] | None = None,
+    cap: int | None = None,
+    scene: str = "",
 ) -> str:
-    """The persona's whole system text, before fitting: what goes in the one Input block.
+    """The persona's whole system text: what goes in the one Input block.
 
     Order as in SillyTavern's story string: system prompt; lore placed `before_char`;
     description, personality, scenario; lore placed `after_char`; then the first `examples`
     example dialogues (all when None). A card without definitions (the Hermes assistant) is
-    just its system line: no roleplay framing is added around empty fields.
+    just its system line: no roleplay framing is added around empty fields. With `count` and
+    `cap`, definitions over `cap` tokens are cut in the middle (the examples are not).
+    `user_name` is used as `{{user}}` as the prompt shows names (`clean_name`). `scene` (the
+    roster and scenario of a scene the persona plays in, `bot.scenes`) follows the definitions.
     """
-    return _join(
-        _head(persona, user_name, lore, default_system), _examples(persona, user_name, examples)
-    )
+    user = clean_name(user_name) or "User"
+    head = _join([*_head(persona, user, lore, default_system), *([scene] if scene else [])])
+    if count is not None and cap is not None and count(head) > cap:
+        head = cut_middle(head, count, cap)
+    return _join([head], _examples(persona, user, examples))
 
 
 def _head(persona: Persona, user: str, lore: Sequence[BookEntry], default_system: str) -> list[str]:
-    card, char = persona.card, persona.name
+    card, char = persona.card, clean_name(persona.name)
     own = card.system_prompt.strip()
     system = _ORIGINAL.sub(lambda _: default_system.strip(), own) if own else default_system
 
@@ -341,7 +348,7 @@ def _examples(persona: Persona, user: str, limit: int | None) -> str:
     blocks = split_examples(persona.card.mes_example)[:limit]
     if not blocks:
         return ""
-    body = "\n".join(f"<START>\n{fill(b, persona.name, user)}" for b in blocks)
+    body = "\n".join(f"<START>\n{fill(b, clean_name(persona.name), user)}" for b in blocks)
     return f"Example dialogue:\n{body}"
 
 
@@ -359,6 +366,7 @@ def build_persona_prompt(
     start_hint: int | None = None,
     slack: float = 0.25,
     default_system: str = DEFAULT_RP_SYSTEM,
+    scene: str = "",
 ) -> FittedPrompt:
     """The whole prompt for `persona`'s next reply, fitted to `budget` tokens by `fit_prompt`.
 
@@ -372,7 +380,7 @@ def build_persona_prompt(
     `user_name`, the person being answered.
     """
     card, char = persona.card, persona.name
-    user = " ".join(user_name.split()) or "User"
+    user = clean_name(user_name) or "User"
     history = list(history_newest_first)
     for turn in history:
         if turn.role == "assistant" and not turn.name:
@@ -384,15 +392,22 @@ def build_persona_prompt(
     if book is not None and book.token_budget is not None:
         lore_budget = min(lore_budget, book.token_budget)
     lore = select_lore(book, recent, lambda s: count(fill(s, char, user)), budget=lore_budget)
-
-    head = _join(_head(persona, user, lore, default_system))
-    if count(head) > (cap := int(budget * SYSTEM_SHARE)):
-        head = cut_middle(head, count, cap)
     post_raw = _ORIGINAL.sub("", card.post_history_instructions)
-    post = fill(post_raw, char, user)
+    post = fill(post_raw, clean_name(char), user)
+    cap = int(budget * SYSTEM_SHARE)
 
+    @functools.cache
     def attempt(n_examples: int) -> FittedPrompt:
-        system = _join([head], _examples(persona, user, n_examples))
+        system = persona_system(
+            persona,
+            user,
+            lore=lore,
+            examples=n_examples,
+            default_system=default_system,
+            count=count,
+            cap=cap,
+            scene=scene,
+        )
         return fit_prompt(
             system,
             history,
@@ -402,6 +417,7 @@ def build_persona_prompt(
             start_hint=start_hint,
             slack=slack,
             post_history=post,
+            speakers=[char],
         )
 
     n = len(split_examples(card.mes_example))
@@ -420,27 +436,6 @@ def build_persona_prompt(
         else:
             lo, fitted = mid, trial
     return fitted
-
-
-# --------------------------------------------------------------------------------------------
-# Cutting the reply
-
-
-def _others(persona: Persona, participant_names: Iterable[str]) -> list[str]:
-    own = persona_key(persona.name)
-    names = (" ".join(n.split()) for n in participant_names if n)
-    return [n for n in dict.fromkeys(names) if n and persona_key(n) != own]
-
-
-def persona_stops(persona: Persona, participant_names: Iterable[str]) -> list[str]:
-    """Stop strings for the engine: block headers and every other participant's `\\nName:`."""
-    return _stop_strings(_others(persona, participant_names))
-
-
-def clean_persona_reply(text: str, persona: Persona, participant_names: Iterable[str]) -> str:
-    """The reply as posted: cut where another participant's line starts, and without a leading
-    `PersonaName:` the model may echo."""
-    return clean_reply(text, _others(persona, participant_names), persona.name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,28 +9,212 @@ Alpaca preset: system/persona text in an Input block, human turns in Instruction
 
 from __future__ import annotations
 
+import functools
 import re
+import time
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+import regex
 
 INSTRUCTION = "### Instruction:\n"
 INPUT = "### Input:\n"
 RESPONSE = "### Response:\n"
 SEPARATOR = "\n\n"
 
-#: Strings that end a reply: the model starting a new block. Names of other participants are added
-#: per request (see `stop_strings`).
-HEADER_STOPS = ("### Instruction", "### Input:", "### Response")
+#: Strings that end a reply: the model starting a new block, in the cases a model writes it.
+#: Names of other participants are added per request (see `stop_strings`). These are an
+#: optimisation (kept to 12 so an OpenAI-compatible server, which takes 16, also gets a few
+#: names): `clean_reply` is what guarantees no header line reaches a stored reply.
+HEADER_STOPS = (
+    "### Instruction",
+    "### Input:",
+    "### Response",
+    "### instruction",
+    "### input:",
+    "### response",
+    "### INSTRUCTION",
+    "### INPUT:",
+    "### RESPONSE",
+    "###Instruction",
+    "###Input:",
+    "###Response",
+)
 
-# A line that would read as a block header: any case, any spacing, optional extra #'s or colon.
+# --------------------------------------------------------------------------------------------
+# Untrusted text: one normalisation, one header rule, one speaker rule
+#
+# Message text, display names, persona and card fields, lore and attachment names are stored as
+# they came and defused here, when a prompt is rendered. Three steps:
+# 1. `normalize_text`: every Unicode line break becomes "\n"; format characters (category Cf:
+#    zero-width, bidi controls, tag characters), other control characters and lone surrogates are
+#    dropped. A zero-width (non-)joiner is kept only between two non-ASCII characters (emoji
+#    sequences, Indic scripts), where it cannot hide anything the folded comparison would miss.
+# 2. `is_header_line`: a line is a block header when its folded form (`fold`: NFKD, marks and Cf
+#    dropped, NFKC, case-folded, invisible fillers as spaces) is two or more `#` (spaces allowed
+#    between them) and a header word. Such lines are rewritten as `# Word...` (`neutralize`).
+# 3. `starts_as_speaker`: a line starts as a participant's turn when its `speaker_key` (the fold
+#    with all spaces, Markdown emphasis and colon look-alikes unified) starts with `name:`. In a
+#    member's turn such a line is rendered as a Markdown quote, `> Name: ...`; the reply cleaner
+#    cuts the model's reply at the same lines.
+
+# Every line break Python's str.splitlines knows (CR, LF, CRLF, VT, FF, FS, GS, RS, NEL, LS, PS).
+_BREAKS = re.compile(r"\r\n|[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+_JOINERS = "\u200c\u200d"
+_DROP = regex.compile(
+    rf"(?![{_JOINERS}])\p{{Cf}}|\p{{Cs}}|[\x00-\x08\x0e-\x1f\x7f-\x9f]"
+    rf"|(?<![^\x00-\x7f\s])[{_JOINERS}]|[{_JOINERS}](?![^\x00-\x7f\s])"
+)
+_ASCII_CONTROLS = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+# Characters that render blank without being whitespace (Hangul fillers, braille blank).
+_BLANKS = str.maketrans(dict.fromkeys("\u115f\u1160\u3164\uffa0\u2800", " "))
+_MARKS_AND_FORMAT = regex.compile(r"[\p{M}\p{Cf}\p{Cc}\p{Cs}--[\n\t]]", regex.V1)
+# Colon look-alikes that NFKC leaves alone (ratio, modifier letter colons, Armenian/Hebrew ...).
+_COLONS = "\u2236\ua789\u02f8\u0589\u05c3\u0703\u0704\u1804\ufe30\uff1a\ufe55\ufe13"
+_SPEAKER_NOISE = regex.compile(r"[\s*_~`|]+")
+_COLON_MAP = str.maketrans(dict.fromkeys(_COLONS, ":"))
+# Quick rejections: the only characters whose fold holds a `#` or a `:` (checked over all of
+# Unicode), plus the colon look-alikes above. A line without one is no header / speaker line.
+_HASH_CHARS = re.compile("[#\uff03\ufe5f]")
+_COLON_CHARS = re.compile(f"[:\u2a74{_COLONS}]")
+_HEADER_FOLDED = re.compile(r"\s*#(?:\s*#)+\s*(?:instruction|input|response)(?!\w)")
+# The plain ASCII header forms, rewritten in place so the line stays readable.
 _HEADER_LINE = re.compile(
     r"^(?P<indent>[ \t]*)#{2,}[ \t]*(?P<word>instruction|input|response)\b[ \t]*:?",
-    re.IGNORECASE | re.MULTILINE,
+    re.IGNORECASE,
 )
-# Where a reply must be cut: a header anywhere at a line start (same tolerance as above).
-_HEADER_CUT = re.compile(
-    r"(?:^|\n)[ \t]*#{2,}[ \t]*(?:instruction|input|response)\b", re.IGNORECASE
-)
+
+
+def normalize_text(text: str) -> str:
+    """Untrusted text with one line-break form ("\\n") and no invisible or control characters."""
+    text = _BREAKS.sub("\n", text)
+    return _ASCII_CONTROLS.sub("", text) if text.isascii() else _DROP.sub("", text)
+
+
+def lines(text: str) -> list[str]:
+    """`text` split at every Unicode line break (the same breaks `normalize_text` unifies)."""
+    return _BREAKS.split(text)
+
+
+def fold(text: str) -> str:
+    """The comparison form of `text`: NFKD, combining marks and format/control characters
+    dropped, NFKC, case-folded, blank fillers as spaces. Full-width `＃`, `Ｒｅｓｐｏｎｓｅ`,
+    `Re\u0301sponse` and `Res\u200bponse` all fold to plain lower-case ASCII."""
+    text = _MARKS_AND_FORMAT.sub("", unicodedata.normalize("NFKD", text))
+    return unicodedata.normalize("NFKC", text).translate(_BLANKS).casefold()
+
+
+def is_header_line(line: str) -> bool:
+    """Would this line read as an Alpaca block header (in any case, width or disguise)?"""
+    return _HASH_CHARS.search(line) is not None and _HEADER_FOLDED.match(fold(line)) is not None
+
+
+def _defuse_header_line(line: str) -> str:
+    if m := _HEADER_LINE.match(line):
+        line = f"{m.group('indent')}# {m.group('word')}:{line[m.end() :]}"
+    if is_header_line(line):  # a disguised form: drop everything before the word
+        i = 0
+        while i < len(line) and fold(line[i]).strip(" \t#") == "":
+            i += 1
+        line = "# " + line[i:]
+    return line
+
+
+@functools.lru_cache(maxsize=4096)
+def neutralize(text: str) -> str:
+    """Normalise `text` and defuse every line that would read as a block header.
+
+    `### Response:` at a line start becomes `# Response:`: still readable, no longer a header
+    the model was trained to treat as a turn boundary. Disguised forms (full-width, zero-width
+    characters, marks, exotic spaces or line breaks) become `# ` and the rest of the line.
+    """
+    return "\n".join(
+        _defuse_header_line(line) if _HASH_CHARS.search(line) else line
+        for line in normalize_text(text).split("\n")
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def clean_name(name: str) -> str:
+    """A participant's name as the prompt shows it: one line, no colon, never a header."""
+
+    def one_line(text: str) -> str:
+        text = text.replace(":", " ") if text.isascii() else "".join(map(_no_colon, text))
+        return " ".join(text.split())
+
+    name = one_line(normalize_text(name))
+    # A defused header starts with a single `#`: removing its colon cannot make it one again.
+    return one_line(_defuse_header_line(name)) if is_header_line(name) else name
+
+
+def _is_colon(ch: str) -> bool:
+    return ":" in fold_colons(fold(ch))
+
+
+def _no_colon(ch: str) -> str:
+    return " " if _is_colon(ch) else ch
+
+
+def fold_colons(text: str) -> str:
+    """`text` with every colon look-alike (full-width, ratio, modifier colon ...) as `:`."""
+    return text.translate(_COLON_MAP)
+
+
+@functools.lru_cache(maxsize=4096)
+def speaker_key(text: str) -> str:
+    """The form the speaker rule compares: `fold`, colon look-alikes as `:`, and no spaces or
+    Markdown emphasis (so `**HERMES :**`, `Ｈｅｒｍｅｓ：` and `h e r m e s:` all match Hermes)."""
+    return _SPEAKER_NOISE.sub("", fold_colons(fold(text)))
+
+
+def speaker_keys(names: Iterable[str]) -> tuple[str, ...]:
+    """The `name:` prefixes `starts_as_speaker` looks for, one per distinct non-empty name."""
+    return _speaker_keys(tuple(names))
+
+
+@functools.lru_cache(maxsize=1024)
+def _speaker_keys(names: tuple[str, ...]) -> tuple[str, ...]:
+    keys = (speaker_key(clean_name(n)) for n in names if n)
+    return tuple(dict.fromkeys(f"{k}:" for k in keys if k))
+
+
+def starts_as_speaker(line: str, keys: tuple[str, ...]) -> bool:
+    """THE speaker rule: does `line` start like one of the participants' `Name:` (`keys` from
+    `speaker_keys`)? Used both to defuse members' lines and to cut the model's reply."""
+    return bool(keys) and bool(_COLON_CHARS.search(line)) and speaker_key(line).startswith(keys)
+
+
+def other_speakers(names: Iterable[str], bot_name: str) -> list[str]:
+    """The participants other than the bot, as the prompt names them, one per speaker key."""
+    own = speaker_key(clean_name(bot_name))
+    out: dict[str, str] = {}
+    for name in names:
+        shown = clean_name(name) if name else ""
+        if (key := speaker_key(shown)) and key != own:
+            out.setdefault(key, shown)
+    return list(out.values())
+
+
+def defuse_turn(content: str, speakers: Iterable[str] = (), *, labelled: bool = True) -> str:
+    """A member's message ready for its Instruction block: normalised, header lines defused, and
+    every line that starts like a participant's `Name:` quoted (`> Name: ...`) so it cannot read
+    as that speaker's turn. With `labelled` the first line follows the member's own `name: `
+    label and is left as it is."""
+    keys = speaker_keys(speakers)
+    out = []
+    for i, line in enumerate(neutralize(content).split("\n")):
+        if (i or not labelled) and starts_as_speaker(line, keys):
+            line = f"> {line}"
+        out.append(line)
+    return "\n".join(out)
+
+
+def _risky_lines(content: str, labelled: bool) -> int:
+    """Lines `defuse_turn` may prefix with `> ` (a colon early in the line), for token estimates."""
+    if not _COLON_CHARS.search(content):
+        return 0
+    return sum(bool(_COLON_CHARS.search(line[:80])) for line in lines(content)[int(labelled) :])
 
 
 def format_single(instruction: str, context: str = "") -> str:
@@ -38,15 +222,6 @@ def format_single(instruction: str, context: str = "") -> str:
     if context:
         return f"{INSTRUCTION}{instruction}{SEPARATOR}{INPUT}{context}{SEPARATOR}{RESPONSE}"
     return f"{INSTRUCTION}{instruction}{SEPARATOR}{RESPONSE}"
-
-
-def neutralize(text: str) -> str:
-    """Defuse lines that would forge a block header, so nobody can inject turns.
-
-    `### Response:` at a line start becomes `# Response:`: still readable, no longer a header
-    the model was trained to treat as a turn boundary.
-    """
-    return _HEADER_LINE.sub(lambda m: f"{m.group('indent')}# {m.group('word')}:", text)
 
 
 @dataclass(slots=True)
@@ -58,23 +233,62 @@ class Turn:
     name: str = ""
     tokens: int | None = None  # cached token count of `content`, filled by memory
     id: int | None = None  # stable ordinal (memory row id) for cache-friendly fitting
+    when: float | None = field(default=None, compare=False)  # unix time said (recall shows it)
 
-    def render(self) -> str:
-        return render_turn(self.role, self.content, self.name)
+    def render(self, speakers: Iterable[str] = ()) -> str:
+        return render_turn(self.role, self.content, self.name, speakers)
 
 
-def render_turn(role: str, content: str, name: str = "") -> str:
-    """One block, including its trailing blank line."""
-    body = neutralize(content.strip())
+def render_turn(role: str, content: str, name: str = "", speakers: Iterable[str] = ()) -> str:
+    """One block, including its trailing blank line.
+
+    A member's block is `Name: text`: the name made single-line and header-free (`clean_name`),
+    the text defused against headers and against lines forging one of `speakers` (`defuse_turn`).
+    Cached: a channel's turns are rendered again for every prompt while they stay in the window.
+    """
+    return _render_turn(role, content, name, tuple(speakers))
+
+
+@functools.lru_cache(maxsize=4096)
+def _render_turn(role: str, content: str, name: str, speakers: tuple[str, ...]) -> str:
     if role == "assistant":
-        return f"{RESPONSE}{body}{SEPARATOR}"
-    name = " ".join(name.split())  # a name can never smuggle in a line break (and a header)
+        return f"{RESPONSE}{neutralize(content.strip())}{SEPARATOR}"
+    name = clean_name(name)
+    body = defuse_turn(content.strip(), speakers, labelled=bool(name))
     label = f"{name}: " if name else ""
     return f"{INSTRUCTION}{label}{body}{SEPARATOR}"
 
 
+def participants(turns: Iterable[Turn], speakers: Iterable[str] = ()) -> list[str]:
+    """Everyone who may speak in a prompt: `speakers` (the bot, the persona) and every member
+    with a turn in it, as the prompt names them."""
+    names = [*speakers, *(t.name for t in turns if t.role == "user")]
+    return list(dict.fromkeys(n for n in map(clean_name, names) if n))
+
+
 def render_system(text: str) -> str:
     return f"{INPUT}{neutralize(text.strip())}{SEPARATOR}" if text.strip() else ""
+
+
+#: The line that opens the recall block, so the model reads it as memory, not as the current talk.
+RECALL_HEADING = "From earlier in this channel (recalled, oldest first):"
+
+
+def render_recall(turns: Sequence[Turn], bot_name: str = "") -> str:
+    """Turns recalled from beyond the window, as one Input block (empty when there are none).
+
+    One line per turn, `[YYYY-MM-DD] Name: text`, with the text on one line and defused like any
+    other untrusted text, so a recalled message can neither forge a header nor a turn.
+    """
+    if not turns:
+        return ""
+    lines = [RECALL_HEADING]
+    for turn in turns:
+        day = time.strftime("[%Y-%m-%d] ", time.gmtime(turn.when)) if turn.when else ""
+        name = clean_name(turn.name if turn.role == "user" else (turn.name or bot_name))
+        text = " ".join(turn.content.split())
+        lines.append(f"{day}{name + ': ' if name else ''}{text}")
+    return f"{INPUT}{neutralize(chr(10).join(lines))}{SEPARATOR}"
 
 
 def chat_segments(
@@ -83,6 +297,8 @@ def chat_segments(
     *,
     open_response: bool = True,
     post_history: str = "",
+    recall: str = "",
+    speakers: Iterable[str] = (),
 ) -> list[tuple[str, bool]]:
     """The conversation as (text, is_target) pieces.
 
@@ -90,7 +306,12 @@ def chat_segments(
     Training masks on these pieces; the bot joins them. With `open_response` the text ends with
     the `### Response:` header that asks for the next reply. `post_history` (a persona's
     post_history_instructions) goes in an Input block after the history, as SillyTavern does.
+    `recall` (a `render_recall` block) follows the turns (the current message included) and
+    precedes `post_history`: the history stays a stable prefix the engine's cache can reuse.
+    `speakers` are the bot's names (its own, the persona's): with every member in `turns` they
+    are the participants no member's line may impersonate.
     """
+    who = participants(turns, speakers)
     pieces: list[tuple[str, bool]] = []
     if sys_block := render_system(system):
         pieces.append((sys_block, False))
@@ -99,7 +320,9 @@ def chat_segments(
             pieces.append((RESPONSE, False))
             pieces.append((neutralize(turn.content.strip()) + SEPARATOR, True))
         else:
-            pieces.append((turn.render(), False))
+            pieces.append((turn.render(who), False))
+    if recall:
+        pieces.append((recall, False))
     if post := render_system(post_history):
         pieces.append((post, False))
     if open_response:
@@ -108,9 +331,22 @@ def chat_segments(
 
 
 def render_chat(
-    system: str, turns: Sequence[Turn], *, open_response: bool = True, post_history: str = ""
+    system: str,
+    turns: Sequence[Turn],
+    *,
+    open_response: bool = True,
+    post_history: str = "",
+    recall: str = "",
+    speakers: Iterable[str] = (),
 ) -> str:
-    pieces = chat_segments(system, turns, open_response=open_response, post_history=post_history)
+    pieces = chat_segments(
+        system,
+        turns,
+        open_response=open_response,
+        post_history=post_history,
+        recall=recall,
+        speakers=speakers,
+    )
     return "".join(text for text, _ in pieces)
 
 
@@ -135,25 +371,55 @@ class TokenCounter:
         return self._count(text)
 
     def block(self, turn: Turn) -> int:
-        """Tokens `turn` takes in a prompt: its cached content count plus its header's cost."""
+        """Tokens `turn` takes in a prompt: its cached content count plus its header's cost,
+        plus two per line that defusing may quote (an upper bound: the rest of defusing only
+        shortens the text)."""
         if turn.tokens is None:
             turn.tokens = self._count(turn.content.strip())
+        quoted = _risky_lines(turn.content.strip(), bool(turn.name)) if turn.role == "user" else 0
         key = (turn.role, turn.name)
         if (extra := self._overhead.get(key)) is None:
             extra = self._count(render_turn(turn.role, "x", turn.name)) - self._count("x")
             extra = self._overhead[key] = extra + BLOCK_MARGIN
-        return turn.tokens + extra
+        return turn.tokens + extra + 2 * quoted
 
 
 @dataclass(slots=True)
 class FittedPrompt:
     text: str
     turns: list[Turn]  # the history turns kept, oldest first, current message last
-    dropped: bool  # some older history was left out
+    dropped: bool  # some older history was left out by this fit (the window was cut)
     tokens: int  # estimated prompt tokens (an upper bound)
     truncated: bool = False  # the current message alone was too long and was cut
     start_id: int | None = None  # id of the oldest kept history turn: the hint for next time
     notes: list[str] = field(default_factory=list)
+    system: str = ""  # what the text was rendered from, so `with_recall` can render it again
+    post_history: str = ""
+    recalled: list[Turn] = field(default_factory=list)  # turns recalled from beyond the window
+    speakers: tuple[str, ...] = ()  # the bot's names the text was defused against
+    older: bool = False  # history older than the window exists (cut now, or at `start_hint`)
+
+
+def with_recall(
+    prompt: FittedPrompt, recalled: Sequence[Turn], count: Callable[[str], int], bot_name: str = ""
+) -> FittedPrompt:
+    """`prompt` with a recall block of `recalled` turns placed after the history.
+
+    The caller made room for it: the history was fitted to the budget less the recall budget.
+    """
+    block = render_recall(recalled, bot_name)
+    if not block:
+        return prompt
+    prompt.text = render_chat(
+        prompt.system,
+        prompt.turns,
+        post_history=prompt.post_history,
+        recall=block,
+        speakers=prompt.speakers,
+    )
+    prompt.tokens += count(block) + BLOCK_MARGIN
+    prompt.recalled = list(recalled)
+    return prompt
 
 
 def cut_middle(text: str, count: Callable[[str], int], limit: int) -> str:
@@ -181,6 +447,7 @@ def fit_prompt(
     start_hint: int | None = None,
     slack: float = 0.25,
     post_history: str = "",
+    speakers: Iterable[str] = (),
 ) -> FittedPrompt:
     """Keep the newest history turns that fit `budget` tokens, oldest dropped first.
 
@@ -191,8 +458,9 @@ def fit_prompt(
     Cache-friendly: when the window overflows, the history is cut down to `(1 - slack) * budget`
     at once rather than by one turn per message, and `start_hint` (the `start_id` returned last
     time) is honoured while the turns since it still fit, so the prompt's prefix stays stable
-    for many messages.
+    for many messages. `speakers` are the bot's names, for `chat_segments`.
     """
+    speakers = tuple(speakers)
     fixed = count(render_system(system)) + BLOCK_MARGIN if system.strip() else 0
     fixed += count(RESPONSE) + BLOCK_MARGIN
     if post_history.strip():
@@ -219,8 +487,9 @@ def fit_prompt(
     room = budget - fixed - cur_tokens
     kept: list[tuple[Turn, int]] = []  # newest first
     used = 0
-    overflow = False
-    for turn in history:
+    overflow = older = False
+    turns_in = iter(history)
+    for turn in turns_in:
         cost = count.block(turn)
         if used + cost > room:
             overflow = True
@@ -228,7 +497,9 @@ def fit_prompt(
         kept.append((turn, cost))
         used += cost
         if start_hint is not None and turn.id is not None and turn.id <= start_hint:
-            break  # reached last time's start: keep exactly that window
+            # reached last time's start: keep exactly that window (older turns stay dropped)
+            older = next(turns_in, None) is not None
+            break
     if overflow:
         # Cut to (1 - slack) of the room in one go so the next prompts share this prefix.
         target = int(room * (1 - slack))
@@ -238,13 +509,17 @@ def fit_prompt(
     turns = [t for t, _ in kept]
     turns_all = [*turns, current] if current is not None else turns
     return FittedPrompt(
-        text=render_chat(system, turns_all, post_history=post_history),
+        text=render_chat(system, turns_all, post_history=post_history, speakers=speakers),
         turns=turns_all,
         dropped=overflow,
         tokens=fixed + cur_tokens + used,
         truncated=truncated,
         start_id=turns[0].id if turns else None,
         notes=notes,
+        system=system,
+        post_history=post_history,
+        speakers=speakers,
+        older=overflow or older,
     )
 
 
@@ -255,23 +530,60 @@ def fit_prompt(
 def stop_strings(other_names: Iterable[str] = ()) -> list[str]:
     """Stops for one request: block headers, and any other participant starting a line."""
     stops = list(HEADER_STOPS)
-    stops += [f"\n{n}:" for n in dict.fromkeys(n.strip() for n in other_names) if n]
+    stops += [f"\n{n}:" for n in dict.fromkeys(clean_name(n) for n in other_names if n) if n]
     return stops
 
 
 def clean_reply(text: str, other_names: Iterable[str] = (), bot_name: str = "") -> str:
     """Cut a raw completion where the turn ends, and trim it.
 
-    The turn ends at EOS (the engine stops there), at any block header, or where the model
-    starts writing another participant's line. A leading `BotName:` the model echoes is dropped.
+    The turn ends at EOS (the engine stops there), at any block header line, or at a line where
+    the model starts writing another participant's turn: the same `is_header_line` and
+    `starts_as_speaker` rules that defuse members' text, after any line-break form, so the
+    result never holds a header line in any disguise. A leading `BotName:` echo is dropped.
     """
-    if m := _HEADER_CUT.search(text):
-        text = text[: m.start()]
-    names = [re.escape(n.strip()) for n in other_names if n and n.strip()]
-    if names and (m := re.search(rf"(?:^|\n)[ \t]*(?:{'|'.join(names)})[ \t]*:", text)):
-        text = text[: m.start()]
     text = text.replace("</s>", "")
-    text = text.strip()
-    if bot_name and text.lower().startswith(bot_name.lower() + ":"):
-        text = text[len(bot_name) + 1 :].strip()
-    return text
+    own = speaker_keys([bot_name])
+    first = lines(text)[0]
+    if own and starts_as_speaker(first, own) and not is_header_line(first):
+        # Names are colon-free (`clean_name`): the first colon-like character ends the echo.
+        colon = next(i for i, ch in enumerate(text) if _is_colon(ch))
+        emphasis = re.match(r"[*_~]*", text[:colon].lstrip()).group()  # as in **Hermes:**
+        text = text[colon + 1 :]
+        if emphasis and text.startswith(emphasis):
+            text = text[len(emphasis) :]
+    keys = speaker_keys(other_names)
+    pos = 0
+    for m in _BREAKS_OR_END.finditer(text):
+        line = text[pos : m.start()]
+        if is_header_line(line) or starts_as_speaker(line, keys):
+            text = text[:pos]
+            break
+        pos = m.end()
+    return text.strip()
+
+
+_BREAKS_OR_END = re.compile(rf"{_BREAKS.pattern}|\Z")
+
+
+# --------------------------------------------------------------------------------------------
+# Several speakers on the bot's side (scenes, a channel whose persona changed)
+
+
+def seen_by(turns: Iterable[Turn], speaker: str) -> list[Turn]:
+    """The turns as `speaker` (a persona's name) should see them: only its own replies stay
+    Response blocks; a reply another persona (or the plain assistant) wrote becomes a named
+    line of that speaker, like a member's message, so no persona is shown another's words as
+    its own turns. Replies without a name (older memory) are kept as the speaker's own.
+
+    Names compare by the one speaker rule (`speaker_key` of the name as the prompt shows it).
+    Returns new `Turn`s; the order (newest first or oldest first) is kept.
+    """
+    own = speaker_key(clean_name(speaker))
+    out: list[Turn] = []
+    for turn in turns:
+        name = turn.name.strip()
+        if turn.role == "assistant" and name and speaker_key(clean_name(name)) != own:
+            turn = replace(turn, role="user")
+        out.append(turn)
+    return out

@@ -156,6 +156,26 @@ class Settings:
         lo=0.0,
         hi=0.9,
     )
+    recall: bool = _opt(
+        True,
+        "Long-term recall: when the history does not fit the window, search the channel's older "
+        "turns (SQLite FTS5) for the new message and show the best hits to the model.",
+        tunable=True,
+    )
+    recall_tokens: int = _opt(
+        0,
+        "Tokens of the window given to recalled turns (taken from the history); 0 is 10% of "
+        "CONTEXT_TOKENS.",
+        lo=0,
+        hi=32768,
+    )
+    attachment_kb: int = _opt(
+        64,
+        "Text attachments (message.txt pastes, code files) up to this many KB per message are "
+        "read into the conversation; larger or binary ones are only named. 0 reads none.",
+        lo=0,
+        hi=1024,
+    )
     personas_dir: Path = _opt(
         Path(""), "Folder of persona YAML files; empty uses the shipped personas/."
     )
@@ -168,6 +188,28 @@ class Settings:
     )
     metrics_port: int = _opt(
         0, "Serve Prometheus metrics on this port; 0 disables.", lo=0, hi=65535
+    )
+    scene_max: int = _opt(
+        4, "Most personas one channel's scene may hold (`/persona scene add`).", lo=1, hi=25
+    )
+    scene_chain: int = _opt(
+        1,
+        "Most replies scene personas make to each other per human message (0: they only "
+        "answer people).",
+        lo=0,
+        hi=10,
+    )
+    wake_words: bool = _opt(
+        False,
+        "In `mention` channels, also answer messages that name the bot, its persona or a scene "
+        "member as a word (and any WAKE_EXTRA word).",
+        tunable=True,
+    )
+    wake_extra: str = _opt(
+        "",
+        "Extra comma-separated wake words for WAKE_WORDS (at most 200 characters).",
+        hi=200,
+        tunable=True,
     )
 
     def redacted(self) -> dict[str, Any]:
@@ -213,9 +255,13 @@ def _parse(f: Any, raw: str) -> Any:
         elif typ == "tuple[int, ...]":
             return tuple(int(part) for part in raw.replace(" ", "").split(",") if part)
         else:
-            return raw
+            value = raw
     except ValueError:
         raise _WrongKind from None
+    if isinstance(value, str):  # text: `hi` is its longest length
+        if f.metadata["hi"] is not None and len(value) > f.metadata["hi"]:
+            raise _OutOfRange
+        return value
     lo, hi = f.metadata["lo"], f.metadata["hi"]
     # `value != value` is NaN, which no range comparison would catch
     if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -257,7 +303,19 @@ def tunable_range(name: str) -> tuple[float, float]:
     return meta["lo"], meta["hi"]
 
 
-def check_tunable(name: str, raw: str) -> float | int:
+def tunable_label(name: str) -> str:
+    """What `name` accepts, as `/admin settings set` offers it: `0–5`, `on/off`, or text up to
+    a length."""
+    f = _FIELDS[name]
+    if f.type == "bool":
+        return "on/off"
+    lo, hi = tunable_range(name)
+    if f.type == "str":
+        return f"text, up to {hi:g} characters" if hi is not None else "text"
+    return f"{lo:g}–{hi:g}"
+
+
+def check_tunable(name: str, raw: str) -> float | int | bool | str:
     """Parse and range-check an admin-supplied value; ValueError names the allowed range.
 
     The same parser and range as `.env` (`load_settings`), with the message worded for Discord.
@@ -269,8 +327,12 @@ def check_tunable(name: str, raw: str) -> float | int:
     try:
         return _parse(f, raw.strip())
     except _WrongKind:
+        if f.type == "bool":
+            raise ValueError(f"{name} must be on or off (got {raw})") from None
         raise ValueError(f"{name} must be {_KINDS[f.type]} from {lo:g} to {hi:g}") from None
     except _OutOfRange:
+        if f.type == "str":
+            raise ValueError(f"{name} must be at most {hi} characters") from None
         raise ValueError(f"{name} must be between {lo:g} and {hi:g} (got {raw})") from None
 
 

@@ -121,17 +121,24 @@ class Webhooks:
         return await self.identity(channel, persona_name, guild_id)
 
     async def post_as(
-        self, channel: discord.abc.Messageable, persona_name: str, text: str, guild_id: int | None
+        self,
+        channel: discord.abc.Messageable,
+        persona_name: str,
+        text: str,
+        guild_id: int | None,
+        *,
+        reference: discord.Message | None = None,
     ) -> list[discord.Message]:
-        """Post `text` as the persona; a webhook deleted behind our back is replaced once."""
+        """Post `text` as the persona; a webhook deleted behind our back is replaced once.
+        `reference` is the message answered (shown as a reply where the bot posts itself)."""
         identity = await self.identity(channel, persona_name, guild_id)
         try:
-            return await post(channel, text, identity=identity)
+            return await post(channel, text, identity=identity, reference=reference)
         except discord.NotFound:
             if identity.webhook is None:
                 raise
         identity = await self.fresh_identity(channel, persona_name, guild_id)
-        return await post(channel, text, identity=identity)
+        return await post(channel, text, identity=identity, reference=reference)
 
     async def forget(self, channel: discord.abc.Messageable) -> None:
         """Drop the channel's webhook (deleted by someone); the next reply makes a new one."""

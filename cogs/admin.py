@@ -22,8 +22,9 @@ from discord.ext import commands
 from bot.checks import is_owner, policy_for, require_manager
 from bot.engine import engine_from_settings, first_line
 from bot.metrics import summary
+from bot.recall import recall
 from bot.replies import say_privately
-from bot.settings import TUNABLE, check_tunable, tunable_range
+from bot.settings import TUNABLE, check_tunable, tunable_label
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
@@ -33,9 +34,7 @@ log = logging.getLogger(__name__)
 Channelish = discord.TextChannel | discord.Thread | discord.VoiceChannel
 #: `/admin settings set` offers the tunable settings, each named with its range.
 SETTING_CHOICES = [
-    app_commands.Choice(name=f"{name} ({lo:g}–{hi:g})", value=name)
-    for name in TUNABLE
-    for lo, hi in [tunable_range(name)]
+    app_commands.Choice(name=f"{name} ({tunable_label(name)})", value=name) for name in TUNABLE
 ]
 
 
@@ -257,14 +256,54 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         )
         await self.audit(interaction, "memory.stats")
 
+    @memory_group.command(name="search", description="What long-term recall finds here")
+    @app_commands.describe(query="Words to look for, as if someone had just said them")
+    async def search(self, interaction: discord.Interaction, query: str) -> None:
+        assert interaction.channel is not None
+        if not self.memory.fts:
+            await say_privately(
+                interaction, "Recall is off: this SQLite build has no full-text search (FTS5)."
+            )
+            return
+        policy = await policy_for(self.bot, interaction.channel, interaction.guild_id)
+        settings = policy.settings.applied(self.bot.settings)
+        budget = self.bot.conv.recall_budget(settings) or int(settings.context_tokens) // 10
+        blocked = (
+            (await self.memory.blocked(interaction.guild_id))[0] if interaction.guild_id else set()
+        )
+        found = await recall(
+            self.memory,
+            interaction.channel.id,
+            [query],
+            before_id=None,
+            budget_tokens=budget,
+            exclude_authors=blocked,
+        )
+        await self.audit(interaction, "memory.search", None, query)
+        if not found:
+            await say_privately(interaction, "Recall finds nothing here for that.")
+            return
+        status = "" if settings.recall else " (recall is off in this channel)"
+        lines = [f"Recall would show{status}:"]
+        for turn in found:
+            text = " ".join(turn.content.split())
+            text = text if len(text) <= 160 else text[:157] + "…"
+            who = turn.name or ("the bot" if turn.role == "assistant" else "someone")
+            lines.append(f"- <t:{int(turn.created_at)}:d> **{who}**: {text}")
+        await say_privately(interaction, "\n".join(lines)[:1990])
+
     @memory_group.command(name="export", description="This channel's memory as JSONL")
     async def export(self, interaction: discord.Interaction) -> None:
         assert interaction.channel_id is not None
         turns = await self.memory.all_turns(interaction.channel_id)
+        floor = (await self.memory.channel(interaction.channel_id)).forget_before
         lines = [
             json.dumps(
                 {
                     "id": t.id,
+                    "channel_id": t.channel_id,
+                    "guild_id": t.guild_id,
+                    "forgotten": t.id <= floor,  # hidden by /admin memory forget (training skips)
                     "message_id": t.message_id,
                     "author_id": t.author_id,
                     "name": t.name,

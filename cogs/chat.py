@@ -1,7 +1,11 @@
 """Talking to the bot: when it answers, what it stores, and how the reply reaches the channel.
 
 Also the user commands `/reset`, `/regenerate` and `/continue`. Whether to answer comes from the
-channel policy (`bot.policy`, through `bot.checks`); who speaks from `bot.webhooks`.
+channel policy (`bot.policy`, through `bot.checks`); who speaks from `bot.webhooks`. In a channel
+with a scene (`bot.scenes`) the cast members a message names (or the one the scene's policy picks)
+answer, each as itself, and may answer each other up to SCENE_CHAIN times per human message.
+With WAKE_WORDS on, a `mention` channel also answers a message naming the bot, its persona or a
+cast member. Replies posted as one message get swipe buttons (`bot.swipes`).
 """
 
 from __future__ import annotations
@@ -9,20 +13,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.attachments import message_text
 from bot.catchup import Claims, history_floor, owed_replies
 from bot.checks import is_manager, place_of, policy_for, serves_here, speaks_here
 from bot.conversation import EMPTY_NOTICE, Busy, ReplyJob
 from bot.memory import StoredTurn
-from bot.replies import ReplyStream, describe_failure, humanize, post, typing_while
+from bot.personas import persona_key
+from bot.policy import ChannelPolicy
+from bot.replies import ReplyStream, describe_failure, post, typing_while
+from bot.scenes import Scene, SceneMember, chained, load_scene, member_context, speakers_for
+from bot.scenes import mentions_any as _mentions_any
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
@@ -32,6 +42,14 @@ log = logging.getLogger(__name__)
 BUSY = "I'm busy with other messages right now. Try again in a moment."
 APOLOGY = "Sorry, something went wrong while I was thinking. Please try again."
 TIMEOUT = "Sorry, that took too long and I gave up. Please try again."
+
+
+class Taken(NamedTuple):
+    """A member's message the bot will answer: its stored turn, and in a scene who speaks."""
+
+    turn_id: int
+    scene: Scene | None
+    speakers: list[SceneMember]
 
 
 class Chat(commands.Cog):
@@ -47,6 +65,7 @@ class Chat(commands.Cog):
         self.answering: set[int] = set()
         self._catching_up = asyncio.Lock()
         self._catch_up_again = False
+        self.rng = random.Random()  # the `natural` scene policy's draws
 
     # ---- deciding ---------------------------------------------------------------------------
 
@@ -74,6 +93,27 @@ class Chat(commands.Cog):
             return True
         return message.webhook_id is not None and message.webhook_id in self.bot.webhooks.ids
 
+    async def replied_persona(self, message: discord.Message) -> str | None:
+        """The persona whose reply `message` answers (a Discord reply to it), if any."""
+        ref = message.reference
+        if ref is None or ref.message_id is None:
+            return None
+        turn = await self.memory.turn_for_message(ref.message_id)
+        return turn.persona if turn is not None and turn.role == "assistant" else None
+
+    def woken(self, policy: ChannelPolicy, text: str, scene: Scene) -> bool:
+        """WAKE_WORDS: the message names the bot, its persona, a cast member or an extra word."""
+        values = policy.settings.values
+        if not values.get("wake_words"):
+            return False
+        me = self.bot.user
+        words = [self.conv.bot_name, policy.persona or "", *scene.names()]
+        words += [n for m in scene.active for n in m.nicknames]
+        if me is not None:
+            words += [me.name, getattr(me, "display_name", "")]
+        words += str(values.get("wake_extra") or "").split(",")
+        return _mentions_any(text, [w for w in words if w and w.strip()])
+
     def _cooling(self, message: discord.Message) -> bool:
         """Whether the author triggered a reply less than USER_COOLDOWN before (or after) this
         message; by the messages' own times, so catch-up judges a burst as it happened."""
@@ -86,9 +126,9 @@ class Chat(commands.Cog):
 
     async def ingest(
         self, message: discord.Message, *, live: bool = True, replied: bool = False
-    ) -> int | None:
-        """Store a member's message where the bot serves; returns its turn id when the bot
-        should answer it (the turn is stored as owed a reply).
+    ) -> Taken | None:
+        """Store a member's message where the bot serves; returns its turn (and the scene's
+        speakers) when the bot should answer it: the turn is stored as owed a reply.
 
         The one path for live events and for messages found by catch-up (`live=False`: they
         are answered later, from memory, oldest first). A message seen twice (a replayed
@@ -109,20 +149,28 @@ class Chat(commands.Cog):
             self.answering.discard(message.id)
             raise
 
-    async def _ingest(self, message: discord.Message, *, live: bool, replied: bool) -> int | None:
+    async def _ingest(self, message: discord.Message, *, live: bool, replied: bool) -> Taken | None:
         guild_id = message.guild.id if message.guild else None
         policy = await policy_for(self.bot, message.channel, guild_id, message.author)
         if policy.mode == "off" or policy.refusal is not None:
             return None
         if await self.memory.turn_for_message(message.id) is not None:
             return None  # a dispatch seen twice (e.g. replayed after a reconnect)
-        text = humanize(message, self.bot.user)
-        if message.attachments:
-            names = ", ".join(a.filename for a in message.attachments)
-            text = f"{text}\n[attached: {names}]".strip()
+        text = await message_text(message, self.bot.user, self.bot.settings.attachment_kb)
         if not text:
             return None
-        owed = not replied and (policy.mode == "always" or await self.addressed(message))
+        owed = False
+        scene: Scene | None = None
+        speakers: list[SceneMember] = []
+        if not replied:
+            scene = await load_scene(self.memory, self.bot.personas, message.channel.id, guild_id)
+            said = message.clean_content  # names count in what was written, not in attachments
+            called = await self.addressed(message) or self.woken(policy, said, scene)
+            owed = policy.mode == "always" or called
+            if owed and scene and live:  # catch-up picks when it answers (`_answer_owed`)
+                replied_to = await self.replied_persona(message)
+                speakers = await self._pick(scene, said, replied_to, guild_id)
+                owed = bool(speakers)
         if owed and self._cooling(message):
             owed = False
             with contextlib.suppress(discord.HTTPException):
@@ -144,25 +192,43 @@ class Chat(commands.Cog):
                 self.answering.discard(message.id)
                 return None
             await self.conv.edit(message.id, late)
-        return turn_id if owed else None
+        return Taken(turn_id, scene, speakers) if owed else None
+
+    async def _pick(
+        self, scene: Scene, said: str, replied_to: str | None, guild_id: int | None
+    ) -> list[SceneMember]:
+        """The cast members who answer `said` in this channel's scene (the round moves on)."""
+        speakers = speakers_for(scene, said, replied_to=replied_to, pick=True, rng=self.rng)
+        state = scene.state
+        if state.policy in ("list", "manual"):  # the pick moved the round or used the choice
+            await self.memory.update_scene(
+                state.channel_id,
+                guild_id,
+                next_seat=state.next_seat,
+                manual_next=state.manual_next,
+            )
+        return speakers
 
     # ---- events -----------------------------------------------------------------------------
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
-        turn_id = await self.ingest(message)
-        if turn_id is None:
+        taken = await self.ingest(message)
+        if taken is None:
             return
         task = asyncio.current_task()
         if task is not None:
             self.bot.track(task)
-        await self.answer(message, turn_id)
+        if taken.speakers and taken.scene is not None:
+            await self.answer_scene(message, taken.turn_id, taken.scene, taken.speakers)
+            return
+        await self.answer(message, taken.turn_id)
 
     @commands.Cog.listener()
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         if payload.message.author.bot:
             return
-        text = humanize(payload.message, self.bot.user)
+        text = await message_text(payload.message, self.bot.user, self.bot.settings.attachment_kb)
         if not await self.conv.edit(payload.message_id, text):
             self._remember_early(payload.message_id, text)
 
@@ -238,7 +304,7 @@ class Chat(commands.Cog):
             self.answering.add(turn.message_id)
             trigger = channel.get_partial_message(turn.message_id)  # type: ignore[union-attr]
             # Started in order: each takes its place in the channel's queue before the next.
-            self.bot.track(asyncio.create_task(self.answer(trigger, turn.id)))
+            self.bot.track(asyncio.create_task(self._answer_owed(trigger, turn)))
             started += 1
         if read or started or owed.expired:
             log.info(
@@ -248,6 +314,19 @@ class Chat(commands.Cog):
                 started,
                 len(owed.expired),
             )
+
+    async def _answer_owed(self, trigger: discord.PartialMessage, turn: StoredTurn) -> None:
+        """Answer a stored turn still owed a reply, as it would have been answered live."""
+        scene = await load_scene(self.memory, self.bot.personas, turn.channel_id, turn.guild_id)
+        if scene:
+            speakers = await self._pick(scene, turn.content, None, turn.guild_id)
+            if not speakers:  # the scene gives nobody the word
+                await self.memory.mark_answered(turn.id)
+                self.answering.discard(trigger.id)
+                return
+            await self.answer_scene(trigger, turn.id, scene, speakers)
+            return
+        await self.answer(trigger, turn.id)
 
     async def _channel(self, channel_id: int) -> discord.abc.Messageable | None:
         channel = self.bot.get_channel(channel_id)
@@ -313,20 +392,29 @@ class Chat(commands.Cog):
         """
         channel = message.channel
         guild_id = message.guild.id if message.guild else None
+        try:
+            async with self._queued(channel.id, message.id):
+                await self.reply(channel, guild_id, turn_id, reference=message)
+        except Busy:
+            await self.memory.mark_answered(turn_id)
+            await post(channel, BUSY, reference=message)
+
+    @contextlib.asynccontextmanager
+    async def _queued(self, channel_id: int, trigger_id: int) -> AsyncIterator[None]:
+        """Wait for the channel's turn (`Conversations.slot`). While waiting, the reply is one
+        a shutdown cancels at once (`HermesBot.waiting_replies`); the trigger is no longer
+        being answered by this process once the block ends."""
         task = asyncio.current_task()
         waiting = self.bot.waiting_replies
         if task is not None:
             waiting.add(task)
         try:
-            async with self.conv.slot(channel.id):
+            async with self.conv.slot(channel_id):
                 waiting.discard(task)  # type: ignore[arg-type]
-                await self.reply(channel, guild_id, turn_id, reference=message)
-        except Busy:
-            await self.memory.mark_answered(turn_id)
-            await post(channel, BUSY, reference=message)
+                yield
         finally:
             waiting.discard(task)  # type: ignore[arg-type]
-            self.answering.discard(message.id)
+            self.answering.discard(trigger_id)
 
     async def reply(
         self,
@@ -336,6 +424,7 @@ class Chat(commands.Cog):
         *,
         reference: discord.Message | discord.PartialMessage | None = None,
         overrides: dict | None = None,
+        persona: str | None = None,
     ) -> list[discord.Message]:
         """Stream one reply into `channel` and store it; the caller holds the channel's slot.
 
@@ -349,15 +438,21 @@ class Chat(commands.Cog):
         job = None
         stream: ReplyStream | None = None
         try:
+            cast, roster = await self._scene_context(channel.id, guild_id, persona)
             job = await self.conv.prepare(
                 channel.id,
                 guild_id,
                 reply_to=turn_id,
+                persona=persona,
                 overrides=overrides,
                 parent_id=place_of(channel, guild_id).parent_id,
+                cast=cast,
+                scene=roster,
             )
             if job is None:
                 return []  # the message was deleted while it waited
+            if persona is not None:  # a scene member keeps its name, the default one too
+                job.persona = persona
             webhooks = self.bot.webhooks
             identity = await webhooks.identity(channel, job.persona, guild_id)
             deadline = time.monotonic() + settings.reply_timeout
@@ -379,15 +474,7 @@ class Chat(commands.Cog):
                 text = f"{text}\n-# {' '.join(job.notes)}"
             messages = await stream.finish(text)
             if job.text != EMPTY_NOTICE:
-                await self.conv.record_assistant(
-                    channel.id,
-                    job.text,
-                    guild_id=guild_id,
-                    persona=job.persona,
-                    message_ids=[m.id for m in messages],
-                    name=job.bot_name,
-                    answers=turn_id,
-                )
+                await self._keep(channel.id, guild_id, job, messages, turn_id)
             elif turn_id is not None:
                 await self.memory.mark_answered(turn_id)
             return messages
@@ -461,6 +548,138 @@ class Chat(commands.Cog):
             return
         if turn_id is not None:
             await self.memory.mark_answered(turn_id)
+
+    async def _keep(
+        self,
+        channel_id: int,
+        guild_id: int | None,
+        job: ReplyJob,
+        messages: list[discord.Message],
+        asked: int | None,
+    ) -> int:
+        """Store a posted reply as the speaking persona's turn; offer swipes on a one-message
+        reply to the author of turn `asked` (the human message that led to it)."""
+        turn = await self.conv.record_assistant(
+            channel_id,
+            job.text,
+            guild_id=guild_id,
+            persona=job.persona,
+            message_ids=[m.id for m in messages],
+            name=job.bot_name,
+            answers=asked,
+        )
+        if len(messages) == 1 and not job.notes:
+            await self.bot.swipes.attach(messages[0], turn, job.text, job.reply_to, asked)
+        return turn
+
+    async def _scene_context(
+        self, channel_id: int, guild_id: int | None, persona: str | None
+    ) -> tuple[list[str], str]:
+        """The other cast members and the roster, when `persona` plays in this channel's scene."""
+        if persona is None:
+            return [], ""
+        scene = await load_scene(self.memory, self.bot.personas, channel_id, guild_id)
+        return member_context(scene, persona)
+
+    # ---- scenes -----------------------------------------------------------------------------
+
+    async def answer_scene(
+        self,
+        message: discord.Message | discord.PartialMessage,
+        turn_id: int,
+        scene: Scene,
+        speakers: list[SceneMember],
+    ) -> None:
+        """The named (or picked) cast members answer `message`, each as itself, in order; then
+        members their replies name answer them, at most SCENE_CHAIN times."""
+        channel = message.channel
+        guild_id = message.guild.id if message.guild else None
+        chain = self.bot.settings.scene_chain
+        try:
+            async with self._queued(channel.id, message.id):
+                posted = await self.scene_round(
+                    channel, guild_id, scene, speakers, turn_id, message, turn_id
+                )
+                while chain > 0 and posted:
+                    member, text = posted[0]
+                    waiting = [m.name for m, _ in posted[1:]]
+                    following = chained(scene, member.name, text, waiting)
+                    posted = posted[1:]
+                    if following:
+                        chain -= 1
+                        more = await self.scene_round(
+                            channel, guild_id, scene, following[:1], None, None, turn_id
+                        )
+                        posted = more + posted
+                await self.memory.mark_answered(turn_id)
+        except Busy:
+            await self.memory.mark_answered(turn_id)
+            await post(channel, BUSY, reference=message)
+
+    async def scene_round(
+        self,
+        channel: discord.abc.Messageable,
+        guild_id: int | None,
+        scene: Scene,
+        members: list[SceneMember],
+        turn_id: int | None,
+        reference: discord.Message | discord.PartialMessage | None,
+        asked: int | None,
+    ) -> list[tuple[SceneMember, str]]:
+        """Generate the members' replies together (separate requests the engine batches), then
+        post them in order under each member's own name; the caller holds the channel's slot."""
+        settings = self.bot.settings
+        parent_id = place_of(channel, guild_id).parent_id
+        jobs: list[tuple[SceneMember, ReplyJob]] = []
+        for member in members:
+            if scene.personas.get(persona_key(member.name)) is None:
+                log.info("scene member %s has no persona any more; skipped", member.name)
+                continue
+            cast, roster = member_context(scene, member.name)
+            job = await self.conv.prepare(
+                channel.id,
+                guild_id,
+                reply_to=turn_id,
+                persona=member.name,
+                parent_id=parent_id,
+                cast=cast,
+                scene=roster,
+            )
+            if job is None:
+                return []  # the message was deleted while it waited
+            job.persona = member.name
+            jobs.append((member, job))
+        shown = asyncio.Event()
+        typing = asyncio.create_task(typing_while(channel, shown))
+        try:
+            async with asyncio.timeout(settings.reply_timeout):
+                results = await asyncio.gather(
+                    *(self.conv.complete(job) for _, job in jobs), return_exceptions=True
+                )
+        except TimeoutError:
+            log.error("scene reply timed out in channel %s", channel.id)
+            await post(channel, TIMEOUT, reference=reference)
+            return []
+        finally:
+            shown.set()
+            typing.cancel()
+        posted: list[tuple[SceneMember, str]] = []
+        for (member, job), result in zip(jobs, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("scene reply by %s failed in channel %s", member.name, channel.id,
+                          exc_info=result)  # fmt: skip
+                continue
+            try:
+                messages = await self.bot.webhooks.post_as(
+                    channel, member.name, job.text, guild_id, reference=reference
+                )
+            except discord.HTTPException:
+                log.exception("could not post %s's reply in channel %s", member.name, channel.id)
+                continue
+            if job.text != EMPTY_NOTICE:
+                await self._keep(channel.id, guild_id, job, messages, asked)
+                posted.append((member, job.text))
+        return posted
 
     # ---- user commands ----------------------------------------------------------------------
 
@@ -539,7 +758,10 @@ class Chat(commands.Cog):
                 if t.id < last.id and t.role == "user"
             ]
             messages = await self.reply(
-                channel, interaction.guild_id, before[0].id if before else None
+                channel,
+                interaction.guild_id,
+                before[0].id if before else None,
+                persona=last.persona,
             )
             if messages:
                 await self.bot.webhooks.delete_messages(channel, ids)
@@ -569,11 +791,15 @@ class Chat(commands.Cog):
         async with self._last_reply(interaction, "continue") as last:
             if last is None or channel is None:
                 return
+            cast, roster = await self._scene_context(channel.id, interaction.guild_id, last.persona)
             job = await self.conv.prepare(
                 channel.id,
                 interaction.guild_id,
                 continue_last=True,
+                persona=last.persona,
                 parent_id=place_of(channel, interaction.guild_id).parent_id,
+                cast=cast,
+                scene=roster,
             )
             if job is None:  # someone spoke after my reply: it is no longer mine to extend
                 await interaction.followup.send(
@@ -592,11 +818,14 @@ class Chat(commands.Cog):
                 await interaction.followup.send("I had nothing to add.", ephemeral=True)
                 return
             joiner = "" if text[:1] in ",.;:!?)" else " "
-            identity = await self.bot.webhooks.identity(channel, job.persona, interaction.guild_id)
+            identity = await self.bot.webhooks.identity(
+                channel, last.persona or job.persona, interaction.guild_id
+            )
             messages = await post(channel, text, identity=identity)
             extended = last.content + joiner + text
             await memory.update_turn(last.id, extended, self.conv.counter(extended))
             await memory.link_messages(last.id, [m.id for m in messages])
+            await memory.end_swipes(last.id)  # its versions no longer match what is shown
         await interaction.followup.send("Continued.", ephemeral=True)
 
 

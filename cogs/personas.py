@@ -2,7 +2,8 @@
 
 How a persona speaks (its webhook, name and face) is the Discord layer's, reached as the bot's
 `webhooks` attribute (`bot/webhooks.py`). `/persona export` gives a card as JSON, or as
-SillyTavern's PNG (the card inside the persona's picture). Who may change a server's personas
+SillyTavern's PNG (the card inside the persona's picture). `/persona scene` (cogs/scenes.py)
+seats several personas in one channel. Who may change a server's personas
 uses the shared `bot.checks.is_manager` rule; `/persona use` the shared `speaks_here` check.
 """
 
@@ -21,6 +22,7 @@ from bot.checks import is_manager, speaks_here
 from bot.personas import DEFAULT_PERSONA, Persona, fill, persona_key
 from bot.replies import say_privately
 from bot.webhooks import NAME_MAX, avatar_bytes, avatar_url
+from cogs.scenes import SceneCommands
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
@@ -132,6 +134,9 @@ class PersonaModal(discord.ui.Modal):
 class Personas(
     commands.GroupCog, group_name="persona", group_description="Characters the bot plays"
 ):
+    #: `/persona scene ...` (cogs/scenes.py): several personas in one channel
+    scene = SceneCommands()
+
     def __init__(self, bot: HermesBot) -> None:
         self.bot = bot
         self.library = bot.personas

@@ -91,7 +91,7 @@ class ScriptedEngine(Engine):
             reply = self.script(prompt)
         else:
             reply = self.script[min(len(self.prompts) - 1, len(self.script) - 1)]
-        gen = Generation(prompt, params, cache_key)
+        gen = Generation(prompt, params, cache_key, self.finish_hooks)
         asyncio.get_running_loop().create_task(self._feed(gen, reply))
         return gen
 

@@ -440,6 +440,9 @@ async def test_memory_stats_and_export(world: World, tmp_path: Path) -> None:
         assert rows == [
             {
                 "id": t.id,
+                "channel_id": w.general.id,
+                "guild_id": t.guild_id,
+                "forgotten": False,
                 "message_id": t.message_id,
                 "author_id": t.author_id,
                 "name": t.name,
@@ -457,11 +460,18 @@ async def test_memory_stats_and_export(world: World, tmp_path: Path) -> None:
             "and again",
             "Second reply, with ünïcode ✓.",
         ]
+        # after a forget the export still holds every turn, marked for training to leave out
+        await command(w, w.admin, "admin memory forget")
+        got = await command(w, w.admin, "admin memory export")
+        rows = [json.loads(line) for line in got.files[0].data.decode().splitlines()]
+        assert [r["forgotten"] for r in rows] == [True] * 4
 
         actions = [(r.user_id, r.action, r.new) for r in await audit_rows(bot, w)]
         assert actions == [
             (w.admin.id, "memory.stats", None),
             (w.admin.id, "memory.stats", None),
+            (w.admin.id, "memory.export", "4"),
+            (w.admin.id, "memory.forget", str(turns[-1].id)),
             (w.admin.id, "memory.export", "4"),
         ]
 

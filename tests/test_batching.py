@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.batching import CachedPrefix, IncrementalDecoder, PrefixCache, common_prefix
 from bot.engine import GenerationParams, LocalEngine
+from bot.engine.decode import IncrementalDecoder
+from bot.engine.kv_cache import CachedPrefix, PrefixCache, common_prefix
 from bot.prompt import RESPONSE, TokenCounter, Turn, fit_prompt, format_single, render_chat
 
 GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)

@@ -21,7 +21,7 @@ from pathlib import Path
 from bot.app import HermesBot
 from bot.catchup import Claims, history_floor, owed_replies, snowflake_at, snowflake_time
 from bot.engine import Generation
-from bot.memory import MIGRATIONS, SCHEMA_VERSION, Memory, StoredTurn
+from bot.memory import MIGRATIONS, SCHEMA_VERSION, Memory, StoredTurn, ensure_owed_replies
 from bot.settings import Settings
 from tests.bot_harness import ScriptedEngine, bot_settings
 from tests.fake_discord import FakeChannel, FakeDiscord, FakeMessage, start_client, stop_client
@@ -328,8 +328,8 @@ async def test_v4_migrates_a_v2_file_and_tracks_owed_replies(tmp_path: Path) -> 
     con.close()
     memory = await Memory.open(path)
     try:
-        assert SCHEMA_VERSION == 4
-        assert (await memory.db.execute_fetchall("PRAGMA user_version"))[0][0] == 4
+        assert MIGRATIONS[3] is ensure_owed_replies  # v4, after recall's v3
+        assert (await memory.db.execute_fetchall("PRAGMA user_version"))[0][0] == SCHEMA_VERSION
         assert not await memory.awaiting_turns()  # old turns are owed nothing
         owed = await memory.add_turn(5, "user", "q", name="bob", message_id=60, awaiting=True)
         other = await memory.add_turn(7, "user", "q2", name="cy", message_id=70, awaiting=True)
@@ -344,6 +344,24 @@ async def test_v4_migrates_a_v2_file_and_tracks_owed_replies(tmp_path: Path) -> 
         assert await memory.newest_message_id(99) is None
         await memory.update_channel(9, 3, mode="off")
         assert await memory.known_channels() == [(5, None), (7, None), (9, 3)]
+    finally:
+        await memory.close()
+
+
+async def test_a_file_numbered_past_v4_without_the_column_gets_it(tmp_path: Path) -> None:
+    """A file migrated while the scenes version briefly held number 4 lacks `awaiting`."""
+    path = tmp_path / "early.db"
+    memory = await Memory.open(path)
+    await memory.close()
+    con = sqlite3.connect(path)
+    con.execute("DROP INDEX turns_awaiting")
+    con.execute("ALTER TABLE turns DROP COLUMN awaiting")
+    con.commit()
+    con.close()
+    memory = await Memory.open(path)
+    try:
+        owed = await memory.add_turn(1, "user", "q", message_id=5, awaiting=True)
+        assert [t.id for t in await memory.awaiting_turns()] == [owed]
     finally:
         await memory.close()
 

@@ -330,3 +330,23 @@ async def test_generation_passes_errors_to_the_reader():
     with pytest.raises(EngineError, match="boom"):
         await gen.text_all()
     assert gen.text == "partial" and gen.stats.finish_reason == "error"
+
+
+async def test_finish_hooks_belong_to_the_engine_and_follow_a_reload(
+    engine: LocalEngine, tiny_model: Path, memory, settings_factory
+):
+    from bot.conversation import Conversations
+
+    other = LocalEngine(tiny_model, dtype="float32", device_map="none")  # never started
+    seen = []
+    engine.finish_hooks.append(seen.append)
+    assert other.finish_hooks == []  # no module-wide list: each engine has its own
+    gen = engine.generate(PROMPT, replace(GREEDY, max_new_tokens=3))
+    await gen.text_all()
+    assert seen == [gen.stats] and gen.stats.finish_reason in ("length", "eos")
+
+    conv = Conversations(settings_factory(), memory, engine)
+    conv.set_engine(other)  # /admin model reload swaps engines this way
+    assert other.finish_hooks == [seen.append]
+    conv.set_engine(other)  # swapping to the same engine does not register twice
+    assert other.finish_hooks == [seen.append]

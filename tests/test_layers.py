@@ -12,8 +12,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: The Discord layer inside `bot/`: the bot class, reply rendering, webhooks, command checks.
-DISCORD_LAYER = {"bot/app.py", "bot/replies.py", "bot/webhooks.py", "bot/checks.py"}
+#: The Discord layer inside `bot/`: the bot class, reply rendering, webhooks, command checks,
+#: attachments, swipe buttons.
+DISCORD_LAYER = {
+    "bot/app.py",
+    "bot/replies.py",
+    "bot/webhooks.py",
+    "bot/checks.py",
+    "bot/attachments.py",
+    "bot/swipes.py",
+}
 
 
 def imported_roots(path: Path) -> set[str]:

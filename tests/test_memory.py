@@ -407,3 +407,47 @@ async def test_killed_writer_loses_nothing_committed(tmp_path: Path):
         assert await mem.add_turn(1, "user", "life goes on") == len(stored) + 1
     finally:
         await mem.close()
+
+
+async def test_scenes_migration_from_v2_keeps_everything_and_adds_scenes_and_swipes(
+    tmp_path: Path,
+):
+    """The scenes/swipes migration (v5 in the merged order) needs only the v1/v2 tables."""
+    path = tmp_path / "v2.db"
+    con = sqlite3.connect(path)
+    con.executescript(MIGRATIONS[0])
+    con.executescript(MIGRATIONS[1])
+    con.execute("PRAGMA user_version=2")
+    con.execute(
+        "INSERT INTO turns (channel_id, name, role, persona, content, created_at) "
+        "VALUES (5, 'Grumbold', 'assistant', 'Grumbold', 'Hmph.', 1.0)"
+    )
+    con.execute("INSERT INTO guilds (guild_id, default_persona) VALUES (3, 'Sable')")
+    con.commit()
+    con.close()
+    mem = await Memory.open(path)
+    try:
+        assert user_version(path) == SCHEMA_VERSION
+        assert {"scenes", "scene_members", "swipes", "swipe_turns"} <= tables(path)
+        (turn,) = await mem.all_turns(5)
+        assert (turn.persona, turn.content) == ("Grumbold", "Hmph.")
+        assert (await mem.guild(3)).default_persona == "Sable"
+        await mem.add_scene_member(5, 3, "Grumbold", nicknames=["Grum"])
+        await mem.add_scene_member(5, 3, "Sable", talkativeness=0.2)
+        scene = await mem.scene(5)
+        assert [(m.name, m.seat, m.nicknames, m.talkativeness) for m in scene.members] == [
+            ("Grumbold", 0, ["Grum"], None),
+            ("Sable", 1, [], 0.2),
+        ]
+        await mem.start_swipes(turn.id, "Hmph.", 2, reply_to=None, requester=7)
+        assert await mem.add_swipe(turn.id, "Bah.", 2) == 1
+        assert (await mem.turn(turn.id)).content == "Bah."  # the one shown is the one kept
+        assert await mem.show_swipe(turn.id, 0) == "Hmph."
+        state = await mem.swipes(turn.id)
+        assert (state.shown, state.alternatives, state.requester) == (0, ["Hmph.", "Bah."], 7)
+        await mem.delete_turn(turn.id)  # alternatives go with their turn
+        assert await mem.swipes(turn.id) is None
+        assert await mem.clear_scene(5) == 2
+        assert (await mem.scene(5)).members == []
+    finally:
+        await mem.close()

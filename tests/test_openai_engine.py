@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 
 from bot.engine import EngineError, GenerationParams, LocalEngine, engine_from_settings
-from bot.openai_engine import OpenAIEngine
+from bot.engine.openai import OpenAIEngine
 from bot.prompt import format_single, stop_strings
 
 PROMPT = format_single("hello there, how are you?")

@@ -15,16 +15,14 @@ from bot.personas import (
     Persona,
     apply_macros,
     build_persona_prompt,
-    clean_persona_reply,
     imported_persona,
     load_builtin_personas,
-    persona_stops,
     persona_system,
     personas_dir,
     select_lore,
     split_examples,
 )
-from bot.prompt import RESPONSE, TokenCounter, Turn
+from bot.prompt import RESPONSE, TokenCounter, Turn, clean_reply, other_speakers, stop_strings
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT.parent / "shared" / "fixtures" / "llama2-tokenizer"
@@ -425,7 +423,15 @@ def test_default_system_is_used_without_a_card_system_prompt(count: TokenCounter
 def test_reply_is_cut_at_another_participants_line(builtin) -> None:
     grumbold = builtin[0]["grumbold"]
     people = ["Alice", "Grumbold", "Bob Smith", "alice"]
-    stops = persona_stops(grumbold, people)
+    # The bot's path: the one speaker rule (`other_speakers`), its stops and its cleaner.
+    others = other_speakers(people, grumbold.name)
+    assert others == ["Alice", "Bob Smith"]  # case-folded: "alice" is Alice, Grumbold is the bot
+    assert other_speakers(["GRUMBOLD", "Ｇｒｕｍｂｏｌｄ", "Alice"], grumbold.name) == ["Alice"]
+
+    def clean_persona_reply(text: str, persona: Persona, names: list[str]) -> str:
+        return clean_reply(text, other_speakers(names, persona.name), persona.name)
+
+    stops = stop_strings(others)
     assert "\nAlice:" in stops and "\nBob Smith:" in stops
     assert "\nGrumbold:" not in stops
     assert "### Instruction" in stops and "### Response" in stops

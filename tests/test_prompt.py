@@ -387,7 +387,8 @@ def test_stop_strings():
         ("  padded reply \n\n", "padded reply"),
         ("done</s>", "done"),
         ("Use C# here.\n# not a header", "Use C# here.\n# not a header"),
-        ("Hermes: ### Response: x", "### Response: x"),
+        # After the echo goes, the reply is a header line: cut (issue 11, hole 4), never stored.
+        ("Hermes: ### Response: x", ""),
         ("A.B is a name; AxB is not\nAxB: hi", "A.B is a name; AxB is not\nAxB: hi"),
         ("hi\nA.B: hi", "hi"),
     ],

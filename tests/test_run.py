@@ -103,3 +103,39 @@ def test_sigterm_shuts_down_cleanly(
     )
     with sqlite3.connect(settings.db_path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+@pytest.fixture
+def unreachable_discord() -> Iterator[None]:
+    """discord.py pointed at a local port nobody listens on: what DNS or network loss looks like."""
+    import socket
+
+    import yarl
+    from discord.gateway import DiscordWebSocket
+    from discord.http import Route
+
+    with socket.socket() as probe:  # a port that was free a moment ago refuses connections
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    old = Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY
+    Route.BASE = f"http://127.0.0.1:{port}/api/v10"
+    DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(f"ws://127.0.0.1:{port}/")
+    try:
+        yield
+    finally:
+        Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = old
+
+
+def test_no_network_at_start_is_one_line_and_a_restartable_exit(
+    unreachable_discord: None, tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from bot.app import EXIT_UNREACHABLE
+
+    settings = bot_settings(tmp_path, tiny_model)
+    with caplog.at_level(logging.INFO):
+        assert run_bot(settings) == EXIT_UNREACHABLE == 75
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "cannot reach Discord" in errors[0].getMessage()
+    assert errors[0].exc_info is None and "Traceback" not in caplog.text
+    assert "voice will NOT be supported" not in caplog.text
+    assert settings.discord_token not in caplog.text

@@ -10,6 +10,8 @@ import pytest
 from tests.training_helpers import DATA, REAL_FILES, need_data, write_json
 from training.config import DataConfig, SourceConfig
 from training.data import (
+    RECORDS_FILE,
+    PrepareError,
     Record,
     SourceStats,
     build_mix,
@@ -123,7 +125,9 @@ EXPECTED = {
     "gpteacher": [("Greet me.", "as a pirate", "Ahoy!")],
     "airoboros": [("Write a haiku.", "", "Old pond / frog / splash")],
     "camel": [("Why is the sky blue?", "", "Rayleigh scattering.")],
-    "unnatural": [("Answer with the sum.", "1 2", "3"), ("Add these numbers.", "4 5", "9")],
+    # the instance's own instruction_with_input (its "None." constraints add nothing); the
+    # reformulation without one keeps its input in the Input block
+    "unnatural": [("Answer with the sum. 1 2", "", "3"), ("Add these numbers.", "4 5", "9")],
 }
 
 
@@ -315,3 +319,244 @@ def test_prepared_files_round_trip(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["sources"]["t"]["dropped"] == {"duplicate": 1}  # already in s, across sources
     assert "| tokens | records |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_all_real_samples_prepare_without_failures(tmp_path: Path) -> None:
+    """Every file in ../shared/data through the whole loader, and written out."""
+    need_data()
+    srcs = [SourceConfig(name=n, path=str(DATA / f)) for n, (f, _) in sorted(REAL_FILES.items())]
+    records, report = build_mix(DataConfig(sources=srcs), words)
+    assert report.failures() == [] and len(records) > 8000
+    write_prepared(tmp_path / "out", records, report)
+    assert len(read_prepared(tmp_path / "out")) == len(records)
+
+
+# --- Unnatural Instructions, in its real shape ------------------------------------------------
+
+#: One task of Unnatural Instructions' full set as published (core fields plus reformulations):
+#: the task `instruction` is the bare task; each instance has the task with its input written in
+#: (`instruction_with_input`) and `constraints`; reformulations' `instruction` holds `{INPUT}`.
+UNNATURAL_TASK = (
+    'You are given a science question (easy-level) and four answer options (associated with "A", '
+    '"B", "C", "D"). Your task is to find the correct answer based on scientific facts, knowledge, '
+    "and reasoning. Do not generate anything else apart from one of the following characters: "
+    "'A', 'B', 'C', 'D'. There is only one correct answer for each question."
+)
+UNNATURAL_Q = (
+    "Which form of energy is produced when a rubber band vibrates? "
+    "(A) chemical energy (B) light energy (C) electrical energy (D) sound energy"
+)
+UNNATURAL_REAL = {
+    "instruction": UNNATURAL_TASK,
+    "instances": [
+        {
+            "instruction_with_input": f"{UNNATURAL_TASK}\nQuestion: {UNNATURAL_Q}",
+            "input": f"Question: {UNNATURAL_Q}",
+            "constraints": "The output should be one of the following characters: 'A', 'B, 'C', 'D'.",
+            "output": "D",
+        }
+    ],
+    "reformulations": [
+        {
+            "instruction": "Answer the science question below by choosing A, B, C or D. {INPUT}",
+            "instruction_with_input": "Answer the science question below by choosing A, B, C or "
+            f"D. Question: {UNNATURAL_Q}",
+            "input": f"Question: {UNNATURAL_Q}",
+            "output": "D",
+        },
+        {
+            "instruction": "Pick the right letter for this question: {INPUT}",
+            "input": f"Question: {UNNATURAL_Q}",
+            "output": "D",
+        },
+    ],
+}
+
+
+def test_unnatural_uses_each_instances_instruction_with_input(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "unnatural.jsonl", [UNNATURAL_REAL], jsonl=True)
+    for fmt in ("unnatural", "auto"):
+        records, stats = load(path, fmt)
+        assert not stats.problems and stats.records_in == 3
+        got = [(r.instruction, r.input, r.output) for r in records]
+        instance = UNNATURAL_REAL["instances"][0]
+        assert got[0] == (
+            f"{instance['instruction_with_input']}\n\n{instance['constraints']}",
+            "",
+            "D",
+        )
+        assert got[1] == (UNNATURAL_REAL["reformulations"][0]["instruction_with_input"], "", "D")
+        # without instruction_with_input the placeholder is filled with the instance's input
+        assert got[2] == (
+            f"Pick the right letter for this question: Question: {UNNATURAL_Q}",
+            "",
+            "D",
+        )
+        assert not any("{INPUT}" in r.instruction for r in records)
+        assert all(UNNATURAL_Q in r.instruction for r in records)  # the question is never lost
+
+
+# --- ShareGPT with tool turns -----------------------------------------------------------------
+
+TOOL_CHAT = {
+    "tools": '[{"name": "get_weather", "parameters": {"city": "string"}}]',
+    "conversations": [
+        {"from": "human", "value": "What's the weather in Paris?"},
+        {
+            "from": "function_call",
+            "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+        },
+        {"from": "observation", "value": '{"temp_c": 18}'},
+        {"from": "gpt", "value": "It is 18 °C in Paris."},
+        {"from": "human", "value": "And tomorrow?"},
+        {"from": "gpt", "value": "Let me check."},
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"day": 2}}'},
+        {"from": "observation", "value": '{"temp_c": 21}'},
+        {"from": "narrator", "value": "(an aside no format knows)"},
+        {"from": "gpt", "value": "21 °C tomorrow."},
+    ],
+}
+
+
+def test_sharegpt_tool_turns_become_input_blocks(tmp_path: Path) -> None:
+    plain = SYNTHETIC["sharegpt"][0]
+    path = write_json(tmp_path / "tools.json", [TOOL_CHAT, plain])
+    cfg = DataConfig(sources=[SourceConfig(name="t", path=str(path), format="sharegpt")])
+    records, report = build_mix(cfg, words)
+    stats = report.sources["t"]
+    assert len(records) == 2 and stats.records_out == 2 and not stats.problems  # none dropped
+    assert dict(stats.skipped_turns) == {"narrator": 1}  # the unknown turn alone, counted
+    assert "1 turn(s) with unknown speaker 'narrator' left out" in report.markdown()
+    (rec,) = [r for r in records if "Paris" in r.texts()[2]]
+    assert [(m.role, m.name) for m in rec.conversation or []] == [
+        ("input", "tools"),
+        ("user", ""),
+        ("input", "function_call"),
+        ("input", "observation"),
+        ("assistant", ""),
+        ("user", ""),
+        ("assistant", ""),
+        ("input", "function_call"),
+        ("input", "observation"),
+        ("assistant", ""),
+    ]
+    assert rec.targets() == ["It is 18 °C in Paris.", "Let me check.", "21 °C tomorrow."]
+    again = Record.from_json(json.loads(json.dumps(rec.to_json())))
+    assert again.to_json() == rec.to_json()
+
+    # replies may be separated by tool turns; two user turns (tools between or not) may not
+    def turn(who: str, text: str) -> dict[str, str]:
+        return {"from": who, "value": text}
+
+    bad = [
+        [turn("human", "a"), turn("human", "b"), turn("gpt", "c")],
+        [turn("human", "a"), turn("observation", "x"), turn("human", "b"), turn("gpt", "c")],
+        [turn("human", "a"), turn("gpt", "b"), turn("gpt", "c")],
+    ]
+    path = write_json(tmp_path / "bad.json", [{"conversations": c} for c in bad])
+    records, stats = load(path, "sharegpt")
+    assert (
+        not records
+        and [p.split(": ")[1] for p in stats.problems] == ["speakers do not alternate"] * 3
+    )
+
+
+# --- a source that is missing, unreadable or empty --------------------------------------------
+
+
+def test_missing_or_empty_source_fails_unless_optional(tmp_path: Path) -> None:
+    good = write_json(tmp_path / "good.json", SYNTHETIC["alpaca"])
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "nothing.json").write_text("[]")
+    typo = tmp_path / "gpteacher-roleplya.json"
+    cases = {
+        "typo": (typo, "cannot read"),
+        "empty": (tmp_path / "empty.jsonl", "no records: the source is empty"),
+        "nothing": (tmp_path / "nothing.json", "no records: the source is empty"),
+    }
+    for name, (path, reason) in cases.items():
+        srcs = [SourceConfig(name="good", path=str(good)), SourceConfig(name=name, path=str(path))]
+        records, report = build_mix(DataConfig(sources=srcs), words)
+        assert len(records) == 1  # the good source is still there...
+        (failure,) = report.failures()  # ...but the lost one is an error that names itself
+        assert failure.startswith(f"source {name!r} {path}") and reason in failure
+        assert f"- {name} {path}: {reason}" in report.markdown()
+        out = tmp_path / f"out-{name}"
+        with pytest.raises(PrepareError, match=str(path)):
+            write_prepared(out, records, report)
+        assert not out.exists()
+
+        srcs[1].optional = True
+        records, report = build_mix(DataConfig(sources=srcs), words)
+        assert report.failures() == [] and len(records) == 1
+        (line,) = [x for x in report.markdown().splitlines() if x.startswith(f"- {name} ")]
+        assert line.startswith(f"- {name} {path}: {reason}")
+        assert line.endswith("(optional: skipped)")
+        write_prepared(out, records, report)
+        assert len(read_prepared(out)) == 1
+
+
+def test_failed_prepare_rerun_keeps_the_previous_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The real command: a good run, then reruns that fail leave its files as they were."""
+    import yaml
+
+    from tests.training_helpers import tiny_config_dict
+    from training.__main__ import main
+
+    good = write_json(tmp_path / "good.json", SYNTHETIC["alpaca"] + SYNTHETIC["gpteacher"])
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text(good.read_text()[:-20])
+    config = tmp_path / "run.yaml"
+
+    def prepare(*sources: dict[str, object]) -> int:
+        config.write_text(yaml.safe_dump(tiny_config_dict(tmp_path, list(sources))))
+        return main(["prepare", "--config", str(config)])
+
+    out = tmp_path / "data"
+    assert prepare({"name": "good", "path": str(good)}) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(before[RECORDS_FILE].splitlines()) == 2
+    capsys.readouterr()
+
+    assert prepare({"name": "broken", "path": str(truncated)}) == 1
+    assert "source 'broken'" in capsys.readouterr().err
+    missing = tmp_path / "god.json"
+    assert prepare({"name": "good", "path": str(good)}, {"name": "typo", "path": str(missing)}) == 1
+    assert str(missing) in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # intact, nothing added
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp
+
+    # asked for: the typo'd source is optional, and the run succeeds without it
+    typo = {"name": "typo", "path": str(missing), "optional": True}
+    assert prepare({"name": "good", "path": str(good)}, typo) == 0
+
+
+# --- names on chats, and single-turn records in the model card's layout ------------------------
+
+
+def test_source_names_for_chats_only(tmp_path: Path) -> None:
+    from training.tokenize import pieces_for
+
+    chats = [
+        {"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
+        for i in range(30)
+    ]
+    path = write_json(tmp_path / "c.json", chats + SYNTHETIC["alpaca"])
+    fixed = SourceConfig(name="c", path=str(path), names=["alice"])
+    records, _ = build_mix(DataConfig(sources=[fixed]), words)
+    single = [r for r in records if not r.is_chat]
+    assert [pieces_for(r) for r in single] == [
+        [("### Instruction:\nAdd 2 and 3.\n\n### Response:\n", False), ("5", True)]
+    ]
+    chat = [r for r in records if r.is_chat]
+    assert all(m.name == "alice" for r in chat for m in r.conversation or [] if m.role == "user")
+    assert pieces_for(chat[0])[0][0].startswith("### Instruction:\nalice: q")
+
+    drawn = SourceConfig(name="c", path=str(path), names=["ann", "bo", "cy"])
+    records, _ = build_mix(DataConfig(sources=[drawn]), words)
+    names = {r.position: r.conversation[0].name for r in records if r.conversation}
+    assert set(names.values()) == {"ann", "bo", "cy"}  # drawn per conversation...
+    again, _ = build_mix(DataConfig(sources=[drawn]), words)
+    assert {r.position: r.conversation[0].name for r in again if r.conversation} == names  # seeded

@@ -7,19 +7,16 @@ import random
 import pytest
 import torch
 
+from tests.packing_reference import (
+    block_causal_mask,
+    document_ids,
+    forward_packed,
+    token_loss_sum,
+)
 from tests.training_helpers import DATA, REAL_FILES, llama_tokenizer, need_data
 from training.config import DataConfig, SourceConfig
 from training.data import build_mix
-from training.packing import (
-    block_causal_mask,
-    collate_packed,
-    collate_rows,
-    document_ids,
-    forward_packed,
-    pack_lengths,
-    packed_loss_sum,
-    token_loss_sum,
-)
+from training.packing import collate_packed, collate_rows, pack_lengths, packed_loss_sum
 from training.tokenize import IGNORE_INDEX, Encoder, Example
 
 

@@ -10,7 +10,7 @@ from bot.prompt import Turn, format_single, neutralize, render_chat
 from tests.training_helpers import DATA, REAL_FILES, llama_tokenizer, need_data
 from training.config import SourceConfig
 from training.data import Message, Record, SourceStats, load_source
-from training.tokenize import IGNORE_INDEX, Encoder, pad_id_for
+from training.tokenize import IGNORE_INDEX, Encoder, pad_id_for, pieces_for
 
 
 def decode(tok: object, ids: list[int]) -> str:
@@ -107,3 +107,36 @@ def test_literal_eos_text_in_data_is_not_an_eos() -> None:
     ex = enc.encode(Record("t", "Print the end tag.", "", "It is </s> in HTML-ish."))
     assert ex.input_ids.count(tok.eos_token_id) == 1
     assert decode(tok, enc.target_spans(ex)[0]) == "It is </s> in HTML-ish.</s>"
+
+
+def test_tool_turns_are_input_blocks_and_names_are_on_user_turns() -> None:
+    """Tool calls and results sit in Input blocks (never trained); members' turns carry names."""
+    tok = llama_tokenizer()
+    enc = Encoder(tok)
+    conv = [
+        Message("input", '[{"name": "get_weather"}]', "tools"),
+        Message("user", "Weather in Paris?", "alice"),
+        Message(
+            "input", '{"name": "get_weather", "arguments": {"city": "Paris"}}', "function_call"
+        ),
+        Message("input", '{"temp_c": 18}', "observation"),
+        Message("assistant", "It is 18 °C."),
+        Message("user", "Thanks!", "alice"),
+        Message("assistant", "Any time."),
+    ]
+    record = Record("tools", conversation=conv, system="You are Hermes.")
+    pieces = pieces_for(record)
+    text = "".join(t for t, _ in pieces)
+    assert text == (
+        "### Input:\nYou are Hermes.\n\n"
+        '### Input:\n[{"name": "get_weather"}]\n\n'
+        "### Instruction:\nalice: Weather in Paris?\n\n"
+        '### Input:\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n\n'
+        '### Input:\n{"temp_c": 18}\n\n'
+        "### Response:\nIt is 18 °C.\n\n"
+        "### Instruction:\nalice: Thanks!\n\n"
+        "### Response:\nAny time.\n\n"
+    )
+    ex = enc.encode(record)
+    assert ex.input_ids == tok(text.removesuffix("\n\n")).input_ids + [enc.eos]
+    assert [decode(tok, s) for s in enc.target_spans(ex)] == ["It is 18 °C.</s>", "Any time.</s>"]

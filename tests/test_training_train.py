@@ -27,15 +27,12 @@ from tests.training_helpers import (
     write_json,
 )
 from training.__main__ import main
+from training.checkpoint import load_checkpoint
 from training.config import CONFIG_DIR, ConfigError, config_from_dict, load_config
-from training.train import (
-    DataPlan,
-    DistInfo,
-    build_model,
-    cosine_schedule,
-    load_checkpoint,
-    train,
-)
+from training.distributed import DistInfo
+from training.model import build_model
+from training.plan import DataPlan
+from training.train import cosine_schedule, train
 
 CPU = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 
@@ -100,16 +97,16 @@ def test_cosine_schedule_with_warmup() -> None:
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False)) and lrs[-1] > 0.1
 
 
-def test_data_plan_covers_each_row_once_per_epoch() -> None:
+def test_data_plan_covers_each_sample_once_per_epoch() -> None:
     from training.tokenize import Example
 
     examples = [Example([1, 2], [-100, 2]) for _ in range(10)]
-    plan = DataPlan(examples, [[i] for i in range(10)], global_batch=4, seed=1)
+    plan = DataPlan(examples, global_batch=4, seed=1)
     assert plan.steps_per_epoch == 3
-    epoch0 = [r for s in range(3) for r in plan.rows(s)]
+    epoch0 = [r for s in range(3) for r in plan.samples(s)]
     assert sorted(set(epoch0)) == list(range(10)) and len(epoch0) == 12  # 2 borrowed to fill
-    assert plan.rows(3) != plan.rows(0)  # reshuffled next epoch
-    assert plan.rank_rows(4, 0, 2) + plan.rank_rows(4, 1, 2) == plan.rows(4)
+    assert plan.samples(3) != plan.samples(0)  # reshuffled next epoch
+    assert plan.rank_samples(4, 0, 2) + plan.rank_samples(4, 1, 2) == plan.samples(4)
     assert plan.step_targets(0) == 4
 
 
@@ -209,7 +206,7 @@ def test_fsdp2_two_processes_match_one_process(tmp_path: Path) -> None:
         tmp_path,
         real_sources(),
         max_steps=4,
-        global_batch_size=4,
+        global_batch_size=8,  # 4 samples per process: several micro-batches of <= 256 tokens
         export_dir=str(tmp_path / "fsdp" / "hf"),
     )
     d["train"]["output_dir"] = str(tmp_path / "fsdp")
@@ -234,6 +231,11 @@ def test_fsdp2_two_processes_match_one_process(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 processes on cpu" in proc.stderr
+    # gradients are reduce-scattered once per step, in the last micro-batch's backward; the
+    # weights below equal one process's, so the skipped syncs lost nothing
+    log = [json.loads(x) for x in (tmp_path / "fsdp" / "log.jsonl").read_text().splitlines()]
+    assert [e["grad_syncs"] for e in log] == [1, 1, 1, 1]
+    assert all(e["micro_batches"] >= 2 for e in log)
 
     single = str(tmp_path / "single")
     assert (
@@ -287,7 +289,7 @@ async def test_end_to_end_bot_answers_what_it_was_trained_on(tmp_path: Path) -> 
         lr=1e-2,
         warmup_ratio=0.0,
         min_lr_ratio=0.3,
-        global_batch_size=10,
+        global_batch_size=30,  # samples per step: the whole set, as 10 packed rows were before
         micro_batch_size=5,
     )
     d["data"]["max_length"] = 128
@@ -325,6 +327,8 @@ def test_cli_failure_is_one_line_not_a_traceback(tmp_path, capsys) -> None:
         f"data.sources=[{{name: a, path: {data}, format: alpaca}}]",
         "--set",
         f"data.prepared_dir={tmp_path / 'prep'}",
+        "--set",
+        f"train.output_dir={tmp_path / 'run'}",
     ]
     assert main(["prepare", "--config", "tiny-cpu", *args]) == 1
     err = capsys.readouterr().err.strip()

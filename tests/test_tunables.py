@@ -33,8 +33,26 @@ def is_int(name: str) -> bool:
     return Settings.__dataclass_fields__[name].type == "int"
 
 
+def is_bool(name: str) -> bool:
+    return Settings.__dataclass_fields__[name].type == "bool"
+
+
+def is_text(name: str) -> bool:
+    return Settings.__dataclass_fields__[name].type == "str"
+
+
+#: A switch's words: each accepted spelling, then texts that are not a switch.
+SWITCH_IN = ["on", "off", "true", "false", "yes", "no", "1", "0", " ON "]
+SWITCH_OUT = ["maybe", "2", "-1", "onn", "nan"]
+
+
 def candidates(name: str) -> list[str]:
     """Texts on and around the edges of `name`'s range, and texts that are not its kind."""
+    if is_bool(name):
+        return SWITCH_IN + SWITCH_OUT
+    if is_text(name):  # text: its length is its range
+        hi = int(tunable_range(name)[1])
+        return ["hey, oi", "x" * hi, "x" * (hi + 1), " Quill "]
     lo, hi = tunable_range(name)
     step = 1 if is_int(name) else 0.01
     edges = [lo, hi, lo - step, hi + step, (lo + hi) / 2 if not is_int(name) else (lo + hi) // 2]
@@ -65,6 +83,9 @@ def test_the_tunables_are_the_settings_fields_marked_tunable() -> None:
         "repetition_penalty",
         "max_new_tokens",
         "context_tokens",
+        "recall",
+        "wake_words",
+        "wake_extra",
     }
     # the bug this fixes: the ranges .env users have are the ones the slash command offers
     assert tunable_range("temperature") == (0.0, 5.0)
@@ -108,6 +129,15 @@ async def test_env_and_admin_settings_set_accept_and_refuse_the_same_values(
                         assert f"`{name}` is now" in text, (name, raw, text)
                         assert stored == env and type(stored) is type(env), (name, raw, stored)
                     await bot.memory.update_channel(channel.id, guild.id, settings={})
+                if is_bool(name):
+                    assert [by_env(name, t) for t in SWITCH_IN] == [True, False] * 4 + [True]
+                    assert [by_env(name, t) for t in SWITCH_OUT] == [None] * len(SWITCH_OUT)
+                    continue
+                if is_text(name):
+                    hi = int(tunable_range(name)[1])
+                    assert by_env(name, " Quill ") == "Quill" and by_env(name, "x" * hi)
+                    assert by_env(name, "x" * (hi + 1)) is None
+                    continue
                 # the ends and the middle are in, just outside the ends and non-numbers out
                 lo, hi, below, above, middle = candidates(name)[:5]
                 assert None not in [by_env(name, t) for t in (lo, hi, middle)], name

@@ -1,10 +1,14 @@
-"""`python -m training {prepare,train,export}` (also installed as `hermes-train`).
+"""`python -m training {prepare,train,export,eval}` (also installed as `hermes-train`).
 
     hermes-train prepare --config hermes-7b-8xa100        # sources -> records.jsonl + report
     torchrun --standalone --nproc_per_node 8 -m training train --config hermes-7b-8xa100
     hermes-train export --config hermes-7b-8xa100 --out models/hermes-7b   # -> MODEL=models/hermes-7b
+    hermes-train eval --model BASE --model models/hermes-7b --suite all --data data/prepared
 
-`--config` takes a YAML path or the name of a bundled config; `--set a.b=value` overrides a field.
+`--config` takes a YAML path or the name of a bundled config; `--set a.b=value` overrides a field,
+`--tokenizer PATH` the tokenizer and `--data PATH[:FORMAT]` (repeatable) the sources. Overrides
+are saved in the run folder (`train.output_dir/overrides.yaml`, with the resolved `config.yaml`),
+so the next command of the same run needs only `--config`.
 """
 
 from __future__ import annotations
@@ -13,20 +17,34 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from training.config import Config, ConfigError, load_config
+from training.config import (
+    Config,
+    ConfigError,
+    Override,
+    load_run_config,
+    parse_override,
+    save_run_config,
+)
+from training.evaluate.cli import add_parser as add_eval_parser
+from training.evaluate.cli import cmd_eval
 
 log = logging.getLogger("training")
 
 
 def cmd_prepare(cfg: Config, args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
+    from training import hub
     from training.data import build_mix, write_prepared
+    from training.plan import schedule_summary
     from training.tokenize import Encoder
 
-    encoder = Encoder(AutoTokenizer.from_pretrained(cfg.tokenizer_path))
+    encoder = Encoder(hub.load_tokenizer(cfg.tokenizer_path))
+    for src in cfg.data.sources:  # fail in seconds, not after a minute of `datasets` retries
+        if src.hf is not None and not hub.offline():
+            hub.require_hub("dataset", src.hf)
     records, report = build_mix(cfg.data, encoder.measure)
     out = Path(cfg.data.prepared_dir)
     write_prepared(out, records, report)
@@ -35,6 +53,7 @@ def cmd_prepare(cfg: Config, args: argparse.Namespace) -> int:
     if not records:
         print("error: no records left; see the problems above", file=sys.stderr)
         return 1
+    print(schedule_summary(cfg, len(records), report.tokens))
     return 0
 
 
@@ -55,8 +74,8 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
+    from training.checkpoint import checkpoint_dirs
     from training.export import export_checkpoint
-    from training.train import checkpoint_dirs
 
     if args.checkpoint:
         ckpt = Path(args.checkpoint)
@@ -70,6 +89,37 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
     export_checkpoint(cfg, ckpt, out)
     print(f"exported {ckpt} -> {out}; point the bot at it with MODEL={out}")
     return 0
+
+
+def data_sources(specs: list[str]) -> list[dict[str, Any]]:
+    """`--data PATH[:FORMAT]` values -> `data.sources` entries (named after the file)."""
+    from training.data import FORMATS
+
+    sources: list[dict[str, Any]] = []
+    for spec in specs:
+        path, sep, fmt = spec.rpartition(":")
+        if not sep or fmt not in {*FORMATS, "auto"}:
+            if sep and not Path(spec).exists() and "/" not in fmt:
+                raise ConfigError(
+                    f"--data {spec}: unknown format {fmt!r} (known: {', '.join(sorted(FORMATS))})"
+                )
+            path, fmt = spec, "auto"
+        file = Path(path).expanduser().resolve()
+        name, n = file.stem, 2
+        while name in {s["name"] for s in sources}:
+            name, n = f"{file.stem}-{n}", n + 1
+        sources.append({"name": name, "path": str(file), "format": fmt})
+    return sources
+
+
+def command_overrides(args: argparse.Namespace) -> list[Override]:
+    """`--set`, then `--tokenizer` and `--data` as the overrides they stand for."""
+    pairs = [parse_override(a) for a in args.overrides]
+    if args.tokenizer:
+        pairs.append(("model.tokenizer", str(Path(args.tokenizer).expanduser().resolve())))
+    if args.data:
+        pairs.append(("data.sources", data_sources(args.data)))
+    return pairs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a config field, e.g. train.max_steps=10 (repeatable)",
         )
+        p.add_argument(
+            "--tokenizer",
+            metavar="PATH",
+            help="a local tokenizer folder (same as --set model.tokenizer=PATH)",
+        )
+        p.add_argument(
+            "--data",
+            action="append",
+            default=[],
+            metavar="PATH[:FORMAT]",
+            help="a local JSON/JSONL source, replacing data.sources (repeatable; format: auto)",
+        )
         if name == "train":
             p.add_argument(
                 "--resume",
@@ -111,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--out", help="output folder (default: train.export_dir or <output_dir>/hf)"
             )
+    add_eval_parser(sub)
     return parser
 
 
@@ -121,16 +184,35 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
     )
+    if args.command == "eval":  # models and prepared data, no run config
+        return guarded(args, lambda: cmd_eval(None, args))
     try:
-        cfg = load_config(args.config, args.overrides)
+        run = load_run_config(args.config, command_overrides(args))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if run.reused:
+        log.info(
+            "reusing %s saved in %s by an earlier command",
+            ", ".join(run.reused),
+            run.config.train.output_dir,
+        )
     commands = {"prepare": cmd_prepare, "train": cmd_train, "export": cmd_export}
+
+    def command() -> int:
+        if rank == 0:
+            save_run_config(args.config, run)
+        return commands[args.command](run.config, args)
+
+    return guarded(args, command)
+
+
+def guarded(args: argparse.Namespace, command: Callable[[], int]) -> int:
+    """Run a subcommand: a failure is one line and exit 1, never a traceback."""
     try:
-        return commands[args.command](cfg, args)
+        return command()
     except (OSError, ValueError, RuntimeError) as exc:
-        # Missing files, an unreachable hub, a bad record format: one line, not a traceback.
+        # Missing files, an unreachable hub, a bad record format, a diverged run: one line.
         logging.getLogger("training").debug("failed", exc_info=exc)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         print(f"hermes-train {args.command}: {first}", file=sys.stderr)

@@ -57,6 +57,15 @@ class SourceConfig:
     weight: float = 1.0  # <1 samples that share, >1 repeats the source (upsampling)
     limit: int | None = None  # at most this many records after weighting
     system: str = ""  # system text for this source's multi-turn records
+    optional: bool = False  # a missing/unreadable/empty source is skipped instead of an error
+    names: list[str] = field(default_factory=list)  # speaker names for user turns: one fixed
+    # name, or a list drawn from per conversation (seeded); pseudonyms for hermes-memory
+    persona: str | None = None  # a built-in persona name or a card file: chats rendered as it
+    personas: list[str] = field(default_factory=list)  # hermes-memory: extra card files
+    channels: list[int] = field(default_factory=list)  # hermes-memory: channel ids to read
+    pseudonymise: bool = True  # hermes-memory: replace members' names and mentions
+    prompt_budget: int | None = None  # the bot's prompt budget (CONTEXT_TOKENS - MAX_NEW_TOKENS)
+    # for persona prompts; default data.max_length
 
 
 @dataclass
@@ -78,6 +87,7 @@ class ModelConfig:
     from_config: dict[str, Any] | None = None  # LlamaConfig kwargs: a fresh random model (tests)
     attn_implementation: str = "auto"  # auto: flash_attention_2 when installed on CUDA, else sdpa
     gradient_checkpointing: bool = True
+    compile: bool = False  # torch.compile each decoder layer (opt-in: minutes of compiling first)
 
 
 @dataclass
@@ -103,8 +113,11 @@ class LoraSettings:
 @dataclass
 class TrainSettings:
     output_dir: str = "runs/hermes"
+    # The batch is counted in samples (records), as the recipe is: stanford_alpaca trains 128
+    # samples per optimizer step. Each GPU packs its share into micro-batches of at most
+    # micro_batch_size x data.max_length tokens (gradient accumulation over those).
     micro_batch_size: int = 1  # packed rows of max_length per forward pass, per GPU
-    global_batch_size: int = 128  # packed rows per optimizer step, over all GPUs
+    global_batch_size: int = 128  # samples per optimizer step, over all GPUs
     epochs: float = 3.0
     max_steps: int | None = None  # overrides epochs when set
     lr: float = 2e-5
@@ -115,6 +128,12 @@ class TrainSettings:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
+    # A step whose loss or gradient norm is NaN/inf is skipped (no optimizer update; the schedule
+    # and the data move on) and counted; this many in a row stop the run with an error.
+    max_bad_steps: int = 3
+    # Testing only (fault injection): 1-based optimizer steps whose loss is made NaN, to exercise
+    # the skip/stop path in a real run. Leave empty.
+    inject_nan_at: list[int] = field(default_factory=list)
     precision: str = "bf16"  # "bf16" (fp32 master weights, bf16 compute) or "fp32"
     seed: int = 42
     save_every: int = 200  # optimizer steps between checkpoints (0: only the last one)
@@ -150,8 +169,10 @@ class Config:
             )
         if self.train.precision not in ("bf16", "fp32"):
             raise ConfigError(f"train.precision must be bf16 or fp32, not {self.train.precision!r}")
-        if self.train.global_batch_size % self.train.micro_batch_size:
-            raise ConfigError("train.global_batch_size must be a multiple of micro_batch_size")
+        if self.train.global_batch_size < 1 or self.train.micro_batch_size < 1:
+            raise ConfigError("train.global_batch_size and micro_batch_size must be at least 1")
+        if self.train.max_bad_steps < 1:
+            raise ConfigError("train.max_bad_steps must be at least 1")
         if self.lora.load_in_4bit and not self.lora.enabled:
             raise ConfigError("lora.load_in_4bit needs lora.enabled: true (QLoRA)")
         names = [s.name for s in self.data.sources]
@@ -206,18 +227,32 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def set_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one `a.b.c=value` (value parsed as YAML) to the raw config mapping."""
+Override = tuple[str, Any]  # ("train.max_steps", 10): a dotted key and its (YAML-typed) value
+
+#: Written in `train.output_dir` by every command: the command-line overrides of the run (reused
+#: by the next command, so `--tokenizer`/`--data`/`--set` are given once) and the resolved config.
+OVERRIDES_FILE = "overrides.yaml"
+RESOLVED_FILE = "config.yaml"
+
+
+def parse_override(assignment: str) -> Override:
+    """`a.b.c=value` (value parsed as YAML) -> ("a.b.c", value)."""
     key, sep, raw = assignment.partition("=")
-    if not sep:
+    if not sep or not key.strip():
         raise ConfigError(f"--set expects key=value, got {assignment!r}")
-    *parents, last = key.strip().split(".")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def set_override(data: dict[str, Any], assignment: str | Override) -> None:
+    """Apply one `a.b.c=value` (or a parsed pair) to the raw config mapping."""
+    key, value = parse_override(assignment) if isinstance(assignment, str) else assignment
+    *parents, last = key.split(".")
     node = data
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {part} is not a section")
-    node[last] = yaml.safe_load(raw)
+    node[last] = value
 
 
 def resolve_path(name: str | Path) -> Path:
@@ -233,7 +268,9 @@ def resolve_path(name: str | Path) -> Path:
     )
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(
+    path: str | Path, overrides: list[str] | list[Override] | tuple[str, ...] = ()
+) -> Config:
     """Read, override and validate a run config."""
     raw = yaml.safe_load(resolve_path(path).read_text()) or {}
     for assignment in overrides:
@@ -243,3 +280,61 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     return _build(Config, raw, "").validate()
+
+
+def merge_overrides(first: list[Override], then: list[Override]) -> list[Override]:
+    """`first` then `then`, one entry per key (the later value wins, in its later place)."""
+    merged: dict[str, Any] = {}
+    for key, value in [*first, *then]:
+        merged.pop(key, None)
+        merged[key] = value
+    return list(merged.items())
+
+
+@dataclass
+class RunConfig:
+    """The config one command runs with, and where it came from."""
+
+    config: Config
+    overrides: list[Override]  # all of them: saved by earlier commands of the run, then these
+    reused: list[str]  # keys taken from the run folder, not from this command line
+
+
+def load_run_config(path: str | Path, overrides: list[Override]) -> RunConfig:
+    """The YAML config, the overrides an earlier command of the same run saved in its
+    `train.output_dir`, then this command's overrides (which win)."""
+    first = load_config(path, overrides)
+    saved_file = Path(first.train.output_dir) / OVERRIDES_FILE
+    if not saved_file.exists():
+        return RunConfig(first, list(overrides), [])
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    if saved.get("config") != str(resolve_path(path).resolve()):
+        return RunConfig(first, list(overrides), [])  # another config's run: nothing to reuse
+    earlier = [(k, v) for k, v in (saved.get("set") or {}).items()]
+    merged = merge_overrides(earlier, overrides)
+    given = {k for k, _ in overrides}
+    return RunConfig(load_config(path, merged), merged, [k for k, _ in earlier if k not in given])
+
+
+def save_resolved(cfg: Config) -> Path:
+    """Write the resolved config (every field) to `train.output_dir/config.yaml`."""
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / RESOLVED_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return out / RESOLVED_FILE
+
+
+def save_run_config(path: str | Path, run: RunConfig) -> None:
+    """Record this command's overrides and the resolved config in the run folder."""
+    save_resolved(run.config)
+    text = yaml.safe_dump(
+        {"config": str(resolve_path(path).resolve()), "set": dict(run.overrides)},
+        sort_keys=False,
+    )
+    _write_atomic(Path(run.config.train.output_dir) / OVERRIDES_FILE, text)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

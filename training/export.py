@@ -20,7 +20,10 @@ from typing import Any
 
 import torch
 
+from training import hub
+from training.checkpoint import single_process_dcp, step_of
 from training.config import Config
+from training.model import add_lora, load_base_model
 from training.tokenize import pad_id_for
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,7 @@ def base_config(cfg: Config) -> Any:
 
     if cfg.model.from_config is not None:
         return LlamaConfig(**cfg.model.from_config)
-    return AutoConfig.from_pretrained(cfg.model.name_or_path)
+    return hub.load("model", str(cfg.model.name_or_path), AutoConfig.from_pretrained)
 
 
 def model_from_state_dict(cfg: Config, state: dict[str, torch.Tensor], dtype: torch.dtype) -> Any:
@@ -53,8 +56,8 @@ def generation_config(cfg: Config, tokenizer: Any) -> Any:
     gen = None
     if cfg.model.name_or_path:
         try:
-            gen = GenerationConfig.from_pretrained(cfg.model.name_or_path)
-        except OSError:
+            gen = hub.load("model", cfg.model.name_or_path, GenerationConfig.from_pretrained)
+        except OSError:  # none published (or no hub): transformers' defaults
             gen = None
     gen = gen or GenerationConfig()
     gen.bos_token_id = tokenizer.bos_token_id
@@ -63,7 +66,18 @@ def generation_config(cfg: Config, tokenizer: Any) -> Any:
     return gen
 
 
+def check_finite(model: Any, *, step: int | None) -> None:
+    """Refuse weights with a NaN or inf: the bot would load them and answer nothing useful."""
+    bad = [k for k, v in model.state_dict().items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"refusing to export step {step}: {len(bad)} weight tensors are not finite "
+            f"(first: {bad[0]}); export an earlier checkpoint with --checkpoint"
+        )
+
+
 def save_hf_folder(cfg: Config, model: Any, tokenizer: Any, out: Path, *, step: int | None) -> Path:
+    check_finite(model, step=step)
     out.mkdir(parents=True, exist_ok=True)
     model.config.use_cache = True
     model.generation_config = generation_config(cfg, tokenizer)
@@ -96,21 +110,17 @@ def export_checkpoint(cfg: Config, checkpoint: Path, out: Path) -> Path:
     """Read a DCP checkpoint in this one process and write the Hugging Face folder."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from training.train import single_process_dcp
+    from transformers import AutoModelForCausalLM
 
     no_dist = not dist.is_initialized()
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
-    step = _step_of(checkpoint)
+    tokenizer = hub.load_tokenizer(cfg.tokenizer_path)
+    step = step_of(checkpoint)
     if cfg.lora.enabled:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
             set_model_state_dict,
         )
-
-        from training.train import add_lora, load_base_model
 
         # the base in the export dtype (bf16: 14 GB of RAM for 7B), never 4-bit; peft keeps the
         # adapter in fp32 and merges its delta into each weight
@@ -129,10 +139,3 @@ def export_checkpoint(cfg: Config, checkpoint: Path, out: Path) -> Path:
         dcp.load({"model": state}, checkpoint_id=str(checkpoint), no_dist=no_dist)
     model = model_from_state_dict(cfg, state, _dtype(cfg))
     return save_hf_folder(cfg, model, tokenizer, out, step=step)
-
-
-def _step_of(checkpoint: Path) -> int | None:
-    try:
-        return json.loads((checkpoint / "trainer_state.json").read_text())["step"]
-    except (OSError, ValueError, KeyError):
-        return None

@@ -13,6 +13,10 @@ The three rules that decide whether the fine-tune works:
 3. The EOS the model must learn is never masked: labels are built from the pieces, never by
    masking a pad id, and the pad id is never the EOS id.
 
+Chats are the text the bot serves: user turns carry their speaker's name (`alice: ...`), tool
+turns are Input blocks, and a record rendered by the bot's own prompt builders (a persona, the
+bot's memory: `Record.segments`) is used piece for piece as it was built.
+
 Multi-turn records train on every assistant turn. `bot.prompt.chat_segments` renders each reply as
 body + blank line; here each target is body + EOS, like the single-turn target. In the middle of a
 conversation the blank line stays in the input (the bot's history has no EOS in it, only the blank
@@ -26,7 +30,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from bot.prompt import SEPARATOR, Turn, chat_segments, format_single
+from bot.prompt import SEPARATOR, Turn, chat_segments, format_single, render_system
 from training.data import Record
 
 log = logging.getLogger(__name__)
@@ -51,11 +55,30 @@ class Example:
 
 
 def pieces_for(record: Record) -> list[tuple[str, bool]]:
-    """The record as (text, is_target) pieces, built by the bot's prompt module."""
+    """The record as (text, is_target) pieces, built by the bot's prompt module.
+
+    A chat is `chat_segments(system, turns)`, names included, which is the bot's prompt up to
+    each reply (`fit_prompt` with nothing left out); Input blocks (tool turns) go between the
+    turns as `render_system` renders them.
+    """
+    if record.segments is not None:
+        return list(record.segments)
     if record.conversation is None:
         return [(format_single(record.instruction, record.input), False), (record.output, True)]
-    turns = [Turn(role=m.role, content=m.content, name="") for m in record.conversation]
-    return chat_segments(record.system, turns, open_response=False)
+    pieces: list[tuple[str, bool]] = []
+    if head := render_system(record.system):
+        pieces.append((head, False))
+    run: list[Turn] = []
+    for m in [*record.conversation, None]:
+        if m is not None and m.role != "input":
+            run.append(Turn(role=m.role, content=m.content, name=m.name))
+            continue
+        if run:
+            pieces += chat_segments("", run, open_response=False)
+            run = []
+        if m is not None and (block := render_system(m.content)):
+            pieces.append((block, False))
+    return pieces
 
 
 def pad_id_for(tokenizer: Any) -> int:
@@ -120,6 +143,10 @@ class Encoder:
                 ids += sep
                 labels += [self.eos] + [IGNORE_INDEX] * (len(sep) - 1)
         return Example(ids, labels)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in `text` as the bot's engine counts them (for fitting persona prompts)."""
+        return len(self.tok(text, add_special_tokens=False).input_ids)
 
     def encode(self, record: Record) -> Example:
         return self.encode_pieces(pieces_for(record))

@@ -9,6 +9,10 @@ Failures: connection errors, timeouts, 429 and 5xx are retried with exponential 
 text has arrived yet; once text has been streamed a retry would repeat or contradict it, so the
 reply fails instead and the chat cog apologises. Stop strings are sent to the server and also
 applied locally (`Generation`'s `StopScanner`), because servers cap or ignore stop lists.
+
+Reading a response is split in three: `sse_events` (the event-stream framing), `read_completion`
+(one streamed completion into a `Generation`) and `OpenAIEngine._attempt` (one HTTP request and
+its failure rules).
 """
 
 from __future__ import annotations
@@ -25,15 +29,15 @@ from typing import Any
 
 import aiohttp
 
-from bot.engine import (
+from bot.engine.base import (
     Engine,
     EngineError,
     EngineInfo,
     Generation,
     GenerationParams,
     first_line,
-    load_tokenizer,
 )
+from bot.engine.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +166,7 @@ class OpenAIEngine(Engine):
         if self._session is None:
             raise EngineError("the engine is not started")
         loop = asyncio.get_running_loop()
-        gen = Generation(prompt, params, cache_key)
+        gen = Generation(prompt, params, cache_key, self.finish_hooks)
         task = loop.create_task(self._serve(gen))
         gen.cancelled = _CancelEvent(lambda: _call_soon(loop, task.cancel))
         self._tasks[task] = gen
@@ -226,8 +230,7 @@ class OpenAIEngine(Engine):
         """
         assert self._session is not None
         self.attempts += 1
-        received = False
-        again = False
+        progress = StreamProgress()
         resp_ref: list[aiohttp.ClientResponse] = []  # to hang up on cancel
         try:
             # The channel rides along as a header so a load balancer can keep a channel on one
@@ -237,41 +240,17 @@ class OpenAIEngine(Engine):
                 f"{self.base_url}/completions", json=self.body(gen), headers=headers
             ) as resp:
                 resp_ref.append(resp)
-                if resp.status != 200:
-                    again = await self._refuse(resp)
-                else:
-                    if gen.stats.started_at is None:
-                        gen.stats.started_at = time.perf_counter()
-                    finish: str | None = None
-                    async for data in sse_events(resp.content):
-                        if data.strip() == "[DONE]":
-                            finish = finish or "stop"
-                            break
-                        event = json.loads(data)
-                        if "error" in event:
-                            raise Retryable(f"error in stream: {_message(event['error'])}")
-                        self._usage(gen, event.get("usage"))
-                        for choice in event.get("choices") or []:
-                            if text := choice.get("text") or "":
-                                received = True
-                                gen.stats.new_tokens += 1  # a piece per token (vLLM); usage wins
-                                if not gen.emit(text):
-                                    resp.close()  # hang up: the server stops generating
-                                    return "stop"
-                            finish = choice.get("finish_reason") or finish
-                    if finish is None:
-                        raise Retryable("the stream ended before the reply did")
-                    # The server's "stop" covers EOS and stop strings; Generation.finish turns
-                    # "eos" into "stop" when our own scanner saw a stop.
-                    return "length" if finish == "length" else "eos"
+                if resp.status == 200:
+                    return await read_completion(gen, resp, progress)
+                again = await self._refuse(resp)
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
-            if received:
+            if progress.received:
                 raise EngineError(
                     f"the connection to the model server broke mid-reply: {_describe(exc)}"
                 ) from None
             raise Retryable(_describe(exc)) from None
         except Retryable as exc:
-            if received:
+            if progress.received:
                 raise EngineError(f"the model server broke off the reply: {exc}") from None
             raise
         except json.JSONDecodeError as exc:
@@ -302,16 +281,64 @@ class OpenAIEngine(Engine):
             f"{detail}"
         )
 
-    def _usage(self, gen: Generation, usage: dict[str, Any] | None) -> None:
-        if not usage:
-            return
-        if usage.get("prompt_tokens"):
-            gen.stats.prompt_tokens = int(usage["prompt_tokens"])
-        if usage.get("completion_tokens") is not None:
-            gen.stats.new_tokens = int(usage["completion_tokens"])
-        details = usage.get("prompt_tokens_details") or {}
-        if details.get("cached_tokens"):  # vLLM with --enable-prompt-tokens-details
-            gen.stats.reused_tokens = int(details["cached_tokens"])
+
+class StreamProgress:
+    """Whether any text of the reply has reached the user yet (then no retry is allowed)."""
+
+    received: bool = False
+
+
+async def read_completion(
+    gen: Generation, resp: aiohttp.ClientResponse, progress: StreamProgress
+) -> str:
+    """Stream one `/v1/completions` answer into `gen`; returns the finish reason.
+
+    Raises Retryable for an error event or a stream cut short, json.JSONDecodeError for a
+    malformed event; hangs up (closes `resp`) once a stop string ended the reply.
+    """
+    if gen.stats.started_at is None:
+        gen.stats.started_at = time.perf_counter()
+    finish: str | None = None
+    async for data in sse_events(resp.content):
+        if data.strip() == "[DONE]":
+            finish = finish or "stop"
+            break
+        event = json.loads(data)
+        if "error" in event:
+            raise Retryable(f"error in stream: {_message(event['error'])}")
+        record_usage(gen, event.get("usage"))
+        for choice in event.get("choices") or []:
+            if not take_text(gen, choice.get("text") or "", progress):
+                resp.close()  # hang up: the server stops generating
+                return "stop"
+            finish = choice.get("finish_reason") or finish
+    if finish is None:
+        raise Retryable("the stream ended before the reply did")
+    # The server's "stop" covers EOS and stop strings; Generation.finish turns "eos" into "stop"
+    # when our own scanner saw a stop.
+    return "length" if finish == "length" else "eos"
+
+
+def take_text(gen: Generation, text: str, progress: StreamProgress) -> bool:
+    """Hand one streamed piece to `gen`; False once a stop string ended the reply."""
+    if not text:
+        return True
+    progress.received = True
+    gen.stats.new_tokens += 1  # a piece per token (vLLM); the usage event corrects it
+    return gen.emit(text)
+
+
+def record_usage(gen: Generation, usage: dict[str, Any] | None) -> None:
+    """Take the server's own token counts (and cached-prefix count) when it sends them."""
+    if not usage:
+        return
+    if usage.get("prompt_tokens"):
+        gen.stats.prompt_tokens = int(usage["prompt_tokens"])
+    if usage.get("completion_tokens") is not None:
+        gen.stats.new_tokens = int(usage["completion_tokens"])
+    details = usage.get("prompt_tokens_details") or {}
+    if details.get("cached_tokens"):  # vLLM with --enable-prompt-tokens-details
+        gen.stats.reused_tokens = int(details["cached_tokens"])
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], Any]) -> None:

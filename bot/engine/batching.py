@@ -1,17 +1,17 @@
-"""Continuous batching for the local engine, with a per-channel prompt cache.
+"""The local engine's continuous-batching loop: prefill chunks, decode steps, the batch cache.
 
 Why a scheduler of our own rather than transformers' `init_continuous_batching` (evaluated on
 5.24, see docs/serving.md): its per-request sampling drops repetition penalty (the bot's default
 is 1.1), has no per-request seed (regenerate asks for a fresh one), knows no stop strings, and
-does not report how much of a prompt came from the cache. This module keeps the engine's own
-`make_processors` per request, so a reply samples the same way batched or alone.
+does not report how much of a prompt came from the cache. It keeps the engine's own
+`make_processors` (`sampling.py`) per request, so a reply samples the same way batched or alone.
 
 How it works, all on the one worker thread that owns the model:
-- Waiting requests are admitted first-in first-out while fewer than `max_batch` sequences run and
-  their KV reservation fits the `kv_bytes` budget; the rest wait in the queue.
+- Waiting requests are admitted by `scheduler.Scheduler` (first-in first-out, `max_batch`, the
+  `kv_bytes` budget); the rest wait in its queue.
 - A new sequence is prefilled alone (batch of one, no padding), in chunks of `prefill_chunk`
   tokens interleaved with decode steps, so a long new prompt does not freeze the other streams.
-  Its channel's cached KV (`PrefixCache`) is cropped to the longest common token prefix first,
+  Its channel's cached KV (`kv_cache.PrefixCache`) is cropped to the longest common token prefix first,
   and only the rest is computed.
 - Prefilled sequences join one left-padded batch cache; each decode step is one forward pass for
   all of them (attention mask hides the padding, position ids count each row's own tokens).
@@ -24,200 +24,27 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections import OrderedDict, deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
-from bot.engine import (
-    EngineError,
-    Generation,
-    GenerationParams,
-    Outbox,
-    _eos_ids,
+from bot.engine.base import EngineError, Generation, GenerationParams, Outbox, first_line
+from bot.engine.decode import IncrementalDecoder
+from bot.engine.kv_cache import (
+    KV,
+    CachedPrefix,
+    PrefixCache,
     cache_kwarg,
-    first_line,
-    make_processors,
+    common_prefix,
+    kv_bytes_per_token,
+    kv_nbytes,
+    new_cache,
 )
+from bot.engine.loading import eos_ids
+from bot.engine.sampling import make_processors, sample_rows
+from bot.engine.scheduler import Request, Scheduler
 
 log = logging.getLogger(__name__)
-
-KV = list[tuple[Any, Any]]  # per layer: (keys, values), each [1, kv_heads, tokens, head_dim]
-
-
-# --------------------------------------------------------------------------------------------
-# Per-channel prompt cache
-
-
-@dataclass(slots=True)
-class CachedPrefix:
-    """The KV of the tokens a channel's last request ended with (prompt plus reply so far)."""
-
-    ids: list[int]
-    kv: KV
-    nbytes: int
-
-
-def kv_nbytes(kv: KV) -> int:
-    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-class PrefixCache:
-    """Least-recently-used map from cache key (a channel) to that channel's last KV.
-
-    An entry is taken out while its channel generates, so one tensor is never shared by two
-    running sequences, and put back (replaced) when the reply ends.
-    """
-
-    def __init__(self) -> None:
-        self._items: OrderedDict[str, CachedPrefix] = OrderedDict()
-        self.nbytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def take(self, key: str) -> CachedPrefix | None:
-        item = self._items.pop(key, None)
-        if item is not None:
-            self.nbytes -= item.nbytes
-        return item
-
-    def put(self, key: str, item: CachedPrefix) -> None:
-        if (old := self._items.pop(key, None)) is not None:
-            self.nbytes -= old.nbytes
-        self._items[key] = item
-        self.nbytes += item.nbytes
-
-    def shrink(self, limit: int) -> None:
-        """Drop the least recently used entries until at most `limit` bytes remain."""
-        while self._items and self.nbytes > limit:
-            _, item = self._items.popitem(last=False)
-            self.nbytes -= item.nbytes
-
-    def clear(self) -> None:
-        self._items.clear()
-        self.nbytes = 0
-
-
-# --------------------------------------------------------------------------------------------
-# Streaming text out of token ids
-
-
-class IncrementalDecoder:
-    """Turns generated ids into text pieces without re-decoding the whole reply every token.
-
-    Decodes a short window (the previous piece's tokens plus the new ones) and emits what it adds;
-    waits while the tail is an incomplete multi-byte character. The window keeps SentencePiece's
-    leading-space handling consistent, since both decodes start on the same token.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0
-        self.read = 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(self.ids[self.prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before) :]
-        return ""
-
-    def _decode(self, ids: list[int]) -> str:
-        if not ids:
-            return ""
-        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-
-# --------------------------------------------------------------------------------------------
-# A KV cache layer that grows in steps
-
-
-def _growing_layer_class() -> type:
-    """`DynamicLayer` that appends into spare room instead of concatenating every token.
-
-    transformers' DynamicLayer copies the whole cache on each decode step (`torch.cat`); for a
-    batch of long sequences that copy costs more than the forward pass on a CPU. This layer keeps
-    spare columns (a quarter of its length, 32 to 256) and copies only when they run out. Whoever
-    assigns `keys`/`values` from outside (join, leave, crop) hands it a new tensor, which it
-    adopts as its buffer (and never writes into: the next append moves to a new one).
-    """
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self._kbuf: Any = None
-            self._vbuf: Any = None
-            self._kview: Any = None
-            self._vview: Any = None
-            self._n = 0
-
-        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Any:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            if self.keys is not self._kview or self.values is not self._vview:
-                self._adopt()  # assigned from outside since our last update
-            n, t = self._n, key_states.shape[-2]
-            if self._kbuf is None or n + t > self._kbuf.shape[-2]:
-                self._grow(key_states, value_states, n + t + max(32, min(256, (n + t) // 4)))
-            self._kbuf[..., n : n + t, :] = key_states
-            self._vbuf[..., n : n + t, :] = value_states
-            self._n = n + t
-            self.keys = self._kview = self._kbuf[..., : self._n, :]
-            self.values = self._vview = self._vbuf[..., : self._n, :]
-            return self.keys, self.values
-
-        def _adopt(self) -> None:
-            if self.keys is None or self.keys.numel() == 0:
-                self._kbuf = self._vbuf = None
-                self._n = 0
-            else:
-                self._kbuf, self._vbuf, self._n = self.keys, self.values, self.keys.shape[-2]
-
-        def _grow(self, k: Any, v: Any, capacity: int) -> None:
-            kb = k.new_empty((*k.shape[:-2], capacity, k.shape[-1]))
-            vb = v.new_empty((*v.shape[:-2], capacity, v.shape[-1]))
-            if self._kbuf is not None and self._n:
-                kb[..., : self._n, :] = self._kbuf[..., : self._n, :]
-                vb[..., : self._n, :] = self._vbuf[..., : self._n, :]
-            self._kbuf, self._vbuf = kb, vb
-
-    return GrowingLayer
-
-
-_GROWING: type | None = None
-
-
-def new_cache(kv: KV | None = None) -> Any:
-    """An empty DynamicCache of growing layers, or one holding copies of `kv`."""
-    global _GROWING
-    from transformers import DynamicCache
-
-    if _GROWING is None:
-        _GROWING = _growing_layer_class()
-    cache = DynamicCache()
-    cache.layer_class_to_replicate = _GROWING
-    for i, (k, v) in enumerate(kv or []):
-        cache.update(k, v, i)
-    return cache
-
-
-# --------------------------------------------------------------------------------------------
-# The scheduler
 
 
 @dataclass(eq=False)
@@ -225,9 +52,9 @@ class Sequence:
     """One admitted request: its tokens, its own cache while prefilling, its sampling state."""
 
     gen: Generation
+    req: Request  # its place in the scheduler
     ids: list[int]  # tokens whose KV is computed (`done` of them) or still to prefill
     prompt_len: int
-    reserve_tokens: int
     processors: Any
     generator: Any
     decoder: IncrementalDecoder
@@ -260,39 +87,43 @@ class BatcherStats:
 
 
 @dataclass(slots=True)
-class _Waiting:
+class Waiting:
+    """What a waiting request carries until it is admitted: its generation and prompt ids."""
+
     gen: Generation
     ids: list[int]
 
 
-@dataclass
 class Batcher:
     """Runs every request the engine receives through one continuously batched decode loop."""
 
-    model: Any
-    tokenizer: Any
-    max_batch: int = 8
-    kv_bytes: int = 0  # KV budget for running sequences plus cached prefixes; 0 = no cap, no cache
-    prefill_chunk: int = 512
-    stats: BatcherStats = field(default_factory=BatcherStats)
-
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_batch: int = 8,
+        kv_bytes: int = 0,  # KV budget for running sequences plus cached prefixes; 0 = no cache
+        prefill_chunk: int = 512,
+    ) -> None:
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stats = BatcherStats()
         probe = DynamicCache(config=self.model.config)
         if any(type(layer) is not DynamicLayer for layer in probe.layers):
             raise EngineError(
                 "the local engine batches full-attention (Llama-family) models only; this model has "
                 "sliding-window or other cache layers: serve it with ENGINE=openai (vLLM)"
             )
-        self.max_batch = max(1, self.max_batch)
-        self.prefill_chunk = max(16, self.prefill_chunk)
+        self.prefill_chunk = max(16, prefill_chunk)
         self.device = self.model.get_input_embeddings().weight.device
         self.kw = cache_kwarg(self.model)
         self.bytes_per_token = kv_bytes_per_token(self.model)
+        self.scheduler = Scheduler(max(1, max_batch), kv_bytes, self.bytes_per_token)
         self.prefixes = PrefixCache()
-        self._waiting: deque[_Waiting] = deque()
         self._prefilling: deque[Sequence] = deque()
         self._rows: list[Sequence] = []  # the decode batch, in cache row order
         self._cache: Any = None  # batch DynamicCache, left-padded to `_width` columns
@@ -302,12 +133,28 @@ class Batcher:
     # ---- public ----------------------------------------------------------------------------
 
     @property
+    def max_batch(self) -> int:
+        return self.scheduler.max_batch
+
+    @max_batch.setter
+    def max_batch(self, value: int) -> None:
+        self.scheduler.max_batch = max(1, value)
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.scheduler.kv_bytes
+
+    @kv_bytes.setter
+    def kv_bytes(self, value: int) -> None:
+        self.scheduler.kv_bytes = value
+
+    @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return len(self.scheduler.waiting)
 
     @property
     def active(self) -> int:
-        return len(self._rows) + len(self._prefilling)
+        return len(self.scheduler.running)
 
     def serve(self, requests: queue.Queue[Generation | None]) -> None:
         """The worker loop: returns after `None` arrives and every admitted request has ended."""
@@ -315,7 +162,7 @@ class Batcher:
 
         with torch.inference_mode():
             while True:
-                if not self._waiting and not self.active:
+                if not self.scheduler.waiting and not self.active:
                     if self._closing:
                         break
                     self._take(requests.get())  # idle: block until work arrives
@@ -332,6 +179,7 @@ class Batcher:
 
     def _fail_running(self, error: EngineError) -> None:
         for seq in [*self._rows, *self._prefilling]:
+            self.scheduler.release(seq.req)
             if not seq.gen.stats.finish_reason:
                 seq.gen.finish("error", error)
             seq.kv = None
@@ -349,7 +197,8 @@ class Batcher:
         except Exception as exc:  # a prompt the tokenizer rejects fails alone
             gen.finish("error", EngineError(f"cannot tokenize the prompt: {first_line(exc)}"))
             return
-        self._waiting.append(_Waiting(gen, list(ids)))
+        ids = list(ids)
+        self.scheduler.submit(Request(len(ids), gen.params.max_new_tokens, Waiting(gen, ids)))
 
     def _drain(self, requests: queue.Queue[Generation | None]) -> None:
         while True:
@@ -359,9 +208,8 @@ class Batcher:
                 return
 
     def _reap_cancelled(self) -> None:
-        for w in [w for w in self._waiting if w.gen.cancelled.is_set()]:
-            self._waiting.remove(w)
-            w.gen.finish("cancelled")
+        for req in self.scheduler.drop_waiting(lambda r: r.item.gen.cancelled.is_set()):
+            req.item.gen.finish("cancelled")
         for seq in [s for s in self._prefilling if s.gen.cancelled.is_set()]:
             self._prefilling.remove(seq)
             self._retire_single(seq, "cancelled")
@@ -372,34 +220,25 @@ class Batcher:
     # ---- admission -------------------------------------------------------------------------
 
     def _reserved_bytes(self, extra_tokens: int = 0) -> int:
-        """Worst-case KV of the running batch plus one more: rows are padded to the longest."""
-        seqs = [*self._rows, *self._prefilling]
-        longest = max([s.reserve_tokens for s in seqs] + [extra_tokens])
-        return (len(seqs) + (1 if extra_tokens else 0)) * longest * self.bytes_per_token
+        return self.scheduler.reserved_bytes(extra_tokens)
 
     def _admit(self) -> None:
-        while self._waiting and self.active < self.max_batch:
-            w = self._waiting[0]
-            p = w.gen.params
-            reserve = len(w.ids) + max(p.max_new_tokens, 0)
-            if self.kv_bytes > 0:
-                need = self._reserved_bytes(reserve)
-                if need > self.kv_bytes and self.active:
-                    break  # wait for running sequences to free memory (first come, first served)
-            self._waiting.popleft()
+        for req in self.scheduler.admit():
             try:
-                seq = self._start(w, reserve)
+                seq = self._start(req)
             except Exception as exc:
                 log.exception("could not start a request")
-                w.gen.finish("error", EngineError(f"generation failed: {first_line(exc)}"))
+                self.scheduler.release(req)
+                req.item.gen.finish("error", EngineError(f"generation failed: {first_line(exc)}"))
                 continue
             self._prefilling.append(seq)
             self.stats.admitted += 1
             self.stats.peak_active = max(self.stats.peak_active, self.active)
 
-    def _start(self, w: _Waiting, reserve: int) -> Sequence:
+    def _start(self, req: Request) -> Sequence:
         import torch
 
+        w: Waiting = req.item
         gen, ids, p = w.gen, w.ids, w.gen.params
         gen.stats.started_at = time.perf_counter()
         gen.stats.prompt_tokens = len(ids)
@@ -416,7 +255,8 @@ class Batcher:
         else:
             self.prefixes.misses += 1
         if self.kv_bytes > 0:  # make room: running sequences come before idle channels' caches
-            self.prefixes.shrink(max(self.kv_bytes - self._reserved_bytes(reserve), 0))
+            # (`req` already counts among the running: reserve for the running set alone)
+            self.prefixes.shrink(max(self.kv_bytes - self._reserved_bytes(), 0))
         gen.stats.reused_tokens = reused
         self.stats.reused_tokens += reused
         generator = torch.Generator(device=self.device)
@@ -428,16 +268,16 @@ class Batcher:
         history[: len(ids)] = torch.tensor(ids, dtype=torch.long)
         return Sequence(
             gen=gen,
+            req=req,
             ids=ids,
             prompt_len=len(ids),
-            reserve_tokens=reserve,
             processors=make_processors(p),
             generator=generator,
             decoder=IncrementalDecoder(self.tokenizer),
             history=history.to(self.device),
             done=reused,
             kv=kv,
-            eos=frozenset(_eos_ids(self.tokenizer, self.model)),  # read per request: may change
+            eos=frozenset(eos_ids(self.tokenizer, self.model)),  # read per request: may change
         )
 
     # ---- prefill ---------------------------------------------------------------------------
@@ -487,12 +327,14 @@ class Batcher:
             if self._prefilling and self._prefilling[0] is seq:
                 self._prefilling.popleft()
             seq.kv = None
+            self.scheduler.release(seq.req)
             seq.gen.finish("error", EngineError(f"generation failed: {first_line(exc)}"))
             return 1
         if (reason := self._accept(seq, token)) is not None:
             self._retire_single(seq, reason)
         else:
             self._join(seq)
+            self.scheduler.decoding(seq.req)
         return len(chunk)
 
     # ---- decode ----------------------------------------------------------------------------
@@ -529,6 +371,7 @@ class Batcher:
             log.exception("decode step failed for %d sequences", len(rows))
             error = EngineError(f"generation failed: {first_line(exc)}")
             for s in rows:
+                self.scheduler.release(s.req)
                 s.gen.finish("error", error)
             self._rows, self._cache, self._width = [], None, 0
             return
@@ -584,7 +427,7 @@ class Batcher:
         """Remove finished rows: save their KV for their channel, then narrow the batch."""
 
         width = self._width
-        for i, reason in leaving.items():
+        for i in leaving:  # save every leaving row's KV while all still count as running
             s = self._rows[i]
             if self._cache_worthy(s):
                 n = s.done
@@ -596,7 +439,8 @@ class Batcher:
                     for layer in self._cache.layers
                 ]
                 self._remember(s, kv)
-            self._finish(s, reason)
+        for i, reason in leaving.items():
+            self._finish(self._rows[i], reason)
         keep = [i for i in range(len(self._rows)) if i not in leaving]
         if not keep:
             self._rows, self._cache, self._width = [], None, 0
@@ -610,6 +454,7 @@ class Batcher:
 
     def _retire_single(self, seq: Sequence, reason: str) -> None:
         """End a sequence that never joined the batch (its KV is its own cache)."""
+        self.scheduler.release(seq.req)  # it left the running set already: do not count it
         if seq.kv is not None and self._cache_worthy(seq) and seq.done > 0:
             kv = [(layer.keys.contiguous(), layer.values.contiguous()) for layer in seq.kv.layers]
             self._remember(seq, kv)
@@ -630,65 +475,6 @@ class Batcher:
         self.prefixes.shrink(room)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.release(seq.req)
         self.stats.finished += 1
         seq.gen.finish(reason)
-
-
-# --------------------------------------------------------------------------------------------
-# Sampling many rows at once
-
-
-def sample_rows(rows: list[Sequence], logits: Any) -> list[int]:
-    """The next token of every row, each with its own processors and random generator.
-
-    Rows that share sampling settings are processed as one block (the processors are row-wise,
-    so the result equals processing each row alone); repetition penalty reads each row's own
-    history, padded with that row's first id (a repeat changes nothing). One device-to-host copy
-    at the end, not one per row.
-    """
-    import torch
-
-    groups: dict[tuple[float, int, float, float], list[int]] = {}
-    for i, s in enumerate(rows):
-        groups.setdefault(s.sample_key(), []).append(i)
-    picks: list[Any] = [None] * len(rows)
-    for idx in groups.values():
-        first = rows[idx[0]]
-        scores = logits[idx] if len(idx) < len(rows) else logits
-        if len(first.processors):
-            scores = first.processors(_histories([rows[i] for i in idx]), scores)
-        if first.params.temperature <= 0:
-            chosen = scores.argmax(dim=-1)
-            for j, i in enumerate(idx):
-                picks[i] = chosen[j]
-        else:
-            probs = torch.softmax(scores, dim=-1)
-            for j, i in enumerate(idx):
-                picks[i] = torch.multinomial(probs[j : j + 1], 1, generator=rows[i].generator)[0, 0]
-    return [int(t) for t in torch.stack(picks).tolist()]
-
-
-def _histories(rows: Iterable[Sequence]) -> Any:
-    import torch
-
-    views = [s.history[: s.prompt_len + s.new_tokens] for s in rows]
-    longest = max(v.shape[0] for v in views)
-    return torch.stack(
-        [
-            v if v.shape[0] == longest else torch.cat([v, v[:1].expand(longest - v.shape[0])])
-            for v in views
-        ]
-    )
-
-
-def kv_bytes_per_token(model: Any) -> int:
-    """Bytes of keys plus values one token occupies across all layers."""
-    import torch
-
-    cfg = model.config.get_text_config(decoder=True)
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    dtype = model.dtype if model.dtype.is_floating_point else torch.float16
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize

@@ -1,0 +1,41 @@
+"""`make_engine(settings)`: the engine the settings ask for, local or OpenAI-compatible.
+
+The only module that knows both implementations; each is imported when chosen, so a bot that
+talks to a vLLM server never imports torch here, and one that runs locally never needs aiohttp's
+streaming code loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bot.engine.base import Engine
+
+
+def make_engine(settings: Any, *, model: str | None = None) -> Engine:
+    """The engine the settings ask for; `model` overrides MODEL (console --model, reload)."""
+    model_path = model or settings.model
+    if settings.engine == "openai":
+        from bot.engine.openai import OpenAIEngine
+
+        return OpenAIEngine(
+            base_url=settings.openai_base_url,
+            api_key=settings.openai_api_key,
+            model=settings.openai_model or model_path,
+            tokenizer=settings.tokenizer or model_path,
+        )
+    from bot.engine.local import LocalEngine
+
+    return LocalEngine(
+        model_path,
+        dtype=settings.dtype,
+        device_map=settings.device_map,
+        quantization=settings.quantization,
+        tokenizer=settings.tokenizer or None,
+        max_batch=settings.max_batch,
+        kv_cache_mb=settings.kv_cache_mb,
+    )
+
+
+#: The name callers used before the engine became a package; the same function.
+engine_from_settings = make_engine

@@ -1,0 +1,107 @@
+"""How the local engine loads a model: dtype, device map and quantization, then the weights.
+
+`plan_load` decides the `from_pretrained` arguments apart from loading, so the rules (bf16 where
+the GPU has it, bitsandbytes only on CUDA, ...) are tested without a model; `load_model` and
+`load_tokenizer` turn loading failures into one-line `EngineError`s. torch and transformers are
+imported inside the functions, so importing the package stays cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bot.engine.base import EngineError, first_line
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPlan:
+    """How `from_pretrained` will be called; decided apart from loading so it can be tested."""
+
+    dtype: str
+    device_map: str | None
+    quantization: str
+    kwargs: dict[str, Any]
+
+
+def plan_load(
+    dtype: str = "auto",
+    device_map: str = "auto",
+    quantization: str = "none",
+    *,
+    cuda: bool | None = None,
+) -> LoadPlan:
+    """Pick dtype, device map and quantization config; raise EngineError for what cannot work."""
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if dtype == "auto":  # bf16 where the GPU has it (Ampere+), fp16 on older GPUs, fp32 on CPU
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        dtype = ("bfloat16" if bf16 else "float16") if cuda else "float32"
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise EngineError(f"DTYPE={dtype!r} is not valid; use auto, bfloat16, float16 or float32")
+    dm: str | None = None if device_map in ("", "none") else device_map
+    if dm == "auto" and not cuda:
+        dm = None  # plain CPU load; accelerate's dispatch buys nothing without a GPU
+    if dm is not None and dm.startswith("cuda") and not cuda:
+        raise EngineError(f"DEVICE_MAP={device_map} asks for a GPU, but CUDA is not available")
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "low_cpu_mem_usage": True}
+    if quantization != "none":
+        if quantization not in ("4bit", "8bit"):
+            raise EngineError(f"QUANTIZATION={quantization!r} is not valid; use none, 8bit or 4bit")
+        if not cuda:
+            raise EngineError(
+                f"QUANTIZATION={quantization} needs a CUDA GPU (bitsandbytes), and none was found; "
+                "set QUANTIZATION=none to run on the CPU"
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise EngineError(
+                f"QUANTIZATION={quantization} needs bitsandbytes: pip install 'hermes-discord[gpu]'"
+            ) from None
+        from transformers import BitsAndBytesConfig
+
+        if quantization == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=getattr(torch, dtype),
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        dm = dm or "auto"
+    if dm is not None:
+        kwargs["device_map"] = dm
+    return LoadPlan(dtype, dm, quantization, kwargs)
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise EngineError(f"cannot load a tokenizer from {path!r}: {first_line(exc)}") from None
+
+
+def load_model(path: str, plan: LoadPlan) -> Any:
+    """`AutoModelForCausalLM.from_pretrained` as `plan` says, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **plan.kwargs)
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"cannot load the model {path!r}: {first_line(exc)}") from None
+    model.eval()
+    return model
+
+
+def eos_ids(tokenizer: Any, model: Any) -> list[int]:
+    """Every token id that ends a reply: the model's generation config plus the tokenizer's EOS."""
+    ids = model.generation_config.eos_token_id if model.generation_config else None
+    ids = list(ids) if isinstance(ids, list) else [ids] if ids is not None else []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,206 @@
+"""Swipes: alternative versions of a reply, chosen with buttons under it.
+
+Part of the Discord layer, owned by the bot (`HermesBot.swipes`). Under each one-message reply
+sit ◀, a counter ("2/3"), ▶ and 🔁. 🔁 generates another alternative with a new seed and shows
+it; ◀ ▶ move between the alternatives. The turn's stored text is always the alternative shown,
+so the one shown when the conversation moves on is what memory keeps; after that (or after a
+`/continue` extended it) the reply is settled. Only the member whose message was answered (or a
+manager, `bot.checks.is_manager`) may swipe, where the channel policy lets them use the bot. The buttons are `DynamicItem`s whose custom ids name the turn, and the alternatives live
+in SQLite, so buttons keep working after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+from typing import TYPE_CHECKING, Any, cast
+
+import discord
+
+from bot.checks import is_manager, policy_for
+from bot.conversation import EMPTY_NOTICE, Busy
+from bot.replies import LIMIT, NO_PINGS
+from bot.scenes import load_scene, member_context
+
+if TYPE_CHECKING:
+    from bot.app import HermesBot
+
+log = logging.getLogger(__name__)
+
+NOT_YOURS = "Only the member this reply answered (or a manager) can swipe it."
+SETTLED = "The conversation has moved on, so this reply stays as it is."
+GONE = "This reply can no longer be swiped."
+NOTHING_NEW = "I could not come up with another version; the current one stays."
+
+_STYLE = discord.ButtonStyle.secondary
+_LABELS = {"prev": "◀", "next": "▶", "new": "🔁"}
+
+
+class SwipeButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=r"swipe:(?P<action>prev|next|new|count):(?P<turn>[0-9]+)",
+):
+    """One of a reply's swipe buttons; the custom id carries the action and the turn id."""
+
+    def __init__(self, action: str, turn_id: int, label: str = "", disabled: bool = False) -> None:
+        super().__init__(
+            discord.ui.Button(
+                style=_STYLE,
+                label=label or _LABELS.get(action, "·"),
+                custom_id=f"swipe:{action}:{turn_id}",
+                disabled=disabled,
+            )
+        )
+        self.action = action
+        self.turn_id = turn_id
+
+    @classmethod
+    async def from_custom_id(
+        cls,
+        interaction: discord.Interaction,
+        item: discord.ui.Button[Any],
+        match: re.Match[str],
+        /,
+    ) -> SwipeButton:
+        return cls(match["action"], int(match["turn"]), item.label or "")
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        bot = cast("HermesBot", interaction.client)
+        await bot.swipes.click(interaction, self.action, self.turn_id)
+
+
+def swipe_view(turn_id: int, shown: int, total: int) -> discord.ui.View:
+    """The buttons under a reply showing alternative `shown` (0-based) of `total`."""
+    view = discord.ui.View(timeout=None)
+    view.add_item(SwipeButton("prev", turn_id, disabled=shown <= 0))
+    view.add_item(SwipeButton("count", turn_id, f"{shown + 1}/{total}", disabled=True))
+    view.add_item(SwipeButton("next", turn_id, disabled=shown >= total - 1))
+    view.add_item(SwipeButton("new", turn_id))
+    return view
+
+
+def one_message(prefix: str, text: str) -> str:
+    """`text` cut to fit one message after `prefix` (alternatives are swapped in place)."""
+    room = LIMIT - len(prefix)
+    return text if len(text) <= room else text[: room - 1].rstrip() + "…"
+
+
+class Swipes:
+    """Puts the buttons under replies and answers their clicks."""
+
+    def __init__(self, bot: HermesBot) -> None:
+        self.bot = bot
+
+    async def attach(
+        self,
+        message: discord.Message,
+        turn_id: int,
+        text: str,
+        reply_to: int | None,
+        asked_turn: int | None,
+    ) -> None:
+        """Offer swipes under a reply posted as one message (`text`: its stored text).
+
+        `reply_to` is the turn the reply answered (its prompt is rebuilt from there), and
+        `asked_turn` the human message that led to it: its author may swipe."""
+        memory = self.bot.memory
+        asked = await memory.turn(asked_turn) if asked_turn is not None else None
+        await memory.start_swipes(
+            turn_id,
+            text,
+            self.bot.conv.counter(text.strip()),
+            reply_to=reply_to,
+            requester=asked.author_id if asked else None,
+        )
+        try:
+            await message.edit(view=swipe_view(turn_id, 0, 1), allowed_mentions=NO_PINGS)
+        except discord.HTTPException as exc:
+            log.info("could not add swipe buttons to message %s: %s", message.id, exc)
+
+    async def click(self, interaction: discord.Interaction, action: str, turn_id: int) -> None:
+        memory = self.bot.memory
+        state = await memory.swipes(turn_id)
+        turn = await memory.turn(turn_id)
+        channel = interaction.channel
+        if state is None or turn is None or channel is None:
+            await interaction.response.send_message(GONE, ephemeral=True)
+            return
+        if interaction.user.id != state.requester and not is_manager(interaction):
+            await interaction.response.send_message(NOT_YOURS, ephemeral=True)
+            return
+        policy = await policy_for(self.bot, channel, interaction.guild_id, interaction.user)
+        if (refusal := policy.refusal_to_speak()) is not None:
+            await interaction.response.send_message(refusal, ephemeral=True)
+            return
+        if await memory.later_user_turn(turn.channel_id, turn_id):
+            await interaction.response.send_message(SETTLED, ephemeral=True)
+            return
+        identity = await self.bot.webhooks.identity(channel, turn.persona, interaction.guild_id)
+        if action in ("prev", "next"):
+            idx = state.shown + (1 if action == "next" else -1)
+            text = await memory.show_swipe(turn_id, idx)
+            if text is None:
+                await interaction.response.defer()
+                return
+            await interaction.response.edit_message(
+                content=identity.prefix + text,
+                view=swipe_view(turn_id, idx, len(state.alternatives)),
+                allowed_mentions=NO_PINGS,
+            )
+            return
+        if action != "new":
+            await interaction.response.defer()
+            return
+        await interaction.response.defer()
+        text = await self._alternative(interaction, turn.channel_id, turn_id, state.reply_to, turn)
+        if text is None:
+            await interaction.followup.send(NOTHING_NEW, ephemeral=True)
+            return
+        text = one_message(identity.prefix, text)
+        idx = await memory.add_swipe(turn_id, text, self.bot.conv.counter(text.strip()))
+        await interaction.edit_original_response(
+            content=identity.prefix + text,
+            view=swipe_view(turn_id, idx, idx + 1),
+            allowed_mentions=NO_PINGS,
+        )
+
+    async def _alternative(
+        self,
+        interaction: discord.Interaction,
+        channel_id: int,
+        turn_id: int,
+        reply_to: int | None,
+        turn: Any,
+    ) -> str | None:
+        """A new version of the reply: the same prompt (without the reply), a new seed."""
+        bot = self.bot
+        conv = bot.conv
+        channel = interaction.channel
+        parent = channel.parent_id if isinstance(channel, discord.Thread) else None
+        scene = await load_scene(bot.memory, bot.personas, channel_id, interaction.guild_id)
+        others, roster = member_context(scene, turn.persona or "")
+        try:
+            async with conv.slot(channel_id):
+                job = await conv.prepare(
+                    channel_id,
+                    interaction.guild_id,
+                    reply_to=reply_to,
+                    persona=turn.persona,
+                    overrides={"seed": random.randrange(1 << 30)},
+                    parent_id=parent,
+                    cast=others,
+                    scene=roster,
+                    skip=turn_id,
+                )
+                if job is None:
+                    return None
+                async with asyncio.timeout(bot.settings.reply_timeout):
+                    text = await conv.complete(job)
+        except Busy:
+            return None
+        except Exception:
+            log.exception("swipe failed in channel %s", channel_id)
+            return None
+        return None if not text or text == EMPTY_NOTICE else text

@@ -1,0 +1,313 @@
+"""Long-term recall: the FTS5 index follows every change to memory, and recall finds old facts.
+
+All against a real SQLite file through `bot.memory.Memory`; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from bot.memory import MIGRATIONS, SCHEMA_VERSION, Memory
+from bot.recall import match_expression, query_terms, recall
+
+FILLER = [
+    "the weather is grey again today",
+    "anyone up for a game tonight?",
+    "I fixed the bug in the parser",
+    "lunch was pasta, not bad",
+    "the build is green now",
+]
+
+
+async def fill(memory: Memory, channel: int, n: int, *, start: int = 0) -> list[int]:
+    ids = []
+    for i in range(start, start + n):
+        role = "user" if i % 2 == 0 else "assistant"
+        ids.append(
+            await memory.add_turn(
+                channel, role, f"{FILLER[i % len(FILLER)]} ({i})", name="ann", author_id=7
+            )
+        )
+    return ids
+
+
+async def found(memory: Memory, channel: int, text: str) -> list[str]:
+    return [
+        t.content
+        for t, _ in await memory.search_turns(channel, match_expression(query_terms([text])))
+    ]
+
+
+async def test_index_follows_insert_edit_delete_clear(memory: Memory):
+    assert memory.fts
+    tid = await memory.add_turn(1, "user", "my sister lives in Lisbon", name="bob", message_id=55)
+    await memory.add_turn(2, "user", "Lisbon is lovely", name="eve")  # another channel
+    assert await found(memory, 1, "where is Lisbon") == ["my sister lives in Lisbon"]
+    # porter stemming: "living" finds "lives"; the speaker's name is searchable too
+    assert await found(memory, 1, "living") == ["my sister lives in Lisbon"]
+    assert await found(memory, 1, "bob") == ["my sister lives in Lisbon"]
+
+    assert await memory.edit_message(55, "my sister moved to Porto")
+    assert await found(memory, 1, "Lisbon") == []
+    assert await found(memory, 1, "Porto") == ["my sister moved to Porto"]
+
+    assert await memory.delete_message(55)
+    assert await found(memory, 1, "Porto") == []  # a deleted message is never recalled
+    assert tid not in {t.id for t in await memory.recent_turns(1)}
+
+    await memory.add_turn(1, "user", "the Porto trip is booked", name="bob")
+    assert await memory.clear_channel(1) == 1
+    assert await found(memory, 1, "Porto") == []
+    assert await found(memory, 2, "Lisbon") == ["Lisbon is lovely"]
+
+
+async def test_forgotten_turns_are_not_found_until_unforgotten(memory: Memory):
+    await memory.add_turn(1, "user", "the vault code is 4471", name="bob")
+    await memory.forget(1)
+    await memory.add_turn(1, "user", "what was the vault code?", name="bob")
+    assert await found(memory, 1, "vault") == ["what was the vault code?"]
+    assert await memory.unforget(1)
+    assert sorted(await found(memory, 1, "vault")) == [
+        "the vault code is 4471",
+        "what was the vault code?",
+    ]
+
+
+async def test_user_text_is_never_fts_syntax(memory: Memory):
+    await memory.add_turn(1, "user", 'a "quoted" NEAR(thing) OR* -minus col:umn', name="bob")
+    for nasty in ['"', "NEAR(", "col:umn", "AND OR NOT", "*", "^start"]:
+        await found(memory, 1, nasty)  # never an FTS5 syntax error
+    assert await found(memory, 1, "quoted minus") == ['a "quoted" NEAR(thing) OR* -minus col:umn']
+
+
+async def test_migration_builds_the_index_on_a_v2_database(tmp_path: Path):
+    path = tmp_path / "v2.db"
+    con = sqlite3.connect(path)
+    con.executescript(MIGRATIONS[0])
+    con.executescript(MIGRATIONS[1])
+    con.execute("PRAGMA user_version=2")
+    for i, text in enumerate(["we met at the lighthouse", "nice", "the lighthouse was red"]):
+        con.execute(
+            "INSERT INTO turns (channel_id, name, role, content, created_at) VALUES (?,?,?,?,?)",
+            (5, "ann", "user", text, 1.0 + i),
+        )
+    con.commit()
+    con.close()
+
+    mem = await Memory.open(path)
+    try:
+        assert mem.fts
+        (version,) = await (await mem.db.execute("PRAGMA user_version")).fetchone()  # type: ignore[misc]
+        assert version == SCHEMA_VERSION >= 3  # v3 is the index; later versions follow it
+        assert sorted(await found(mem, 5, "lighthouse")) == [
+            "the lighthouse was red",
+            "we met at the lighthouse",
+        ]
+        await mem.add_turn(5, "user", "a new lighthouse story", name="ann")  # triggers work
+        assert len(await found(mem, 5, "lighthouse")) == 3
+    finally:
+        await mem.close()
+
+
+async def test_recall_finds_an_early_fact_outside_the_window(memory: Memory):
+    await fill(memory, 9, 10)
+    fact = await memory.add_turn(9, "user", "my dog is called Biscuit", name="bob", author_id=8)
+    await fill(memory, 9, 400, start=10)
+    window_start = (await memory.recent_turns(9, limit=30))[-1].id
+    got = await recall(
+        memory,
+        9,
+        ["what was the name of my dog again?"],
+        before_id=window_start,
+        budget_tokens=200,
+    )
+    ids = [t.id for t in got]
+    assert fact in ids and all(i < window_start for i in ids)
+    assert ids == sorted(ids)  # oldest first
+    assert ids.index(fact) > 0 and ids[ids.index(fact) - 1] == fact - 1  # with its context turn
+
+
+async def test_recall_respects_budget_blocks_boilerplate_and_duplicates(memory: Memory):
+    blocked = await memory.add_turn(
+        3, "user", "the password is swordfish", name="mal", author_id=66
+    )
+    notice = await memory.add_turn(3, "assistant", "*(I had nothing to say about swordfish)*")
+    first = await memory.add_turn(3, "user", "swordfish steak for dinner", name="bob", author_id=8)
+    dupe = await memory.add_turn(3, "user", "swordfish steak for dinner!", name="bob", author_id=8)
+    await fill(memory, 3, 50)
+    got = await recall(
+        memory, 3, ["swordfish?"], before_id=None, budget_tokens=1000, exclude_authors={66}
+    )
+    ids = {t.id for t in got}
+    assert blocked not in ids and notice not in ids
+    assert (first in ids) != (dupe in ids)  # one of the two near-identical lines, not both
+    assert await recall(memory, 3, ["swordfish"], before_id=None, budget_tokens=0) == []
+    small = await recall(memory, 3, ["swordfish"], before_id=None, budget_tokens=20)
+    assert sum((t.tokens or len(t.content) // 3) + 12 for t in small) <= 20
+
+
+async def test_recall_is_off_without_an_index(tmp_path: Path):
+    mem = await Memory.open(tmp_path / "m.db")
+    try:
+        await mem.add_turn(1, "user", "remember the lighthouse", name="ann")
+        mem.fts = False  # what `Memory.open` sets on an SQLite build without FTS5
+        assert await recall(mem, 1, ["lighthouse"], before_id=None, budget_tokens=500) == []
+    finally:
+        await mem.close()
+
+
+@pytest.mark.parametrize(
+    ("texts", "expected"),
+    [
+        (["Hi! What's the NAME of my cat?"], ["name", "cat"]),
+        (["cat 42", "the cat"], ["cat", "42"]),
+        (["Ünïcode café"], ["ünïcode", "café"]),
+    ],
+)
+def test_query_terms(texts: list[str], expected: list[str]):
+    assert query_terms(texts) == expected
+
+
+# ---- through the bot's prompt builder ------------------------------------------------------
+
+
+class CountingEngine:
+    """The engine as `Conversations` sees it when building prompts: the real tokenizer's count."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+
+async def long_channel(memory: Memory, *, fact_author: int = 8) -> tuple[int, int]:
+    """A channel with a fact said early and 600 turns of chat after it; returns (fact, question)."""
+    await fill(memory, 77, 6)
+    fact = await memory.add_turn(
+        77, "user", "my dog is called Biscuit", name="bob", guild_id=1, author_id=fact_author
+    )
+    await fill(memory, 77, 600, start=6)
+    question = await memory.add_turn(
+        77, "user", "what was the name of my dog again?", name="bob", guild_id=1, author_id=8
+    )
+    return fact, question
+
+
+def conversations(settings, memory: Memory, tokenizer):
+    from bot.conversation import Conversations
+
+    return Conversations(settings, memory, CountingEngine(tokenizer))
+
+
+async def test_recall_puts_an_early_fact_into_a_late_prompt(
+    memory: Memory, settings_factory, llama_tokenizer
+):
+    from bot.prompt import RECALL_HEADING
+
+    fact, question = await long_channel(memory)
+    settings = settings_factory(CONTEXT_TOKENS=1024, MAX_NEW_TOKENS=128)
+    job = await conversations(settings, memory, llama_tokenizer).prepare(77, 1, reply_to=question)
+    assert job is not None
+    assert fact not in {t.id for t in job.prompt.turns}  # far outside the window...
+    assert fact in {t.id for t in job.prompt.recalled}  # ...and recalled
+    text = job.prompt.text
+    assert RECALL_HEADING in text and "bob: my dog is called Biscuit" in text
+    # the recall block sits after the current message: the history before it is a stable prefix
+    assert text.index("what was the name of my dog again?") < text.index(RECALL_HEADING)
+    assert text.endswith("### Response:\n")
+    real = len(llama_tokenizer(text).input_ids)
+    assert real <= job.prompt.tokens <= 1024 - 128
+
+
+async def test_blocked_members_are_never_recalled(
+    memory: Memory, settings_factory, llama_tokenizer
+):
+    fact, question = await long_channel(memory, fact_author=66)
+    await memory.set_blocked(1, "user", 66, True)
+    settings = settings_factory(CONTEXT_TOKENS=1024, MAX_NEW_TOKENS=128)
+    job = await conversations(settings, memory, llama_tokenizer).prepare(77, 1, reply_to=question)
+    assert job is not None and "Biscuit" not in job.prompt.text
+    assert all(t.id != fact for t in job.prompt.recalled)
+
+
+async def test_recall_off_changes_nothing(memory: Memory, settings_factory, llama_tokenizer):
+    from bot.prompt import RECALL_HEADING, TokenCounter, fit_prompt, seen_by
+
+    fact, question = await long_channel(memory)
+    settings = settings_factory(CONTEXT_TOKENS=1024, MAX_NEW_TOKENS=128, RECALL="off")
+    conv = conversations(settings, memory, llama_tokenizer)
+    job = await conv.prepare(77, 1, reply_to=question)
+    assert job is not None and job.prompt.recalled == [] and RECALL_HEADING not in job.prompt.text
+    # exactly the prompt the window alone gives: the whole budget goes to the history
+    turns = await memory.recent_turns(77)
+    expected = fit_prompt(
+        settings.system_prompt,
+        # (the filler's replies are signed "ann": Hermes sees them as ann's named lines)
+        seen_by([t.to_turn() for t in turns[1:]], "Hermes"),
+        turns[0].to_turn(),
+        TokenCounter(CountingEngine(llama_tokenizer).count_tokens),
+        1024 - 128,
+        slack=settings.fit_slack,
+    )
+    assert job.prompt.text == expected.text
+
+
+async def test_nothing_recalled_while_the_history_fits(
+    memory: Memory, settings_factory, llama_tokenizer
+):
+    await memory.add_turn(5, "user", "my dog is called Biscuit", name="bob")
+    question = await memory.add_turn(5, "user", "what is my dog called?", name="bob")
+    on = settings_factory(CONTEXT_TOKENS=1024, MAX_NEW_TOKENS=128)
+    off = settings_factory(CONTEXT_TOKENS=1024, MAX_NEW_TOKENS=128, RECALL="off")
+    a = await conversations(on, memory, llama_tokenizer).prepare(5, reply_to=question)
+    b = await conversations(off, memory, llama_tokenizer).prepare(5, reply_to=question)
+    assert a is not None and b is not None
+    assert a.prompt.text == b.prompt.text and a.prompt.recalled == []
+
+
+def test_rare_terms_skip_what_the_window_keeps_saying():
+    from bot.recall import SEARCH_TERMS, rare_terms
+
+    window = ["the game tonight?", "game lag again", "the server is laggy", "game server down"]
+    assert rare_terms(["game", "server", "kitten"], window) == ["kitten", "server"]
+    assert rare_terms(["game"], window) == []  # in 3 of 4 window turns: too common to search
+    many = [f"word{i}" for i in range(20)]
+    assert len(rare_terms(many, [])) == SEARCH_TERMS
+
+
+@pytest.mark.slow
+async def test_admin_memory_search_shows_what_recall_finds(world, tmp_path: Path):
+    from tests.bot_harness import ScriptedEngine, running_bot
+
+    w = world
+    async with running_bot(w.fake, w.settings(tmp_path), engine=ScriptedEngine(["ok"])) as bot:
+        await bot.memory.add_turn(
+            w.general.id, "user", "my dog is called Biscuit", name="bob", author_id=w.bob.id
+        )
+        await bot.memory.add_turn(
+            w.general.id, "user", "the dog ate my homework", name="mal", author_id=w.carol.id
+        )
+        await bot.memory.set_blocked(w.guild.id, "user", w.carol.id, True)
+
+        async def search(user, query: str) -> tuple[str, bool]:
+            handle = await w.fake.invoke_command(
+                w.general.id, user, "admin memory search", {"query": query}
+            )
+            response = await handle.wait_response(10)
+            return response.content or "", response.ephemeral
+
+        text, private = await search(w.admin, "what's my dog's name?")
+        assert (
+            private and "Recall would show" in text and "**bob**: my dog is called Biscuit" in text
+        )
+        assert "homework" not in text  # a blocked member is never recalled
+        text, _ = await search(w.admin, "quantum chromodynamics")
+        assert text == "Recall finds nothing here for that."
+        text, _ = await search(w.alice, "dog")  # not a manager
+        assert "Biscuit" not in text
+        audit = [r.action for r in await bot.memory.audit_log(w.guild.id)]
+        assert audit.count("memory.search") == 2
