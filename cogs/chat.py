@@ -343,6 +343,9 @@ class Chat(commands.Cog):
         """Store the messages `channel` got since the newest one memory holds (within the
         window and the cap); returns how many were new."""
         floor = history_floor(await self.memory.newest_message_id(channel.id), now, minutes)  # type: ignore[attr-defined]
+        last = getattr(channel, "last_message_id", None)  # from the gateway, when it says
+        if last is not None and last <= floor:
+            return 0  # nothing new there: no request
         missed = [
             m
             async for m in channel.history(

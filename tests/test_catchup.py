@@ -24,7 +24,14 @@ from bot.engine import Generation
 from bot.memory import MIGRATIONS, SCHEMA_VERSION, Memory, StoredTurn, ensure_owed_replies
 from bot.settings import Settings
 from tests.bot_harness import ScriptedEngine, bot_settings
-from tests.fake_discord import FakeChannel, FakeDiscord, FakeMessage, start_client, stop_client
+from tests.fake_discord import (
+    GET_MESSAGES,
+    FakeChannel,
+    FakeDiscord,
+    FakeMessage,
+    start_client,
+    stop_client,
+)
 from tests.world import World
 
 QUESTION = re.compile(r"q\d+")
@@ -277,16 +284,20 @@ async def test_catch_up_reads_only_the_newest_messages_up_to_the_cap(
 async def test_off_channel_and_already_replied_messages_are_not_answered(
     world: World, tmp_path: Path
 ) -> None:
-    """A channel switched off is not read back; a message whose reply is already in the
-    channel (the bot stopped between posting and storing) is stored but not answered again."""
+    """A channel switched off is not read back, nor one with nothing new (the gateway's
+    last message id says so); a message whose reply is already in the channel (the bot stopped
+    between posting and storing) is stored but not answered again."""
     fake = world.fake
     quiet = fake.add_channel(world.guild.id, "quiet")
+    idle = fake.add_channel(world.guild.id, "idle")
     engine = ScriptedEngine(answer)
     general = [world.general.id]
     async with Runs(fake, bot_settings(tmp_path, "x")) as runs:
         bot, task = await runs.start(engine)
         await ask(fake, world.general, world.alice, 0)
         await fake.wait_for(lambda: len(bot_messages(fake, general)) == 1, timeout=10)
+        await fake.user_message(idle.id, world.bob, "just a remark")
+        await fake.wait_for(lambda: fake.last_message(idle.id).delivered, timeout=10)
         await bot.memory.update_channel(quiet.id, world.guild.id, mode="off")
         await runs.stop(bot, task)
 
@@ -305,6 +316,10 @@ async def test_off_channel_and_already_replied_messages_are_not_answered(
         assert len(engine.prompts) == 2
         assert not bot_messages(fake, [quiet.id])
         assert not await bot.memory.all_turns(quiet.id)
+        assert [t.content for t in await bot.memory.all_turns(idle.id)] == ["just a remark"]
+        history_reads = {r.path for r in fake.find_requests(*GET_MESSAGES)}
+        assert f"/channels/{world.general.id}/messages" in history_reads
+        assert not {f"/channels/{c.id}/messages" for c in (quiet, idle)} & history_reads
         turn = await bot.memory.turn_for_message(replied.id)
         assert turn is not None and turn.content == "question q2"
         assert len(replies_to(fake, general)[replied.id]) == 1
