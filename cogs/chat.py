@@ -270,8 +270,8 @@ class Chat(commands.Cog):
                 self._catch_up_again = False
                 try:
                     await self._catch_up_once()
-                except discord.HTTPException as exc:
-                    log.warning("catch-up stopped: Discord answered %s %s", exc.status, exc.text)
+                except (discord.HTTPException, aiohttp.ClientError) as exc:
+                    log.warning("catch-up stopped: %s", describe_failure(exc))
                 again = self._catch_up_again
 
     async def _catch_up_once(self) -> None:
@@ -287,7 +287,11 @@ class Chat(commands.Cog):
                 continue
             if (await policy_for(self.bot, channel, guild_id)).mode == "off":
                 continue
-            read += await self._read_back(channel, guild_id, now, minutes)
+            try:
+                read += await self._read_back(channel, guild_id, now, minutes)
+            except (discord.HTTPException, aiohttp.ClientError) as exc:
+                # one channel's history out of reach must not keep the others from catching up
+                log.warning("catch-up skipped channel %s: %s", channel_id, describe_failure(exc))
         owed = owed_replies(await self.memory.awaiting_turns(), now, minutes)
         for turn in owed.expired:
             await self.memory.mark_answered(turn.id)

@@ -18,6 +18,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from bot.app import HermesBot
 from bot.catchup import Claims, history_floor, owed_replies, snowflake_at, snowflake_time
 from bot.engine import Generation
@@ -324,6 +326,35 @@ async def test_off_channel_and_already_replied_messages_are_not_answered(
         assert turn is not None and turn.content == "question q2"
         assert len(replies_to(fake, general)[replied.id]) == 1
         assert not await bot.memory.awaiting_turns()
+
+
+async def test_a_channel_out_of_reach_does_not_stop_the_others(
+    world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = world.fake
+    ids = [world.general.id, world.other.id]
+    engine = ScriptedEngine(answer)
+    async with Runs(fake, bot_settings(tmp_path, "x")) as runs:
+        bot, task = await runs.start(engine)
+        asked = [
+            await ask(fake, c, world.alice, i) for i, c in enumerate((world.general, world.other))
+        ]
+        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 2, timeout=10)
+        await runs.stop(bot, task)
+        lost = await ask(fake, world.general, world.bob, 2)
+        asked.append(await ask(fake, world.other, world.bob, 3))
+        refusal = {"message": "Missing Access", "code": 50001}
+        fake.inject("GET", f"/channels/{world.general.id}/messages", 403, body=refusal)
+        bot, _ = await runs.start(engine)
+        await fake.wait_for(
+            lambda: len(bot_messages(fake, ids)) == 3 and bot.conv.pending == 0, timeout=20
+        )
+        await fake.wait_for(lambda: not bot.reply_tasks, timeout=10)
+        await assert_each_answered_once(fake, bot, asked, ids)
+        assert lost.id not in replies_to(fake, ids)
+    skipped = [r for r in caplog.records if "catch-up skipped channel" in r.getMessage()]
+    assert len(skipped) == 1 and "403" in skipped[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info]
 
 
 # ---- memory: schema v4 ---------------------------------------------------------------------
