@@ -16,7 +16,14 @@ import pytest
 from bot.replies import split_message
 from cogs.chat import APOLOGY
 from tests.bot_harness import ScriptedEngine, bot_settings, running_bot
-from tests.fake_discord import EDIT_MESSAGE, SEND_MESSAGE, FakeDiscord, FakeMessage
+from tests.fake_discord import (
+    EDIT_MESSAGE,
+    EDIT_WEBHOOK_MESSAGE,
+    EXECUTE_WEBHOOK,
+    SEND_MESSAGE,
+    FakeDiscord,
+    FakeMessage,
+)
 from tests.world import World
 
 pytestmark = pytest.mark.slow
@@ -161,3 +168,32 @@ async def test_reply_to_a_message_deleted_meanwhile_is_posted_quietly(
         assert turns[0].content == TEXT
     no_traceback(caplog)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_persona_reply_through_a_webhook_survives_resets(
+    world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """discord.py's webhook adapter retries 5xx itself but not a reset connection (on Linux)."""
+    fake = world.fake
+    engine = ScriptedEngine([TEXT], delay=0.01, piece=25)
+    settings = bot_settings(tmp_path, "x", STREAM_INTERVAL="0")
+    async with running_bot(fake, settings, engine=engine) as bot:
+        await bot.memory.update_channel(world.general.id, world.guild.id, persona="Grumbold")
+        sends = fake.inject(*EXECUTE_WEBHOOK, drop="reset")
+        edits = fake.inject(*EDIT_WEBHOOK_MESSAGE, drop="reset", after=1)
+        await ask(world)
+        await fake.wait_for(
+            lambda: bot.conv.pending == 0 and not bot.reply_tasks and hook_posts(fake, world),
+            timeout=20,
+        )
+        assert sends.hits == 1 and edits.hits == 1
+        posts = hook_posts(fake, world)
+        assert [(m.content, m.username) for m in posts] == [(TEXT, "Grumbold")]
+        turns = [t for t in await bot.memory.all_turns(world.general.id) if t.role == "assistant"]
+        assert [(t.content, t.persona) for t in turns] == [(TEXT, "Grumbold")]
+        assert await bot.memory.message_ids(turns[0].id) == [posts[0].id]
+    no_traceback(caplog)
+
+
+def hook_posts(fake: FakeDiscord, world: World) -> list[FakeMessage]:
+    return [m for m in fake.channel_messages(world.general.id) if m.webhook_id is not None]
