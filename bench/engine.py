@@ -9,6 +9,9 @@
   whatever has arrived (up to 8) and runs it to the end: throughput and mean latency.
 - P2: time to first token for a new message in a channel with ~3,500 tokens of history, with the
   channel's cached prefix against a cold prompt. Target <= 0.2x.
+- P5: P2 through the bot's own path (memory, `Conversations.prepare`) in a channel twice the
+  window long, with long-term recall off and on: the recall block sits after the current
+  message, so the cached prefix still covers the history (`--only 5`).
 - P3: the bot's own work between a message event and the engine submit (store the turn, read
   memory, fit the prompt) in a channel with 2,000 stored turns, with the real Llama 2 tokenizer.
   Target p50 <= 5 ms.
@@ -266,6 +269,60 @@ async def p2(model: Path, args: argparse.Namespace) -> float:
         await eng.close()
 
 
+async def p5(model: Path, args: argparse.Namespace, recall: str) -> tuple[float, int, str]:
+    """P2 through the bot's own prompt path (memory + `Conversations.prepare`) in a channel whose
+    history is twice the window, with long-term recall `on` or `off`: the cached prefix's TTFT
+    against a cold prompt, and how many turns recall added per prompt (median)."""
+    from bot.conversation import Conversations
+    from bot.memory import Memory
+    from bot.settings import load_settings
+
+    eng = await started(model, args, max_batch=8, kv_cache_mb=args.kv_cache_mb)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = load_settings(
+                env={"DB_PATH": f"{tmp}/p5.db", "RECALL": recall}, env_file=None
+            )
+            memory = await Memory.open(settings.db_path)
+            try:
+                conv = Conversations(settings, memory, eng)
+                channel, used = 5150, 0
+                facts = [f"remember: the vault{k} code is {4400 + k} (zed{k})" for k in range(8)]
+                i = 0
+                while used < 2 * settings.context_tokens:  # older turns the window must drop
+                    text = facts[i] if i < len(facts) else chatter(i, 30)
+                    role = "user" if i % 2 == 0 or i < len(facts) else "assistant"
+                    await memory.add_turn(
+                        channel, role, text, name="ann", tokens=eng.count_tokens(text)
+                    )
+                    used += eng.count_tokens(text) + 8
+                    i += 1
+                short = GenerationParams(max_new_tokens=16, seed=5)
+                warm, cold, recalled, reused = [], [], [], []
+                for k in range(args.trials + 1):
+                    qid = await conv.record_user(
+                        channel, f"what was the vault{k % 8} code again?", name="bob"
+                    )
+                    job = await conv.prepare(channel, reply_to=qid)
+                    assert job is not None
+                    recalled.append(len(job.prompt.recalled))
+                    c = eng.generate(job.prompt.text, short)  # no cache key: from scratch
+                    await c.text_all()
+                    w = eng.generate(job.prompt.text, short, cache_key=job.cache_key)
+                    reply = await w.text_all()
+                    await conv.record_assistant(channel, reply or "ok", message_ids=[7000 + k])
+                    if k:  # the first message only warms the channel's cache
+                        cold.append(ttft(c.stats))
+                        warm.append(ttft(w.stats))
+                        reused.append(f"{w.stats.reused_tokens}/{w.stats.prompt_tokens}")
+            finally:
+                await memory.close()
+        ratio = statistics.median(warm) / statistics.median(cold)
+        return ratio, int(statistics.median(recalled)), ", ".join(reused)
+    finally:
+        await eng.close()
+
+
 def ttft(stats: Any) -> float:
     """Time to first text; a reply that ended before any text counts its whole time."""
     t = stats.time_to_first_token
@@ -413,6 +470,14 @@ async def main() -> None:
             print("P2 time to first token, prefix cache vs cold")
             r = await p2(model, args)
             print(f"P2 = {r:.3f}x  (target <= 0.2x: {'met' if r <= 0.2 else 'NOT met'})")
+        if "5" in args.only:
+            print("P5 = P2 through memory and Conversations.prepare, recall off vs on")
+            for mode in ("off", "on"):
+                r, n, reused = await p5(model, args, mode)
+                print(
+                    f"  recall {mode}: P2 = {r:.3f}x, recalled turns per prompt {n}, "
+                    f"prompt tokens reused from the cache {reused}"
+                )
         if "3" in args.only:
             print("P3 message event to engine submit")
             p50 = await p3(args)

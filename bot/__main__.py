@@ -1,5 +1,9 @@
 """`hermes-bot` / `python -m bot`: run the Discord bot, chat in the terminal, check the setup, or
-benchmark the model on this machine."""
+benchmark the model on this machine.
+
+Every failure a user can fix is one line on stderr and a non-zero exit (2 for bad input such as
+settings, a missing --env-file or an unknown persona), never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,16 @@ import argparse
 import asyncio
 import logging
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from bot.settings import Settings, SettingsError, env_example, load_settings, settings_table
+
+DESCRIPTION = (
+    "Run the Discord bot, chat with the model in the terminal, check the setup, or benchmark "
+    "the model on this machine. "
+    "Settings come from the environment and .env (see .env.example)."
+)
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -38,32 +49,63 @@ def cmd_run(settings: Settings) -> int:
 
 
 def cmd_console(settings: Settings, args: argparse.Namespace) -> int:
-    from bot.console import run_console
+    from bot.console import console_personas, persona_problem, run_console
     from bot.engine import EngineError, engine_from_settings
     from bot.memory import MemoryError_
+    from bot.model_source import ModelSourceError, resolve_engine_sources
 
+    # Cheap checks first: a typo in --persona or MODEL never waits for a model to load.
+    problem = asyncio.run(persona_problem(console_personas(settings, report=False), args.persona))
+    if problem:
+        return _fail(problem)
     try:
-        engine = engine_from_settings(settings, model=args.model)
+        settings, model = resolve_engine_sources(settings, args.model)
+        engine = engine_from_settings(settings, model=model)
         return asyncio.run(
             run_console(
-                settings, engine, show_prompt=args.show_prompt, user=args.user, persona=args.persona
+                settings,
+                engine,
+                show_prompt=args.show_prompt,
+                user=args.user,
+                persona=args.persona,
+                resume=args.resume,
             )
         )
+    except ModelSourceError as exc:
+        return _fail(str(exc), 1)
     except (EngineError, MemoryError_) as exc:
         return _fail(str(exc), 1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C while the model was still loading
         return 130
 
 
 def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
     from bot.doctor import doctor
 
-    return asyncio.run(doctor(settings, model=args.model, load_model=not args.skip_model))
+    return asyncio.run(
+        doctor(
+            settings,
+            model=args.model,
+            load_model=not args.skip_model,
+            check_token=not args.skip_token,
+        )
+    )
+
+
+def version() -> str:
+    try:
+        return metadata.version("hermes-discord")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hermes-bot", description=__doc__)
-    parser.add_argument("--env-file", default=".env", help="settings file (default: .env)")
+    parser = argparse.ArgumentParser(prog="hermes-bot", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument(
+        "--env-file",
+        help="settings file (default: .env when it exists; the environment wins over it)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the Discord bot")
     console = sub.add_parser("console", help="chat in the terminal (reads piped stdin too)")
@@ -75,9 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     console.add_argument("--user", default="User", help="your name in the conversation")
     console.add_argument("--persona", help="talk to a built-in persona (e.g. Grumbold)")
+    console.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with the last console conversation (default: start a fresh one)",
+    )
     doctor = sub.add_parser("doctor", help="check settings, database and model loading")
     doctor.add_argument("--model", help="model folder or hub id (overrides MODEL)")
     doctor.add_argument("--skip-model", action="store_true", help="do not load the model")
+    doctor.add_argument(
+        "--skip-token",
+        action="store_true",
+        help="do not count a missing DISCORD_TOKEN as a problem (offline checks)",
+    )
     bench = sub.add_parser("bench", help="measure MODEL on this machine (load, tokens/s, TTFT)")
     bench.add_argument("--model", help="model folder or hub id (overrides MODEL)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -93,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "settings-table":
         print(settings_table())
         return 0
+    if args.env_file is not None and not Path(args.env_file).is_file():
+        return _fail(f"--env-file {args.env_file}: no such file ({Path(args.env_file).absolute()})")
     try:
-        settings = load_settings(env_file=Path(args.env_file))
+        settings = load_settings(env_file=Path(args.env_file or ".env"))
     except SettingsError as exc:
         return _fail(str(exc))
     _setup_logging(settings)

@@ -220,6 +220,10 @@ class Settings:
             out[f.name.upper()] = ("set" if value else "not set") if f.metadata["secret"] else value
         return out
 
+    def as_written(self) -> dict[str, str]:
+        """`redacted()` in `.env` spelling, for `doctor`: what a user would write for each key."""
+        return {key: written(value) for key, value in self.redacted().items()}
+
 
 _KINDS = {
     "int": "a whole number",
@@ -357,6 +361,17 @@ def load_settings(
     return Settings(**values)
 
 
+def written(value: Any) -> str:
+    """A setting's value as a user writes it in `.env`: `1,2` not `(1, 2)`, empty not `.`."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, Path) and str(value) == ".":
+        return ""
+    return str(value)
+
+
 def env_example() -> str:
     """The text of `.env.example`: every key, its default and what it does."""
     lines = [
@@ -366,13 +381,7 @@ def env_example() -> str:
     ]
     for f in fields(Settings):
         meta = f.metadata
-        default = f.default
-        if isinstance(default, tuple):
-            default = ",".join(map(str, default))
-        elif isinstance(default, bool):
-            default = str(default).lower()
-        elif isinstance(default, Path) and str(default) == ".":
-            default = ""
+        default = written(f.default)
         extra = f" ({'|'.join(meta['choices'])})" if meta["choices"] else ""
         lines.append(f"# {meta['help']}{extra}")
         lines.append(f"{f.name.upper()}={default}")
@@ -385,11 +394,7 @@ def settings_table() -> str:
     rows = ["| Key | Default | What it does |", "|---|---|---|"]
     for f in fields(Settings):
         meta = f.metadata
-        default = f.default
-        if isinstance(default, tuple):
-            default = ",".join(map(str, default))
-        elif isinstance(default, Path) and str(default) == ".":
-            default = ""
+        default = written(f.default)
         extra = f" One of: {', '.join(meta['choices'])}." if meta["choices"] else ""
         rng = f" Range {meta['lo']}–{meta['hi']}." if meta["lo"] is not None and meta["hi"] else ""
         admin = " Per server/channel: `/admin settings set`." if meta["tunable"] else ""

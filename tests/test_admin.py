@@ -803,6 +803,7 @@ async def test_model_reload_swaps_models_keeps_the_old_on_failure_and_drops_noth
         assert got.ephemeral
         assert got.text.startswith(f"Reload failed, still serving `{tiny_model}`: "), got.text
         assert "no-such-model" in got.text.split(": ", 1)[1]  # why: the path it could not load
+        assert f"model folder not found: {missing}" in got.text  # at once, no hub retries
         assert bot.engine is first and bot.conv.engine is first
         await mention(w, "still there?")
         await settle(w, bot, w.general.id, 1, timeout=30)

@@ -311,3 +311,19 @@ async def test_admin_memory_search_shows_what_recall_finds(world, tmp_path: Path
         assert "Biscuit" not in text
         audit = [r.action for r in await bot.memory.audit_log(w.guild.id)]
         assert audit.count("memory.search") == 2
+
+
+def test_doctor_says_whether_recall_is_on(cli_env, tmp_path: Path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "bot", "doctor", "--skip-model", "--skip-token"],
+        env=cli_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "long-term recall: on (SQLite full-text search, FTS5)" in proc.stdout

@@ -159,7 +159,9 @@ def test_doctor_reads_dotenv_and_never_prints_the_token(cli_env, tmp_path):
 def test_env_file_option(cli_env, tmp_path):
     other = tmp_path / "prod.env"
     other.write_text("CONTEXT_TOKENS=1024\n", encoding="utf-8")
-    proc = run_cli(["--env-file", str(other), "doctor", "--skip-model"], cli_env, tmp_path)
+    proc = run_cli(
+        ["--env-file", str(other), "doctor", "--skip-model", "--skip-token"], cli_env, tmp_path
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "CONTEXT_TOKENS = 1024" in proc.stdout
     assert "DISCORD_TOKEN = not set" in proc.stdout

@@ -77,11 +77,23 @@ def plan_load(
     return LoadPlan(dtype, dm, quantization, kwargs)
 
 
+def checked_source(path: str, what: str) -> str:
+    """`path` as `bot.model_source` resolves it: a missing folder or an unreachable, uncached hub
+    id is a one-line EngineError in a second, not a minute of hub retries."""
+    from bot.model_source import ModelSourceError, resolve_model_source
+
+    try:
+        return resolve_model_source(path, what)
+    except ModelSourceError as exc:
+        raise EngineError(str(exc)) from None
+
+
 def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
+    source = checked_source(path, "tokenizer")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise EngineError(f"cannot load a tokenizer from {path!r}: {first_line(exc)}") from None
 
@@ -90,8 +102,9 @@ def load_model(path: str, plan: LoadPlan) -> Any:
     """`AutoModelForCausalLM.from_pretrained` as `plan` says, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    source = checked_source(path, "model")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **plan.kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **plan.kwargs)
     except (OSError, ValueError) as exc:
         raise EngineError(f"cannot load the model {path!r}: {first_line(exc)}") from None
     model.eval()

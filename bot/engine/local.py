@@ -16,7 +16,7 @@ from typing import Any
 
 from bot.engine.base import Engine, EngineError, EngineInfo, Generation, GenerationParams
 from bot.engine.batching import Batcher
-from bot.engine.loading import load_model, load_tokenizer, plan_load
+from bot.engine.loading import checked_source, load_model, load_tokenizer, plan_load
 
 
 class LocalEngine(Engine):
@@ -61,6 +61,7 @@ class LocalEngine(Engine):
         self._worker.start()
 
     def _load(self) -> tuple[Any, Any]:
+        checked_source(self.model_path, "model")  # a missing model is named as the model
         tokenizer = load_tokenizer(self.tokenizer_path)
         return load_model(self.model_path, self.plan), tokenizer
 
