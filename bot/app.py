@@ -91,6 +91,8 @@ class HermesBot(commands.AutoShardedBot):
         self.cog_names = cogs
         self.started_at = time.time()
         self.reply_tasks: set[asyncio.Task[None]] = set()
+        #: Replies still waiting for their channel's turn (a subset of `reply_tasks`).
+        self.waiting_replies: set[asyncio.Task[Any]] = set()
         self.engine_ready = asyncio.Event()
         self.metrics: metrics.Metrics | None = None
         self._memory_open = False
@@ -140,7 +142,13 @@ class HermesBot(commands.AutoShardedBot):
         task.add_done_callback(self.reply_tasks.discard)
 
     async def close(self) -> None:
-        """Let replies in progress finish for a moment, cancel the rest, then close the core."""
+        """Let replies in progress finish for a moment, cancel the rest, then close the core.
+
+        Replies still waiting in a queue are cancelled at once: they stay stored as owed, and
+        catch-up answers them after the next start.
+        """
+        for task in list(self.waiting_replies):
+            task.cancel()
         if self.reply_tasks:
             _, pending = await asyncio.wait(set(self.reply_tasks), timeout=5)
             for task in pending:
@@ -174,12 +182,18 @@ class HermesBot(commands.AutoShardedBot):
         """No prefix commands: "@bot help me" is a chat message for the chat cog, not a command."""
 
     async def on_ready(self) -> None:
+        """A new gateway session (the first, or after one could not be resumed); the chat cog
+        catches up on what it missed."""
         log.info(
             "logged in as %s (%s) in %d servers",
             self.user,
             getattr(self.user, "id", "?"),
             len(self.guilds),
         )
+
+    async def on_resumed(self) -> None:
+        """The session was resumed: Discord replays what was missed, nothing to catch up."""
+        log.info("gateway session resumed")
 
 
 async def serve(settings: Settings, bot: HermesBot | None = None) -> int:

@@ -125,7 +125,9 @@ class Conversations:
         author_id: int | None = None,
         guild_id: int | None = None,
         message_id: int | None = None,
+        awaiting: bool = False,
     ) -> int:
+        """Store a member's turn; `awaiting`: the bot owes it a reply (see Memory.add_turn)."""
         return await self.memory.add_turn(
             channel_id,
             "user",
@@ -135,6 +137,7 @@ class Conversations:
             guild_id=guild_id,
             message_id=message_id,
             tokens=self.counter(content.strip()),
+            awaiting=awaiting,
         )
 
     async def record_assistant(
@@ -146,7 +149,9 @@ class Conversations:
         message_ids: list[int] | None = None,
         persona: str | None = None,
         name: str = "",
+        answers: int | None = None,
     ) -> int:
+        """Store the bot's turn; `answers`: the user turn it answers, no longer owed a reply."""
         ids = message_ids or []
         return await self.memory.add_turn(
             channel_id,
@@ -158,6 +163,7 @@ class Conversations:
             extra_message_ids=ids[1:],
             persona=persona,
             tokens=self.counter(content.strip()),
+            answers=answers,
         )
 
     async def edit(self, message_id: int, content: str) -> bool:

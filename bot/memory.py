@@ -190,8 +190,26 @@ CREATE TABLE IF NOT EXISTS swipe_turns (
 );
 """
 
+
+async def ensure_owed_replies(db: aiosqlite.Connection) -> None:
+    """v4: replies owed. A user turn the bot decided to answer is stored `awaiting = 1`; the
+    reply's first message clears it (`mark_answered`, or `add_turn(answers=...)` with the bot's
+    turn). What still awaits at start was queued when the bot stopped, and catch-up answers it.
+
+    Idempotent (the column is added only when missing), so it applies after v3 whatever v3
+    built, and `Memory.open` runs it again for a file that skipped it (one numbered 4 before this
+    version was placed ahead of the scenes one).
+    """
+    cur = await db.execute("PRAGMA table_info(turns)")
+    if "awaiting" not in {row[1] for row in await cur.fetchall()}:
+        await db.execute("ALTER TABLE turns ADD COLUMN awaiting INTEGER NOT NULL DEFAULT 0")
+    await db.execute(
+        "CREATE INDEX IF NOT EXISTS turns_awaiting ON turns (awaiting, id) WHERE awaiting = 1"
+    )
+
+
 Migration = str | Callable[[aiosqlite.Connection], Awaitable[Any]]
-MIGRATIONS: list[Migration] = [_V1, _V2, ensure_fts, _V5]
+MIGRATIONS: list[Migration] = [_V1, _V2, ensure_fts, ensure_owed_replies, _V5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 #: Rows read per page when walking a channel's history newest first.
@@ -356,9 +374,11 @@ class Memory:
             await db.execute("PRAGMA foreign_keys=ON")
             await db.execute("PRAGMA busy_timeout=5000")
             await migrate(db)
-            # FTS5 may have appeared (or gone) since the file was last migrated.
+            # FTS5 may have appeared (or gone) since the file was last migrated; a file numbered
+            # past v4 without it gets the owed-replies column too.
             await db.execute("BEGIN IMMEDIATE")
             fts = await ensure_fts(db)
+            await ensure_owed_replies(db)
             await db.execute("COMMIT")
         except sqlite3.DatabaseError as exc:  # "file is not a database", a damaged file, ...
             await db.close()
@@ -399,13 +419,21 @@ class Memory:
         persona: str | None = None,
         tokens: int | None = None,
         created_at: float | None = None,
+        awaiting: bool = False,
+        answers: int | None = None,
     ) -> int:
-        """Store one turn (and every Discord message id it spans) in one transaction."""
+        """Store one turn (and every Discord message id it spans) in one transaction.
+
+        `awaiting`: a user turn the bot owes a reply; `answers`: the user turn this reply
+        answers, which stops awaiting in the same transaction.
+        """
         ids = [m for m in (message_id, *extra_message_ids) if m is not None]
         async with self.transaction() as db:
+            if answers is not None:
+                await db.execute("UPDATE turns SET awaiting = 0 WHERE id = ?", (answers,))
             cur = await db.execute(
                 "INSERT INTO turns (channel_id, guild_id, message_id, author_id, name, role, "
-                "persona, content, tokens, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "persona, content, tokens, created_at, awaiting) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     channel_id,
                     guild_id,
@@ -417,6 +445,7 @@ class Memory:
                     content,
                     tokens,
                     created_at or time.time(),
+                    int(awaiting),
                 ),
             )
             turn_id = int(cur.lastrowid or 0)
@@ -622,6 +651,67 @@ class Memory:
             ]
         )
         return int(n)
+
+    # ---- replies owed (catch-up) ------------------------------------------------------------
+
+    async def mark_answered(self, turn_id: int) -> bool:
+        """The reply to `turn_id` has started to show (or was settled otherwise): it is no
+        longer owed. Returns whether it was still awaiting, so only one caller answers it."""
+        before = self.db.total_changes
+        await self._tx(
+            [("UPDATE turns SET awaiting = 0 WHERE id = ? AND awaiting = 1", (turn_id,))]
+        )
+        return self.db.total_changes != before
+
+    async def awaiting_turns(self) -> list[StoredTurn]:
+        """Every user turn still owed a reply, in every channel, oldest first."""
+        cur = await self.db.execute(
+            f"SELECT {_TURN_COLUMNS} FROM turns WHERE awaiting = 1 ORDER BY id"
+        )
+        return [StoredTurn(*row) for row in await cur.fetchall()]
+
+    async def is_awaiting(self, turn_id: int) -> bool:
+        cur = await self.db.execute("SELECT awaiting FROM turns WHERE id = ?", (turn_id,))
+        row = await cur.fetchone()
+        return bool(row and row[0])
+
+    async def newest_message_id(self, channel_id: int, *, window: int = 50) -> int | None:
+        """The newest Discord message id stored for a channel (among its last `window` turns:
+        turns are stored in arrival order, give or take replies still streaming)."""
+        cur = await self.db.execute(
+            "SELECT MAX(m.message_id) FROM turn_messages m JOIN ("
+            "SELECT id FROM turns WHERE channel_id = ? ORDER BY id DESC LIMIT ?) t "
+            "ON m.turn_id = t.id",
+            (channel_id, window),
+        )
+        row = await cur.fetchone()
+        return row[0] if row and row[0] is not None else None
+
+    async def known_channels(self) -> list[tuple[int, int | None]]:
+        """(channel id, guild id) of every channel the bot has stored turns in or has settings
+        for, whatever their mode (the caller applies the channel policy).
+
+        Walks the (channel_id, id) index one channel at a time: a seek per channel, not a scan
+        of every turn.
+        """
+        found: dict[int, int | None] = {}
+        after = -(1 << 63)
+        while True:
+            cur = await self.db.execute(
+                "SELECT channel_id, guild_id FROM turns WHERE channel_id > ? "
+                "ORDER BY channel_id LIMIT 1",
+                (after,),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                break
+            found[row[0]] = row[1]
+            after = row[0]
+        cur = await self.db.execute("SELECT channel_id, guild_id FROM channels")
+        for channel_id, guild_id in await cur.fetchall():
+            if found.get(channel_id) is None:
+                found[channel_id] = guild_id
+        return sorted(found.items())
 
     # ---- forgetting -------------------------------------------------------------------------
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+import aiohttp
 import discord
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,14 @@ LIMIT = 2000
 #: Nobody is pinged by anything the bot posts: not everyone/here, not roles, not users, and the
 #: author of the message it replies to neither.
 NO_PINGS = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=False)
+
+#: Seconds a send or edit keeps being retried when the caller gives no deadline (notices).
+RETRY_BUDGET = 20.0
+#: First wait before retrying a failed send or edit; doubled each time, up to RETRY_MAX_WAIT.
+RETRY_FIRST_WAIT = 0.25
+RETRY_MAX_WAIT = 8.0
+
+T = TypeVar("T")
 
 _FENCE = re.compile(r"^\s*(```+|~~~+)(\S*)", re.MULTILINE)
 
@@ -91,6 +101,51 @@ def humanize(message: discord.Message, bot_user: discord.abc.User | None = None)
     return text.strip()
 
 
+def retryable(exc: BaseException) -> bool:
+    """A failure worth trying again: Discord's 5xx (discord.py retries 500/502/504/524 itself
+    but not 503, and gives up on the others after a few tries) or a connection dropped or reset
+    on the way (discord.py retries ECONNRESET only on Windows and macOS)."""
+    return isinstance(exc, discord.DiscordServerError | aiohttp.ClientConnectionError)
+
+
+async def retrying(what: str, call: Callable[[], Awaitable[T]], deadline: float) -> T:
+    """`await call()`, again after a growing wait while it fails with a `retryable` error and
+    the next try would still start before `deadline` (a `time.monotonic()` value).
+
+    A send is only repeated when it failed as a whole: a bot-account send carries a nonce that
+    Discord enforces, so a retried send that did arrive is not posted twice.
+    """
+    wait = RETRY_FIRST_WAIT
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not retryable(exc) or time.monotonic() + wait >= deadline:
+                raise
+            log.warning("%s failed (%s); retrying in %.2fs", what, describe_failure(exc), wait)
+        await asyncio.sleep(wait)
+        wait = min(wait * 2, RETRY_MAX_WAIT)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for a failed Discord call (for the log: no traceback for what Discord says)."""
+    if isinstance(exc, discord.HTTPException):
+        return f"HTTP {exc.status}" + (f" {exc.text}" if exc.text else "")
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class _Uneditable(Exception):
+    """A reply message could not be edited (its cause says why)."""
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 @dataclass(slots=True)
 class Identity:
     """Who the reply is posted as: the bot itself, or a persona through a webhook."""
@@ -104,30 +159,56 @@ class Identity:
 
 @dataclass
 class ReplyStream:
-    """Streams a growing reply into one or more messages, editing at most every `interval` s."""
+    """Streams a growing reply into one or more messages, editing at most every `interval` s.
+
+    Sends and edits that fail with a `retryable` error are tried again until `deadline` (a
+    `time.monotonic()` value; RETRY_BUDGET from creation when not given). A message that still
+    cannot be edited keeps what it shows, and the rest of the reply continues in new messages,
+    so the messages together always read as the whole reply. A reply to a message deleted in
+    the meantime is posted without the reference (Discord's `fail_if_not_exists=False`).
+    """
 
     channel: discord.abc.Messageable
-    reference: discord.Message | None = None
+    reference: discord.Message | discord.PartialMessage | None = None
     identity: Identity = field(default_factory=Identity)
     interval: float = 1.2
     messages: list[discord.Message] = field(default_factory=list)
     #: Called once when the webhook turns out to be deleted before the first message: returns
     #: the identity to use instead (a fresh webhook, or the bot's own account).
     recover: Callable[[], Awaitable[Identity]] | None = None
+    deadline: float | None = None
+    #: The reply text (without the identity prefix) the messages show now.
+    text: str = ""
     _shown: list[str] = field(default_factory=list)
     _last_edit: float = 0.0
+    #: Messages before this index can no longer be edited; `_base` is where, in the prefixed
+    #: text, the editable ones start.
+    _live_from: int = 0
+    _base: int = 0
+    _full: str = ""
+    #: An edit failed for good: no more streaming edits, the rest comes with `finish`.
+    _hold: bool = False
+
+    def __post_init__(self) -> None:
+        if self.deadline is None:
+            self.deadline = time.monotonic() + RETRY_BUDGET
 
     async def _send(self, content: str) -> discord.Message:
+        nonce = random.randrange(1, 1 << 62)  # the same for every retry of this message
         try:
-            return await self._send_as(content)
+            return await self._retry("send", lambda: self._send_as(content, nonce))
         except discord.NotFound:
             if self.identity.webhook is None or self.recover is None or self.messages:
                 raise
             recover, self.recover = self.recover, None
             self.identity = await recover()
-            return await self._send_as(content)
+            return await self._retry("send", lambda: self._send_as(content, nonce))
 
-    async def _send_as(self, content: str) -> discord.Message:
+    def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        assert self.deadline is not None
+        return retrying(what, call, self.deadline)
+
+    async def _send_as(self, content: str, nonce: int) -> discord.Message:
         ident = self.identity
         if ident.webhook is not None:
             kwargs: dict[str, Any] = {
@@ -141,10 +222,14 @@ class ReplyStream:
                 kwargs["thread"] = ident.thread
             return await ident.webhook.send(content, **kwargs)
         if self.reference is not None and not self.messages:
-            return await self.reference.reply(
-                content, mention_author=False, allowed_mentions=NO_PINGS
+            return await self.channel.send(
+                content,
+                reference=self.reference.to_reference(fail_if_not_exists=False),
+                mention_author=False,
+                allowed_mentions=NO_PINGS,
+                nonce=nonce,
             )
-        return await self.channel.send(content, allowed_mentions=NO_PINGS)
+        return await self.channel.send(content, allowed_mentions=NO_PINGS, nonce=nonce)
 
     async def _edit(self, message: discord.Message, content: str) -> None:
         ident = self.identity
@@ -152,41 +237,74 @@ class ReplyStream:
             kwargs: dict[str, Any] = {"content": content, "allowed_mentions": NO_PINGS}
             if ident.thread is not None:
                 kwargs["thread"] = ident.thread
-            await ident.webhook.edit_message(message.id, **kwargs)
+            webhook = ident.webhook
+            await self._retry("edit", lambda: webhook.edit_message(message.id, **kwargs))
         else:
-            await message.edit(content=content, allowed_mentions=NO_PINGS)
+            await self._retry(
+                "edit", lambda: message.edit(content=content, allowed_mentions=NO_PINGS)
+            )
 
-    def _chunks(self, text: str) -> list[str]:
-        return split_message(self.identity.prefix + text)
+    def _chunks(self, full: str) -> list[str]:
+        rest = full[self._base :]
+        return split_message(rest) if rest.strip() else []
 
     async def update(self, text: str) -> None:
         """Show the reply so far, unless the last edit was less than `interval` ago."""
-        if time.monotonic() - self._last_edit < self.interval and self.messages:
+        if self._hold or (time.monotonic() - self._last_edit < self.interval and self.messages):
             return
-        await self._render(self._chunks(text), final=False)
+        await self._render(text, final=False)
 
     async def finish(self, text: str) -> list[discord.Message]:
         """Show the final text exactly; returns every message that holds it."""
-        await self._render(self._chunks(text), final=True)
+        await self._render(text, final=True)
         return self.messages
 
-    async def _render(self, chunks: list[str], *, final: bool) -> None:
+    async def _render(self, text: str, *, final: bool) -> None:
+        full = self.identity.prefix + text
+        while True:
+            try:
+                await self._render_live(full, final=final)
+                break
+            except _Uneditable as exc:
+                # The message cannot be edited any more: it keeps what it shows, and the rest
+                # goes into new messages.
+                log.warning(
+                    "could not edit reply message (%s); continuing in a new message",
+                    describe_failure(exc.__cause__ or exc),
+                )
+                self._base = _common_prefix(self._full, full)
+                self._live_from = len(self.messages)
+                self._hold = True
+                if not final:
+                    return
+        self._full = full
+        self.text = text
+        self._last_edit = time.monotonic()
+
+    async def _render_live(self, full: str, *, final: bool) -> None:
+        chunks = self._chunks(full)
         if not final:
             # While streaming, only the last chunk grows; earlier ones are settled when a new
             # chunk starts.
             chunks = [c for c in chunks if c.strip()]
             if not chunks:
                 return
+        live = self._live_from
         for i, chunk in enumerate(chunks):
-            if i < len(self.messages):
-                if self._shown[i] != chunk:
-                    await self._edit(self.messages[i], chunk)
-                    self._shown[i] = chunk
+            at = live + i
+            if at < len(self.messages):
+                if self._shown[at] != chunk:
+                    try:
+                        await self._edit(self.messages[at], chunk)
+                    except (discord.HTTPException, aiohttp.ClientError) as exc:
+                        raise _Uneditable from exc
+                    self._shown[at] = chunk
             else:
                 self.messages.append(await self._send(chunk))
                 self._shown.append(chunk)
         if final:
-            for message in self.messages[len(chunks) :]:  # the final text got shorter
+            keep = live + len(chunks)
+            for message in self.messages[keep:]:  # the final text got shorter
                 try:
                     if self.identity.webhook is not None:
                         await self.identity.webhook.delete_message(message.id)
@@ -194,19 +312,19 @@ class ReplyStream:
                         await message.delete()
                 except discord.HTTPException:
                     log.warning("could not delete surplus reply message %s", message.id)
-            del self.messages[len(chunks) :], self._shown[len(chunks) :]
-        self._last_edit = time.monotonic()
+            del self.messages[keep:], self._shown[keep:]
 
 
 async def post(
     channel: discord.abc.Messageable,
     text: str,
     *,
-    reference: discord.Message | None = None,
+    reference: discord.Message | discord.PartialMessage | None = None,
     identity: Identity | None = None,
+    deadline: float | None = None,
 ) -> list[discord.Message]:
-    """Post a complete text (notices, greetings) with the same splitting and ping rules."""
-    stream = ReplyStream(channel, reference, identity or Identity(), interval=0)
+    """Post a complete text (notices, greetings) with the same splitting, ping and retry rules."""
+    stream = ReplyStream(channel, reference, identity or Identity(), interval=0, deadline=deadline)
     return await stream.finish(text)
 
 

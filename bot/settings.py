@@ -127,6 +127,17 @@ class Settings:
     reply_timeout: float = _opt(
         180.0, "Seconds before a generation is abandoned with an apology.", lo=1.0, hi=3600.0
     )
+    catchup_minutes: float = _opt(
+        30.0,
+        "On start and after a new gateway session, read back this many minutes of each served "
+        "channel's history: store what was missed and answer what was addressed to the bot "
+        "(also replies still owed when it stopped); 0 disables.",
+        lo=0.0,
+        hi=1440.0,
+    )
+    catchup_messages: int = _opt(
+        100, "Most messages catch-up reads back per channel (the newest ones).", lo=0, hi=1000
+    )
     max_batch: int = _opt(
         8, "Concurrent sequences the local engine decodes together.", lo=1, hi=256
     )

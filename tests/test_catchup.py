@@ -1,0 +1,443 @@
+"""Catch-up (issue 11, hole 8): nothing addressed to the bot is lost to a restart, and nothing
+is answered twice.
+
+The real HermesBot runs against the fake Discord and is stopped and started again: messages
+sent while it is down are read back from the channel history, replies still queued when it
+stopped are answered after the start, a restart in the middle of catching up answers each
+message once, and a new (not resumed) gateway session catches up the same way. Also the
+schema v4 migration and the discord-free rules in `bot.catchup`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import sqlite3
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from bot.app import HermesBot
+from bot.catchup import Claims, history_floor, owed_replies, snowflake_at, snowflake_time
+from bot.engine import Generation
+from bot.memory import MIGRATIONS, SCHEMA_VERSION, Memory, StoredTurn, ensure_owed_replies
+from bot.settings import Settings
+from tests.bot_harness import ScriptedEngine, bot_settings
+from tests.fake_discord import (
+    GET_MESSAGES,
+    FakeChannel,
+    FakeDiscord,
+    FakeMessage,
+    start_client,
+    stop_client,
+)
+from tests.world import World
+
+QUESTION = re.compile(r"q\d+")
+
+
+def answer(prompt: str) -> str:
+    """The engine's reply names the question it answers (the last `qN` in the prompt)."""
+    return "answer to " + QUESTION.findall(prompt)[-1]
+
+
+class GatedEngine(ScriptedEngine):
+    """Answers like `answer`, but generation number `hold_at` (0-based) waits for `gate`."""
+
+    def __init__(self, hold_at: int) -> None:
+        super().__init__(answer)
+        self.hold_at = hold_at
+        self.gate = asyncio.Event()
+        self.fed = 0
+
+    async def _feed(self, gen: Generation, reply: str | BaseException) -> None:
+        index, self.fed = self.fed, self.fed + 1
+        if index == self.hold_at:
+            await self.gate.wait()
+        await super()._feed(gen, reply)
+
+
+class Runs:
+    """Starts the bot (again and again) on one fake; whatever is still running at the end of
+    the test is stopped, failed or not."""
+
+    def __init__(self, fake: FakeDiscord, settings: Settings) -> None:
+        self.fake = fake
+        self.settings = settings
+        self.live: list[tuple[HermesBot, asyncio.Task[None]]] = []
+
+    async def start(self, engine: ScriptedEngine) -> tuple[HermesBot, asyncio.Task[None]]:
+        bot = HermesBot(self.settings, engine=engine, guild_ready_timeout=0.05)
+        task = await start_client(bot, self.fake, timeout=30)
+        self.live.append((bot, task))
+        await bot.wait_until_ready()
+        return bot, task
+
+    async def stop(self, bot: HermesBot, task: asyncio.Task[None]) -> None:
+        self.live.remove((bot, task))
+        await stop_client(bot, task)
+        await self.fake.wait_disconnected()
+
+    async def __aenter__(self) -> Runs:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for bot, task in self.live:
+            with contextlib.suppress(Exception):
+                await stop_client(bot, task)
+
+
+async def stop_with_held_reply(runs: Runs, bot: HermesBot, task, engine: GatedEngine) -> None:
+    """Shut down while one reply is generating (held) and others wait in the queue: the queue
+    is cancelled at once, then the held reply is let through and finishes."""
+    closing = asyncio.create_task(runs.stop(bot, task))
+    await runs.fake.wait_for(lambda: bot.conv.pending == 1, timeout=10)
+    engine.gate.set()
+    await closing
+
+
+async def ask(fake: FakeDiscord, channel: FakeChannel, author, n: int) -> FakeMessage:
+    return await fake.user_message(channel.id, author, f"{fake.bot_user.mention} question q{n}")
+
+
+def replies_to(fake: FakeDiscord, channel_ids: list[int]) -> dict[int, list[FakeMessage]]:
+    """Bot messages per message they reply to."""
+    out: dict[int, list[FakeMessage]] = {}
+    for channel_id in channel_ids:
+        for m in fake.channel_messages(channel_id):
+            if m.author.id == fake.bot_user.id and m.reference_id is not None:
+                out.setdefault(m.reference_id, []).append(m)
+    return out
+
+
+def bot_messages(fake: FakeDiscord, channel_ids: list[int]) -> list[FakeMessage]:
+    return [
+        m for c in channel_ids for m in fake.channel_messages(c) if m.author.id == fake.bot_user.id
+    ]
+
+
+async def assert_each_answered_once(
+    fake: FakeDiscord, bot: HermesBot, asked: list[FakeMessage], channel_ids: list[int]
+) -> None:
+    replies = replies_to(fake, channel_ids)
+    for q in asked:
+        got = replies.get(q.id, [])
+        n = QUESTION.findall(q.content)[-1]
+        assert [m.content for m in got] == [f"answer to {n}"], (q.content, got)
+    assert len(bot_messages(fake, channel_ids)) == len(asked)  # nothing else was posted
+    assert not await bot.memory.awaiting_turns()
+    for channel_id in channel_ids:
+        turns = await bot.memory.all_turns(channel_id)
+        stored = [t for t in turns if t.role == "user"]
+        mine = [q for q in asked if q.channel_id == channel_id]
+        assert sorted(t.message_id for t in stored) == sorted(q.id for q in mine)
+        assert len([t for t in turns if t.role == "assistant"]) == len(mine)
+
+
+async def test_restart_answers_missed_and_queued_messages_once(
+    world: World, tmp_path: Path
+) -> None:
+    fake = world.fake
+    settings = bot_settings(tmp_path, "x")
+    channels = [world.general, world.other]
+    ids = [c.id for c in channels]
+    asked: list[FakeMessage] = []
+    async with Runs(fake, settings) as runs:
+        # First run: one reply is generating and five wait in the queue when the bot stops.
+        first = GatedEngine(hold_at=1)
+        bot, task = await runs.start(first)
+        asked.append(await ask(fake, world.other, world.bob, 0))
+        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 1, timeout=10)
+        for n in range(1, 7):
+            asked.append(await ask(fake, world.general, (world.alice, world.bob)[n % 2], n))
+        await fake.wait_for(lambda: bot.conv.pending == 6 and len(first.prompts) == 2, timeout=10)
+        await stop_with_held_reply(runs, bot, task, first)
+        assert len(bot_messages(fake, ids)) == 2  # the held reply finished; five are owed
+        memory = await Memory.open(settings.db_path)
+        try:
+            owed = await memory.awaiting_turns()
+        finally:
+            await memory.close()
+        assert [t.message_id for t in owed] == [q.id for q in asked[2:]]
+
+        # While it is down: 20 questions in two channels, and two too old for the window.
+        for n in range(7, 27):
+            author = (world.alice, world.carol)[n % 3 > 0]
+            asked.append(await ask(fake, channels[n % 2], author, n))
+        assert all(q.delivered == 0 for q in asked[7:])
+        old = datetime.now(UTC) - timedelta(minutes=45)
+        stale = [
+            await fake.user_message(
+                world.general.id, world.alice, f"{fake.bot_user.mention} stale q{90 + i}", at=old
+            )
+            for i in range(2)
+        ]
+
+        # Second run: all 25 owed replies, oldest first per channel, and nothing else.
+        second = ScriptedEngine(answer)
+        bot, task = await runs.start(second)
+        await fake.wait_for(
+            lambda: len(bot_messages(fake, ids)) == len(asked) and bot.conv.pending == 0,
+            timeout=30,
+        )
+        await fake.wait_for(lambda: not bot.reply_tasks, timeout=10)
+        assert len(second.prompts) == 25
+        await assert_each_answered_once(fake, bot, asked, ids)
+        for channel in channels:  # oldest first within each channel
+            order = [m.reference_id for m in bot_messages(fake, [channel.id])]
+            assert order == sorted(order)
+        assert not any(m.id in replies_to(fake, ids) for m in stale)
+        assert await bot.memory.turn_for_message(stale[0].id) is None
+
+
+async def test_restart_during_catch_up_answers_once(world: World, tmp_path: Path) -> None:
+    fake = world.fake
+    ids = [world.general.id]
+    async with Runs(fake, bot_settings(tmp_path, "x")) as runs:
+        bot, task = await runs.start(ScriptedEngine(answer))
+        asked = [await ask(fake, world.general, world.alice, 0)]
+        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 1, timeout=10)
+        await runs.stop(bot, task)
+
+        for n in range(1, 11):
+            asked.append(await ask(fake, world.general, (world.alice, world.bob)[n % 2], n))
+        # Catch-up answers three, is generating the fourth, and six wait when the bot stops.
+        catching = GatedEngine(hold_at=3)
+        bot, task = await runs.start(catching)
+        await fake.wait_for(
+            lambda: len(bot_messages(fake, ids)) == 4 and len(catching.prompts) == 4, timeout=20
+        )
+        await stop_with_held_reply(runs, bot, task, catching)
+        assert len(bot_messages(fake, ids)) == 5
+
+        for n in range(11, 13):
+            asked.append(await ask(fake, world.general, world.carol, n))
+        last = ScriptedEngine(answer)
+        bot, task = await runs.start(last)
+        await fake.wait_for(
+            lambda: len(bot_messages(fake, ids)) == len(asked) and bot.conv.pending == 0,
+            timeout=30,
+        )
+        await fake.wait_for(lambda: not bot.reply_tasks, timeout=10)
+        assert len(last.prompts) == 8  # the six left waiting and the two sent meanwhile
+        await assert_each_answered_once(fake, bot, asked, ids)
+
+
+async def test_new_gateway_session_catches_up_and_a_resume_does_not(
+    world: World, tmp_path: Path
+) -> None:
+    fake = world.fake
+    ids = [world.general.id]
+    engine = ScriptedEngine(answer)
+    async with Runs(fake, bot_settings(tmp_path, "x")) as runs:
+        bot, _ = await runs.start(engine)
+        asked = [await ask(fake, world.general, world.alice, 0)]
+        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 1, timeout=10)
+
+        # Resumed: Discord replays what was missed; catch-up adds nothing.
+        fake.pause_gateway()
+        await fake.disconnect_gateway(resumable=True)
+        await fake.wait_for(lambda: fake.pending_handshakes == 1, timeout=10)
+        asked.append(await ask(fake, world.general, world.bob, 1))
+        fake.resume_gateway()
+        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 2, timeout=10)
+
+        # Not resumable: a fresh READY, nothing replayed; catch-up reads it back.
+        fake.pause_gateway()
+        fake.expire_sessions()
+        await fake.wait_for(lambda: fake.pending_handshakes >= 1, timeout=10)
+        for n in range(2, 5):
+            asked.append(await ask(fake, world.general, world.carol, n))
+        assert all(q.delivered == 0 for q in asked[2:])
+        identified = fake.identify_count
+        fake.resume_gateway()
+        await fake.wait_for(lambda: fake.identify_count > identified, timeout=10)
+        await fake.wait_for(
+            lambda: len(bot_messages(fake, ids)) == 5 and bot.conv.pending == 0, timeout=20
+        )
+        await fake.wait_for(lambda: not bot.reply_tasks, timeout=10)
+        assert len(engine.prompts) == 5
+        await assert_each_answered_once(fake, bot, asked, ids)
+
+
+async def test_catch_up_reads_only_the_newest_messages_up_to_the_cap(
+    world: World, tmp_path: Path
+) -> None:
+    fake = world.fake
+    ids = [world.general.id]
+    engine = ScriptedEngine(answer)
+    async with Runs(fake, bot_settings(tmp_path, "x", CATCHUP_MESSAGES="3")) as runs:
+        bot, task = await runs.start(engine)
+        asked = [await ask(fake, world.general, world.alice, 0)]
+        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 1, timeout=10)
+        await runs.stop(bot, task)
+        missed = [await ask(fake, world.general, world.bob, n) for n in range(1, 6)]
+        bot, _ = await runs.start(engine)
+        await fake.wait_for(
+            lambda: len(bot_messages(fake, ids)) == 4 and bot.conv.pending == 0, timeout=20
+        )
+        await fake.wait_for(lambda: not bot.reply_tasks, timeout=10)
+        await assert_each_answered_once(fake, bot, asked + missed[-3:], ids)
+
+
+async def test_off_channel_and_already_replied_messages_are_not_answered(
+    world: World, tmp_path: Path
+) -> None:
+    """A channel switched off is not read back, nor one with nothing new (the gateway's
+    last message id says so); a message whose reply is already in the channel (the bot stopped
+    between posting and storing) is stored but not answered again."""
+    fake = world.fake
+    quiet = fake.add_channel(world.guild.id, "quiet")
+    idle = fake.add_channel(world.guild.id, "idle")
+    engine = ScriptedEngine(answer)
+    general = [world.general.id]
+    async with Runs(fake, bot_settings(tmp_path, "x")) as runs:
+        bot, task = await runs.start(engine)
+        await ask(fake, world.general, world.alice, 0)
+        await fake.wait_for(lambda: len(bot_messages(fake, general)) == 1, timeout=10)
+        await fake.user_message(idle.id, world.bob, "just a remark")
+        await fake.wait_for(lambda: fake.last_message(idle.id).delivered, timeout=10)
+        await bot.memory.update_channel(quiet.id, world.guild.id, mode="off")
+        await runs.stop(bot, task)
+
+        await ask(fake, quiet, world.alice, 1)
+        replied = await ask(fake, world.general, world.bob, 2)
+        # the bot's reply that reached Discord but not memory
+        await fake.user_message(
+            world.general.id, fake.bot_user, "answer to q2", reply_to=replied, mention_author=False
+        )
+        await ask(fake, world.general, world.carol, 3)
+        bot, _ = await runs.start(engine)
+        await fake.wait_for(
+            lambda: len(bot_messages(fake, general)) == 3 and bot.conv.pending == 0, timeout=20
+        )
+        await fake.wait_for(lambda: not bot.reply_tasks, timeout=10)
+        assert len(engine.prompts) == 2
+        assert not bot_messages(fake, [quiet.id])
+        assert not await bot.memory.all_turns(quiet.id)
+        assert [t.content for t in await bot.memory.all_turns(idle.id)] == ["just a remark"]
+        history_reads = {r.path for r in fake.find_requests(*GET_MESSAGES)}
+        assert f"/channels/{world.general.id}/messages" in history_reads
+        assert not {f"/channels/{c.id}/messages" for c in (quiet, idle)} & history_reads
+        turn = await bot.memory.turn_for_message(replied.id)
+        assert turn is not None and turn.content == "question q2"
+        assert len(replies_to(fake, general)[replied.id]) == 1
+        assert not await bot.memory.awaiting_turns()
+
+
+async def test_a_channel_out_of_reach_does_not_stop_the_others(
+    world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = world.fake
+    ids = [world.general.id, world.other.id]
+    engine = ScriptedEngine(answer)
+    async with Runs(fake, bot_settings(tmp_path, "x")) as runs:
+        bot, task = await runs.start(engine)
+        asked = [
+            await ask(fake, c, world.alice, i) for i, c in enumerate((world.general, world.other))
+        ]
+        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 2, timeout=10)
+        await runs.stop(bot, task)
+        lost = await ask(fake, world.general, world.bob, 2)
+        asked.append(await ask(fake, world.other, world.bob, 3))
+        refusal = {"message": "Missing Access", "code": 50001}
+        fake.inject("GET", f"/channels/{world.general.id}/messages", 403, body=refusal)
+        bot, _ = await runs.start(engine)
+        await fake.wait_for(
+            lambda: len(bot_messages(fake, ids)) == 3 and bot.conv.pending == 0, timeout=20
+        )
+        await fake.wait_for(lambda: not bot.reply_tasks, timeout=10)
+        await assert_each_answered_once(fake, bot, asked, ids)
+        assert lost.id not in replies_to(fake, ids)
+    skipped = [r for r in caplog.records if "catch-up skipped channel" in r.getMessage()]
+    assert len(skipped) == 1 and "403" in skipped[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+# ---- memory: schema v4 ---------------------------------------------------------------------
+
+
+async def test_v4_migrates_a_v2_file_and_tracks_owed_replies(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    con = sqlite3.connect(path)
+    con.executescript(MIGRATIONS[0] + MIGRATIONS[1])
+    con.execute(
+        "INSERT INTO turns (channel_id, message_id, name, role, content, created_at) "
+        "VALUES (5, 50, 'ann', 'user', 'old', 1.0)"
+    )
+    con.execute("INSERT INTO turn_messages VALUES (50, 1)")
+    con.execute("PRAGMA user_version=2")
+    con.commit()
+    con.close()
+    memory = await Memory.open(path)
+    try:
+        assert MIGRATIONS[3] is ensure_owed_replies  # v4, after recall's v3
+        assert (await memory.db.execute_fetchall("PRAGMA user_version"))[0][0] == SCHEMA_VERSION
+        assert not await memory.awaiting_turns()  # old turns are owed nothing
+        owed = await memory.add_turn(5, "user", "q", name="bob", message_id=60, awaiting=True)
+        other = await memory.add_turn(7, "user", "q2", name="cy", message_id=70, awaiting=True)
+        assert [t.id for t in await memory.awaiting_turns()] == [owed, other]
+        await memory.add_turn(
+            5, "assistant", "a", message_id=61, extra_message_ids=[62], answers=owed
+        )
+        assert [t.id for t in await memory.awaiting_turns()] == [other]
+        assert await memory.mark_answered(other) is True
+        assert await memory.mark_answered(other) is False  # only one caller wins
+        assert await memory.newest_message_id(5) == 62
+        assert await memory.newest_message_id(99) is None
+        await memory.update_channel(9, 3, mode="off")
+        assert await memory.known_channels() == [(5, None), (7, None), (9, 3)]
+    finally:
+        await memory.close()
+
+
+async def test_a_file_numbered_past_v4_without_the_column_gets_it(tmp_path: Path) -> None:
+    """A file migrated while the scenes version briefly held number 4 lacks `awaiting`."""
+    path = tmp_path / "early.db"
+    memory = await Memory.open(path)
+    await memory.close()
+    con = sqlite3.connect(path)
+    con.execute("DROP INDEX turns_awaiting")
+    con.execute("ALTER TABLE turns DROP COLUMN awaiting")
+    con.commit()
+    con.close()
+    memory = await Memory.open(path)
+    try:
+        owed = await memory.add_turn(1, "user", "q", message_id=5, awaiting=True)
+        assert [t.id for t in await memory.awaiting_turns()] == [owed]
+    finally:
+        await memory.close()
+
+
+# ---- the rules in bot.catchup ----------------------------------------------------------------
+
+
+def stored(turn_id: int, created_at: float) -> StoredTurn:
+    return StoredTurn(turn_id, 1, None, turn_id, 2, "ann", "user", None, "q", 1, created_at)
+
+
+def test_history_floor_is_the_newest_stored_message_within_the_window() -> None:
+    now = time.time()
+    window = snowflake_at(now - 30 * 60)
+    assert abs(snowflake_time(window) - (now - 1800)) < 0.002
+    assert history_floor(None, now, 30) == window
+    assert history_floor(window - 5, now, 30) == window  # older than the window
+    assert history_floor(window + 5, now, 30) == window + 5
+
+
+def test_owed_replies_drop_what_is_older_than_the_window() -> None:
+    now = 10_000.0
+    owed = owed_replies([stored(3, now - 60), stored(1, now - 4000), stored(2, now - 10)], now, 30)
+    assert [t.id for t in owed.answer] == [2, 3]
+    assert [t.id for t in owed.expired] == [1]
+
+
+def test_claims_take_a_message_once_and_forget_the_oldest() -> None:
+    claims = Claims(size=2)
+    assert claims.claim(1) and not claims.claim(1)
+    claims.release(1)
+    assert claims.claim(1) and claims.claim(2) and claims.claim(3)
+    assert 1 not in claims and 3 in claims
