@@ -194,8 +194,8 @@ async def test_many_channels_at_once_answered_in_order(world: World, tmp_path: P
 
 
 async def test_full_queue_says_busy(world: World, tmp_path: Path) -> None:
-    gate = asyncio.Event()
-    engine = ScriptedEngine(["slow answer"], delay=0.2)
+    gate = asyncio.Event()  # the first reply stays in progress until the busy notice is out
+    engine = ScriptedEngine(["slow answer"], gate=gate)
     other = world.fake.add_channel(world.guild.id, "other")
     settings = bot_settings(tmp_path, "x", QUEUE_SIZE="1")
     async with running_bot(world.fake, settings, engine=engine) as bot:
@@ -204,11 +204,13 @@ async def test_full_queue_says_busy(world: World, tmp_path: Path) -> None:
         await mention(world, "second", channel=other.id, author=world.bob)
         await world.fake.wait_for(lambda: bot_messages(world.fake, other.id))
         assert bot_messages(world.fake, other.id)[0].content == BUSY
+        assert bot.conv.pending == 1  # the first reply is still in progress: it made "second" busy
+        gate.set()
         await world.fake.wait_for(lambda: bot.conv.pending == 0)
         assert bot_messages(world.fake, world.general.id)[0].content == "slow answer"
         # the busy message was stored (so the context is complete), the bot's notice was not
         assert [t.role for t in await bot.memory.all_turns(other.id)] == ["user"]
-    gate.set()
+        assert len(engine.prompts) == 1  # "second" never reached the engine
 
 
 async def test_gateway_drop_mid_reply_delivers_once(world: World, tmp_path: Path) -> None:
