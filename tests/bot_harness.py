@@ -55,7 +55,9 @@ class ScriptedEngine(Engine):
     """Streams scripted replies in small pieces; records every prompt it was given.
 
     `script` maps a call index to a reply text, or is a callable of the prompt. An Exception
-    as a reply is raised from the stream, like a failing model would.
+    as a reply is raised from the stream, like a failing model would. With a `gate`, every
+    reply waits for it before its first piece: a test holds a generation "in progress" for
+    exactly as long as it needs, with no sleep to outlast.
     """
 
     def __init__(
@@ -64,9 +66,11 @@ class ScriptedEngine(Engine):
         *,
         delay: float = 0.0,
         piece: int = 40,
+        gate: asyncio.Event | None = None,
     ) -> None:
         self.script = script
         self.delay = delay
+        self.gate = gate
         self.piece = piece
         self.prompts: list[str] = []
         self.params: list[GenerationParams] = []
@@ -97,6 +101,8 @@ class ScriptedEngine(Engine):
 
     async def _feed(self, gen: Generation, reply: str | BaseException) -> None:
         gen.stats.started_at = gen.stats.queued_at
+        if self.gate is not None:
+            await self.gate.wait()
         if isinstance(reply, BaseException):
             gen.finish("error", reply)
             return

@@ -19,6 +19,7 @@ from bot.engine import EngineError, LocalEngine
 from cogs.chat import APOLOGY
 from tests.bot_harness import ScriptedEngine, running_bot
 from tests.fake_discord import (
+    PATIENCE,
     FakeDiscord,
     FakeMessage,
     FakeUser,
@@ -48,7 +49,7 @@ async def command(
     options: dict[str, Any] | None = None,
     *,
     channel: int | None = None,
-    timeout: float = 10.0,
+    timeout: float = PATIENCE,
 ) -> Reply:
     """Invoke a slash command and wait for its answer (the follow-up when it deferred)."""
     handle = await w.fake.invoke_command(channel or w.general.id, user, name, options or {})
@@ -71,7 +72,9 @@ async def mention(
     )
 
 
-async def settle(w: World, bot: Any, channel_id: int, count: int, timeout: float = 15) -> None:
+async def settle(
+    w: World, bot: Any, channel_id: int, count: int, timeout: float = PATIENCE
+) -> None:
     """Wait until `channel_id` shows `count` bot messages and no reply is pending."""
     await w.fake.wait_for(
         lambda: len(bot_messages(w.fake, channel_id)) >= count and bot.conv.pending == 0,
@@ -92,7 +95,7 @@ async def audit_rows(bot: Any, w: World) -> list:
     return list(reversed(await bot.memory.audit_log(w.guild.id, 200)))
 
 
-async def stored(bot: Any, message: FakeMessage, timeout: float = 10) -> None:
+async def stored(bot: Any, message: FakeMessage, timeout: float = PATIENCE) -> None:
     """Wait until the bot has stored `message` as a turn."""
     deadline = asyncio.get_running_loop().time() + timeout
     while await bot.memory.turn_for_message(message.id) is None:
@@ -372,7 +375,7 @@ async def test_forget_unforget_and_clear_change_the_next_prompt(
         assert await bot.memory.all_turns(w.general.id) == stored
         cancel = await w.fake.click_button(prompt_msg, button(prompt_msg, "Cancel"), w.admin)
         await cancel.wait_response()
-        await w.fake.wait_for(lambda: "Cancelled" in prompt_msg.content, timeout=5)
+        await w.fake.wait_for(lambda: "Cancelled" in prompt_msg.content)
         assert prompt_msg.components == []
         assert await bot.memory.all_turns(w.general.id) == stored
 
@@ -380,7 +383,7 @@ async def test_forget_unforget_and_clear_change_the_next_prompt(
         # (the bot loads cogs/admin.py as its own module object: set it on the loaded cog)
         monkeypatch.setattr(bot.get_cog("Admin"), "confirm_timeout", 0.3)
         asked = await command(w, w.admin, "admin memory clear")
-        await w.fake.wait_for(lambda: "Timed out" in asked.handle.original.content, timeout=5)
+        await w.fake.wait_for(lambda: "Timed out" in asked.handle.original.content)
         assert asked.handle.original.components == []  # no button left to press
         assert await bot.memory.all_turns(w.general.id) == stored
         monkeypatch.setattr(bot.get_cog("Admin"), "confirm_timeout", 60.0)
@@ -391,7 +394,7 @@ async def test_forget_unforget_and_clear_change_the_next_prompt(
             prompt_msg, button(prompt_msg, "Delete the stored turns"), w.admin
         )
         await confirm.wait_response()
-        await w.fake.wait_for(lambda: "Deleted 6 turns" in prompt_msg.content, timeout=5)
+        await w.fake.wait_for(lambda: "Deleted 6 turns" in prompt_msg.content)
         assert await bot.memory.all_turns(w.general.id) == []
         assert (await bot.memory.channel(w.general.id)).forget_before == 0
 
@@ -496,7 +499,6 @@ async def test_persona_default_and_imports_rule(world: World, tmp_path: Path) ->
         await mention(w, "who are you?")
         await w.fake.wait_for(
             lambda: bot.conv.pending == 0 and len(w.fake.channel_messages(w.general.id)) >= 2,
-            timeout=10,
         )
         assert "Grumbold" in engine.prompts[-1]
         (turn,) = [t for t in await bot.memory.all_turns(w.general.id) if t.role == "assistant"]
@@ -799,14 +801,14 @@ async def test_model_reload_swaps_models_keeps_the_old_on_failure_and_drops_noth
         assert bot.engine is first and bot.conv.engine is first
 
         # a load that fails keeps the model that works, and says why
-        got = await command(w, w.owner, "admin model reload", {"model": str(missing)}, timeout=30)
+        got = await command(w, w.owner, "admin model reload", {"model": str(missing)})
         assert got.ephemeral
         assert got.text.startswith(f"Reload failed, still serving `{tiny_model}`: "), got.text
         assert "no-such-model" in got.text.split(": ", 1)[1]  # why: the path it could not load
         assert f"model folder not found: {missing}" in got.text  # at once, no hub retries
         assert bot.engine is first and bot.conv.engine is first
         await mention(w, "still there?")
-        await settle(w, bot, w.general.id, 1, timeout=30)
+        await settle(w, bot, w.general.id, 1)
 
         # a message that arrives while the new model loads is answered, not dropped
         loading, gate = threading.Event(), threading.Event()
@@ -822,7 +824,7 @@ async def test_model_reload_swaps_models_keeps_the_old_on_failure_and_drops_noth
         reload = await w.fake.invoke_command(
             w.general.id, w.owner, "admin model reload", {"model": str(second)}
         )
-        await w.fake.wait_for(loading.is_set, timeout=10)
+        await w.fake.wait_for(loading.is_set)
         meanwhile = await mention(w, "are you reloading?", author=w.bob)
         await stored(bot, meanwhile)
         second_try = await command(w, w.owner, "admin model reload", {"model": str(second)})
@@ -832,7 +834,6 @@ async def test_model_reload_swaps_models_keeps_the_old_on_failure_and_drops_noth
         assert done.ephemeral and done.content.startswith(f"Now serving `{second}`"), done.content
         await w.fake.wait_for(
             lambda: any(m.reference_id == meanwhile.id for m in bot_messages(w.fake, w.general.id)),
-            timeout=30,
         )
 
         new = bot.engine
@@ -849,10 +850,10 @@ async def test_model_reload_swaps_models_keeps_the_old_on_failure_and_drops_noth
             return generate(prompt, params, **kwargs)
 
         monkeypatch.setattr(new, "generate", spy)
-        await w.fake.wait_for(lambda: bot.conv.pending == 0, timeout=30)
+        await w.fake.wait_for(lambda: bot.conv.pending == 0)
         count = len(bot_messages(w.fake, w.general.id))
         await mention(w, "which model is this?")
-        await settle(w, bot, w.general.id, count + 1, timeout=30)
+        await settle(w, bot, w.general.id, count + 1)
         assert asked and asked[-1].endswith("alice: which model is this?\n\n### Response:\n")
         got = await command(w, w.admin, "admin model status")
         assert got.text.splitlines()[0] == f"**Model** `{second}` (local engine)"
@@ -873,9 +874,9 @@ async def test_two_regenerates_at_once_leave_one_reply(world: World, tmp_path: P
         first = await w.fake.invoke_command(w.general.id, w.alice, "regenerate")
         second = await w.fake.invoke_command(w.general.id, w.bob, "regenerate")
         for handle in (first, second):
-            done = await handle.wait_message(timeout=15)
+            done = await handle.wait_message()
             assert done.content == "Regenerated."
-        await w.fake.wait_for(lambda: bot.conv.pending == 0, timeout=10)
+        await w.fake.wait_for(lambda: bot.conv.pending == 0)
         # the second regenerate replaced the first one's reply, not the long-gone original
         assert [m.content for m in bot_messages(w.fake, w.general.id)] == ["take three"]
         turns = await bot.memory.all_turns(w.general.id)

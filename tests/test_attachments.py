@@ -14,7 +14,7 @@ import pytest
 
 from bot.attachments import fenced, is_text
 from tests.bot_harness import ScriptedEngine, running_bot
-from tests.fake_discord import FakeFile
+from tests.fake_discord import PATIENCE, FakeFile
 from tests.world import World
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,6 @@ async def replied(w: World, bot, count: int) -> None:
             >= count
             and bot.conv.pending == 0
         ),
-        timeout=15,
     )
 
 
@@ -102,7 +101,8 @@ async def test_large_and_failed_downloads_are_noted_never_fatal(world: World, tm
 
 async def stored_eventually(bot, message_id: int, predicate) -> str:
     """The stored text once `predicate` holds (an edit is stored by its own event task)."""
-    for _ in range(200):
+    deadline = asyncio.get_running_loop().time() + PATIENCE
+    while asyncio.get_running_loop().time() < deadline:
         text = await stored(bot, message_id)
         if predicate(text):
             return text

@@ -37,8 +37,8 @@ async def test_mention_gets_a_streamed_reply_stored_in_memory(
     settings = bot_settings(tmp_path, tiny_model, MAX_NEW_TOKENS="24")
     async with running_bot(world.fake, settings) as bot:
         asked = await mention(world, "hello there")
-        await world.fake.wait_for(lambda: bot_messages(world.fake, world.general.id), timeout=20)
-        await world.fake.wait_for(lambda: bot.conv.pending == 0, timeout=20)
+        await world.fake.wait_for(lambda: bot_messages(world.fake, world.general.id))
+        await world.fake.wait_for(lambda: bot.conv.pending == 0)
         reply = bot_messages(world.fake, world.general.id)[0]
         assert reply.reference_id == asked.id  # a reply to the author...
         creates = world.fake.find_requests("POST", f"/channels/{world.general.id}/messages")
@@ -57,8 +57,8 @@ async def test_stream_edits_the_reply_as_it_grows(world: World, tmp_path: Path) 
     settings = bot_settings(tmp_path, "scripted", STREAM_INTERVAL="0.05")
     async with running_bot(world.fake, settings, engine=engine) as bot:
         await mention(world, "count")
-        await world.fake.wait_for(lambda: bot_messages(world.fake, world.general.id), timeout=10)
-        await world.fake.wait_for(lambda: bot.conv.pending == 0, timeout=10)
+        await world.fake.wait_for(lambda: bot_messages(world.fake, world.general.id))
+        await world.fake.wait_for(lambda: bot.conv.pending == 0)
         reply = bot_messages(world.fake, world.general.id)[0]
         assert reply.content == text.strip()
         edits = world.fake.find_requests(
@@ -81,28 +81,28 @@ async def test_always_mode_dm_and_reply_chain(
     async with running_bot(fake, settings) as bot:
         await bot.memory.update_channel(world.general.id, world.guild.id, mode="always")
         await fake.user_message(world.general.id, world.alice, "no mention needed")
-        await fake.wait_for(lambda: bot_messages(fake, world.general.id), timeout=20)
+        await fake.wait_for(lambda: bot_messages(fake, world.general.id))
 
         # mention mode (default): a plain message is stored but not answered
         await fake.user_message(quiet.id, world.bob, "just chatting")
         dm = fake.dm_channel(world.alice)
         await fake.user_message(dm.id, world.alice, "hi in private")
-        await fake.wait_for(lambda: bot_messages(fake, dm.id), timeout=20)
+        await fake.wait_for(lambda: bot_messages(fake, dm.id))
         assert not bot_messages(fake, quiet.id)
         assert [t.content for t in await bot.memory.all_turns(quiet.id)] == ["just chatting"]
 
         # a reply to the bot's message is answered without a mention
         first = bot_messages(fake, dm.id)[0]
-        await fake.wait_for(lambda: bot.conv.pending == 0, timeout=20)
+        await fake.wait_for(lambda: bot.conv.pending == 0)
         await fake.user_message(quiet.id, world.bob, "anyone?")
         await fake.user_message(dm.id, world.alice, "and another thing", reply_to=first)
-        await fake.wait_for(lambda: len(bot_messages(fake, dm.id)) == 2, timeout=20)
+        await fake.wait_for(lambda: len(bot_messages(fake, dm.id)) == 2)
         assert not bot_messages(fake, quiet.id)
 
         # threads inherit their parent's mode
         thread = fake.add_thread(world.general.id, "side chat")
         await fake.user_message(thread.id, world.bob, "thread message")
-        await fake.wait_for(lambda: bot_messages(fake, thread.id), timeout=20)
+        await fake.wait_for(lambda: bot_messages(fake, thread.id))
 
         # off: nothing stored, nothing answered
         await bot.memory.update_channel(quiet.id, world.guild.id, mode="off")
@@ -121,7 +121,7 @@ async def test_long_output_is_split_with_balanced_fences(world: World, tmp_path:
     async with running_bot(world.fake, bot_settings(tmp_path, "x"), engine=engine) as bot:
         await mention(world, "write a lot")
         await world.fake.wait_for(
-            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id), timeout=10
+            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id)
         )
         messages = bot_messages(world.fake, world.general.id)
         assert len(messages) >= 3
@@ -142,7 +142,7 @@ async def test_output_pings_nobody(world: World, tmp_path: Path) -> None:
     async with running_bot(world.fake, bot_settings(tmp_path, "x"), engine=engine) as bot:
         await mention(world, "ping them")
         await world.fake.wait_for(
-            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id), timeout=10
+            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id)
         )
         reply = bot_messages(world.fake, world.general.id)[0]
         assert reply.content == text  # shown as written...
@@ -194,21 +194,23 @@ async def test_many_channels_at_once_answered_in_order(world: World, tmp_path: P
 
 
 async def test_full_queue_says_busy(world: World, tmp_path: Path) -> None:
-    gate = asyncio.Event()
-    engine = ScriptedEngine(["slow answer"], delay=0.2)
+    gate = asyncio.Event()  # the first reply stays in progress until the busy notice is out
+    engine = ScriptedEngine(["slow answer"], gate=gate)
     other = world.fake.add_channel(world.guild.id, "other")
     settings = bot_settings(tmp_path, "x", QUEUE_SIZE="1")
     async with running_bot(world.fake, settings, engine=engine) as bot:
         await mention(world, "first")
-        await world.fake.wait_for(lambda: bot.conv.pending == 1, timeout=5)
+        await world.fake.wait_for(lambda: bot.conv.pending == 1)
         await mention(world, "second", channel=other.id, author=world.bob)
-        await world.fake.wait_for(lambda: bot_messages(world.fake, other.id), timeout=5)
+        await world.fake.wait_for(lambda: bot_messages(world.fake, other.id))
         assert bot_messages(world.fake, other.id)[0].content == BUSY
-        await world.fake.wait_for(lambda: bot.conv.pending == 0, timeout=10)
+        assert bot.conv.pending == 1  # the first reply is still in progress: it made "second" busy
+        gate.set()
+        await world.fake.wait_for(lambda: bot.conv.pending == 0)
         assert bot_messages(world.fake, world.general.id)[0].content == "slow answer"
         # the busy message was stored (so the context is complete), the bot's notice was not
         assert [t.role for t in await bot.memory.all_turns(other.id)] == ["user"]
-    gate.set()
+        assert len(engine.prompts) == 1  # "second" never reached the engine
 
 
 async def test_gateway_drop_mid_reply_delivers_once(world: World, tmp_path: Path) -> None:
@@ -216,13 +218,12 @@ async def test_gateway_drop_mid_reply_delivers_once(world: World, tmp_path: Path
     settings = bot_settings(tmp_path, "x", STREAM_INTERVAL="0.05")
     async with running_bot(world.fake, settings, engine=engine) as bot:
         await mention(world, "tell me")
-        await world.fake.wait_for(lambda: bot_messages(world.fake, world.general.id), timeout=10)
+        await world.fake.wait_for(lambda: bot_messages(world.fake, world.general.id))
         await world.fake.disconnect_gateway(resumable=True)
         await mention(world, "sent while disconnected", author=world.bob)
-        await world.fake.wait_for(lambda: world.fake.resume_count >= 1, timeout=10)
+        await world.fake.wait_for(lambda: world.fake.resume_count >= 1)
         await world.fake.wait_for(
             lambda: len(bot_messages(world.fake, world.general.id)) == 2 and bot.conv.pending == 0,
-            timeout=15,
         )
         await asyncio.sleep(0.3)
         replies = bot_messages(world.fake, world.general.id)
@@ -241,7 +242,7 @@ async def test_rate_limited_edit_is_retried(world: World, tmp_path: Path) -> Non
         )
         await mention(world, "go")
         await world.fake.wait_for(
-            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id), timeout=10
+            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id)
         )
         assert injection.remaining == 0  # the 429 happened...
         reply = bot_messages(world.fake, world.general.id)[0]
@@ -252,12 +253,11 @@ async def test_engine_failure_apologises_and_keeps_serving(world: World, tmp_pat
     engine = ScriptedEngine([EngineError("boom"), "I am fine now"])
     async with running_bot(world.fake, bot_settings(tmp_path, "x"), engine=engine) as bot:
         await mention(world, "first")
-        await world.fake.wait_for(lambda: bot_messages(world.fake, world.general.id), timeout=10)
+        await world.fake.wait_for(lambda: bot_messages(world.fake, world.general.id))
         assert bot_messages(world.fake, world.general.id)[0].content == APOLOGY
         await mention(world, "second")
         await world.fake.wait_for(
             lambda: len(bot_messages(world.fake, world.general.id)) == 2 and bot.conv.pending == 0,
-            timeout=10,
         )
         assert bot_messages(world.fake, world.general.id)[1].content == "I am fine now"
         roles = [t.role for t in await bot.memory.all_turns(world.general.id)]
@@ -269,7 +269,7 @@ async def test_empty_output_gets_a_retry_then_a_notice(world: World, tmp_path: P
     async with running_bot(world.fake, bot_settings(tmp_path, "x"), engine=engine) as bot:
         await mention(world, "say nothing")
         await world.fake.wait_for(
-            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id), timeout=10
+            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id)
         )
         assert len(engine.prompts) == 2
         assert bot_messages(world.fake, world.general.id)[0].content == EMPTY_NOTICE
@@ -286,7 +286,7 @@ async def test_edit_and_delete_follow_into_memory(world: World, tmp_path: Path) 
         await world.fake.delete_message(other)
         await mention(world, "what does bob like?")
         await world.fake.wait_for(
-            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id), timeout=10
+            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id)
         )
         prompt = engine.prompts[-1]
         assert "bob: I like coffee" in prompt and "tea" not in prompt and "delete me" not in prompt
@@ -298,14 +298,12 @@ async def test_history_survives_a_restart(world: World, tmp_path: Path) -> None:
     async with running_bot(world.fake, settings, engine=first) as bot:
         await mention(world, "my name is Alice")
         await world.fake.wait_for(
-            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id), timeout=10
+            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id)
         )
     second = ScriptedEngine(["You are Alice."])
     async with running_bot(world.fake, settings, engine=second) as bot:
         await mention(world, "what is my name?")
-        await world.fake.wait_for(
-            lambda: len(bot_messages(world.fake, world.general.id)) == 2, timeout=10
-        )
+        await world.fake.wait_for(lambda: len(bot_messages(world.fake, world.general.id)) == 2)
     prompt = second.prompts[-1]
     assert "alice: my name is Alice" in prompt
     assert "### Response:\nNice to meet you, Alice.\n\n" in prompt
@@ -318,7 +316,7 @@ async def test_server_error_on_send_is_retried(world: World, tmp_path: Path) -> 
         injection = world.fake.inject("POST", "/channels/{channel_id}/messages", 500, times=1)
         await mention(world, "hello")
         await world.fake.wait_for(
-            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id), timeout=15
+            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id)
         )
         assert injection.remaining == 0
         assert [m.content for m in bot_messages(world.fake, world.general.id)] == [
@@ -344,7 +342,7 @@ async def test_blocked_user_is_ignored_and_not_stored(world: World, tmp_path: Pa
         await mention(world, "let me in", author=world.bob)
         await mention(world, "me too")
         await world.fake.wait_for(
-            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id), timeout=10
+            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id)
         )
         await asyncio.sleep(0.2)
         assert len(bot_messages(world.fake, world.general.id)) == 1
@@ -365,7 +363,7 @@ async def test_metrics_endpoint_counts_replies(world: World, tmp_path: Path) -> 
     async with running_bot(world.fake, settings, engine=engine) as bot:
         await mention(world, "count me")
         await world.fake.wait_for(
-            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id), timeout=10
+            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id)
         )
         async with (
             aiohttp.ClientSession() as http,
@@ -384,15 +382,14 @@ async def test_cooldown_stops_floods_but_keeps_context(world: World, tmp_path: P
     async with running_bot(world.fake, settings, engine=engine) as bot:
         await mention(world, "one")
         await world.fake.wait_for(
-            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id), timeout=10
+            lambda: bot.conv.pending == 0 and bot_messages(world.fake, world.general.id)
         )
         flood = await mention(world, "two")
-        await world.fake.wait_for(lambda: flood.reactions.get("⏳"), timeout=10)
+        await world.fake.wait_for(lambda: flood.reactions.get("⏳"))
         assert fake_bot_id(world) in flood.reactions["⏳"]
         await mention(world, "three", author=world.bob)  # others are not held back
         await world.fake.wait_for(
             lambda: len(bot_messages(world.fake, world.general.id)) == 2 and bot.conv.pending == 0,
-            timeout=10,
         )
         assert len(engine.prompts) == 2 and "alice: two" in engine.prompts[-1]
         users = [

@@ -51,6 +51,8 @@ class Scripted:
         self.headers: list[dict[str, str]] = []
         self.pieces = ["Hel", "lo", " there", ",", " friend", "!"]
         self.hung_up = asyncio.Event()
+        #: a "hang" lasts until the test is over (the engine gives up on its own read timeout)
+        self.release = asyncio.Event()
         self.url = ""
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -67,7 +69,8 @@ class Scripted:
                 {"detail": "Unexpected fields in the request: {'top_k'}"}, status=422
             )
         if how == "hang":
-            await asyncio.sleep(1.2)  # past the engine's 0.5 s read timeout
+            await self.release.wait()  # no bytes until teardown: only the read timeout ends it
+            return web.Response(status=499)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         if how == "empty":
@@ -106,18 +109,20 @@ async def scripted() -> AsyncIterator[Scripted]:
     app.router.add_get("/v1/models", lambda r: web.json_response({"data": [{"id": "hermes"}]}))
     runner = web.AppRunner(app)
     await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = web.TCPSite(runner, "127.0.0.1", 0)  # the OS picks the port: no race for it
     await site.start()
-    server.url = f"http://127.0.0.1:{port}/v1"
+    server.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
     try:
         yield server
     finally:
+        server.release.set()
         await runner.cleanup()
 
 
 async def remote(url: str, tokenizer: Path, **kw: Any) -> OpenAIEngine:
-    opts = {"retries": 3, "backoff": 0.01, "max_backoff": 0.05, "read_timeout": 1.0} | kw
+    # a generous read timeout: a busy machine must not turn a slow reply into a retry (the
+    # retry counts are asserted); only the "hang" case sets a short one, on purpose
+    opts = {"retries": 3, "backoff": 0.01, "max_backoff": 0.05, "read_timeout": 60.0} | kw
     eng = OpenAIEngine(base_url=url, api_key="k", model="hermes", tokenizer=str(tokenizer), **opts)
     await eng.start()
     return eng
@@ -173,7 +178,8 @@ async def test_stop_strings_are_applied_locally_too(scripted: Scripted, tiny_mod
 async def test_failures_before_the_first_token_are_retried(
     scripted: Scripted, tiny_model: Path, failure: str
 ):
-    eng = await remote(scripted.url, tiny_model, read_timeout=0.5)
+    # a hang is ended by the read timeout; the good third attempt must answer within it
+    eng = await remote(scripted.url, tiny_model, read_timeout=2.0 if failure == "hang" else 60.0)
     try:
         scripted.script = [failure, failure]
         assert await eng.complete(PROMPT, GREEDY) == "Hello there, friend!"
@@ -257,7 +263,7 @@ async def test_cancel_hangs_up(scripted: Scripted, tiny_model: Path):
         async for _ in gen:
             gen.cancel()
         assert gen.stats.finish_reason == "cancelled"
-        await asyncio.wait_for(scripted.hung_up.wait(), 5)
+        await asyncio.wait_for(scripted.hung_up.wait(), 60)
         assert len(gen.text) < 200
     finally:
         await eng.close()

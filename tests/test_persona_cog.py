@@ -18,6 +18,7 @@ from bot.cards import export_png, parse_card
 from bot.personas import fill, load_builtin_personas
 from tests.bot_harness import ScriptedEngine, bot_settings, running_bot
 from tests.fake_discord import (
+    PATIENCE,
     FakeDiscord,
     FakeFile,
     FakeMessage,
@@ -94,7 +95,7 @@ async def command(
     return await w.fake.invoke_command(channel or w.general.id, user or w.alice, name, options)
 
 
-async def said(handle: InteractionHandle, timeout: float = 10) -> str:
+async def said(handle: InteractionHandle, timeout: float = PATIENCE) -> str:
     """The text a command answered with, whether at once or after a "thinking" defer."""
     response = await handle.wait_response(timeout)
     assert response.type in (4, 5), f"answered with callback type {response.type}"
@@ -138,7 +139,7 @@ async def settled(w: World, bot: Any, count: int, channel: int | None = None) ->
     def posted() -> list[FakeMessage]:
         return hook_messages(w.fake, channel) + bot_messages(w.fake, channel)
 
-    await w.fake.wait_for(lambda: len(posted()) >= count and bot.conv.pending == 0, timeout=15)
+    await w.fake.wait_for(lambda: len(posted()) >= count and bot.conv.pending == 0)
     return sorted(posted(), key=lambda m: m.id)
 
 
@@ -289,7 +290,7 @@ async def test_url_avatar_streaming_edits_and_threads(world: World, tmp_path: Pa
         # a thread speaks through its parent's webhook
         thread = fake.add_thread(world.general.id, "side quest")
         await command(world, "persona use", {"name": "Vela"}, channel=thread.id)
-        await fake.wait_for(lambda: hook_messages(fake, thread.id), timeout=10)
+        await fake.wait_for(lambda: hook_messages(fake, thread.id))
         await mention(world, "And here?", channel=thread.id)
         posted = await settled(world, bot, 2, channel=thread.id)
         assert [m.webhook_id for m in posted] == [hook.id, hook.id]

@@ -80,7 +80,7 @@ def test_sigterm_shuts_down_cleanly(
     settings = bot_settings(tmp_path, tiny_model)
 
     def terminate_when_ready() -> None:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # generous: only spent when the bot never gets ready
         while fake_thread.identify_count == 0 or not fake_thread.commands(None):
             if time.monotonic() > deadline:
                 break

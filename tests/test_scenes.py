@@ -18,7 +18,7 @@ import pytest
 from bot.engine import Generation, GenerationParams
 from bot.swipes import GONE, NOT_YOURS, SETTLED
 from tests.bot_harness import ScriptedEngine, running_bot
-from tests.fake_discord import FakeMessage, FakeUser, InteractionHandle
+from tests.fake_discord import PATIENCE, FakeMessage, FakeUser, InteractionHandle
 from tests.world import World
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def speaker(prompt: str) -> str:
 # ---- helpers ------------------------------------------------------------------------------
 
 
-async def answer(handle: InteractionHandle, timeout: float = 10) -> tuple[str, bool]:
+async def answer(handle: InteractionHandle, timeout: float = PATIENCE) -> tuple[str, bool]:
     """A command's (or button's) text answer and whether it was private."""
     response = await handle.wait_response(timeout)
     if response.type == 5:
@@ -64,7 +64,7 @@ def replies(w: World) -> list[FakeMessage]:
     ]
 
 
-async def settled(w: World, bot: Any, count: int, timeout: float = 30) -> list[FakeMessage]:
+async def settled(w: World, bot: Any, count: int, timeout: float = PATIENCE) -> list[FakeMessage]:
     await w.fake.wait_for(lambda: len(replies(w)) >= count and bot.conv.pending == 0, timeout)
     return replies(w)
 
@@ -192,7 +192,7 @@ async def test_members_replies_are_generated_together_and_regenerate_keeps_the_s
 
         # /regenerate replaces the last reply as the persona that spoke it
         assert await command(w, "regenerate") == "Regenerated."
-        await w.fake.wait_for(lambda: w.fake.get_message(posted[-1].id).deleted, 10)
+        await w.fake.wait_for(lambda: w.fake.get_message(posted[-1].id).deleted)
         *_, last = await settled(w, bot, 3)
         assert last.username == "Grumbold" and last.id != posted[-1].id
         assert speaker(engine.prompts[-1]) == "Grumbold"
@@ -337,9 +337,9 @@ async def test_swipes_three_alternatives_switching_who_may_and_a_restart(
         )
 
         await click(w, reply, "new", w.alice)
-        await w.fake.wait_for(lambda: shows(w, reply) == ("Second take.", "2/2"), 15)
+        await w.fake.wait_for(lambda: shows(w, reply) == ("Second take.", "2/2"))
         await click(w, reply, "new", w.alice)
-        await w.fake.wait_for(lambda: shows(w, reply) == ("Third take.", "3/3"), 15)
+        await w.fake.wait_for(lambda: shows(w, reply) == ("Third take.", "3/3"))
         seeds = [p.seed for p in engine.params[1:]]
         assert None not in seeds and len(set(seeds)) == 2  # each alternative has its own seed
         # the alternatives were generated from the same prompt, without the reply itself
@@ -390,7 +390,7 @@ async def test_continue_settles_a_reply_and_regenerate_offers_fresh_swipes(
         assert await answer(handle) == (GONE, True)  # its versions would drop the continuation
         assert len(engine.prompts) == 2
         assert await command(w, "regenerate") == "Regenerated."
-        await w.fake.wait_for(lambda: w.fake.get_message(reply.id).deleted, 10)
+        await w.fake.wait_for(lambda: w.fake.get_message(reply.id).deleted)
         (fresh,) = await settled(w, bot, 1)
         assert shows(w, fresh) == ("Another tale.", "1/1")
 
@@ -416,13 +416,13 @@ async def test_a_scene_in_a_dm_speaks_with_bold_names_and_swipes_keep_them(
                 if m.author.id == w.fake.bot_user.id and m.interaction_metadata is None
             ]
 
-        await w.fake.wait_for(lambda: len(posted()) >= 2 and bot.conv.pending == 0, 15)
+        await w.fake.wait_for(lambda: len(posted()) >= 2 and bot.conv.pending == 0)
         first, second = posted()
         assert first.content == "**Grumbold:** Grumbold at your door."
         assert second.content == "**Sable:** Sable at your door."
         assert not w.fake.webhooks
         await click(w, second, "new", w.alice)
-        await w.fake.wait_for(lambda: shows(w, second)[1] == "2/2", 15)
+        await w.fake.wait_for(lambda: shows(w, second)[1] == "2/2")
         assert shows(w, second)[0] == "**Sable:** Sable at your door."
         stored = await bot.memory.turn_for_message(second.id)
         assert stored is not None and (stored.persona, stored.content) == (

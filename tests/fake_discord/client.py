@@ -14,6 +14,7 @@ import yarl
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
+from tests.fake_discord.common import PATIENCE
 from tests.fake_discord.core import FakeDiscord
 
 
@@ -36,7 +37,11 @@ async def running_fake(**kwargs: Any) -> AsyncIterator[FakeDiscord]:
 
 
 async def start_client(
-    client: discord.Client, fake: FakeDiscord, token: str | None = None, *, timeout: float = 10.0
+    client: discord.Client,
+    fake: FakeDiscord,
+    token: str | None = None,
+    *,
+    timeout: float = PATIENCE,
 ) -> asyncio.Task[None]:
     """Log ``client`` in to the fake and run ``client.connect()`` in a task until on_ready.
 
@@ -80,7 +85,11 @@ async def stop_client(client: discord.Client, task: asyncio.Task[None] | None = 
 
 @contextlib.asynccontextmanager
 async def connected_client(
-    client: discord.Client, fake: FakeDiscord, token: str | None = None, *, timeout: float = 10.0
+    client: discord.Client,
+    fake: FakeDiscord,
+    token: str | None = None,
+    *,
+    timeout: float = PATIENCE,
 ) -> AsyncIterator[discord.Client]:
     """``async with connected_client(client, fake):`` — ready on entry, closed on exit."""
     task = await start_client(client, fake, token, timeout=timeout)

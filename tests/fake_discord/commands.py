@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from tests.fake_discord.common import (
+    PATIENCE,
     ApiError,
     MessageFlag,
     _bad_len,
@@ -75,7 +76,7 @@ class CommandsMixin:
         options: Mapping[str, Any],
         focused: str,
         *,
-        timeout: float = 5.0,
+        timeout: float = PATIENCE,
     ) -> list[dict[str, Any]]:
         """Send an autocomplete interaction for option ``focused``; return the bot's choices."""
         data = self._command_data(channel_id, name, dict(options), focused=focused)

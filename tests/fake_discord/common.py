@@ -18,6 +18,11 @@ DISCORD_EPOCH = 1420070400000
 MAX_CONTENT_LENGTH = 2000
 MAX_EMBED_DESCRIPTION = 4096
 DEFAULT_TOKEN = "fake-bot-token"
+#: How long a test waits for something that should happen (a reply, a callback, a
+#: reconnect).  Generous on purpose: waits are event-driven, so this is only ever spent
+#: when a test is failing anyway, and a busy 2-core CI machine must never turn a slow
+#: but correct bot into a failure.
+PATIENCE = 60.0
 
 
 class Intent:

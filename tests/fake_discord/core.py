@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.fake_discord.commands import CommandsMixin
-from tests.fake_discord.common import API_PREFIX, DEFAULT_TOKEN, Intent, _Snowflakes
+from tests.fake_discord.common import API_PREFIX, DEFAULT_TOKEN, PATIENCE, Intent, _Snowflakes
 from tests.fake_discord.gateway import GatewayMixin, _GatewayConnection, _Session
 from tests.fake_discord.http import HttpMixin
 from tests.fake_discord.messages import MessagesMixin
@@ -144,7 +144,7 @@ class FakeDiscord(GatewayMixin, HttpMixin, StateMixin, MessagesMixin, CommandsMi
                 fut.set_result(None)
 
     async def wait_for(
-        self, predicate: Callable[[], Any], timeout: float = 5.0, *, message: str | None = None
+        self, predicate: Callable[[], Any], timeout: float = PATIENCE, *, message: str | None = None
     ) -> Any:
         """Return ``predicate()``'s first truthy value, re-checking on every change the fake
         sees (and every 20 ms, for conditions about the bot's own state)."""
@@ -169,7 +169,7 @@ class FakeDiscord(GatewayMixin, HttpMixin, StateMixin, MessagesMixin, CommandsMi
                 self._waiters.discard(fut)
                 fut.cancel()
 
-    async def wait_connected(self, timeout: float = 5.0) -> None:
+    async def wait_connected(self, timeout: float = PATIENCE) -> None:
         """Wait until some session has a live, identified (or resumed) websocket."""
         await self.wait_for(
             lambda: any(s.connection and not s.invalid for s in self._sessions.values()),

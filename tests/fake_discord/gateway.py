@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from tests.fake_discord.common import Intent
+from tests.fake_discord.common import PATIENCE, Intent
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class _GatewayConnection:
         self.server_closed = True
         self.queue.put_nowait(_Close(code))
 
-    async def drain(self, timeout: float = 5.0) -> None:
+    async def drain(self, timeout: float = PATIENCE) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.queue.join(), timeout)
 
@@ -295,7 +295,7 @@ class GatewayMixin:
         """Whether some bot session has a live, identified (or resumed) websocket now."""
         return any(s.connection and not s.invalid for s in self._sessions.values())
 
-    async def wait_disconnected(self, timeout: float = 5.0) -> None:
+    async def wait_disconnected(self, timeout: float = PATIENCE) -> None:
         """Wait until no bot session has a live websocket (the bot stopped or was dropped)."""
         await self.wait_for(lambda: not self.connected, timeout, message="no connected session")
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from tests.fake_discord.common import (
+    PATIENCE,
     THREAD_TYPES,
     ChannelType,
     MessageFlag,
@@ -424,7 +425,7 @@ class InteractionHandle:
     def messages(self) -> list[FakeMessage]:
         return ([self.original] if self.original else []) + self.followups
 
-    async def wait_response(self, timeout: float = 5.0) -> InteractionResponse:
+    async def wait_response(self, timeout: float = PATIENCE) -> InteractionResponse:
         """Wait for the initial callback (any type)."""
         await self._fake.wait_for(
             lambda: self.response is not None,
@@ -435,7 +436,7 @@ class InteractionHandle:
         return self.response
 
     async def wait_message(
-        self, timeout: float = 5.0, predicate: Callable[[FakeMessage], bool] | None = None
+        self, timeout: float = PATIENCE, predicate: Callable[[FakeMessage], bool] | None = None
     ) -> FakeMessage:
         """Wait until ``@original`` exists and is no longer a deferred "thinking" message."""
 
@@ -447,7 +448,7 @@ class InteractionHandle:
 
         return await self._fake.wait_for(ready, timeout, message=f"@original of {self.id}")
 
-    async def wait_followups(self, count: int = 1, timeout: float = 5.0) -> list[FakeMessage]:
+    async def wait_followups(self, count: int = 1, timeout: float = PATIENCE) -> list[FakeMessage]:
         await self._fake.wait_for(
             lambda: len(self.followups) >= count, timeout, message=f"{count} follow-up(s)"
         )
