@@ -28,6 +28,7 @@ from bot.settings import Settings
 from tests.bot_harness import ScriptedEngine, bot_settings
 from tests.fake_discord import (
     GET_MESSAGES,
+    PATIENCE,
     FakeChannel,
     FakeDiscord,
     FakeMessage,
@@ -45,18 +46,20 @@ def answer(prompt: str) -> str:
 
 
 class GatedEngine(ScriptedEngine):
-    """Answers like `answer`, but generation number `hold_at` (0-based) waits for `gate`."""
+    """Answers like `answer`, but generation number `hold_at` (0-based) waits for `hold`.
+
+    (Not the harness's `gate`, which every generation waits for.)"""
 
     def __init__(self, hold_at: int) -> None:
         super().__init__(answer)
         self.hold_at = hold_at
-        self.gate = asyncio.Event()
+        self.hold = asyncio.Event()
         self.fed = 0
 
     async def _feed(self, gen: Generation, reply: str | BaseException) -> None:
         index, self.fed = self.fed, self.fed + 1
         if index == self.hold_at:
-            await self.gate.wait()
+            await self.hold.wait()
         await super()._feed(gen, reply)
 
 
@@ -71,7 +74,7 @@ class Runs:
 
     async def start(self, engine: ScriptedEngine) -> tuple[HermesBot, asyncio.Task[None]]:
         bot = HermesBot(self.settings, engine=engine, guild_ready_timeout=0.05)
-        task = await start_client(bot, self.fake, timeout=30)
+        task = await start_client(bot, self.fake, timeout=PATIENCE)
         self.live.append((bot, task))
         await bot.wait_until_ready()
         return bot, task
@@ -94,8 +97,8 @@ async def stop_with_held_reply(runs: Runs, bot: HermesBot, task, engine: GatedEn
     """Shut down while one reply is generating (held) and others wait in the queue: the queue
     is cancelled at once, then the held reply is let through and finishes."""
     closing = asyncio.create_task(runs.stop(bot, task))
-    await runs.fake.wait_for(lambda: bot.conv.pending == 1, timeout=10)
-    engine.gate.set()
+    await runs.fake.wait_for(lambda: bot.conv.pending == 1)
+    engine.hold.set()
     await closing
 
 
@@ -150,10 +153,10 @@ async def test_restart_answers_missed_and_queued_messages_once(
         first = GatedEngine(hold_at=1)
         bot, task = await runs.start(first)
         asked.append(await ask(fake, world.other, world.bob, 0))
-        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 1, timeout=10)
+        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 1)
         for n in range(1, 7):
             asked.append(await ask(fake, world.general, (world.alice, world.bob)[n % 2], n))
-        await fake.wait_for(lambda: bot.conv.pending == 6 and len(first.prompts) == 2, timeout=10)
+        await fake.wait_for(lambda: bot.conv.pending == 6 and len(first.prompts) == 2)
         await stop_with_held_reply(runs, bot, task, first)
         assert len(bot_messages(fake, ids)) == 2  # the held reply finished; five are owed
         memory = await Memory.open(settings.db_path)
@@ -181,9 +184,8 @@ async def test_restart_answers_missed_and_queued_messages_once(
         bot, task = await runs.start(second)
         await fake.wait_for(
             lambda: len(bot_messages(fake, ids)) == len(asked) and bot.conv.pending == 0,
-            timeout=30,
         )
-        await fake.wait_for(lambda: not bot.reply_tasks, timeout=10)
+        await fake.wait_for(lambda: not bot.reply_tasks)
         assert len(second.prompts) == 25
         await assert_each_answered_once(fake, bot, asked, ids)
         for channel in channels:  # oldest first within each channel
@@ -199,7 +201,7 @@ async def test_restart_during_catch_up_answers_once(world: World, tmp_path: Path
     async with Runs(fake, bot_settings(tmp_path, "x")) as runs:
         bot, task = await runs.start(ScriptedEngine(answer))
         asked = [await ask(fake, world.general, world.alice, 0)]
-        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 1, timeout=10)
+        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 1)
         await runs.stop(bot, task)
 
         for n in range(1, 11):
@@ -208,7 +210,7 @@ async def test_restart_during_catch_up_answers_once(world: World, tmp_path: Path
         catching = GatedEngine(hold_at=3)
         bot, task = await runs.start(catching)
         await fake.wait_for(
-            lambda: len(bot_messages(fake, ids)) == 4 and len(catching.prompts) == 4, timeout=20
+            lambda: len(bot_messages(fake, ids)) == 4 and len(catching.prompts) == 4
         )
         await stop_with_held_reply(runs, bot, task, catching)
         assert len(bot_messages(fake, ids)) == 5
@@ -219,9 +221,8 @@ async def test_restart_during_catch_up_answers_once(world: World, tmp_path: Path
         bot, task = await runs.start(last)
         await fake.wait_for(
             lambda: len(bot_messages(fake, ids)) == len(asked) and bot.conv.pending == 0,
-            timeout=30,
         )
-        await fake.wait_for(lambda: not bot.reply_tasks, timeout=10)
+        await fake.wait_for(lambda: not bot.reply_tasks)
         assert len(last.prompts) == 8  # the six left waiting and the two sent meanwhile
         await assert_each_answered_once(fake, bot, asked, ids)
 
@@ -235,30 +236,28 @@ async def test_new_gateway_session_catches_up_and_a_resume_does_not(
     async with Runs(fake, bot_settings(tmp_path, "x")) as runs:
         bot, _ = await runs.start(engine)
         asked = [await ask(fake, world.general, world.alice, 0)]
-        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 1, timeout=10)
+        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 1)
 
         # Resumed: Discord replays what was missed; catch-up adds nothing.
         fake.pause_gateway()
         await fake.disconnect_gateway(resumable=True)
-        await fake.wait_for(lambda: fake.pending_handshakes == 1, timeout=10)
+        await fake.wait_for(lambda: fake.pending_handshakes == 1)
         asked.append(await ask(fake, world.general, world.bob, 1))
         fake.resume_gateway()
-        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 2, timeout=10)
+        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 2)
 
         # Not resumable: a fresh READY, nothing replayed; catch-up reads it back.
         fake.pause_gateway()
         fake.expire_sessions()
-        await fake.wait_for(lambda: fake.pending_handshakes >= 1, timeout=10)
+        await fake.wait_for(lambda: fake.pending_handshakes >= 1)
         for n in range(2, 5):
             asked.append(await ask(fake, world.general, world.carol, n))
         assert all(q.delivered == 0 for q in asked[2:])
         identified = fake.identify_count
         fake.resume_gateway()
-        await fake.wait_for(lambda: fake.identify_count > identified, timeout=10)
-        await fake.wait_for(
-            lambda: len(bot_messages(fake, ids)) == 5 and bot.conv.pending == 0, timeout=20
-        )
-        await fake.wait_for(lambda: not bot.reply_tasks, timeout=10)
+        await fake.wait_for(lambda: fake.identify_count > identified)
+        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 5 and bot.conv.pending == 0)
+        await fake.wait_for(lambda: not bot.reply_tasks)
         assert len(engine.prompts) == 5
         await assert_each_answered_once(fake, bot, asked, ids)
 
@@ -272,14 +271,12 @@ async def test_catch_up_reads_only_the_newest_messages_up_to_the_cap(
     async with Runs(fake, bot_settings(tmp_path, "x", CATCHUP_MESSAGES="3")) as runs:
         bot, task = await runs.start(engine)
         asked = [await ask(fake, world.general, world.alice, 0)]
-        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 1, timeout=10)
+        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 1)
         await runs.stop(bot, task)
         missed = [await ask(fake, world.general, world.bob, n) for n in range(1, 6)]
         bot, _ = await runs.start(engine)
-        await fake.wait_for(
-            lambda: len(bot_messages(fake, ids)) == 4 and bot.conv.pending == 0, timeout=20
-        )
-        await fake.wait_for(lambda: not bot.reply_tasks, timeout=10)
+        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 4 and bot.conv.pending == 0)
+        await fake.wait_for(lambda: not bot.reply_tasks)
         await assert_each_answered_once(fake, bot, asked + missed[-3:], ids)
 
 
@@ -297,9 +294,9 @@ async def test_off_channel_and_already_replied_messages_are_not_answered(
     async with Runs(fake, bot_settings(tmp_path, "x")) as runs:
         bot, task = await runs.start(engine)
         await ask(fake, world.general, world.alice, 0)
-        await fake.wait_for(lambda: len(bot_messages(fake, general)) == 1, timeout=10)
+        await fake.wait_for(lambda: len(bot_messages(fake, general)) == 1)
         await fake.user_message(idle.id, world.bob, "just a remark")
-        await fake.wait_for(lambda: fake.last_message(idle.id).delivered, timeout=10)
+        await fake.wait_for(lambda: fake.last_message(idle.id).delivered)
         await bot.memory.update_channel(quiet.id, world.guild.id, mode="off")
         await runs.stop(bot, task)
 
@@ -311,10 +308,8 @@ async def test_off_channel_and_already_replied_messages_are_not_answered(
         )
         await ask(fake, world.general, world.carol, 3)
         bot, _ = await runs.start(engine)
-        await fake.wait_for(
-            lambda: len(bot_messages(fake, general)) == 3 and bot.conv.pending == 0, timeout=20
-        )
-        await fake.wait_for(lambda: not bot.reply_tasks, timeout=10)
+        await fake.wait_for(lambda: len(bot_messages(fake, general)) == 3 and bot.conv.pending == 0)
+        await fake.wait_for(lambda: not bot.reply_tasks)
         assert len(engine.prompts) == 2
         assert not bot_messages(fake, [quiet.id])
         assert not await bot.memory.all_turns(quiet.id)
@@ -339,17 +334,15 @@ async def test_a_channel_out_of_reach_does_not_stop_the_others(
         asked = [
             await ask(fake, c, world.alice, i) for i, c in enumerate((world.general, world.other))
         ]
-        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 2, timeout=10)
+        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 2)
         await runs.stop(bot, task)
         lost = await ask(fake, world.general, world.bob, 2)
         asked.append(await ask(fake, world.other, world.bob, 3))
         refusal = {"message": "Missing Access", "code": 50001}
         fake.inject("GET", f"/channels/{world.general.id}/messages", 403, body=refusal)
         bot, _ = await runs.start(engine)
-        await fake.wait_for(
-            lambda: len(bot_messages(fake, ids)) == 3 and bot.conv.pending == 0, timeout=20
-        )
-        await fake.wait_for(lambda: not bot.reply_tasks, timeout=10)
+        await fake.wait_for(lambda: len(bot_messages(fake, ids)) == 3 and bot.conv.pending == 0)
+        await fake.wait_for(lambda: not bot.reply_tasks)
         await assert_each_answered_once(fake, bot, asked, ids)
         assert lost.id not in replies_to(fake, ids)
     skipped = [r for r in caplog.records if "catch-up skipped channel" in r.getMessage()]

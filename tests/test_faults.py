@@ -49,7 +49,6 @@ async def settle(world: World, bot, count: int = 1) -> list[FakeMessage]:
             and len(bot_messages(fake, world.general.id)) >= count
             and not bot.reply_tasks
         ),
-        timeout=20,
     )
     return bot_messages(fake, world.general.id)
 
@@ -184,7 +183,6 @@ async def test_persona_reply_through_a_webhook_survives_resets(
         await ask(world)
         await fake.wait_for(
             lambda: bot.conv.pending == 0 and not bot.reply_tasks and hook_posts(fake, world),
-            timeout=20,
         )
         assert sends.hits == 1 and edits.hits == 1
         posts = hook_posts(fake, world)
