@@ -610,6 +610,34 @@ class Memory:
         )
         return [StoredTurn(*row) for row in await cur.fetchall()]
 
+    async def export_jsonl(self, channel_id: int) -> tuple[int, bytes]:
+        """(turn count, the `/admin memory export` file): one JSON line per stored turn, oldest
+        first, forgotten ones included and marked, so `training/`'s `hermes-memory` source can
+        leave them out. The one definition of that file's format."""
+        turns = await self.all_turns(channel_id)
+        floor = await self._watermark(channel_id)
+        lines = [
+            json.dumps(
+                {
+                    "id": t.id,
+                    "channel_id": t.channel_id,
+                    "guild_id": t.guild_id,
+                    "forgotten": t.id <= floor,  # hidden by /admin memory forget
+                    "message_id": t.message_id,
+                    "author_id": t.author_id,
+                    "name": t.name,
+                    "role": t.role,
+                    "persona": t.persona,
+                    "content": t.content,
+                    "tokens": t.tokens,
+                    "created_at": t.created_at,
+                },
+                ensure_ascii=False,
+            )
+            for t in turns
+        ]
+        return len(turns), ("\n".join(lines) + ("\n" if lines else "")).encode()
+
     async def last_assistant_turn(self, channel_id: int) -> StoredTurn | None:
         floor = await self._watermark(channel_id)
         cur = await self.db.execute(

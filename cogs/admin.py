@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import logging
 import os
 import sys
@@ -295,33 +294,11 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     @memory_group.command(name="export", description="This channel's memory as JSONL")
     async def export(self, interaction: discord.Interaction) -> None:
         assert interaction.channel_id is not None
-        turns = await self.memory.all_turns(interaction.channel_id)
-        floor = (await self.memory.channel(interaction.channel_id)).forget_before
-        lines = [
-            json.dumps(
-                {
-                    "id": t.id,
-                    "channel_id": t.channel_id,
-                    "guild_id": t.guild_id,
-                    "forgotten": t.id <= floor,  # hidden by /admin memory forget (training skips)
-                    "message_id": t.message_id,
-                    "author_id": t.author_id,
-                    "name": t.name,
-                    "role": t.role,
-                    "persona": t.persona,
-                    "content": t.content,
-                    "tokens": t.tokens,
-                    "created_at": t.created_at,
-                },
-                ensure_ascii=False,
-            )
-            for t in turns
-        ]
-        data = ("\n".join(lines) + ("\n" if lines else "")).encode()
-        await self.audit(interaction, "memory.export", None, len(turns))
+        count, data = await self.memory.export_jsonl(interaction.channel_id)
+        await self.audit(interaction, "memory.export", None, count)
         await say_privately(
             interaction,
-            f"{len(turns)} turns.",
+            f"{count} turns.",
             file=discord.File(io.BytesIO(data), f"memory-{interaction.channel_id}.jsonl"),
         )
 

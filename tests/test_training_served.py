@@ -243,30 +243,9 @@ async def memory_with_forget(db: Path) -> tuple[Memory, list[int]]:
 
 
 async def export_file(memory: Memory, channel: int, folder: Path) -> Path:
-    """The file `/admin memory export` attaches (cogs/admin.py builds the same lines)."""
-    floor = (await memory.channel(channel)).forget_before
-    lines = [
-        json.dumps(
-            {
-                "id": t.id,
-                "channel_id": t.channel_id,
-                "guild_id": t.guild_id,
-                "forgotten": t.id <= floor,
-                "message_id": t.message_id,
-                "author_id": t.author_id,
-                "name": t.name,
-                "role": t.role,
-                "persona": t.persona,
-                "content": t.content,
-                "tokens": t.tokens,
-                "created_at": t.created_at,
-            },
-            ensure_ascii=False,
-        )
-        for t in await memory.all_turns(channel)
-    ]
+    """The file `/admin memory export` attaches, written by the same `Memory.export_jsonl`."""
     path = folder / f"memory-{channel}.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_bytes((await memory.export_jsonl(channel))[1])
     return path
 
 
