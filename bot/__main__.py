@@ -1,5 +1,5 @@
-"""`hermes-bot` / `python -m bot`: run the Discord bot, chat in the terminal, check the setup, or
-benchmark the model on this machine.
+"""`hermes-bot` / `python -m bot`: run the Discord bot, chat in the terminal, check the setup,
+benchmark the model on this machine, or convert a .gguf file to a folder.
 
 Every failure a user can fix is one line on stderr and a non-zero exit (2 for bad input such as
 settings, a missing --env-file or an unknown persona), never a traceback.
@@ -92,6 +92,22 @@ def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
     )
 
 
+def cmd_convert(gguf: str, out: str) -> int:
+    """`hermes-bot convert FILE.gguf OUT/`: dequantize once, so MODEL=OUT loads in seconds."""
+    from bot.gguf import GGUFError, convert_gguf, is_gguf
+
+    if not is_gguf(gguf):
+        return _fail(f"convert reads a .gguf file, not {gguf!r}")
+    try:
+        folder = convert_gguf(gguf, out)
+    except GGUFError as exc:
+        return _fail(str(exc), 1)
+    except OSError as exc:
+        return _fail(f"cannot write {out}: {exc}", 1)
+    print(f"wrote {folder}; set MODEL={folder}")
+    return 0
+
+
 def version() -> str:
     try:
         return metadata.version("hermes-discord")
@@ -109,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the Discord bot")
     console = sub.add_parser("console", help="chat in the terminal (reads piped stdin too)")
-    console.add_argument("--model", help="model folder or hub id (overrides MODEL)")
+    console.add_argument("--model", help="model folder, .gguf file or hub id (overrides MODEL)")
     console.add_argument(
         "--show-prompt",
         action="store_true",
@@ -123,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         help="go on with the last console conversation (default: start a fresh one)",
     )
     doctor = sub.add_parser("doctor", help="check settings, database and model loading")
-    doctor.add_argument("--model", help="model folder or hub id (overrides MODEL)")
+    doctor.add_argument("--model", help="model folder, .gguf file or hub id (overrides MODEL)")
     doctor.add_argument("--skip-model", action="store_true", help="do not load the model")
     doctor.add_argument(
         "--skip-token",
@@ -131,10 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         help="do not count a missing DISCORD_TOKEN as a problem (offline checks)",
     )
     bench = sub.add_parser("bench", help="measure MODEL on this machine (load, tokens/s, TTFT)")
-    bench.add_argument("--model", help="model folder or hub id (overrides MODEL)")
+    bench.add_argument("--model", help="model folder, .gguf file or hub id (overrides MODEL)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of the table")
     bench.add_argument("--tokens", type=int, default=128, help="reply tokens per request")
     bench.add_argument("--trials", type=int, default=3, help="messages timed for first token")
+    convert = sub.add_parser(
+        "convert", help="write a .gguf file's model and tokenizer as a plain folder, once"
+    )
+    convert.add_argument("gguf", metavar="FILE.gguf", help="the GGUF file (llama.cpp's format)")
+    convert.add_argument("out", metavar="OUT/", help="the folder to write (must not exist)")
     sub.add_parser("env-example", help="print .env.example")
     sub.add_parser("settings-table", help="print the README settings table")
     args = parser.parse_args(argv)
@@ -145,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "settings-table":
         print(settings_table())
         return 0
+    if args.command == "convert":
+        return cmd_convert(args.gguf, args.out)
     if args.env_file is not None and not Path(args.env_file).is_file():
         return _fail(f"--env-file {args.env_file}: no such file ({Path(args.env_file).absolute()})")
     try:

@@ -6,8 +6,10 @@ not connect" (or "Repo id must use alphanumeric chars"), never saying the folder
 `resolve_model_source` decides first, in a second or two, and fails with one line:
 
 - a name that looks like a path (starts with `.`, `/` or `~`, holds a backslash or more than one
-  `/`, or whose first part is an existing folder) must be an existing folder: "folder not found"
-  with the absolute path tried;
+  `/`, ends in `.gguf`, or whose first part is an existing folder) must be an existing folder:
+  "folder not found" with the absolute path tried;
+- or an existing `.gguf` file (llama.cpp's one-file format, `bot/gguf.py`): checked for an
+  architecture and quantization transformers can load, "GGUF file not found" when missing;
 - a hub id is used from the local cache when the hub is offline (`HF_HUB_OFFLINE`) or cannot be
   reached; the hub is asked once per process, with a short timeout and no retries.
 
@@ -23,6 +25,8 @@ import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from bot.gguf import GGUFError, check_gguf, is_gguf
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ class ModelSourceError(ValueError):
 def looks_like_path(name: str) -> bool:
     """Whether `name` can only mean a local folder (it is not, or cannot be, a hub id)."""
     if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    if is_gguf(name):  # "model.Q4_K_M.gguf" is a valid hub id by its letters, never by intent
         return True
     if os.sep != "/" and os.sep in name:
         return True
@@ -110,8 +116,12 @@ def resolve_model_source(name: str, what: str = "model") -> str:
     if folder.is_dir():
         return str(folder)
     absolute = folder.absolute()
+    if is_gguf(name):
+        return _gguf_source(folder, what)
     if folder.exists():
-        raise ModelSourceError(f"the {what} {name!r} is a file, not a folder: {absolute}")
+        raise ModelSourceError(
+            f"the {what} {name!r} is a file, not a folder (nor a .gguf file): {absolute}"
+        )
     if looks_like_path(name):
         raise ModelSourceError(f"{what} folder not found: {absolute}")
     if is_offline_mode():
@@ -133,6 +143,17 @@ def resolve_model_source(name: str, what: str = "model") -> str:
         f"is not in the local cache while the hub cannot be reached; "
         f"{how_to_use_a_folder(name, what)}"
     )
+
+
+def _gguf_source(file: Path, what: str) -> str:
+    """An existing GGUF file transformers can load, as an absolute path; one line otherwise."""
+    if not file.is_file():
+        raise ModelSourceError(f"{what} GGUF file not found: {file.absolute()}")
+    try:
+        check_gguf(file)
+    except GGUFError as exc:
+        raise ModelSourceError(str(exc)) from None
+    return str(file.absolute())
 
 
 def resolve_engine_sources(settings: Any, model: str | None = None) -> tuple[Any, str]:

@@ -55,11 +55,11 @@ class Settings:
     )
     model: str = _opt(
         "NousResearch/Nous-Hermes-llama-2-7b",
-        "Hugging Face hub id or local folder of a Llama-family Alpaca model.",
+        "Hugging Face hub id, local folder or .gguf file of a Llama-family Alpaca model.",
     )
     tokenizer: str = _opt(
         "",
-        "Tokenizer folder or hub id, when it differs from MODEL (with "
+        "Tokenizer folder, .gguf file or hub id, when it differs from MODEL (with "
         "ENGINE=openai only the tokenizer is needed locally).",
     )
     engine: str = _opt(

@@ -3,7 +3,8 @@
 `plan_load` decides the `from_pretrained` arguments apart from loading, so the rules (bf16 where
 the GPU has it, bitsandbytes only on CUDA, ...) are tested without a model; `load_model` and
 `load_tokenizer` turn loading failures into one-line `EngineError`s. torch and transformers are
-imported inside the functions, so importing the package stays cheap.
+imported inside the functions, so importing the package stays cheap. A `.gguf` file (MODEL or
+TOKENIZER) goes through `bot/gguf.py` in the `load_gguf_*_checked` functions.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.engine.base import EngineError, first_line
+from bot.gguf import is_gguf
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,8 @@ def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
     source = checked_source(path, "tokenizer")
+    if is_gguf(source):
+        return load_gguf_tokenizer_checked(source)
     try:
         return AutoTokenizer.from_pretrained(source)
     except OSError as exc:
@@ -103,10 +107,43 @@ def load_model(path: str, plan: LoadPlan) -> Any:
     from transformers import AutoModelForCausalLM
 
     source = checked_source(path, "model")
+    if is_gguf(source):
+        return load_gguf_model_checked(source, plan)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **plan.kwargs)
     except (OSError, ValueError) as exc:
         raise EngineError(f"cannot load the model {path!r}: {first_line(exc)}") from None
+    model.eval()
+    return model
+
+
+def load_gguf_tokenizer_checked(source: str) -> Any:
+    """The tokenizer and chat template stored in a `.gguf` file (`bot/gguf.py`)."""
+    from bot.gguf import GGUFError, load_gguf_tokenizer
+
+    try:
+        return load_gguf_tokenizer(source)
+    except GGUFError as exc:
+        raise EngineError(str(exc)) from None
+
+
+def load_gguf_model_checked(source: str, plan: LoadPlan) -> Any:
+    """A `.gguf` file's model, dequantized by transformers to `plan`'s dtype, in eval mode.
+
+    bitsandbytes quantization of an already quantized file is refused: dequantize it to a folder
+    first (`hermes-bot convert`) and quantize that.
+    """
+    from bot.gguf import GGUFError, load_gguf_model
+
+    if "quantization_config" in plan.kwargs:
+        raise EngineError(
+            f"QUANTIZATION={plan.quantization} applies to a model folder, not a .gguf file: "
+            "run `hermes-bot convert FILE.gguf FOLDER/` and set MODEL to the folder"
+        )
+    try:
+        model = load_gguf_model(source, **plan.kwargs)
+    except GGUFError as exc:
+        raise EngineError(str(exc)) from None
     model.eval()
     return model
 
