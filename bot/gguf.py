@@ -138,7 +138,13 @@ def plain_model(model: Any) -> Any:
         fresh = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
     fresh.load_state_dict(model.state_dict(), strict=False, assign=True)
     fresh.tie_weights()
-    missing = [name for name, p in fresh.named_parameters() if p.is_meta]
+    source_buffers = dict(model.named_buffers())
+    for name, buffer in list(fresh.named_buffers()):  # non-persistent ones (rotary inv_freq)
+        if buffer.is_meta and name in source_buffers:
+            owner, _, leaf = name.rpartition(".")
+            fresh.get_submodule(owner)._buffers[leaf] = source_buffers[name]
+    tensors = [*fresh.named_parameters(), *fresh.named_buffers()]
+    missing = [name for name, p in tensors if p.is_meta]
     if missing:
         raise GGUFError(f"the GGUF file holds no weights for {missing[0]}")
     fresh.generation_config = model.generation_config

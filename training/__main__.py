@@ -5,8 +5,10 @@
     hermes-train export --config hermes-7b-8xa100 --out models/hermes-7b   # -> MODEL=models/hermes-7b
     hermes-train eval --model BASE --model models/hermes-7b --suite all --data data/prepared
 
-`--config` takes a YAML path or the name of a bundled config; `--set a.b=value` overrides a field,
-`--tokenizer PATH` the tokenizer and `--data PATH[:FORMAT]` (repeatable) the sources. Overrides
+`--config` takes a YAML path or the name of a bundled config; `--set a.b=value` overrides a field
+(values are YAML; numbers as typed: `--set train.lr=1e-5`), `--base PATH` the pretrained base
+model (a folder or a .gguf file, with its own tokenizer), `--tokenizer PATH` the tokenizer and
+`--data PATH[:FORMAT]` (repeatable) the sources. Overrides
 are saved in the run folder (`train.output_dir/overrides.yaml`, with the resolved `config.yaml`),
 so the next command of the same run needs only `--config`.
 """
@@ -121,8 +123,15 @@ def data_sources(specs: list[str]) -> list[dict[str, Any]]:
 
 
 def command_overrides(args: argparse.Namespace) -> list[Override]:
-    """`--set`, then `--tokenizer` and `--data` as the overrides they stand for."""
+    """`--set`, then `--base`, `--tokenizer` and `--data` as the overrides they stand for."""
     pairs = [parse_override(a) for a in args.overrides]
+    if args.base:
+        base = Path(args.base).expanduser().resolve()
+        if not base.exists():
+            raise ConfigError(f"--base {args.base}: no such folder or file ({base})")
+        pairs += [("model.name_or_path", str(base)), ("model.from_config", None)]
+        if not args.tokenizer:
+            pairs.append(("model.tokenizer", None))  # the base's own
     if args.tokenizer:
         pairs.append(("model.tokenizer", str(Path(args.tokenizer).expanduser().resolve())))
     if args.data:
@@ -151,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
             default=[],
             metavar="KEY=VALUE",
             help="override a config field, e.g. train.max_steps=10 (repeatable)",
+        )
+        p.add_argument(
+            "--base",
+            metavar="PATH",
+            help="a pretrained local base model, a folder or a .gguf file, instead of the "
+            "config's (its own tokenizer unless --tokenizer is given; no from_config)",
         )
         p.add_argument(
             "--tokenizer",

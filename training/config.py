@@ -8,6 +8,7 @@ folder at the end (`export`). `--set section.key=value` on the command line over
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -49,6 +50,27 @@ DEFAULT_VAL_EXAMPLES = 500  # held-out conversations scored for the loss (the fi
 
 class ConfigError(ValueError):
     """The config file is wrong in a way the user must fix."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent: `1e-5`, `3e-4` and
+    `1.0e5` are read as strings, so `lr: 1e-5` and `--set train.lr=1e-5` were refused ("expected
+    float"). Numbers are read as users (and YAML 1.2, JSON, Python) write them.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML as configs and `--set` values are read (`_Loader`: `1e-5` is a float)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -266,7 +288,7 @@ def parse_override(assignment: str) -> Override:
     key, sep, raw = assignment.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key=value, got {assignment!r}")
-    return key.strip(), yaml.safe_load(raw)
+    return key.strip(), read_yaml(raw)
 
 
 def set_override(data: dict[str, Any], assignment: str | Override) -> None:
@@ -298,7 +320,7 @@ def load_config(
     path: str | Path, overrides: list[str] | list[Override] | tuple[str, ...] = ()
 ) -> Config:
     """Read, override and validate a run config."""
-    raw = yaml.safe_load(resolve_path(path).read_text()) or {}
+    raw = read_yaml(resolve_path(path).read_text()) or {}
     for assignment in overrides:
         set_override(raw, assignment)
     return config_from_dict(raw)
@@ -333,7 +355,7 @@ def load_run_config(path: str | Path, overrides: list[Override]) -> RunConfig:
     saved_file = Path(first.train.output_dir) / OVERRIDES_FILE
     if not saved_file.exists():
         return RunConfig(first, list(overrides), [])
-    saved = yaml.safe_load(saved_file.read_text()) or {}
+    saved = read_yaml(saved_file.read_text()) or {}
     if saved.get("config") != str(resolve_path(path).resolve()):
         return RunConfig(first, list(overrides), [])  # another config's run: nothing to reuse
     earlier = [(k, v) for k, v in (saved.get("set") or {}).items()]

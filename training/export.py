@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from bot.gguf import is_gguf
 from training import hub
 from training.checkpoint import single_process_dcp, step_of
 from training.config import Config
@@ -36,7 +37,11 @@ def base_config(cfg: Config) -> Any:
 
     if cfg.model.from_config is not None:
         return LlamaConfig(**cfg.model.from_config)
-    return hub.load("model", str(cfg.model.name_or_path), AutoConfig.from_pretrained)
+    name = str(cfg.model.name_or_path)
+    config = hub.load("model", name, AutoConfig.from_pretrained)
+    if is_gguf(name) and hasattr(config, "quantization_config"):  # the export is plain weights
+        del config.quantization_config
+    return config
 
 
 def model_from_state_dict(cfg: Config, state: dict[str, torch.Tensor], dtype: torch.dtype) -> Any:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+from bot.gguf import check_gguf, is_gguf
+
 T = TypeVar("T")
 
 PROBE_TIMEOUT_S = 3.0
@@ -81,9 +83,14 @@ def require_hub(kind: str, name: str) -> None:
 
 
 def load(kind: str, name: str, loader: Callable[..., T], **kwargs: Any) -> T:
-    """`loader(name, **kwargs)` (a `from_pretrained`) for a local folder, a cached hub id, or a
-    hub id downloaded now; never a silent minute of retries."""
+    """`loader(name, **kwargs)` (a `from_pretrained`) for a local folder, a `.gguf` file, a
+    cached hub id, or a hub id downloaded now; never a silent minute of retries."""
     path = Path(name).expanduser()
+    if is_gguf(name):  # llama.cpp's one-file format, read (dequantized) by transformers
+        if not path.is_file():
+            raise FileNotFoundError(f"the {kind} GGUF file {name} does not exist")
+        check_gguf(path)  # an unloadable architecture or quantization: one line, at once
+        return loader(str(path.absolute().parent), gguf_file=path.name, **kwargs)
     if path.exists():
         return loader(str(path), **kwargs)
     if looks_local(name):

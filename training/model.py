@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from bot.gguf import is_gguf, plain_model
 from training import hub
 from training.config import Config
 from training.distributed import DistInfo
@@ -32,7 +33,8 @@ def load_base_model(
     quantize: bool = False,
     device: torch.device | None = None,
 ) -> Any:
-    """The model training starts from: pretrained weights, or a seeded random `from_config`."""
+    """The model training starts from: pretrained weights (a folder, a hub id or a `.gguf`
+    file, dequantized), or a seeded random `from_config`."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     attn = attn_implementation(cfg)
@@ -53,7 +55,14 @@ def load_base_model(
             )
             kwargs["device_map"] = {"": device.index if device and device.type == "cuda" else 0}
         name = str(cfg.model.name_or_path)
+        if quantize and is_gguf(name):
+            raise ValueError(
+                f"lora.load_in_4bit needs a model folder, not {name}: run `hermes-bot convert "
+                f"{name} FOLDER/` and train from the folder"
+            )
         model = hub.load("model", name, AutoModelForCausalLM.from_pretrained, **kwargs)
+        if is_gguf(name):  # a plain model: trainable, saveable, no GGUF quantizer attached
+            model = plain_model(model)
     model.config.use_cache = False
     return model
 
