@@ -214,6 +214,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 #: Rows read per page when walking a channel's history newest first.
 PAGE = 128
+#: Most (member, name) pairs `Memory.speakers` reads for one place.
+SPEAKERS_LIMIT = 5000
 
 
 class MemoryError_(RuntimeError):
@@ -239,7 +241,15 @@ class StoredTurn:
     created_at: float
 
     def to_turn(self) -> Turn:
-        return Turn(self.role, self.content, self.name, self.tokens, self.id, self.created_at)
+        return Turn(
+            self.role,
+            self.content,
+            self.name,
+            self.tokens,
+            self.id,
+            self.created_at,
+            self.author_id if self.role == "user" else None,
+        )
 
 
 _TURN_COLUMNS = (
@@ -740,6 +750,20 @@ class Memory:
             if found.get(channel_id) is None:
                 found[channel_id] = guild_id
         return sorted(found.items())
+
+    async def speakers(
+        self, guild_id: int | None, channel_id: int, limit: int = SPEAKERS_LIMIT
+    ) -> list[tuple[int, str]]:
+        """(author id, name) of members who spoke in the server (in the channel, for a DM),
+        each name as stored with their turns; the most recent `limit` pairs. Read once per
+        place by `Conversations`, which then keeps the set in step as members speak."""
+        where = "guild_id = ?" if guild_id is not None else "channel_id = ?"
+        cur = await self.db.execute(
+            "SELECT author_id, name FROM turns WHERE role = 'user' AND author_id IS NOT NULL "
+            f"AND {where} GROUP BY author_id, name ORDER BY MAX(id) DESC LIMIT ?",
+            (guild_id if guild_id is not None else channel_id, limit),
+        )
+        return [(row[0], row[1]) for row in await cur.fetchall()]
 
     # ---- forgetting -------------------------------------------------------------------------
 
