@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bot.engine import Engine, Generation, GenerationParams, ReplyStats, params_from_settings
-from bot.memory import Memory
+from bot.memory import Memory, StoredTurn
 from bot.personas import (
     DEFAULT_PERSONA,
     Persona,
@@ -28,6 +28,9 @@ from bot.personas import (
 )
 from bot.policy import Place, resolve
 from bot.prompt import (
+    BLOCK_MARGIN,
+    INPUT,
+    RECALL_HEADING,
     RESPONSE,
     SEPARATOR,
     FittedPrompt,
@@ -36,6 +39,7 @@ from bot.prompt import (
     clean_reply,
     fit_prompt,
     other_speakers,
+    recall_line,
     seen_by,
     stop_strings,
     with_recall,
@@ -47,6 +51,8 @@ from bot.speakers import KnownNames, Member
 log = logging.getLogger(__name__)
 
 EMPTY_NOTICE = "*(I had nothing to say to that. Try rephrasing?)*"
+#: What a recall block costs besides its lines (`bot.prompt.render_recall`).
+RECALL_BLOCK_HEAD = f"{INPUT}{RECALL_HEADING}\n{SEPARATOR}"
 
 
 class Busy(RuntimeError):
@@ -412,14 +418,21 @@ class Conversations:
             query.insert(0, users[-1].content)
         oldest = prompt.start_id if prompt.start_id is not None else prompt.turns[-1].id
         blocked = (await self.memory.blocked(guild_id))[0] if guild_id else set()
+        now = prompt.turns[-1].when if prompt.turns else None
+
+        def shown_cost(turn: StoredTurn) -> int:
+            (line,) = known.shown([turn.to_turn()])
+            return self.counter(recall_line(line, bot_name, now)) + 1  # and its line break
+
         found = await recall(
             self.memory,
             channel_id,
             query,
             before_id=oldest,
-            budget_tokens=budget,
+            budget_tokens=budget - self.counter(RECALL_BLOCK_HEAD) - BLOCK_MARGIN,
             window=[t.content for t in prompt.turns[:-1]],
             exclude_authors=blocked,
+            shown_cost=shown_cost,
         )
         recalled = known.shown([t.to_turn() for t in found])
         return with_recall(prompt, recalled, self.counter, bot_name)

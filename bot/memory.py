@@ -613,6 +613,20 @@ class Memory:
             for row in rows
         ]
 
+    async def snippet(self, turn_id: int, match: str, words: int) -> str:
+        """FTS5's `snippet()` of a turn's text: the window of about `words` words (at most 64)
+        that holds the most of what `match` finds, "…" where text was cut. Empty when the
+        index is off or the turn does not match."""
+        if not self.fts or not match:
+            return ""
+        cur = await self.db.execute(
+            "SELECT snippet(turns_fts, 1, '', '', '…', ?1) FROM turns_fts "
+            "WHERE turns_fts MATCH ?2 AND rowid = ?3",
+            (max(1, min(words, 64)), match, turn_id),
+        )
+        row = await cur.fetchone()
+        return row[0] if row and row[0] else ""
+
     async def all_turns(self, channel_id: int) -> list[StoredTurn]:
         """Every stored turn of a channel, oldest first, forgotten ones included (for export)."""
         cur = await self.db.execute(

@@ -240,21 +240,39 @@ def render_system(text: str) -> str:
 RECALL_HEADING = "From earlier in this channel (recalled, oldest first):"
 
 
-def render_recall(turns: Sequence[Turn], bot_name: str = "") -> str:
+def ago(then: float, now: float) -> str:
+    """How long before `now` a turn was said, in the largest whole unit: `3 days ago`."""
+    seconds = max(0.0, now - then)
+    for unit, size in (("year", 31_557_600), ("week", 604_800), ("day", 86_400),
+                       ("hour", 3_600), ("minute", 60)):  # fmt: skip
+        if (n := int(seconds // size)) >= 1:
+            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+    return "moments ago"
+
+
+def render_recall(turns: Sequence[Turn], bot_name: str = "", now: float | None = None) -> str:
     """Turns recalled from beyond the window, as one Input block (empty when there are none).
 
-    One line per turn, `[YYYY-MM-DD] Name: text`, with the text on one line and defused like any
-    other untrusted text, so a recalled message can neither forge a header nor a turn.
+    One line per turn, `[YYYY-MM-DD, 3 days ago] Name: text` (how long before `now`, the time of
+    the message being answered), with the text on one line and defused like any other untrusted
+    text, so a recalled message can neither forge a header nor a turn. A turn recalled as an
+    excerpt (`bot.recall.excerpt`) shows "…" where its text was left out.
     """
     if not turns:
         return ""
-    lines = [RECALL_HEADING]
-    for turn in turns:
-        day = time.strftime("[%Y-%m-%d] ", time.gmtime(turn.when)) if turn.when else ""
-        name = clean_name(turn.name if turn.role == "user" else (turn.name or bot_name))
-        text = " ".join(turn.content.split())
-        lines.append(f"{day}{name + ': ' if name else ''}{text}")
+    lines = [RECALL_HEADING, *(recall_line(turn, bot_name, now) for turn in turns)]
     return f"{INPUT}{neutralize(chr(10).join(lines))}{SEPARATOR}"
+
+
+def recall_line(turn: Turn, bot_name: str = "", now: float | None = None) -> str:
+    """One recalled turn's line in `render_recall`'s block (before defusing)."""
+    day = time.strftime("%Y-%m-%d", time.gmtime(turn.when)) if turn.when else ""
+    if day and now is not None:
+        day = f"{day}, {ago(turn.when or 0.0, now)}"
+    day = f"[{day}] " if day else ""
+    name = clean_name(turn.name if turn.role == "user" else (turn.name or bot_name))
+    text = " ".join(turn.content.split())
+    return f"{day}{name + ': ' if name else ''}{text}"
 
 
 def chat_segments(
@@ -373,7 +391,8 @@ def with_recall(
 
     The caller made room for it: the history was fitted to the budget less the recall budget.
     """
-    block = render_recall(recalled, bot_name)
+    now = next((t.when for t in reversed(prompt.turns) if t.when is not None), None)
+    block = render_recall(recalled, bot_name, now)
     if not block:
         return prompt
     prompt.text = render_chat(
