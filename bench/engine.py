@@ -12,12 +12,17 @@
 - P5: P2 through the bot's own path (memory, `Conversations.prepare`) in a channel twice the
   window long, with long-term recall off and on: the recall block sits after the current
   message, so the cached prefix still covers the history (`--only 5`).
+- S: single-stream tokens/s, one request alone, the engine against HF `generate` on the same
+  model and prompt (`--only s`); with `--greedy` both decode greedily and the bench says whether
+  they wrote the same text (P1's HF comparison too).
 - P3: the bot's own work between a message event and the engine submit (store the turn, read
   memory, fit the prompt) in a channel with 2,000 stored turns, with the real Llama 2 tokenizer.
   Target p50 <= 5 ms.
 
     python bench/engine.py                      # CPU, a small random Llama (hidden 256, 4 layers)
     python bench/engine.py --model /models/Nous-Hermes-llama-2-7b --device cuda   # GPU, 7B
+    python bench/engine.py --model ~/.cache/hermes-discord/smollm2/hf --greedy --only s12
+        # a real model on the CPU: SmolLM2-135M-Instruct (python -m tests.real_model fetches it)
 
 Nothing is downloaded: the small model is built on the spot (tests/tiny.py).
 
@@ -49,6 +54,7 @@ from bot.engine import (  # noqa: E402
     LocalEngine,
     eos_ids,
 )
+from bot.gguf import is_gguf  # noqa: E402
 from bot.prompt import render_chat  # noqa: E402
 
 LLAMA_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "llama2-tokenizer"
@@ -87,6 +93,13 @@ def hf_sampling(p: GenerationParams) -> dict[str, Any]:
 
 def hf_generate(model: Any, tok: Any, prompts: list[str], p: GenerationParams) -> list[int]:
     """One static batch through HF `generate`, left-padded; new tokens of each row (to EOS)."""
+    return hf_generate_texts(model, tok, prompts, p)[0]
+
+
+def hf_generate_texts(
+    model: Any, tok: Any, prompts: list[str], p: GenerationParams
+) -> tuple[list[int], list[str]]:
+    """`hf_generate`, also returning each row's new text (to EOS), to compare with ours."""
     import torch
 
     if tok.pad_token is None:
@@ -102,11 +115,12 @@ def hf_generate(model: Any, tok: Any, prompts: list[str], p: GenerationParams) -
             **hf_sampling(p),
         )
     eos = set(eos_ids(tok, model))
-    counts = []
+    counts, texts = [], []
     for row in out[:, enc.input_ids.shape[1] :].tolist():
         n = next((i for i, t in enumerate(row) if t in eos), len(row))
         counts.append(n)
-    return counts
+        texts.append(tok.decode(row[:n], skip_special_tokens=True))
+    return counts, texts
 
 
 async def p1(model: Path, args: argparse.Namespace) -> tuple[float, float]:
@@ -125,9 +139,10 @@ async def p1(model: Path, args: argparse.Namespace) -> tuple[float, float]:
             for c in range(args.channels)
         ]
         sizes = [len(eng.tokenizer(p).input_ids) for p in prompts]
-        # the bot's default sampling (temperature 0.7, top-p, top-k, repetition penalty), seeded
+        # the bot's default sampling (temperature 0.7, top-p, top-k, repetition penalty), seeded;
+        # with --greedy, greedy decoding, so ours and HF generate must write the same tokens
         params = [
-            GenerationParams(max_new_tokens=args.new_tokens, seed=c) for c in range(args.channels)
+            sampling(args, max_new_tokens=args.new_tokens, seed=c) for c in range(args.channels)
         ]
         best: dict[int | str, float] = {}
         texts: dict[int, list[str]] = {}
@@ -144,16 +159,18 @@ async def p1(model: Path, args: argparse.Namespace) -> tuple[float, float]:
                 best[cap] = max(best.get(cap, 0.0), rate)
             if args.peer:
                 t0 = time.perf_counter()
-                counts = hf_generate(eng.model, eng.tokenizer, prompts, params[0])
+                counts, hf_texts = hf_generate_texts(eng.model, eng.tokenizer, prompts, params[0])
                 rate = sum(counts) / (time.perf_counter() - t0)
                 best["hf"] = max(best.get("hf", 0.0), rate)
         tokens = sum(g.stats.new_tokens for g in gens)
         for cap in (1, args.channels):
             print(f"  MAX_BATCH={cap}: best {best[cap]:.1f} tokens/s of {args.rounds} rounds")
         if args.peer:
+            same = sum(a == b for a, b in zip(texts[args.channels], hf_texts, strict=True))
             print(
                 f"  HF generate, static batch of {args.channels}: best {best['hf']:.1f} tokens/s "
-                f"(same prompts and sampling, {sum(counts)} tokens)"
+                f"(same prompts and sampling, {sum(counts)} tokens"
+                + (f"; same text as ours in {same} of {len(hf_texts)})" if args.greedy else ")")
             )
         print(
             f"  {args.channels} channels, prompts {min(sizes)}-{max(sizes)} tokens, "
@@ -162,6 +179,41 @@ async def p1(model: Path, args: argparse.Namespace) -> tuple[float, float]:
         )
         peer = best[args.channels] / best["hf"] if args.peer else float("nan")
         return best[args.channels] / best[1], peer
+    finally:
+        await eng.close()
+
+
+def sampling(args: argparse.Namespace, **kw: Any) -> GenerationParams:
+    """The bot's default sampling, or greedy with no repetition penalty under --greedy."""
+    if args.greedy:
+        kw.update(temperature=0.0, repetition_penalty=1.0)
+    return GenerationParams(**kw)
+
+
+async def single(model: Path, args: argparse.Namespace) -> tuple[float, float, bool]:
+    """One stream alone: our engine against HF `generate` on the same model object, the same
+    prompt (~`--p1-prompt` tokens) and the same decoding, best of `--rounds` each; tokens/s
+    over the whole reply (prefill included), and whether both wrote the same text."""
+    eng = await started(model, args, max_batch=1, kv_cache_mb=0)
+    try:
+        prompt = render_chat(SYSTEM, history(eng.count_tokens, args.p1_prompt, seed=7))
+        params = sampling(args, max_new_tokens=args.new_tokens, seed=1)
+        best = {"ours": 0.0, "hf": 0.0}
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            gen = eng.generate(prompt, params)
+            ours = await gen.text_all()
+            best["ours"] = max(best["ours"], gen.stats.new_tokens / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            counts, texts = hf_generate_texts(eng.model, eng.tokenizer, [prompt], params)
+            best["hf"] = max(best["hf"], counts[0] / (time.perf_counter() - t0))
+        same = ours == texts[0]
+        print(
+            f"  prompt {eng.count_tokens(prompt)} tokens, reply {gen.stats.new_tokens} tokens "
+            f"(HF {counts[0]}); ours best {best['ours']:.1f} tokens/s, HF generate best "
+            f"{best['hf']:.1f} tokens/s of {args.rounds} rounds; same text: {same}"
+        )
+        return best["ours"], best["hf"], same
     finally:
         await eng.close()
 
@@ -245,7 +297,7 @@ async def p2(model: Path, args: argparse.Namespace) -> float:
     try:
         turns = history(eng.count_tokens, args.p2_history, seed=99)
         prompt = render_chat(SYSTEM, turns)
-        short = GenerationParams(max_new_tokens=16, seed=5)  # same seed: same reply cold or warm
+        short = sampling(args, max_new_tokens=16, seed=5)  # same seed: same reply cold or warm
         reply = await eng.generate(prompt, short, cache_key="chan").text_all()
         warm, cold, reused, sizes = [], [], [], []
         for k in range(args.trials):
@@ -405,7 +457,17 @@ async def p3(args: argparse.Namespace) -> float | None:
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", help="model folder; default: build a small random Llama")
+    ap.add_argument(
+        "--model",
+        help="model folder or .gguf file (converted once to a temporary folder); default: "
+        "build a small random Llama",
+    )
+    ap.add_argument(
+        "--greedy",
+        action="store_true",
+        help="greedy decoding everywhere (the default is the bot's sampling): ours and HF "
+        "generate then write the same tokens, and the bench says whether they did",
+    )
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -420,7 +482,11 @@ async def main() -> None:
     ap.add_argument("--kv-cache-mb", type=float, default=8192)
     ap.add_argument("--p3-turns", type=int, default=2000)
     ap.add_argument("--p3-messages", type=int, default=200)
-    ap.add_argument("--only", default="1234", help="which of P1, P2, P3, P4 to run, e.g. 13")
+    ap.add_argument(
+        "--only",
+        default="1234",
+        help="which of P1, P2, P3, P4, P5 and S (single stream) to run, e.g. 13 or 12s",
+    )
     ap.add_argument(
         "--no-peer", dest="peer", action="store_false", help="skip HF generate beside P1"
     )
@@ -448,7 +514,12 @@ async def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("--device cuda asked, but CUDA is not available")
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model:
+        if args.model and is_gguf(args.model):  # dequantized once, not in every part
+            from bot.gguf import convert_gguf
+
+            model = convert_gguf(args.model, Path(tmp) / "converted")
+            label = f"{Path(args.model).name} (dequantized to fp32) on {args.device}"
+        elif args.model:
             model = Path(args.model)
             label = f"{model.name} on {args.device}"
         else:
@@ -458,6 +529,12 @@ async def main() -> None:
             label = f"random Llama hidden {args.hidden}, {args.layers} layers, on {args.device}"
         print(f"hermes-discord serving bench: {label}; torch threads {torch.get_num_threads()}")
         gpu = args.device.startswith("cuda")
+        decoding = "greedy" if args.greedy else "the bot's default sampling (seeded)"
+        print(f"decoding: {decoding}")
+        if "s" in args.only.lower():
+            print("S single stream, ours vs HF generate (one request, same prompt)")
+            ours, hf, same = await single(model, args)
+            print(f"S = {ours:.1f} tokens/s, HF generate {hf:.1f}: ours / HF = {ours / hf:.2f}x")
         if "1" in args.only:
             print("P1 aggregate tokens/s, batched vs one-at-a-time")
             r, peer = await p1(model, args)

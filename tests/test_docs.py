@@ -302,6 +302,8 @@ def runnable(line: str) -> bool:
 @pytest.fixture(scope="module")
 def clone(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder laid out like a fresh clone after the README's install and model steps."""
+    from tests.tiny_gguf import make_gguf
+
     folder = tmp_path_factory.mktemp("clone")
     bin_dir = folder / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
@@ -313,6 +315,12 @@ def clone(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     for _, line in COMMANDS:
         for words in simple_commands(line):
             for flag, value in zip(words, words[1:], strict=False):
+                gguf = folder / value
+                if value.endswith(".gguf") and not value.startswith(("/", "~")):
+                    if not gguf.exists():  # a tiny GGUF where the docs name one
+                        gguf.parent.mkdir(parents=True, exist_ok=True)
+                        make_gguf(gguf, quant="Q8_0")
+                    continue
                 if flag == "--model" and not value.startswith(("/", "~")) and "/" in value:
                     target = folder / value
                     if not target.exists() and not (ROOT / value).exists():
