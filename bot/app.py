@@ -22,7 +22,7 @@ from discord.ext import commands
 from bot import metrics
 from bot.checks import Refused
 from bot.conversation import Conversations
-from bot.engine import Engine, EngineError, engine_from_settings
+from bot.engine import Engine, EngineError, make_engine
 from bot.memory import Memory
 from bot.personas import PersonaLibrary, load_builtin_personas
 from bot.replies import say_privately
@@ -87,7 +87,7 @@ class HermesBot(commands.AutoShardedBot):
         )
         self.settings = settings
         #: the engine until `setup_hook` hands it to the conversations, which then hold it
-        self._engine: Engine | None = engine or engine_from_settings(settings)
+        self._engine: Engine | None = engine or make_engine(settings)
         self.cog_names = cogs
         self.started_at = time.time()
         self.reply_tasks: set[asyncio.Task[None]] = set()
