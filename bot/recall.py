@@ -17,6 +17,7 @@ import re
 from collections.abc import Collection, Iterable, Sequence
 
 from bot.memory import Memory, StoredTurn
+from bot.settings import Settings
 
 #: Words that say nothing about what to look for. Short and English-centred on purpose: BM25
 #: already discounts common words; this only keeps them from crowding out the useful terms.
@@ -43,6 +44,12 @@ MIN_TERMS = 2
 CANDIDATES = 24
 #: Per-turn overhead (name, line break, date) added to a turn's cached token count.
 TURN_OVERHEAD = 12
+
+
+def recall_tokens(settings: Settings) -> int:
+    """Tokens of the window given to recalled turns: RECALL_TOKENS, or a tenth of
+    CONTEXT_TOKENS when it is 0 (`settings` as the channel has them)."""
+    return settings.recall_tokens or int(settings.context_tokens) // 10
 
 
 def query_terms(texts: Sequence[str], max_terms: int = MAX_TERMS) -> list[str]:
