@@ -7,6 +7,7 @@ command changed is read back from the bot's database and from what the engine wa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,17 @@ async def stored(bot: Any, message: FakeMessage, timeout: float = PATIENCE) -> N
     while await bot.memory.turn_for_message(message.id) is None:
         assert asyncio.get_running_loop().time() < deadline, f"{message.content!r} not stored"
         await asyncio.sleep(0.02)
+
+
+async def used(
+    w: World, bot: Any, engine: ScriptedEngine, text: str, count: int, *, channel: int | None = None
+) -> tuple[float, int, int]:
+    """Mention the bot with `text`, wait for its `count`th reply there, and return the
+    (temperature, top_k, max_new_tokens) that reply was generated with."""
+    await mention(w, text, channel=channel)
+    await settle(w, bot, channel or w.general.id, count)
+    params = engine.params[-1]
+    return params.temperature, params.top_k, params.max_new_tokens
 
 
 def button(message: FakeMessage, label: str) -> str:
@@ -289,14 +301,8 @@ async def test_settings_set_show_reset_sources_ranges_and_restart(
         assert "`max_new_tokens` = **12** (default)" in got.text.splitlines()
 
         # the settings reach the engine: channel over server over default
-        await mention(w, "here")
-        await settle(w, bot, w.general.id, 1)
-        params = engine.params[-1]
-        assert (params.temperature, params.top_k, params.max_new_tokens) == (0.9, 10, 64)
-        await mention(w, "there", channel=w.other.id)
-        await settle(w, bot, w.other.id, 1)
-        params = engine.params[-1]
-        assert (params.temperature, params.top_k, params.max_new_tokens) == (0.5, 10, 12)
+        assert await used(w, bot, engine, "here", 1) == (0.9, 10, 64)
+        assert await used(w, bot, engine, "there", 1, channel=w.other.id) == (0.5, 10, 12)
 
         rows = [r for r in await audit_rows(bot, w) if r.action.startswith("settings.")]
         assert [(r.user_id, r.action, r.channel_id, r.old, r.new) for r in rows] == [
@@ -312,10 +318,7 @@ async def test_settings_set_show_reset_sources_ranges_and_restart(
         got = await command(w, w.admin, "admin settings show")
         assert "`temperature` = **0.9** (channel)" in got.text.splitlines()
         assert "`top_k` = **10** (server)" in got.text.splitlines()
-        await mention(w, "after the restart")
-        await settle(w, bot, w.general.id, 2)
-        params = engine.params[-1]
-        assert (params.temperature, params.top_k, params.max_new_tokens) == (0.9, 10, 64)
+        assert await used(w, bot, engine, "after the restart", 2) == (0.9, 10, 64)
 
         # reset: the channel falls back to the server, then the server to the defaults
         got = await command(w, w.admin, "admin settings reset", {"scope": "channel"})
@@ -326,10 +329,7 @@ async def test_settings_set_show_reset_sources_ranges_and_restart(
         got = await command(w, w.admin, "admin settings show")
         assert "`temperature` = **0.3** (default)" in got.text.splitlines()
         assert "`top_k` = **40** (default)" in got.text.splitlines()
-        await mention(w, "defaults now")
-        await settle(w, bot, w.general.id, 3)
-        params = engine.params[-1]
-        assert (params.temperature, params.top_k, params.max_new_tokens) == (0.3, 40, 12)
+        assert await used(w, bot, engine, "defaults now", 3) == (0.3, 40, 12)
 
         rows = [r for r in await audit_rows(bot, w) if r.action.startswith("settings.reset")]
         assert [(r.action, json.loads(r.old), json.loads(r.new)) for r in rows] == [
@@ -458,23 +458,9 @@ async def test_memory_stats_and_export(world: World, tmp_path: Path) -> None:
         (attachment,) = got.files
         assert attachment.filename == f"memory-{w.general.id}.jsonl"
         rows = [json.loads(line) for line in attachment.data.decode().splitlines()]
-        assert rows == [
-            {
-                "id": t.id,
-                "channel_id": w.general.id,
-                "guild_id": t.guild_id,
-                "forgotten": False,
-                "message_id": t.message_id,
-                "author_id": t.author_id,
-                "name": t.name,
-                "role": t.role,
-                "persona": t.persona,
-                "content": t.content,
-                "tokens": t.tokens,
-                "created_at": t.created_at,
-            }
-            for t in turns
-        ]
+        # every stored field of each turn, and whether forget hid it
+        assert rows == [{**dataclasses.asdict(t), "forgotten": False} for t in turns]
+        assert {r["channel_id"] for r in rows} == {w.general.id}
         assert [r["content"] for r in rows] == [
             "hello",
             "First reply.",
