@@ -88,12 +88,11 @@ def test_sigterm_shuts_down_cleanly(
     assert fake is not None
 
     def terminate_when_ready() -> None:
-        # up: slash commands synced (the end of setup) and the gateway session READY; stopped
-        # either way, so a bot that never gets there fails the asserts below, not hangs
+        # up: slash commands synced (the end of setup) and the gateway session identified
+        # (READY follows at once); stopped either way, so a bot that never gets there fails
+        # the asserts below, not hangs
         try:
-            fake_thread.wait_for(
-                lambda: fake.commands(None) and any(e == "READY" for e, _ in fake.dispatched)
-            )
+            fake_thread.wait_for(lambda: fake.commands(None) and fake.identify_count)
         finally:
             os.kill(os.getpid(), signal.SIGTERM)
 
