@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bot.engine import Engine, Generation, GenerationParams, ReplyStats, params_from_settings
+from bot.engine import Engine, EngineRequest, GenerationParams, ReplyStats, params_from_settings
 from bot.memory import Memory, StoredTurn
 from bot.personas import (
     DEFAULT_PERSONA,
@@ -44,7 +44,7 @@ from bot.prompt import (
     stop_strings,
     with_recall,
 )
-from bot.recall import recall
+from bot.recall import recall, recall_tokens
 from bot.settings import Settings
 from bot.speakers import KnownNames, Member
 
@@ -400,7 +400,7 @@ class Conversations:
         them): 0 when recall is off here or the SQLite build has no full-text index."""
         if not (settings.recall and self.memory.fts):
             return 0
-        return settings.recall_tokens or int(settings.context_tokens) // 10
+        return recall_tokens(settings)
 
     async def _recall(
         self,
@@ -455,7 +455,7 @@ class Conversations:
                     temperature=max(job.params.temperature, 0.7),
                 )
             )
-            gen: Generation = self.engine.generate(
+            gen: EngineRequest = self.engine.generate(
                 job.prompt.text, params, cache_key=job.cache_key or str(job.channel_id)
             )
             job.stats = gen.stats

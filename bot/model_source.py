@@ -157,7 +157,7 @@ def _gguf_source(file: Path, what: str) -> str:
 
 
 def resolve_engine_sources(settings: Any, model: str | None = None) -> tuple[Any, str]:
-    """Settings and model name with every local source checked, for `engine_from_settings`.
+    """Settings and model name with every local source checked, for `make_engine`.
 
     The local engine needs the model and the tokenizer (TOKENIZER, else the model's own); the
     OpenAI-compatible engine only the tokenizer, and its server keeps the model's name (a hub id
