@@ -343,7 +343,6 @@ class Conversations:
         if users and users[-1].content not in query:
             query.insert(0, users[-1].content)
         oldest = prompt.start_id if prompt.start_id is not None else prompt.turns[-1].id
-        blocked = (await self.memory.places.blocked(guild_id))[0] if guild_id else set()
         found = await recall(
             self.memory,
             channel_id,
@@ -351,7 +350,7 @@ class Conversations:
             before_id=oldest,
             budget_tokens=budget,
             window=[t.content for t in prompt.turns[:-1]],
-            exclude_authors=blocked,
+            exclude_authors=await self.memory.places.blocked_users(guild_id),
         )
         return with_recall(prompt, [t.to_turn() for t in found], self.counter, bot_name)
 

@@ -25,7 +25,7 @@ from discord.ext import commands
 
 from bot.attachments import message_text
 from bot.catchup import Claims, history_floor, owed_replies
-from bot.checks import is_manager, place_of, policy_for, serves_here, speaks_here
+from bot.checks import audit, is_manager, place_of, policy_for, serves_here, speaks_here
 from bot.conversation import EMPTY_NOTICE, Busy, ReplyJob
 from bot.personas import persona_key
 from bot.policy import ChannelPolicy
@@ -705,15 +705,7 @@ class Chat(commands.Cog):
                 return
         old = (await memory.places.channel(channel_id)).forget_before
         new = await memory.turns.forget(channel_id, interaction.guild_id)
-        if interaction.guild_id is not None:
-            await memory.audit.write(
-                interaction.user.id,
-                "reset",
-                guild_id=interaction.guild_id,
-                channel_id=channel_id,
-                old=old,
-                new=new,
-            )
+        await audit(interaction, "reset", old, new, channel_id)
         await interaction.response.send_message(
             "Done: I forgot our conversation here.", ephemeral=True
         )

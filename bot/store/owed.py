@@ -9,15 +9,12 @@ the messages it missed while it was away.
 
 from __future__ import annotations
 
-from bot.store.db import Database
+from bot.store.db import Store
 from bot.store.turns import TURN_COLUMNS, StoredTurn
 
 
-class OwedReplies:
+class OwedReplies(Store):
     """Which user turns still wait for the bot's reply; settling one happens exactly once."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
 
     async def mark_answered(self, turn_id: int) -> bool:
         """The reply to `turn_id` has started to show (or was settled otherwise): it is no
