@@ -127,7 +127,7 @@ class Conversations:
         message_id: int | None = None,
         awaiting: bool = False,
     ) -> int:
-        """Store a member's turn; `awaiting`: the bot owes it a reply (see Memory.add_turn)."""
+        """Store a member's turn; `awaiting`: the bot owes it a reply (see TurnStore.add)."""
         return await self.memory.turns.add(
             channel_id,
             "user",

@@ -1,7 +1,7 @@
 """`/persona scene ...`: put several personas in one channel and steer who speaks.
 
 A subgroup of `/persona` (mounted by `cogs/personas.py`). The cast, its seating, mutes, policy
-and scenario are stored by `bot.memory`; who answers a message is decided by `bot.scenes` in
+and scenario are stored by `bot.store.scenes`; who answers a message is decided by `bot.scenes` in
 the chat cog. Every command uses the shared `speaks_here` check (members allowed to make the
 bot speak in this channel); changes in servers are written to the audit log.
 """
