@@ -1,6 +1,6 @@
 """The audit log: who changed what, where, from what to what (`/admin audit` lists it).
 
-`AuditLog.write` is the one writer; the Discord layer's `bot.checks.audit` fills it from an
+`AuditLog.write` is the one writer; the Discord layer's `bot.discord.checks.audit` fills it from an
 interaction, so every command audits the same way.
 """
 
