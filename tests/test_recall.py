@@ -337,7 +337,9 @@ RAMBLE = (
     "most of the morning stuck behind a tractor on the old coast road. By the time we reached "
     "the cabin it was raining sideways and the gutters were overflowing again. "
 )
-FACT = "Oh and before I forget: the spare key for the cabin is hidden inside the green watering can."
+FACT = (
+    "Oh and before I forget: the spare key for the cabin is hidden inside the green watering can."
+)
 REST = (
     " Anyway, after that we lit the stove, dried our socks, played cards until midnight and "
     "argued about whether the board game rules allow trading during the night phase, which "
