@@ -9,7 +9,7 @@ Two parts:
 - Loss: mean negative log-likelihood per reply token (the target positions of each example,
   reply + EOS, prompt tokens never count) and its perplexity. `chat_loss` is the function the
   trainer calls on its validation split.
-- Generation through the bot's engine (`bot.engine.engine_from_settings`) with the bot's default
+- Generation through the bot's engine (`bot.engine.make_engine`) with the bot's default
   sampling and stop rules (`bot.prompt.stop_strings`, `clean_reply`): how replies end (EOS, a
   stop rule, or MAX_NEW_TOKENS), how many try to write another speaker's line or a block header,
   how many are empty after cleaning, mean length and tokens/s.
@@ -312,7 +312,7 @@ def load_model(path: str, opts: ChatOptions) -> Any:
 def evaluate_model(path: str, val: Sequence[Record], opts: ChatOptions) -> dict[str, Any]:
     """Loss and generation figures for one model on the validation records: a model folder,
     or with ENGINE=openai the model's name on the server (replies only, see `remote`)."""
-    from bot.engine import engine_from_settings, params_from_settings
+    from bot.engine import make_engine, params_from_settings
 
     settings = bot_settings(opts)
     if remote(settings):
@@ -324,7 +324,7 @@ def evaluate_model(path: str, val: Sequence[Record], opts: ChatOptions) -> dict[
     if opts.samples > 0:
         params = params_from_settings(settings, seed=opts.seed)
         prompts = [served_prompt(r) for r in val[: opts.samples]]
-        engine = engine_from_settings(settings, model=path)
+        engine = make_engine(settings, model=path)
 
         async def run() -> tuple[list[Reply], float]:
             await engine.start()
