@@ -3,9 +3,10 @@
 Also the user commands `/reset`, `/regenerate` and `/continue`. Whether to answer comes from the
 channel policy (`bot.policy`, through `bot.discord.checks`); who speaks from `bot.discord.webhooks`. In a channel
 with a scene (`bot.scenes`) the cast members a message names (or the one the scene's policy picks)
-answer, each as itself, and may answer each other up to SCENE_CHAIN times per human message.
-With WAKE_WORDS on, a `mention` channel also answers a message naming the bot, its persona or a
-cast member. Replies posted as one message get swipe buttons (`bot.discord.swipes`).
+answer, each as itself, and may answer each other up to SCENE_CHAIN times per human message;
+naming a cast member (name or nickname, case- and confusable-folded) addresses it in any mode but
+`off`. With WAKE_WORDS on, a `mention` channel also answers a message naming the bot or its
+persona. Replies posted as one message get swipe buttons (`bot.discord.swipes`).
 """
 
 from __future__ import annotations
@@ -165,7 +166,9 @@ class Chat(commands.Cog):
         if not replied:
             scene = await load_scene(self.memory, self.bot.personas, message.channel.id, guild_id)
             said = message.clean_content  # names count in what was written, not in attachments
-            called = await self.addressed(message) or self.woken(policy, said, scene)
+            # naming cast members addresses them in any mode but off; WAKE_WORDS is for the rest
+            named = bool(scene) and bool(scene.named(said))
+            called = named or await self.addressed(message) or self.woken(policy, said, scene)
             owed = policy.mode == "always" or called
             if owed and scene and live:  # catch-up picks when it answers (`_answer_owed`)
                 replied_to = await self.replied_persona(message)
