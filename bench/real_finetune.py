@@ -96,13 +96,13 @@ async def write_memory(db: Path, folder: Path) -> dict[str, list[int]]:
 
     async def channel(cid: int, persona: str | None, exchanges: list[tuple[str, str]]) -> None:
         if persona:
-            await memory.update_channel(cid, GUILD, persona=persona)
+            await memory.places.update_channel(cid, GUILD, persona=persona)
         for k, (ask, reply) in enumerate(exchanges):
             author, name = MEMBERS[(cid + k) % len(MEMBERS)]
-            turn = await memory.add_turn(
+            turn = await memory.turns.add(
                 cid, "user", ask, name=name, guild_id=GUILD, author_id=author
             )
-            await memory.add_turn(
+            await memory.turns.add(
                 cid, "assistant", reply, guild_id=GUILD, persona=persona,
                 name=persona or "", answers=turn,
             )  # fmt: skip
