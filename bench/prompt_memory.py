@@ -138,7 +138,7 @@ async def run(args: argparse.Namespace) -> int:
                 rows.append((role, text, name, engine.count_tokens(text.strip())))
             start = time.perf_counter()
             for i, (role, text, name, tokens) in enumerate(rows):
-                await memory.add_turn(
+                await memory.turns.add(
                     CHANNEL,
                     role,
                     text,
@@ -150,13 +150,13 @@ async def run(args: argparse.Namespace) -> int:
             append_s = time.perf_counter() - start
             # a little noise from other channels, interleaved in the same table
             for i in range(args.turns // 4):
-                await memory.add_turn(CHANNEL + 1 + i % 7, "user", message(rnd), tokens=20)
+                await memory.turns.add(CHANNEL + 1 + i % 7, "user", message(rnd), tokens=20)
 
             budget = CONTEXT - MAX_NEW
             reads, read_rows = 0, 0
             start = time.perf_counter()
             while time.perf_counter() - start < 1.0 or reads < 50:
-                got = await memory.recent_turns(CHANNEL, token_budget=budget)
+                got = await memory.turns.recent(CHANNEL, token_budget=budget)
                 reads += 1
                 read_rows += len(got)
             read_s = time.perf_counter() - start
@@ -177,7 +177,7 @@ async def run(args: argparse.Namespace) -> int:
             last_text = ""
             for i in range(args.iterations):
                 t_event = time.perf_counter()
-                turn_id = await memory.add_turn(
+                turn_id = await memory.turns.add(
                     CHANNEL,
                     "user",
                     texts[i],
@@ -203,7 +203,7 @@ async def run(args: argparse.Namespace) -> int:
                     head = last_text[: last_text.rindex("### Response:")]
                     reused.append(len(os.path.commonprefix([head, job.prompt.text])) / len(head))
                 last_text = job.prompt.text
-                await memory.add_turn(
+                await memory.turns.add(
                     CHANNEL,
                     "assistant",
                     replies[i],

@@ -91,7 +91,7 @@ async def measure(
             while pending and pending[0][0] == i:
                 fact = pending.pop(0)[1]
                 fact_ids.append(
-                    await memory.add_turn(
+                    await memory.turns.add(
                         label_channel(label),
                         "user",
                         fact.said,
@@ -101,7 +101,7 @@ async def measure(
                         tokens=engine.count_tokens(fact.said),
                     )
                 )
-            await memory.add_turn(
+            await memory.turns.add(
                 label_channel(label),
                 role,
                 text,
@@ -123,7 +123,7 @@ async def measure(
             conv = Conversations(settings, memory, engine)
             hits, times = 0, []
             for fact, fact_id in zip(facts, fact_ids, strict=True):
-                qid = await memory.add_turn(
+                qid = await memory.turns.add(
                     label_channel(label),
                     "user",
                     fact.asked,
@@ -139,7 +139,7 @@ async def measure(
                 ids = {t.id for t in job.prompt.turns} | {t.id for t in job.prompt.recalled}
                 hits += fact_id in ids
                 # the question leaves memory again, so each question sees the same channel
-                await memory.delete_turn(qid)
+                await memory.turns.delete(qid)
             results[f"recall@prompt {mode}"] = hits / len(facts)
             results[f"prepare ms {mode}"] = statistics.median(times) * 1e3
     finally:

@@ -128,7 +128,7 @@ class Conversations:
         awaiting: bool = False,
     ) -> int:
         """Store a member's turn; `awaiting`: the bot owes it a reply (see Memory.add_turn)."""
-        return await self.memory.add_turn(
+        return await self.memory.turns.add(
             channel_id,
             "user",
             content,
@@ -153,7 +153,7 @@ class Conversations:
     ) -> int:
         """Store the bot's turn; `answers`: the user turn it answers, no longer owed a reply."""
         ids = message_ids or []
-        return await self.memory.add_turn(
+        return await self.memory.turns.add(
             channel_id,
             "assistant",
             content,
@@ -167,7 +167,9 @@ class Conversations:
         )
 
     async def edit(self, message_id: int, content: str) -> bool:
-        return await self.memory.edit_message(message_id, content, self.counter(content.strip()))
+        return await self.memory.turns.edit_message(
+            message_id, content, self.counter(content.strip())
+        )
 
     # ---- ordering ---------------------------------------------------------------------------
 
@@ -259,7 +261,7 @@ class Conversations:
         Human messages that arrived after `reply_to` wait for their own reply; the bot's replies
         to earlier messages belong before it even when stored later.
         """
-        turns = await self.memory.recent_turns(channel_id, token_budget=budget)
+        turns = await self.memory.turns.recent(channel_id, token_budget=budget)
         turns = [t for t in turns if t.id != skip]
         if reply_to is None:
             return [t.to_turn() for t in turns], None
@@ -341,7 +343,7 @@ class Conversations:
         if users and users[-1].content not in query:
             query.insert(0, users[-1].content)
         oldest = prompt.start_id if prompt.start_id is not None else prompt.turns[-1].id
-        blocked = (await self.memory.blocked(guild_id))[0] if guild_id else set()
+        blocked = (await self.memory.places.blocked(guild_id))[0] if guild_id else set()
         found = await recall(
             self.memory,
             channel_id,

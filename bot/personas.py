@@ -461,7 +461,7 @@ class PersonaLibrary:
             key = (guild_id, persona_key(name))
             if key in self._cache:
                 return self._cache[key]
-            stored = await self.memory.get_persona(guild_id, name)
+            stored = await self.memory.personas.get(guild_id, name)
             if stored is not None:
                 try:
                     persona = imported_persona(
@@ -483,5 +483,5 @@ class PersonaLibrary:
         """Built-ins first, then the server's own, for listings and autocomplete."""
         names = [p.name for p in self.builtins.values()]
         if guild_id is not None:
-            names += [p.name for p in await self.memory.list_personas(guild_id)]
+            names += [p.name for p in await self.memory.personas.in_guild(guild_id)]
         return names

@@ -16,7 +16,8 @@ import functools
 import re
 from collections.abc import Collection, Iterable, Sequence
 
-from bot.memory import Memory, StoredTurn
+from bot.memory import Memory
+from bot.store.turns import StoredTurn
 
 #: Words that say nothing about what to look for. Short and English-centred on purpose: BM25
 #: already discounts common words; this only keeps them from crowding out the useful terms.
@@ -128,7 +129,7 @@ async def recall(
         terms = rare_terms(query_terms(query), window)
     if not terms:
         return []
-    hits = await memory.search_turns(
+    hits = await memory.turns.search(
         channel_id, match_expression(terms), before_id=before_id, limit=CANDIDATES
     )
     chosen: dict[int, StoredTurn] = {}

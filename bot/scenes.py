@@ -15,8 +15,9 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from bot.memory import Memory, SceneMember, SceneState
+from bot.memory import Memory
 from bot.personas import Persona, PersonaLibrary, fill, persona_key
+from bot.store.scenes import SceneMember, SceneState
 
 POLICIES = ("natural", "list", "manual")
 #: SillyTavern's default talkativeness for a card that does not say.
@@ -174,7 +175,7 @@ async def load_scene(
     memory: Memory, personas: PersonaLibrary | None, channel_id: int, guild_id: int | None
 ) -> Scene:
     """The channel's scene with each member's card (None for a persona since deleted)."""
-    state = await memory.scene(channel_id)
+    state = await memory.scenes.get(channel_id)
     found: dict[str, Persona | None] = {}
     for m in state.members:
         found[persona_key(m.name)] = await personas.get(m.name, guild_id) if personas else None

@@ -98,7 +98,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         new: object = None,
         channel_id: int | None = None,
     ) -> None:
-        await self.memory.audit(
+        await self.memory.audit.write(
             interaction.user.id,
             action,
             guild_id=interaction.guild_id,
@@ -122,8 +122,8 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     ) -> None:
         target = channel.id if channel else interaction.channel_id
         assert target is not None
-        old = (await self.memory.channel(target)).mode
-        await self.memory.update_channel(target, interaction.guild_id, mode=mode)
+        old = (await self.memory.places.channel(target)).mode
+        await self.memory.places.update_channel(target, interaction.guild_id, mode=mode)
         await self.audit(interaction, "channel.mode", old, mode, target)
         await say_privately(
             interaction,
@@ -160,15 +160,15 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             return
         assert interaction.guild_id is not None and interaction.channel_id is not None
         if scope == "server":
-            guild = await self.memory.guild(interaction.guild_id)
+            guild = await self.memory.places.guild(interaction.guild_id)
             old = guild.settings.get(name)
-            await self.memory.update_guild(
+            await self.memory.places.update_guild(
                 interaction.guild_id, settings={**guild.settings, name: parsed}
             )
         else:
-            chan = await self.memory.channel(interaction.channel_id)
+            chan = await self.memory.places.channel(interaction.channel_id)
             old = chan.settings.get(name)
-            await self.memory.update_channel(
+            await self.memory.places.update_channel(
                 interaction.channel_id,
                 interaction.guild_id,
                 settings={**chan.settings, name: parsed},
@@ -182,11 +182,11 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     ) -> None:
         assert interaction.guild_id is not None and interaction.channel_id is not None
         if scope == "server":
-            old = (await self.memory.guild(interaction.guild_id)).settings
-            await self.memory.update_guild(interaction.guild_id, settings={})
+            old = (await self.memory.places.guild(interaction.guild_id)).settings
+            await self.memory.places.update_guild(interaction.guild_id, settings={})
         else:
-            old = (await self.memory.channel(interaction.channel_id)).settings
-            await self.memory.update_channel(
+            old = (await self.memory.places.channel(interaction.channel_id)).settings
+            await self.memory.places.update_channel(
                 interaction.channel_id, interaction.guild_id, settings={}
             )
         await self.audit(interaction, f"settings.reset {scope}", old, {})
@@ -199,8 +199,8 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     @memory_group.command(name="forget", description="Start fresh here (undo with unforget)")
     async def forget(self, interaction: discord.Interaction) -> None:
         assert interaction.channel_id is not None
-        old = (await self.memory.channel(interaction.channel_id)).forget_before
-        new = await self.memory.forget(interaction.channel_id, interaction.guild_id)
+        old = (await self.memory.places.channel(interaction.channel_id)).forget_before
+        new = await self.memory.turns.forget(interaction.channel_id, interaction.guild_id)
         await self.audit(interaction, "memory.forget", old, new)
         await say_privately(
             interaction,
@@ -210,11 +210,11 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     @memory_group.command(name="unforget", description="Undo the last forget")
     async def unforget(self, interaction: discord.Interaction) -> None:
         assert interaction.channel_id is not None
-        old = (await self.memory.channel(interaction.channel_id)).forget_before
-        if not await self.memory.unforget(interaction.channel_id):
+        old = (await self.memory.places.channel(interaction.channel_id)).forget_before
+        if not await self.memory.turns.unforget(interaction.channel_id):
             await say_privately(interaction, "There is no forget to undo here.")
             return
-        new = (await self.memory.channel(interaction.channel_id)).forget_before
+        new = (await self.memory.places.channel(interaction.channel_id)).forget_before
         await self.audit(interaction, "memory.unforget", old, new)
         await say_privately(interaction, "Restored the conversation from before the last forget.")
 
@@ -222,7 +222,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     async def clear(self, interaction: discord.Interaction) -> None:
         assert interaction.channel_id is not None
         # Every stored turn goes, forgotten ones too (stats would count only the visible ones).
-        stored = len(await self.memory.all_turns(interaction.channel_id))
+        stored = len(await self.memory.turns.history(interaction.channel_id))
         view = ConfirmClear(interaction.user.id, timeout=self.confirm_timeout)
         await interaction.response.send_message(
             f"Delete all {stored} stored turns of this channel for good?",
@@ -236,14 +236,14 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
                     content="Timed out; nothing was deleted.", view=None
                 )
             return
-        n = await self.memory.clear_channel(interaction.channel_id)
+        n = await self.memory.turns.clear(interaction.channel_id)
         await self.audit(interaction, "memory.clear", n, 0)
         await interaction.edit_original_response(content=f"Deleted {n} turns.", view=None)
 
     @memory_group.command(name="stats", description="Turns, tokens, oldest and newest")
     async def stats(self, interaction: discord.Interaction) -> None:
         assert interaction.channel_id is not None
-        s = await self.memory.stats(interaction.channel_id)
+        s = await self.memory.turns.stats(interaction.channel_id)
 
         def when(t: float | None) -> str:
             return f"<t:{int(t)}:R>" if t else "never"
@@ -268,7 +268,9 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         settings = policy.settings.applied(self.bot.settings)
         budget = self.bot.conv.recall_budget(settings) or int(settings.context_tokens) // 10
         blocked = (
-            (await self.memory.blocked(interaction.guild_id))[0] if interaction.guild_id else set()
+            (await self.memory.places.blocked(interaction.guild_id))[0]
+            if interaction.guild_id
+            else set()
         )
         found = await recall(
             self.memory,
@@ -314,8 +316,8 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
                 interaction, f"There is no persona called {name!r}. See `/persona list`."
             )
             return
-        old = (await self.memory.guild(interaction.guild_id)).default_persona
-        await self.memory.update_guild(interaction.guild_id, default_persona=resolved)
+        old = (await self.memory.places.guild(interaction.guild_id)).default_persona
+        await self.memory.places.update_guild(interaction.guild_id, default_persona=resolved)
         await self.audit(interaction, "persona.default", old, resolved)
         await say_privately(interaction, f"The server default persona is now **{resolved}**.")
 
@@ -324,8 +326,8 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         self, interaction: discord.Interaction, rule: Literal["allow", "deny"]
     ) -> None:
         assert interaction.guild_id is not None
-        old = (await self.memory.guild(interaction.guild_id)).imports_allowed
-        await self.memory.update_guild(interaction.guild_id, imports_allowed=rule == "allow")
+        old = (await self.memory.places.guild(interaction.guild_id)).imports_allowed
+        await self.memory.places.update_guild(interaction.guild_id, imports_allowed=rule == "allow")
         await self.audit(interaction, "persona.imports", old, rule == "allow")
         await say_privately(
             interaction,
@@ -340,7 +342,9 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     ) -> None:
         assert interaction.guild_id is not None
         kind = "role" if isinstance(target, discord.Role) else "user"
-        changed = await self.memory.set_blocked(interaction.guild_id, kind, target.id, blocked)
+        changed = await self.memory.places.set_blocked(
+            interaction.guild_id, kind, target.id, blocked
+        )
         verb = "block" if blocked else "unblock"
         # what: the target is part of the action; old: what it was before this command
         old = (not blocked) if changed else blocked
@@ -371,7 +375,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         channel: Channelish | None = None,
     ) -> None:
         assert interaction.guild_id is not None
-        old = (await self.memory.guild(interaction.guild_id)).channel_allowlist
+        old = (await self.memory.places.guild(interaction.guild_id)).channel_allowlist
         new = list(old)
         target = channel.id if channel else interaction.channel_id
         if action == "add" and target not in new:
@@ -381,7 +385,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         elif action == "clear":
             new = []
         if new != old:
-            await self.memory.update_guild(interaction.guild_id, channel_allowlist=new)
+            await self.memory.places.update_guild(interaction.guild_id, channel_allowlist=new)
             await self.audit(interaction, f"access.channels {action}", old, new)
         listing = ", ".join(f"<#{c}>" for c in new) or "all channels (no allow-list)"
         await say_privately(interaction, f"The bot serves: {listing}.")
@@ -391,8 +395,8 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         self, interaction: discord.Interaction, rule: Literal["allow", "deny"]
     ) -> None:
         assert interaction.guild_id is not None
-        old = (await self.memory.guild(interaction.guild_id)).reset_allowed
-        await self.memory.update_guild(interaction.guild_id, reset_allowed=rule == "allow")
+        old = (await self.memory.places.guild(interaction.guild_id)).reset_allowed
+        await self.memory.places.update_guild(interaction.guild_id, reset_allowed=rule == "allow")
         await self.audit(interaction, "access.reset", old, rule == "allow")
         await say_privately(
             interaction,
@@ -465,7 +469,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     async def audit_cmd(
         self, interaction: discord.Interaction, limit: app_commands.Range[int, 1, 50] = 10
     ) -> None:
-        rows = await self.memory.audit_log(interaction.guild_id, limit)
+        rows = await self.memory.audit.latest(interaction.guild_id, limit)
         if not rows:
             await say_privately(interaction, "No admin actions recorded yet.")
             return

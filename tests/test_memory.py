@@ -14,20 +14,22 @@ from pathlib import Path
 
 import pytest
 
-from bot.memory import MIGRATIONS, PAGE, SCHEMA_VERSION, Memory, MemoryError_, StoredTurn
+from bot.memory import Memory
 from bot.prompt import Turn
+from bot.store.db import MIGRATIONS, SCHEMA_VERSION, UnusableDatabaseError
+from bot.store.turns import PAGE, StoredTurn
 
 
 async def add_many(memory: Memory, channel: int, n: int, **kw) -> list[int]:
     ids = []
     for i in range(n):
         role = "user" if i % 2 == 0 else "assistant"
-        ids.append(await memory.add_turn(channel, role, f"message {i}", name="Ann", **kw))
+        ids.append(await memory.turns.add(channel, role, f"message {i}", name="Ann", **kw))
     return ids
 
 
 async def test_round_trip(memory: Memory):
-    tid = await memory.add_turn(
+    tid = await memory.turns.add(
         42,
         "user",
         "hello **world** 🎉\nsecond line",
@@ -39,7 +41,7 @@ async def test_round_trip(memory: Memory):
         tokens=12,
         created_at=1700000000.5,
     )
-    (turn,) = await memory.recent_turns(42)
+    (turn,) = await memory.turns.recent(42)
     assert turn == StoredTurn(
         tid,
         42,
@@ -54,38 +56,38 @@ async def test_round_trip(memory: Memory):
         1700000000.5,
     )
     assert turn.to_turn() == Turn("user", "hello **world** 🎉\nsecond line", "Ann", 12, tid)
-    assert await memory.turn_for_message(1001) == turn
-    assert await memory.message_ids(tid) == [1001]
-    assert await memory.all_turns(42) == [turn]
-    stats = await memory.stats(42)
+    assert await memory.turns.for_message(1001) == turn
+    assert await memory.turns.message_ids(tid) == [1001]
+    assert await memory.turns.history(42) == [turn]
+    stats = await memory.turns.stats(42)
     assert (stats.turns, stats.tokens, stats.oldest) == (1, 12, 1700000000.5)
 
 
 async def test_role_is_checked(memory: Memory):
     with pytest.raises(sqlite3.IntegrityError):
-        await memory.add_turn(1, "system", "not a role")
-    assert await memory.recent_turns(1) == []  # the failed transaction left nothing behind
-    assert await memory.add_turn(1, "user", "still usable") > 0
+        await memory.turns.add(1, "system", "not a role")
+    assert await memory.turns.recent(1) == []  # the failed transaction left nothing behind
+    assert await memory.turns.add(1, "user", "still usable") > 0
 
 
 async def test_newest_first_across_pages_and_channels(memory: Memory):
     n = PAGE * 2 + 17
     a, b = [], []
     for i in range(n):
-        a.append(await memory.add_turn(1, "user", f"a{i}", tokens=3))
+        a.append(await memory.turns.add(1, "user", f"a{i}", tokens=3))
         if i % 10 == 0:
-            b.append(await memory.add_turn(2, "assistant", f"b{i}"))
-    got = await memory.recent_turns(1)
+            b.append(await memory.turns.add(2, "assistant", f"b{i}"))
+    got = await memory.turns.recent(1)
     assert [t.id for t in got] == a[::-1]  # every page, newest first, no gaps or repeats
-    assert [t.id for t in await memory.recent_turns(2)] == b[::-1]
-    assert [t.id for t in await memory.recent_turns(1, limit=5)] == a[::-1][:5]
-    assert [t.id for t in await memory.recent_turns(1, limit=PAGE + 3)] == a[::-1][: PAGE + 3]
-    assert [t.id for t in await memory.all_turns(1)] == a
+    assert [t.id for t in await memory.turns.recent(2)] == b[::-1]
+    assert [t.id for t in await memory.turns.recent(1, limit=5)] == a[::-1][:5]
+    assert [t.id for t in await memory.turns.recent(1, limit=PAGE + 3)] == a[::-1][: PAGE + 3]
+    assert [t.id for t in await memory.turns.history(1)] == a
 
 
 async def test_token_budget_stops_reading_early(memory: Memory):
-    ids = [await memory.add_turn(5, "user", f"m{i}", tokens=10) for i in range(PAGE * 3)]
-    got = await memory.recent_turns(5, token_budget=100)
+    ids = [await memory.turns.add(5, "user", f"m{i}", tokens=10) for i in range(PAGE * 3)]
+    got = await memory.turns.recent(5, token_budget=100)
     assert 0 < len(got) < len(ids)
     assert [t.id for t in got] == ids[::-1][: len(got)]  # a newest-first prefix
     assert sum(t.tokens + 8 for t in got) >= 100  # ...that covers the budget
@@ -93,87 +95,87 @@ async def test_token_budget_stops_reading_early(memory: Memory):
 
 async def test_forget_and_unforget(memory: Memory):
     old = await add_many(memory, 3, 4)
-    assert await memory.unforget(3) is False  # nothing to undo yet
-    assert await memory.forget(3) == old[-1]
-    assert await memory.recent_turns(3) == []
-    assert (await memory.stats(3)).turns == 0
-    new = await memory.add_turn(3, "user", "after forget")
-    assert [t.id for t in await memory.recent_turns(3)] == [new]
-    assert await memory.last_assistant_turn(3) is None  # the old reply is forgotten too
-    assert [t.id for t in await memory.recent_turns(3, include_forgotten=True)] == [
+    assert await memory.turns.unforget(3) is False  # nothing to undo yet
+    assert await memory.turns.forget(3) == old[-1]
+    assert await memory.turns.recent(3) == []
+    assert (await memory.turns.stats(3)).turns == 0
+    new = await memory.turns.add(3, "user", "after forget")
+    assert [t.id for t in await memory.turns.recent(3)] == [new]
+    assert await memory.turns.last_assistant(3) is None  # the old reply is forgotten too
+    assert [t.id for t in await memory.turns.recent(3, include_forgotten=True)] == [
         new,
         *old[::-1],
     ]
-    assert len(await memory.all_turns(3)) == 5  # nothing was deleted
-    assert await memory.unforget(3) is True
-    assert [t.id for t in await memory.recent_turns(3)] == [new, *old[::-1]]
-    assert (await memory.last_assistant_turn(3)).id == old[-1]
-    assert await memory.unforget(3) is False  # one level of undo
+    assert len(await memory.turns.history(3)) == 5  # nothing was deleted
+    assert await memory.turns.unforget(3) is True
+    assert [t.id for t in await memory.turns.recent(3)] == [new, *old[::-1]]
+    assert (await memory.turns.last_assistant(3)).id == old[-1]
+    assert await memory.turns.unforget(3) is False  # one level of undo
 
 
 async def test_forget_twice_undoes_only_the_last(memory: Memory):
     first = await add_many(memory, 4, 2)
-    await memory.forget(4)
+    await memory.turns.forget(4)
     second = await add_many(memory, 4, 2)
-    await memory.forget(4)
-    assert await memory.recent_turns(4) == []
-    assert await memory.unforget(4)
-    assert [t.id for t in await memory.recent_turns(4)] == second[::-1]
+    await memory.turns.forget(4)
+    assert await memory.turns.recent(4) == []
+    assert await memory.turns.unforget(4)
+    assert [t.id for t in await memory.turns.recent(4)] == second[::-1]
     assert first[-1] < second[0]
 
 
 async def test_clear_channel_deletes_and_resets_watermark(memory: Memory):
     await add_many(memory, 6, 3)
     await add_many(memory, 7, 2)
-    await memory.forget(6)
-    assert await memory.clear_channel(6) == 3
-    assert await memory.all_turns(6) == []
-    assert (await memory.channel(6)).forget_before == 0
-    assert len(await memory.recent_turns(7)) == 2
+    await memory.turns.forget(6)
+    assert await memory.turns.clear(6) == 3
+    assert await memory.turns.history(6) == []
+    assert (await memory.places.channel(6)).forget_before == 0
+    assert len(await memory.turns.recent(7)) == 2
 
 
 async def test_edit_by_message_id(memory: Memory):
-    tid = await memory.add_turn(1, "user", "teh typo", message_id=500, tokens=3)
-    assert await memory.edit_message(500, "the typo, fixed", tokens=5)
-    (turn,) = await memory.recent_turns(1)
+    tid = await memory.turns.add(1, "user", "teh typo", message_id=500, tokens=3)
+    assert await memory.turns.edit_message(500, "the typo, fixed", tokens=5)
+    (turn,) = await memory.turns.recent(1)
     assert (turn.id, turn.content, turn.tokens) == (tid, "the typo, fixed", 5)
-    assert await memory.edit_message(501, "unknown message") is False
+    assert await memory.turns.edit_message(501, "unknown message") is False
 
 
 async def test_delete_by_message_id(memory: Memory):
-    keep = await memory.add_turn(1, "user", "keep", message_id=600)
-    await memory.add_turn(1, "user", "remove me", message_id=601)
-    assert await memory.delete_message(601)
-    assert [t.id for t in await memory.recent_turns(1)] == [keep]
-    assert await memory.turn_for_message(601) is None
-    assert await memory.delete_message(601) is False
+    keep = await memory.turns.add(1, "user", "keep", message_id=600)
+    await memory.turns.add(1, "user", "remove me", message_id=601)
+    assert await memory.turns.delete_message(601)
+    assert [t.id for t in await memory.turns.recent(1)] == [keep]
+    assert await memory.turns.for_message(601) is None
+    assert await memory.turns.delete_message(601) is False
 
 
 @pytest.mark.parametrize("deleted", [700, 701, 702, 703])
 async def test_multi_message_turn_goes_whole(memory: Memory, deleted: int):
-    before = await memory.add_turn(9, "user", "question", message_id=699)
-    reply = await memory.add_turn(
+    before = await memory.turns.add(9, "user", "question", message_id=699)
+    reply = await memory.turns.add(
         9, "assistant", "a very long reply in chunks", message_id=700, extra_message_ids=[701, 702]
     )
-    await memory.link_messages(reply, [703])  # a chunk sent later
-    assert await memory.message_ids(reply) == [700, 701, 702, 703]
+    await memory.turns.link_messages(reply, [703])  # a chunk sent later
+    assert await memory.turns.message_ids(reply) == [700, 701, 702, 703]
     for mid in (700, 701, 702, 703):
-        assert (await memory.turn_for_message(mid)).id == reply
+        assert (await memory.turns.for_message(mid)).id == reply
     # editing any chunk edits the turn
-    assert await memory.edit_message(702, "edited reply")
-    assert (await memory.turn_for_message(700)).content == "edited reply"
+    assert await memory.turns.edit_message(702, "edited reply")
+    assert (await memory.turns.for_message(700)).content == "edited reply"
 
-    assert await memory.delete_message(deleted)
-    assert [t.id for t in await memory.recent_turns(9)] == [before]
+    assert await memory.turns.delete_message(deleted)
+    assert [t.id for t in await memory.turns.recent(9)] == [before]
     for mid in (700, 701, 702, 703):
-        assert await memory.turn_for_message(mid) is None
-    assert await memory.message_ids(reply) == []  # the links went with the turn
+        assert await memory.turns.for_message(mid) is None
+    assert await memory.turns.message_ids(reply) == []  # the links went with the turn
 
 
 async def test_update_turn_attaches_message(memory: Memory):
-    tid = await memory.add_turn(1, "assistant", "streaming…")
-    await memory.update_turn(tid, "final text", 4, message_id=800)
-    turn = await memory.turn_for_message(800)
+    tid = await memory.turns.add(1, "assistant", "streaming…")
+    await memory.turns.update(tid, "final text", 4, message_id=800)
+    turn = await memory.turns.for_message(800)
     assert (turn.id, turn.content, turn.tokens, turn.message_id) == (tid, "final text", 4, 800)
 
 
@@ -229,21 +231,21 @@ async def test_migrates_from_v1_keeping_turns(tmp_path: Path):
     try:
         assert user_version(path) == SCHEMA_VERSION
         assert "guilds" in tables(path) and "personas" in tables(path)
-        turns = await mem.all_turns(11)
+        turns = await mem.turns.history(11)
         assert [t.content for t in turns] == [f"old {i}" for i in range(5)]
         assert [t.message_id for t in turns] == [900, 901, 902, 903, 904]
         # the v1 watermark still applies, and the v2 tables work
-        assert [t.content for t in await mem.recent_turns(11)] == [
+        assert [t.content for t in await mem.turns.recent(11)] == [
             "old 4",
             "old 3",
             "old 2",
             "old 1",
         ]
-        assert (await mem.channel(11)).mode == "always"
-        await mem.update_guild(3, default_persona="pirate")
-        assert (await mem.guild(3)).default_persona == "pirate"
-        assert await mem.delete_message(903)
-        assert len(await mem.all_turns(11)) == 4
+        assert (await mem.places.channel(11)).mode == "always"
+        await mem.places.update_guild(3, default_persona="pirate")
+        assert (await mem.places.guild(3)).default_persona == "pirate"
+        assert await mem.turns.delete_message(903)
+        assert len(await mem.turns.history(11)) == 4
     finally:
         await mem.close()
 
@@ -253,7 +255,7 @@ async def test_newer_schema_is_a_clear_error(tmp_path: Path):
     con = sqlite3.connect(path)
     con.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     con.close()
-    with pytest.raises(MemoryError_) as info:
+    with pytest.raises(UnusableDatabaseError) as info:
         await Memory.open(path)
     message = str(info.value)
     assert f"schema version {SCHEMA_VERSION + 1}" in message and "newer" in message
@@ -264,7 +266,7 @@ async def test_newer_schema_is_a_clear_error(tmp_path: Path):
 async def test_a_file_that_is_not_sqlite_is_a_clear_error(tmp_path: Path):
     path = tmp_path / "notes.db"
     path.write_bytes(b"these are my notes, not a database\n" * 200)
-    with pytest.raises(MemoryError_) as info:
+    with pytest.raises(UnusableDatabaseError) as info:
         await Memory.open(path)
     assert str(path) in str(info.value) and "DB_PATH" in str(info.value)
     assert path.read_bytes().startswith(b"these are my notes")  # left untouched
@@ -277,45 +279,41 @@ async def test_concurrent_writers_share_the_connection(memory: Memory):
         ids = []
         for i in range(10):
             ids.append(
-                await memory.add_turn(
+                await memory.turns.add(
                     channel, "user", f"c{channel} m{i}", message_id=channel * 100 + i
                 )
             )
             if i == 5:
-                await memory.forget(channel)
+                await memory.turns.forget(channel)
         return ids
 
     results = await asyncio.gather(*(writer(ch) for ch in range(1, 9)))
     assert len({tid for ids in results for tid in ids}) == 80
     for channel, ids in enumerate(results, start=1):
-        assert [t.id for t in await memory.all_turns(channel)] == ids
-        assert [t.id for t in await memory.recent_turns(channel)] == ids[:5:-1]
+        assert [t.id for t in await memory.turns.history(channel)] == ids
+        assert [t.id for t in await memory.turns.recent(channel)] == ids[:5:-1]
 
 
 async def test_recent_turns_reads_through_the_index(memory: Memory):
     for ch in range(3):
         for i in range(50):
-            await memory.add_turn(ch, "user", f"m{i}", tokens=1)
-    await memory.forget(1)
+            await memory.turns.add(ch, "user", f"m{i}", tokens=1)
+    await memory.turns.forget(1)
     for i in range(PAGE + 10):  # more than one page after the watermark
-        await memory.add_turn(1, "user", f"after the watermark {i}")
-    seen: list[tuple[str, tuple]] = []
-    execute = memory.db.execute
-
-    def recording(sql, parameters=None):
-        seen.append((sql, tuple(parameters or ())))
-        return execute(sql, parameters)
-
-    memory.db.execute = recording  # type: ignore[method-assign]
+        await memory.turns.add(1, "user", f"after the watermark {i}")
+    # SQLite's own trace hook reports each statement as run, its parameters bound in
+    seen: list[str] = []
+    await memory.db.set_trace_callback(seen.append)
     try:
-        await memory.recent_turns(1, limit=PAGE + 5)
-        await memory.recent_turns(0, token_budget=10)
+        await memory.turns.recent(1, limit=PAGE + 5)
+        await memory.turns.recent(0, token_budget=10)
     finally:
-        del memory.db.execute
-    queries = [(sql, args) for sql, args in seen if "FROM turns" in sql]
-    assert any("id < ?" in sql for sql, _ in queries)  # the second page's query is checked too
-    for sql, args in queries:
-        cur = await memory.db.execute(f"EXPLAIN QUERY PLAN {sql}", args)
+        await memory.db.set_trace_callback(None)
+    queries = [sql for sql in seen if "FROM turns" in sql]
+    assert len(queries) >= 3, seen  # two pages of channel 1, at least one of channel 0
+    assert any(" AND id < " in sql for sql in queries)  # the second page's query is checked too
+    for sql in queries:
+        cur = await memory.db.execute(f"EXPLAIN QUERY PLAN {sql}")
         plan = " | ".join(row[-1] for row in await cur.fetchall())
         assert "SCAN turns" not in plan, plan
         assert "TEMP B-TREE" not in plan, plan  # the order comes from the index, not a sort
@@ -337,7 +335,7 @@ WRITER = textwrap.dedent(
         memory = await Memory.open(sys.argv[1])
         print("ready", flush=True)
         for i in range(1_000_000):
-            tid = await memory.add_turn(
+            tid = await memory.turns.add(
                 1, "user" if i % 2 == 0 else "assistant", f"burst {i} " + "x" * (i % 300),
                 name="Ann", message_id=10_000 + i, extra_message_ids=[20_000_000 + i], tokens=i,
             )
@@ -393,18 +391,18 @@ async def test_killed_writer_loses_nothing_committed(tmp_path: Path):
         con.close()
     mem = await Memory.open(path)
     try:
-        stored = {t.id: t for t in await mem.all_turns(1)}
+        stored = {t.id: t for t in await mem.turns.history(1)}
         for tid, i in reported:
             turn = stored[tid]
             assert turn.content == f"burst {i} " + "x" * (i % 300)
             assert (turn.message_id, turn.tokens) == (10_000 + i, i)
-            assert (await mem.turn_for_message(20_000_000 + i)).id == tid
+            assert (await mem.turns.for_message(20_000_000 + i)).id == tid
         # nothing half-written: every stored turn is complete and ids have no holes
         assert sorted(stored) == list(range(1, len(stored) + 1))
         assert len(stored) >= len(reported)
         check = await (await mem.db.execute("PRAGMA integrity_check")).fetchone()
         assert check[0] == "ok"
-        assert await mem.add_turn(1, "user", "life goes on") == len(stored) + 1
+        assert await mem.turns.add(1, "user", "life goes on") == len(stored) + 1
     finally:
         await mem.close()
 
@@ -429,25 +427,25 @@ async def test_scenes_migration_from_v2_keeps_everything_and_adds_scenes_and_swi
     try:
         assert user_version(path) == SCHEMA_VERSION
         assert {"scenes", "scene_members", "swipes", "swipe_turns"} <= tables(path)
-        (turn,) = await mem.all_turns(5)
+        (turn,) = await mem.turns.history(5)
         assert (turn.persona, turn.content) == ("Grumbold", "Hmph.")
-        assert (await mem.guild(3)).default_persona == "Sable"
-        await mem.add_scene_member(5, 3, "Grumbold", nicknames=["Grum"])
-        await mem.add_scene_member(5, 3, "Sable", talkativeness=0.2)
-        scene = await mem.scene(5)
+        assert (await mem.places.guild(3)).default_persona == "Sable"
+        await mem.scenes.add_member(5, 3, "Grumbold", nicknames=["Grum"])
+        await mem.scenes.add_member(5, 3, "Sable", talkativeness=0.2)
+        scene = await mem.scenes.get(5)
         assert [(m.name, m.seat, m.nicknames, m.talkativeness) for m in scene.members] == [
             ("Grumbold", 0, ["Grum"], None),
             ("Sable", 1, [], 0.2),
         ]
-        await mem.start_swipes(turn.id, "Hmph.", 2, reply_to=None, requester=7)
-        assert await mem.add_swipe(turn.id, "Bah.", 2) == 1
-        assert (await mem.turn(turn.id)).content == "Bah."  # the one shown is the one kept
-        assert await mem.show_swipe(turn.id, 0) == "Hmph."
-        state = await mem.swipes(turn.id)
+        await mem.swipes.start(turn.id, "Hmph.", 2, reply_to=None, requester=7)
+        assert await mem.swipes.add(turn.id, "Bah.", 2) == 1
+        assert (await mem.turns.get(turn.id)).content == "Bah."  # the one shown is the one kept
+        assert await mem.swipes.show(turn.id, 0) == "Hmph."
+        state = await mem.swipes.get(turn.id)
         assert (state.shown, state.alternatives, state.requester) == (0, ["Hmph.", "Bah."], 7)
-        await mem.delete_turn(turn.id)  # alternatives go with their turn
-        assert await mem.swipes(turn.id) is None
-        assert await mem.clear_scene(5) == 2
-        assert (await mem.scene(5)).members == []
+        await mem.turns.delete(turn.id)  # alternatives go with their turn
+        assert await mem.swipes.get(turn.id) is None
+        assert await mem.scenes.clear(5) == 2
+        assert (await mem.scenes.get(5)).members == []
     finally:
         await mem.close()
