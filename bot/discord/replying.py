@@ -561,6 +561,8 @@ class Replier:
         if result.ok and result.messages:
             await self.bot.webhooks.delete_messages(channel, ids)
             return True
+        if result.failure:  # said in the channel too, where the new reply was expected
+            await self.notify(channel, result.failure, None, None)
         return False
 
     async def extend(self, channel: Channel, guild_id: int | None, last: StoredTurn) -> Result:
