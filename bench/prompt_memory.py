@@ -17,7 +17,7 @@ with how much of each prompt is an unchanged prefix of the next (what the engine
 reuses).
 
 Printed: prepare median / p99 (target: median <= 5 ms), the memory store's append rate
-(add_turn) and read rate (recent_turns), and a baseline measured in this same process (one
+(turns.add) and read rate (turns.recent), and a baseline measured in this same process (one
 tokenization of a whole 4k prompt) with the ratio to it, since shared machines are noisy.
 """
 
@@ -229,7 +229,7 @@ async def run(args: argparse.Namespace) -> int:
         f"window {CONTEXT} tokens, budget {budget}, {args.iterations} iterations"
     )
     print(
-        f"prepare (recent_turns + fit_prompt): median {median * 1e3:.2f} ms, "
+        f"prepare (turns.recent + fit_prompt): median {median * 1e3:.2f} ms, "
         f"p99 {percentile(timings, 0.99) * 1e3:.2f} ms, max {max(timings) * 1e3:.2f} ms "
         f"(target median <= {TARGET_MS:g} ms: {'met' if median * 1e3 <= TARGET_MS else 'MISSED'})"
     )
@@ -255,7 +255,7 @@ async def run(args: argparse.Namespace) -> int:
         f"({append_s / args.turns * 1e3:.3f} ms each, one transaction per turn)"
     )
     print(
-        f"memory read: {reads / read_s:,.0f} recent_turns calls/s, "
+        f"memory read: {reads / read_s:,.0f} turns.recent calls/s, "
         f"{read_rows / read_s:,.0f} rows/s ({read_rows / reads:.0f} rows per call)"
     )
     if profiler is not None or median * 1e3 > TARGET_MS:

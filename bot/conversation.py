@@ -128,7 +128,7 @@ class Conversations:
         message_id: int | None = None,
         awaiting: bool = False,
     ) -> int:
-        """Store a member's turn; `awaiting`: the bot owes it a reply (see Memory.add_turn)."""
+        """Store a member's turn; `awaiting`: the bot owes it a reply (see TurnStore.add)."""
         return await self.memory.turns.add(
             channel_id,
             "user",
@@ -380,7 +380,6 @@ class Conversations:
         if users and users[-1].content not in query:
             query.insert(0, users[-1].content)
         oldest = prompt.start_id if prompt.start_id is not None else prompt.turns[-1].id
-        blocked = (await self.memory.places.blocked(guild_id))[0] if guild_id else set()
         found = await recall(
             self.memory,
             channel_id,
@@ -388,7 +387,7 @@ class Conversations:
             before_id=oldest,
             budget_tokens=budget,
             window=[t.content for t in prompt.turns[:-1]],
-            exclude_authors=blocked,
+            exclude_authors=await self.memory.places.blocked_users(guild_id),
         )
         return with_recall(prompt, [t.to_turn() for t in found], self.counter, bot_name)
 

@@ -445,7 +445,7 @@ def build_persona_prompt(
 class PersonaLibrary:
     """Built-in personas plus each server's imported ones, looked up by name.
 
-    Imported personas live in SQLite (`Memory.save_persona`); parsed cards are cached per
+    Imported personas live in SQLite (`PersonaStore.save`); parsed cards are cached per
     (guild, name) and dropped with `invalidate` when a server edits or deletes one.
     """
 

@@ -2,7 +2,7 @@
 
 The prompt holds the newest turns that fit the window; everything older is still in SQLite. When
 the history did not fit, `recall` searches the older turns of the channel (the FTS5 index in
-`bot.memory`, BM25-ranked) for the words of the new message and the turns just before it, and
+`bot.store.turns`, BM25-ranked) for the words of the new message and the turns just before it, and
 returns the best few hits with one turn of context each, within a token budget, oldest first.
 No embedding model and no extra service: SQLite ships full-text search.
 

@@ -18,7 +18,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord.checks import is_owner, policy_for, require_manager
+from bot.discord.checks import audit, is_owner, policy_for, require_manager
 from bot.discord.posting import say_privately
 from bot.engine import engine_from_settings, first_line
 from bot.metrics import summary
@@ -90,23 +90,6 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         """Every /admin command: the shared manager check (refusals are answered by the bot)."""
         return await require_manager(interaction)
 
-    async def audit(
-        self,
-        interaction: discord.Interaction,
-        action: str,
-        old: object = None,
-        new: object = None,
-        channel_id: int | None = None,
-    ) -> None:
-        await self.memory.audit.write(
-            interaction.user.id,
-            action,
-            guild_id=interaction.guild_id,
-            channel_id=channel_id or interaction.channel_id,
-            old=old,
-            new=new,
-        )
-
     # ---- channel mode -----------------------------------------------------------------------
 
     @app_commands.command(name="channel", description="When the bot answers in a channel")
@@ -124,7 +107,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         assert target is not None
         old = (await self.memory.places.channel(target)).mode
         await self.memory.places.update_channel(target, interaction.guild_id, mode=mode)
-        await self.audit(interaction, "channel.mode", old, mode, target)
+        await audit(interaction, "channel.mode", old, mode, target)
         await say_privately(
             interaction,
             f"<#{target}> is now `{mode}` (was `{old or 'mention (default)'}`)."
@@ -173,7 +156,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
                 interaction.guild_id,
                 settings={**chan.settings, name: parsed},
             )
-        await self.audit(interaction, f"settings.set {scope} {name}", old, parsed)
+        await audit(interaction, f"settings.set {scope} {name}", old, parsed)
         await say_privately(interaction, f"`{name}` is now **{parsed}** for this {scope}.")
 
     @settings_group.command(name="reset", description="Back to the defaults")
@@ -189,7 +172,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             await self.memory.places.update_channel(
                 interaction.channel_id, interaction.guild_id, settings={}
             )
-        await self.audit(interaction, f"settings.reset {scope}", old, {})
+        await audit(interaction, f"settings.reset {scope}", old, {})
         await say_privately(
             interaction, f"Generation settings for this {scope} are back to the defaults."
         )
@@ -201,7 +184,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         assert interaction.channel_id is not None
         old = (await self.memory.places.channel(interaction.channel_id)).forget_before
         new = await self.memory.turns.forget(interaction.channel_id, interaction.guild_id)
-        await self.audit(interaction, "memory.forget", old, new)
+        await audit(interaction, "memory.forget", old, new)
         await say_privately(
             interaction,
             "I forgot this channel's conversation. `/admin memory unforget` brings it back.",
@@ -215,7 +198,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             await say_privately(interaction, "There is no forget to undo here.")
             return
         new = (await self.memory.places.channel(interaction.channel_id)).forget_before
-        await self.audit(interaction, "memory.unforget", old, new)
+        await audit(interaction, "memory.unforget", old, new)
         await say_privately(interaction, "Restored the conversation from before the last forget.")
 
     @memory_group.command(name="clear", description="Delete this channel's stored turns")
@@ -237,7 +220,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
                 )
             return
         n = await self.memory.turns.clear(interaction.channel_id)
-        await self.audit(interaction, "memory.clear", n, 0)
+        await audit(interaction, "memory.clear", n, 0)
         await interaction.edit_original_response(content=f"Deleted {n} turns.", view=None)
 
     @memory_group.command(name="stats", description="Turns, tokens, oldest and newest")
@@ -253,7 +236,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             f"{s.turns} turns, {s.tokens} tokens; oldest {when(s.oldest)}, "
             f"newest {when(s.newest)}.",
         )
-        await self.audit(interaction, "memory.stats")
+        await audit(interaction, "memory.stats")
 
     @memory_group.command(name="search", description="What long-term recall finds here")
     @app_commands.describe(query="Words to look for, as if someone had just said them")
@@ -267,20 +250,15 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         policy = await policy_for(self.bot, interaction.channel, interaction.guild_id)
         settings = policy.settings.applied(self.bot.settings)
         budget = self.bot.conv.recall_budget(settings) or int(settings.context_tokens) // 10
-        blocked = (
-            (await self.memory.places.blocked(interaction.guild_id))[0]
-            if interaction.guild_id
-            else set()
-        )
         found = await recall(
             self.memory,
             interaction.channel.id,
             [query],
             before_id=None,
             budget_tokens=budget,
-            exclude_authors=blocked,
+            exclude_authors=await self.memory.places.blocked_users(interaction.guild_id),
         )
-        await self.audit(interaction, "memory.search", None, query)
+        await audit(interaction, "memory.search", None, query)
         if not found:
             await say_privately(interaction, "Recall finds nothing here for that.")
             return
@@ -297,7 +275,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     async def export(self, interaction: discord.Interaction) -> None:
         assert interaction.channel_id is not None
         count, data = await self.memory.export_jsonl(interaction.channel_id)
-        await self.audit(interaction, "memory.export", None, count)
+        await audit(interaction, "memory.export", None, count)
         await say_privately(
             interaction,
             f"{count} turns.",
@@ -318,7 +296,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             return
         old = (await self.memory.places.guild(interaction.guild_id)).default_persona
         await self.memory.places.update_guild(interaction.guild_id, default_persona=resolved)
-        await self.audit(interaction, "persona.default", old, resolved)
+        await audit(interaction, "persona.default", old, resolved)
         await say_privately(interaction, f"The server default persona is now **{resolved}**.")
 
     @persona_group.command(name="imports", description="Whether non-managers may import personas")
@@ -328,7 +306,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         assert interaction.guild_id is not None
         old = (await self.memory.places.guild(interaction.guild_id)).imports_allowed
         await self.memory.places.update_guild(interaction.guild_id, imports_allowed=rule == "allow")
-        await self.audit(interaction, "persona.imports", old, rule == "allow")
+        await audit(interaction, "persona.imports", old, rule == "allow")
         await say_privately(
             interaction,
             f"Members without Manage Server {'may' if rule == 'allow' else 'may not'}"
@@ -348,7 +326,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         verb = "block" if blocked else "unblock"
         # what: the target is part of the action; old: what it was before this command
         old = (not blocked) if changed else blocked
-        await self.audit(interaction, f"access.{verb} {kind} {target.id}", old, blocked)
+        await audit(interaction, f"access.{verb} {kind} {target.id}", old, blocked)
         label = f"<@&{target.id}>" if kind == "role" else f"<@{target.id}>"
         await say_privately(
             interaction,
@@ -386,7 +364,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             new = []
         if new != old:
             await self.memory.places.update_guild(interaction.guild_id, channel_allowlist=new)
-            await self.audit(interaction, f"access.channels {action}", old, new)
+            await audit(interaction, f"access.channels {action}", old, new)
         listing = ", ".join(f"<#{c}>" for c in new) or "all channels (no allow-list)"
         await say_privately(interaction, f"The bot serves: {listing}.")
 
@@ -397,7 +375,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         assert interaction.guild_id is not None
         old = (await self.memory.places.guild(interaction.guild_id)).reset_allowed
         await self.memory.places.update_guild(interaction.guild_id, reset_allowed=rule == "allow")
-        await self.audit(interaction, "access.reset", old, rule == "allow")
+        await audit(interaction, "access.reset", old, rule == "allow")
         await say_privately(
             interaction,
             f"Members {'may' if rule == 'allow' else 'may not'} use /reset in "
@@ -419,7 +397,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             f"recent: {summary(conv.recent)}",
             f"uptime: {uptime // 3600}h {uptime % 3600 // 60}m {uptime % 60}s",
         ]
-        await self.audit(interaction, "model.status")
+        await audit(interaction, "model.status")
         await say_privately(interaction, "\n".join(lines))
 
     @model_group.command(name="reload", description="Load a model folder or hub id and swap it in")
@@ -450,7 +428,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
                 if new is not None:
                     with contextlib.suppress(Exception):
                         await new.close()
-                await self.audit(interaction, "model.reload failed", old.info.model, target)
+                await audit(interaction, "model.reload failed", old.info.model, target)
                 reason = first_line(exc)[:1500]
                 await say_privately(
                     interaction, f"Reload failed, still serving `{old.info.model}`: {reason}"
@@ -458,7 +436,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
                 return
             conv.set_engine(new)  # replies that start from now on use the new model
             await old.close()  # requests already queued on the old engine finish first
-            await self.audit(interaction, "model.reload", old.info.model, target)
+            await audit(interaction, "model.reload", old.info.model, target)
             await say_privately(
                 interaction, f"Now serving `{target}` ({new.info.dtype}, {new.info.device})."
             )

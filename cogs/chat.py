@@ -20,7 +20,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.conversation import Busy
-from bot.discord.checks import is_manager, serves_here, speaks_here
+from bot.discord.checks import audit, is_manager, serves_here, speaks_here
 from bot.discord.replying import APOLOGY, BUSY
 from bot.store.turns import StoredTurn
 
@@ -83,15 +83,7 @@ class Chat(commands.Cog):
                 return
         old = (await memory.places.channel(channel_id)).forget_before
         new = await memory.turns.forget(channel_id, interaction.guild_id)
-        if interaction.guild_id is not None:
-            await memory.audit.write(
-                interaction.user.id,
-                "reset",
-                guild_id=interaction.guild_id,
-                channel_id=channel_id,
-                old=old,
-                new=new,
-            )
+        await audit(interaction, "reset", old, new, channel_id)
         await interaction.response.send_message(
             "Done: I forgot our conversation here.", ephemeral=True
         )

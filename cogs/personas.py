@@ -18,7 +18,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.cards import MAX_CARD_BYTES, Card, CardError, export_card, export_png, parse_card
-from bot.discord.checks import is_manager, speaks_here
+from bot.discord.checks import audit, is_manager, speaks_here
 from bot.discord.posting import say_privately
 from bot.discord.webhooks import NAME_MAX, avatar_bytes, avatar_url
 from bot.personas import DEFAULT_PERSONA, Persona, fill, persona_key
@@ -231,15 +231,7 @@ class Personas(
         await self.memory.places.update_channel(
             channel.id, interaction.guild_id, persona=persona.name
         )
-        if interaction.guild_id:
-            await self.memory.audit.write(
-                interaction.user.id,
-                "persona.use",
-                guild_id=interaction.guild_id,
-                channel_id=channel.id,
-                old=old,
-                new=persona.name,
-            )
+        await audit(interaction, "persona.use", old, persona.name, channel.id)
         greetings = persona.greetings(getattr(interaction.user, "display_name", "you"))
         if greetings and persona_key(persona.name) != persona_key(DEFAULT_PERSONA):
             try:
@@ -271,15 +263,7 @@ class Personas(
         await self.memory.places.update_channel(
             interaction.channel_id, interaction.guild_id, persona=None
         )
-        if interaction.guild_id:
-            await self.memory.audit.write(
-                interaction.user.id,
-                "persona.off",
-                guild_id=interaction.guild_id,
-                channel_id=interaction.channel_id,
-                old=old,
-                new=None,
-            )
+        await audit(interaction, "persona.off", old, None)
         await say_privately(interaction, "Back to the default persona in this channel.")
 
     @app_commands.command(name="import", description="Import a Character Card (PNG or JSON)")
@@ -360,13 +344,11 @@ class Personas(
         if previous is not None:
             self.library.invalidate(guild_id, previous.name)
         self.library.invalidate(guild_id, card.name)
-        await self.memory.audit.write(
-            interaction.user.id,
+        await audit(
+            interaction,
             "persona.edit" if previous is not None else "persona.import",
-            guild_id=guild_id,
-            channel_id=interaction.channel_id,
-            old=previous.name if previous is not None else None,
-            new=card.name,
+            previous.name if previous is not None else None,
+            card.name,
         )
         await say_privately(
             interaction, f"Saved **{card.name}**. Use it with `/persona use {card.name}`."
@@ -423,13 +405,7 @@ class Personas(
             return
         await self.memory.personas.delete(stored.guild_id, stored.name)
         self.library.invalidate(stored.guild_id, stored.name)
-        await self.memory.audit.write(
-            interaction.user.id,
-            "persona.delete",
-            guild_id=stored.guild_id,
-            channel_id=interaction.channel_id,
-            old=stored.name,
-        )
+        await audit(interaction, "persona.delete", stored.name)
         await say_privately(interaction, f"Deleted **{stored.name}**.")
 
     @app_commands.command(name="export", description="Download a persona as a Character Card V2")

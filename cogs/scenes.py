@@ -1,19 +1,19 @@
 """`/persona scene ...`: put several personas in one channel and steer who speaks.
 
 A subgroup of `/persona` (mounted by `cogs/personas.py`). The cast, its seating, mutes, policy
-and scenario are stored by `bot.memory`; who answers a message is decided by `bot.scenes` in
+and scenario are stored by `bot.store.scenes`; who answers a message is decided by `bot.scenes` in
 the chat cog. Every command uses the shared `speaks_here` check (members allowed to make the
 bot speak in this channel); changes in servers are written to the audit log.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import discord
 from discord import app_commands
 
-from bot.discord.checks import speaks_here
+from bot.discord.checks import audit, speaks_here
 from bot.discord.posting import say_privately
 from bot.personas import persona_key
 
@@ -26,19 +26,6 @@ SCENARIO_MAX = 2000
 
 def _bot(interaction: discord.Interaction) -> HermesBot:
     return cast("HermesBot", interaction.client)
-
-
-async def _audit(interaction: discord.Interaction, action: str, old: Any, new: Any) -> None:
-    if interaction.guild_id is None:
-        return
-    await _bot(interaction).memory.audit.write(
-        interaction.user.id,
-        action,
-        guild_id=interaction.guild_id,
-        channel_id=interaction.channel_id,
-        old=old,
-        new=new,
-    )
 
 
 async def _cast_autocomplete(
@@ -106,7 +93,7 @@ class SceneCommands(app_commands.Group):
             nicknames=nicks,
             talkativeness=talkativeness,
         )
-        await _audit(interaction, "scene.add", None, persona.name)
+        await audit(interaction, "scene.add", None, persona.name)
         also = f" (also answers to {', '.join(nicks)})" if nicks else ""
         verb = "updated" if seated else "joins the scene"
         await say_privately(interaction, f"**{persona.name}** {verb}{also}.")
@@ -119,7 +106,7 @@ class SceneCommands(app_commands.Group):
         if not await _bot(interaction).memory.scenes.remove_member(interaction.channel_id, name):
             await say_privately(interaction, f"{name!r} is not in this channel's scene.")
             return
-        await _audit(interaction, "scene.remove", name, None)
+        await audit(interaction, "scene.remove", name, None)
         await say_privately(interaction, f"**{name}** left the scene.")
 
     @app_commands.command(name="list", description="Who is in this channel's scene")
@@ -154,7 +141,7 @@ class SceneCommands(app_commands.Group):
         assert interaction.channel_id is not None
         scene = await _bot(interaction).memory.scenes.get(interaction.channel_id)
         await _bot(interaction).memory.scenes.clear(interaction.channel_id)
-        await _audit(interaction, "scene.clear", [m.name for m in scene.members], None)
+        await audit(interaction, "scene.clear", [m.name for m in scene.members], None)
         await say_privately(interaction, "The scene is over; the channel's persona speaks alone.")
 
     @app_commands.command(name="next", description="Who speaks next (manual policy)")
@@ -183,7 +170,7 @@ class SceneCommands(app_commands.Group):
         if not await memory.scenes.update_member(interaction.channel_id, name, muted=muted):
             await say_privately(interaction, f"{name!r} is not in this channel's scene.")
             return
-        await _audit(interaction, "scene.mute" if muted else "scene.unmute", None, name)
+        await audit(interaction, "scene.mute" if muted else "scene.unmute", None, name)
         state = "muted: it stays but does not speak" if muted else "back in the conversation"
         await say_privately(interaction, f"**{name}** is {state}.")
 
@@ -211,7 +198,7 @@ class SceneCommands(app_commands.Group):
         memory = _bot(interaction).memory
         old = (await memory.scenes.get(interaction.channel_id)).policy
         await memory.scenes.update(interaction.channel_id, interaction.guild_id, policy=policy)
-        await _audit(interaction, "scene.policy", old, policy)
+        await audit(interaction, "scene.policy", old, policy)
         await say_privately(interaction, f"Scene policy: **{policy}**.")
 
     @app_commands.command(name="scenario", description="Scene text every member reads")
@@ -226,5 +213,5 @@ class SceneCommands(app_commands.Group):
         memory = _bot(interaction).memory
         old = (await memory.scenes.get(interaction.channel_id)).scenario
         await memory.scenes.update(interaction.channel_id, interaction.guild_id, scenario=text)
-        await _audit(interaction, "scene.scenario", old, text)
+        await audit(interaction, "scene.scenario", old, text)
         await say_privately(interaction, "Scenario set." if text.strip() else "Scenario removed.")

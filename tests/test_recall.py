@@ -12,7 +12,7 @@ import pytest
 
 from bot.memory import Memory
 from bot.recall import match_expression, query_terms, recall
-from bot.store.db import MIGRATIONS, SCHEMA_VERSION
+from bot.store.db import MIGRATIONS, SCHEMA_VERSION, Database
 
 FILLER = [
     "the weather is grey again today",
@@ -151,11 +151,13 @@ async def test_recall_respects_budget_blocks_boilerplate_and_duplicates(memory: 
 
 
 async def test_recall_is_off_without_an_index(tmp_path: Path):
-    mem = await Memory.open(tmp_path / "m.db")
+    opened = await Database.open(tmp_path / "m.db")
+    # the file as an SQLite build without FTS5 opens it (`Database.open` finds no index there)
+    mem = Memory(Database(opened.conn, opened.path, fts=False))
     try:
         await mem.turns.add(1, "user", "remember the lighthouse", name="ann")
-        mem.fts = False  # what `Memory.open` sets on an SQLite build without FTS5
         assert await recall(mem, 1, ["lighthouse"], before_id=None, budget_tokens=500) == []
+        assert await mem.turns.search(1, "lighthouse") == []
     finally:
         await mem.close()
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bot.store.db import Database
+from bot.store.db import Store
 
 
 @dataclass(slots=True)
@@ -31,11 +31,8 @@ def _text(value: Any) -> str | None:
     return None if value is None else value if isinstance(value, str) else json.dumps(value)
 
 
-class AuditLog:
+class AuditLog(Store):
     """Append-only rows, read newest first per server."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
 
     async def write(
         self,

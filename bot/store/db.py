@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,8 @@ class Database:
     """The one connection every store shares. Open with `await Database.open(path)`."""
 
     def __init__(self, conn: aiosqlite.Connection, path: Path, *, fts: bool = False) -> None:
+        """`conn`: an open connection to a migrated file (what `open` makes); `fts`: whether
+        recall's full-text index is there to use (`open` probes it; False turns recall off)."""
         self.conn = conn
         self.path = path
         #: Whether the full-text index behind recall exists (False on SQLite builds without FTS5).
@@ -335,6 +338,28 @@ class Database:
                 changed += max(cur.rowcount, 0)
         return changed > 0
 
+    async def upsert(self, table: str, row: dict[str, Any], changes: dict[str, Any]) -> None:
+        """Create `row` in `table` if its key (the first column of `row`) is new, then set
+        `changes` and `updated_at` on it, in one transaction. Column names come from code
+        (each store checks them against its fields), never from users."""
+        key, key_value = next(iter(row.items()))
+        stmts: list[Statement] = [
+            (
+                f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))}) "
+                f"ON CONFLICT ({key}) DO NOTHING",
+                tuple(row.values()),
+            )
+        ]
+        if changes:
+            sets = ", ".join(f"{column} = ?" for column in changes)
+            stmts.append(
+                (
+                    f"UPDATE {table} SET {sets}, updated_at = ? WHERE {key} = ?",
+                    (*changes.values(), time.time(), key_value),
+                )
+            )
+        await self.run(stmts)
+
     async def one(self, sql: str, args: Sequence[Any] = ()) -> Any:
         """The first row of a read (None when there is none)."""
         cur = await self.conn.execute(sql, args)
@@ -344,3 +369,10 @@ class Database:
         """Every row of a read."""
         cur = await self.conn.execute(sql, args)
         return list(await cur.fetchall())
+
+
+class Store:
+    """One kind of record in the shared database (`bot.store.turns`, `places`, ...)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bot.store.db import Database
+from bot.store.db import Store
 from bot.store.turns import TURN_COLUMNS, StoredTurn
 
 
@@ -24,11 +24,8 @@ class ReplyPost:
     message_id: int | None  # the reply's first Discord message, once Discord returned it
 
 
-class OwedReplies:
+class OwedReplies(Store):
     """Which user turns still wait for the bot's reply; settling one happens exactly once."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
 
     async def mark_answered(self, turn_id: int) -> bool:
         """`turn_id` is settled (answered, failed, given up): it is no longer owed. Returns

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from bot.store.db import Database
+from bot.store.db import Store
 
 
 @dataclass(slots=True)
@@ -27,11 +27,8 @@ class StoredPersona:
 _PERSONA_COLUMNS = "id, guild_id, name, card, avatar, created_by, created_at"
 
 
-class PersonaStore:
+class PersonaStore(Store):
     """A server's imported personas, by name (case-insensitive, unique per server)."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
 
     async def save(
         self,
@@ -90,11 +87,8 @@ class PersonaStore:
         )
 
 
-class WebhookStore:
+class WebhookStore(Store):
     """The webhook the bot made in each channel (id and token), so it is reused, not remade."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
 
     async def get(self, channel_id: int) -> tuple[int, str] | None:
         """(webhook id, token) of the channel's webhook, if the bot made one."""

@@ -8,11 +8,10 @@ server → defaults) and the access rule from these rows.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.store.db import Database
+from bot.store.db import Store
 
 
 @dataclass(slots=True)
@@ -48,11 +47,13 @@ _GUILD_FIELDS = {
 _JSON_FIELDS = {"settings", "channel_allowlist"}
 
 
-class PlaceStore:
-    """Channel and server rows, and the server's blocked users and roles."""
+def _stored(changes: dict[str, Any]) -> dict[str, Any]:
+    """Field values as their columns hold them."""
+    return {k: json.dumps(v) if k in _JSON_FIELDS else v for k, v in changes.items()}
 
-    def __init__(self, db: Database) -> None:
-        self.db = db
+
+class PlaceStore(Store):
+    """Channel and server rows, and the server's blocked users and roles."""
 
     async def channel(self, channel_id: int) -> ChannelState:
         row = await self.db.one(
@@ -70,20 +71,8 @@ class PlaceStore:
         """Set mode, persona or settings (a dict, replaced whole) for a channel."""
         if bad := set(changes) - _CHANNEL_FIELDS:
             raise ValueError(f"unknown channel fields: {sorted(bad)}")
-        sets = ", ".join(f"{k} = ?" for k in changes)
-        values = [json.dumps(v) if k in _JSON_FIELDS else v for k, v in changes.items()]
-        await self.db.run(
-            [
-                (
-                    "INSERT INTO channels (channel_id, guild_id) VALUES (?, ?) "
-                    "ON CONFLICT (channel_id) DO NOTHING",
-                    (channel_id, guild_id),
-                ),
-                (
-                    f"UPDATE channels SET {sets}, updated_at = ? WHERE channel_id = ?",
-                    (*values, time.time(), channel_id),
-                ),
-            ]
+        await self.db.upsert(
+            "channels", {"channel_id": channel_id, "guild_id": guild_id}, _stored(changes)
         )
 
     async def guild(self, guild_id: int) -> GuildState:
@@ -102,20 +91,7 @@ class PlaceStore:
         """Set a server's settings, default persona, import/reset rules or channel allow-list."""
         if bad := set(changes) - _GUILD_FIELDS:
             raise ValueError(f"unknown guild fields: {sorted(bad)}")
-        sets = ", ".join(f"{k} = ?" for k in changes)
-        values = [json.dumps(v) if k in _JSON_FIELDS else v for k, v in changes.items()]
-        await self.db.run(
-            [
-                (
-                    "INSERT INTO guilds (guild_id) VALUES (?) ON CONFLICT (guild_id) DO NOTHING",
-                    (guild_id,),
-                ),
-                (
-                    f"UPDATE guilds SET {sets}, updated_at = ? WHERE guild_id = ?",
-                    (*values, time.time(), guild_id),
-                ),
-            ]
-        )
+        await self.db.upsert("guilds", {"guild_id": guild_id}, _stored(changes))
 
     # ---- access -----------------------------------------------------------------------------
 

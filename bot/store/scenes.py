@@ -7,12 +7,11 @@ turn, the one shown being the one memory keeps).
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.store.db import Database, Statement
+from bot.store.db import Store
 
 
 @dataclass(slots=True)
@@ -51,11 +50,8 @@ class SwipeState:
 _SCENE_FIELDS = {"policy", "scenario", "next_seat", "manual_next"}
 
 
-class SceneStore:
+class SceneStore(Store):
     """A channel's scene: its policy and scenario, and its members in seating order."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
 
     async def get(self, channel_id: int) -> SceneState:
         """The channel's scene (no members when it has none)."""
@@ -79,22 +75,7 @@ class SceneStore:
         """Set policy, scenario, next_seat or manual_next of a channel's scene."""
         if bad := set(changes) - _SCENE_FIELDS:
             raise ValueError(f"unknown scene fields: {sorted(bad)}")
-        stmts: list[Statement] = [
-            (
-                "INSERT INTO scenes (channel_id, guild_id) VALUES (?, ?) "
-                "ON CONFLICT (channel_id) DO NOTHING",
-                (channel_id, guild_id),
-            )
-        ]
-        if changes:
-            sets = ", ".join(f"{k} = ?" for k in changes)
-            stmts.append(
-                (
-                    f"UPDATE scenes SET {sets}, updated_at = ? WHERE channel_id = ?",
-                    (*changes.values(), time.time(), channel_id),
-                )
-            )
-        await self.db.run(stmts)
+        await self.db.upsert("scenes", {"channel_id": channel_id, "guild_id": guild_id}, changes)
 
     async def add_member(
         self,
@@ -149,11 +130,8 @@ class SceneStore:
         return len(scene.members)
 
 
-class SwipeStore:
+class SwipeStore(Store):
     """A reply's alternatives; showing one makes it the turn's text (what the prompt keeps)."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
 
     async def start(
         self, turn_id: int, content: str, tokens: int | None, *, reply_to: int | None,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bot.prompt import Turn
-from bot.store.db import Database, Statement
+from bot.store.db import Statement, Store
 
 #: Rows read per page when walking a channel's history newest first.
 PAGE = 128
@@ -58,11 +58,8 @@ class ChannelStats:
     newest: float | None
 
 
-class TurnStore:
+class TurnStore(Store):
     """Store, read, edit and forget a channel's turns; search them for recall (FTS5, BM25)."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
 
     # ---- writing ----------------------------------------------------------------------------
 
