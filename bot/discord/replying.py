@@ -22,15 +22,23 @@ import enum
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import discord
 
 from bot.conversation import EMPTY_NOTICE, Busy, ReplyJob
 from bot.discord.checks import place_of
-from bot.discord.posting import Identity, ReplyStream, describe_failure, post, typing_while
+from bot.discord.posting import (
+    Alternative,
+    Identity,
+    ReplyStream,
+    Target,
+    describe_failure,
+    post,
+    typing_while,
+)
 from bot.personas import persona_key
 from bot.scenes import Scene, SceneMember, chained, load_scene, member_context
 from bot.store.owed import OwedReplies
@@ -114,24 +122,6 @@ class Keep(enum.Enum):
     REPLACE = "replace"  # a new turn in place of `Reply.old` (/regenerate)
     EXTEND = "extend"  # `Reply.old` made longer (/continue)
     ALTERNATIVE = "alternative"  # one more swipe alternative of `Reply.old`
-
-
-class Target(Protocol):
-    """Where a generated reply is shown: `ReplyStream` (new messages), or a swiped message."""
-
-    messages: list[discord.Message]
-    text: str
-
-    async def update(self, text: str) -> None: ...
-    async def finish(self, text: str) -> list[discord.Message]: ...
-
-
-@runtime_checkable
-class Alternative(Target, Protocol):
-    """A target that shows a swipe's alternative: `fit` is the text it will show (stored
-    before it is shown)."""
-
-    def fit(self, text: str) -> str: ...
 
 
 @dataclass(slots=True)
@@ -331,7 +321,13 @@ class Replier:
             await reply.owed.posted(target.messages[0].id)
 
     async def _store(
-        self, reply: Reply, job: ReplyJob, messages: list[discord.Message], text: str
+        self,
+        reply: Reply,
+        job: ReplyJob,
+        messages: list[discord.Message],
+        text: str,
+        *,
+        swipes: bool = True,
     ) -> int | None:
         """Store what the run showed, as its `Keep` says; offer swipes on a new one-message
         reply. The turn's id (None for an alternative)."""
@@ -366,7 +362,7 @@ class Replier:
             )
         if reply.owed is not None and answers == reply.owed.turn_id:
             reply.owed.stored()
-        if len(messages) == 1 and not job.notes:
+        if swipes and len(messages) == 1 and not job.notes:
             await self.bot.swipes.attach(messages[0], turn, text, job.reply_to, reply.asked)
         return turn
 
@@ -376,20 +372,9 @@ class Replier:
             return
         if not target.messages or not target.text.strip():
             return
-        try:
-            await self._store(
-                Reply(
-                    reply.channel,
-                    reply.guild_id,
-                    owed=reply.owed,
-                    asked=reply.asked,
-                    keep=Keep.NEW if reply.keep is Keep.REPLACE else reply.keep,
-                    old=reply.old,
-                ),
-                job,
-                target.messages,
-                target.text,
-            )
+        kept = replace(reply, keep=Keep.NEW) if reply.keep is Keep.REPLACE else reply
+        try:  # a new turn beside the old one when a regenerate stopped half-way; no swipes
+            await self._store(kept, job, target.messages, target.text, swipes=False)
         except Exception:  # the store is closing (shutdown): nothing more to save
             log.warning("could not store the partial reply in channel %s", reply.channel.id)
 
