@@ -3,13 +3,13 @@
 When the bot starts, and whenever the gateway gives it a new session (a resumed one replays
 what it missed; a new one does not), it reads back each served channel's recent history,
 stores what memory lacks and answers what was addressed to it, oldest first, through the normal
-queue. Replies owed from before a stop (stored `awaiting` turns, see `bot.memory`) are answered
-the same way. This module holds the rules, free of discord.py: how far back to read, which owed
-replies are still worth giving, and the in-process claims that keep two paths (a live event and
-catch-up) from answering one message twice. `CatchUp` is the Discord side: it reads the
-histories, hands what it finds to ingest and the owed replies to the runner, and adopts a reply
-that reached the channel just before a stop (SIGKILL after the post, before storing it) instead
-of posting it again.
+queue. Replies owed from before a stop (stored `awaiting` turns, see `bot.store.owed`) are
+answered the same way. The rules come first, plain functions of ids and times: how far back to
+read, which owed replies are still worth giving, and the in-process claims that keep two paths
+(a live event and catch-up) from answering one message twice. `CatchUp` is the Discord side: it
+reads the histories, hands what it finds to ingest and the owed replies to the runner, and
+adopts a reply that reached the channel just before a stop (SIGKILL after the post, before
+storing it) instead of posting it again.
 """
 
 from __future__ import annotations
