@@ -27,7 +27,7 @@ import pytest
 from bot.discord.catchup import Claims, history_floor, owed_replies, snowflake_at, snowflake_time
 from bot.discord.client import HermesBot
 from bot.discord.replying import Outcome, OwedReply
-from bot.engine import Generation
+from bot.engine import EngineRequest
 from bot.memory import Memory
 from bot.settings import Settings, load_settings
 from bot.store.db import MIGRATIONS, SCHEMA_VERSION, ensure_owed_replies
@@ -65,7 +65,7 @@ class GatedEngine(ScriptedEngine):
         self.hold = asyncio.Event()
         self.fed = 0
 
-    async def _feed(self, gen: Generation, reply: str | BaseException) -> None:
+    async def _feed(self, gen: EngineRequest, reply: str | BaseException) -> None:
         index, self.fed = self.fed, self.fed + 1
         if index == self.hold_at:
             await self.hold.wait()

@@ -197,6 +197,7 @@ class Ingest:
             guild_id=guild_id,
             message_id=message.id,
             awaiting=owed,
+            aliases=(message.author.global_name, message.author.name),
         )
         if message.id in self.overtaken:  # edited or deleted while we were storing it
             if (late := self.overtaken.pop(message.id)) is None:

@@ -18,6 +18,8 @@ from bot.store.db import Statement, Store
 
 #: Rows read per page when walking a channel's history newest first.
 PAGE = 128
+#: Most (member, name) pairs `TurnStore.speakers` reads for one place.
+SPEAKERS_LIMIT = 5000
 
 
 @dataclass(slots=True)
@@ -35,7 +37,15 @@ class StoredTurn:
     created_at: float
 
     def to_turn(self) -> Turn:
-        return Turn(self.role, self.content, self.name, self.tokens, self.id, self.created_at)
+        return Turn(
+            self.role,
+            self.content,
+            self.name,
+            self.tokens,
+            self.id,
+            self.created_at,
+            self.author_id if self.role == "user" else None,
+        )
 
 
 #: The columns of `StoredTurn`, in its field order.
@@ -293,6 +303,19 @@ class TurnStore(Store):
             for row in rows
         ]
 
+    async def snippet(self, turn_id: int, match: str, words: int) -> str:
+        """FTS5's `snippet()` of a turn's text: the window of about `words` words (at most 64)
+        that holds the most of what `match` finds, "…" where text was cut. Empty when the
+        index is off or the turn does not match."""
+        if not self.db.fts or not match:
+            return ""
+        row = await self.db.one(
+            "SELECT snippet(turns_fts, 1, '', '', '…', ?1) FROM turns_fts "
+            "WHERE turns_fts MATCH ?2 AND rowid = ?3",
+            (max(1, min(words, 64)), match, turn_id),
+        )
+        return row[0] if row and row[0] else ""
+
     async def history(self, channel_id: int) -> list[StoredTurn]:
         """Every stored turn of a channel, oldest first, forgotten ones included (for export)."""
         rows = await self.db.all(
@@ -345,6 +368,20 @@ class TurnStore(Store):
             (channel_id, turn_id),
         )
         return row is not None
+
+    async def speakers(
+        self, guild_id: int | None, channel_id: int, limit: int = SPEAKERS_LIMIT
+    ) -> list[tuple[int, str]]:
+        """(author id, name) of members who spoke in the server (in the channel, for a DM),
+        each name as stored with their turns; the most recent `limit` pairs. Read once per
+        place by `Conversations`, which then keeps the set in step as members speak."""
+        where = "guild_id = ?" if guild_id is not None else "channel_id = ?"
+        rows = await self.db.all(
+            "SELECT author_id, name FROM turns WHERE role = 'user' AND author_id IS NOT NULL "
+            f"AND {where} GROUP BY author_id, name ORDER BY MAX(id) DESC LIMIT ?",
+            (guild_id if guild_id is not None else channel_id, limit),
+        )
+        return [(row[0], row[1]) for row in rows]
 
     async def stats(self, channel_id: int) -> ChannelStats:
         floor = await self.watermark(channel_id)
