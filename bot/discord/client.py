@@ -28,7 +28,7 @@ from bot.discord.posting import say_privately
 from bot.discord.replying import Replier
 from bot.discord.swipes import SwipeButton, Swipes
 from bot.discord.webhooks import Webhooks
-from bot.engine import Engine, EngineError, make_engine
+from bot.engine import Engine, EngineError, EngineFactory, make_engine
 from bot.memory import Memory
 from bot.personas import PersonaLibrary, load_builtin_personas
 from bot.settings import Settings
@@ -66,10 +66,8 @@ class HermesBot(commands.AutoShardedBot):
     reads and swaps it there), and the Discord layer's shared parts: `webhooks` (persona
     identities), `swipes` (alternative replies), `ingest` (message events into stored turns),
     `replies` (the reply runner), `catch_up` (what was missed while away); `metrics` when
-    enabled. Cogs reach each other's work only through these.
-
-    `engine`: serve with this engine instead of the one MODEL names (the console's and the
-    tests' scripted engines); `options` go to discord.py's `AutoShardedBot`.
+    enabled. Cogs reach each other's work only through these. `options` go to discord.py's
+    `AutoShardedBot`.
     """
 
     memory: Memory
@@ -86,8 +84,12 @@ class HermesBot(commands.AutoShardedBot):
         settings: Settings,
         *,
         engine: Engine | None = None,
+        engine_factory: EngineFactory = make_engine,
         **options: Any,
     ) -> None:
+        """`engine`: the engine to start with (default: `engine_factory(settings)`);
+        `engine_factory`: builds an engine for settings and a model name, for that first one
+        and for each `/admin model reload`."""
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents(),
@@ -98,7 +100,8 @@ class HermesBot(commands.AutoShardedBot):
         )
         self.settings = settings
         #: the engine until `setup_hook` hands it to the conversations, which then hold it
-        self._engine: Engine | None = engine or make_engine(settings)
+        self.make_engine = engine_factory
+        self._engine: Engine | None = engine or engine_factory(settings)
         self.started_at = time.time()
         self.reply_tasks: set[asyncio.Task[None]] = set()
         #: Replies still waiting for their channel's turn (a subset of `reply_tasks`).
