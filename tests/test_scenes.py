@@ -123,11 +123,11 @@ async def test_naming_two_of_three_gets_their_two_replies_in_order_with_their_ow
         later = await settled(w, bot, 4)
         assert [m.username for m in later[2:]] == ["MIRA", "Grumbold"]
         # a message naming nobody (mention mode, wake words off) is stored, not answered...
-        await w.fake.user_message(w.general.id, w.bob, "Sable? anyone?")
+        await w.fake.user_message(w.general.id, w.bob, "Sables? anyone?")
         # ...and one that @mentions the bot but names nobody gets one member, by the policy
         await w.fake.user_message(w.general.id, w.bob, f"{w.fake.bot_user.mention} and you?")
         assert len(await settled(w, bot, 5)) == 5 and len(engine.prompts) == 5
-        assert "bob: Sable? anyone?" in engine.prompts[-1]
+        assert "bob: Sables? anyone?" in engine.prompts[-1]
         mira = engine.prompts[2] if speaker(engine.prompts[2]) == "MIRA" else engine.prompts[3]
         grum = engine.prompts[2] if speaker(engine.prompts[2]) == "Grumbold" else engine.prompts[3]
         for line in ("Sable: Sable here.", "Grumbold: Grumbold here."):
@@ -149,6 +149,30 @@ async def test_naming_two_of_three_gets_their_two_replies_in_order_with_their_ow
         files = data or handle.response.files
         rows = [json.loads(line) for line in files[0].data.decode().splitlines()]
         assert [r["persona"] for r in rows if r["role"] == "assistant"][:2] == ["Sable", "Grumbold"]
+
+
+async def test_naming_cast_members_addresses_them_in_a_mention_channel(
+    world: World, tmp_path: Path
+) -> None:
+    """Issue 23: no @mention and WAKE_WORDS off, yet naming two cast members (one in another
+    script's look-alike letters) gets both their replies, in the order named."""
+    w = world
+    engine = ScriptedEngine(lambda prompt: f"{speaker(prompt)} here.")
+    async with running_bot(w.fake, w.settings(tmp_path), engine=engine) as bot:
+        await cast_scene(w, CAST3)
+        await w.fake.user_message(w.general.id, w.alice, "Ѕable and grumbold, what do you think?")
+        posted = await settled(w, bot, 2)
+        assert [(m.username, m.content) for m in posted] == [
+            ("Sable", "Sable here."),
+            ("Grumbold", "Grumbold here."),
+        ]
+        assert len(engine.prompts) == 2  # MIRA was not named
+        # a message naming no one is stored, not answered: the next one named MIRA
+        await w.fake.user_message(w.general.id, w.bob, "nice weather for a mystery")
+        await w.fake.user_message(w.general.id, w.bob, "what about you, Mira?")
+        posted = await settled(w, bot, 3)
+        assert [m.username for m in posted] == ["Sable", "Grumbold", "MIRA"]
+        assert "bob: nice weather for a mystery" in engine.prompts[-1]
 
 
 class TogetherEngine(ScriptedEngine):

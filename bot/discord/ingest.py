@@ -1,9 +1,9 @@
 """Ingest: Discord message events become stored turns, and the ones to answer become owed replies.
 
 The one path for live events and for messages catch-up reads back (`Ingest.take`): it applies
-the channel policy (mode, access, scenes, wake words, the per-member cooldown), reads
-attachments in, stores the member's turn and, when the bot should answer, hands back an
-`OwedReply` for the runner (`bot.discord.replying`). Messages of one channel are taken in the
+the channel policy (mode, access, scenes: naming a cast member addresses it in any mode but
+`off`, wake words, the per-member cooldown), reads attachments in, stores the member's turn
+and, when the bot should answer, hands back an `OwedReply` for the runner (`bot.discord.replying`). Messages of one channel are taken in the
 order Discord sent them (one at a time per channel), so a later message's turn never lands
 before an earlier one's and anything decided about a message is settled before the next one
 of its channel is looked at. Edits and deletes follow the stored turns, also when they overtake
@@ -177,7 +177,9 @@ class Ingest:
         if not replied:
             scene = await load_scene(memory, bot.personas, message.channel.id, guild_id)
             said = message.clean_content  # names count in what was written, not in attachments
-            called = await self.addressed(message) or self.woken(policy, said, scene)
+            # naming cast members addresses them in any mode but off; WAKE_WORDS is for the rest
+            named = bool(scene) and bool(scene.named(said))
+            called = named or await self.addressed(message) or self.woken(policy, said, scene)
             owed = policy.mode == "always" or called
             if owed and scene and live:  # catch-up picks when it answers
                 replied_to = await self.replied_persona(message)
