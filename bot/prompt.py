@@ -15,6 +15,7 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import regex
 
@@ -280,6 +281,11 @@ def render_recall(turns: Sequence[Turn], bot_name: str = "") -> str:
     One line per turn, `[YYYY-MM-DD] Name: text`, with the text on one line and defused like any
     other untrusted text, so a recalled message can neither forge a header nor a turn.
     """
+    return f"{INPUT}{text}{SEPARATOR}" if (text := recall_text(turns, bot_name)) else ""
+
+
+def recall_text(turns: Sequence[Turn], bot_name: str = "") -> str:
+    """The recall block's defused lines, whatever format wraps them (empty without turns)."""
     if not turns:
         return ""
     lines = [RECALL_HEADING]
@@ -288,7 +294,7 @@ def render_recall(turns: Sequence[Turn], bot_name: str = "") -> str:
         name = clean_name(turn.name if turn.role == "user" else (turn.name or bot_name))
         text = " ".join(turn.content.split())
         lines.append(f"{day}{name + ': ' if name else ''}{text}")
-    return f"{INPUT}{neutralize(chr(10).join(lines))}{SEPARATOR}"
+    return neutralize(chr(10).join(lines))
 
 
 def chat_segments(
@@ -361,10 +367,13 @@ BLOCK_MARGIN = 2
 
 
 class TokenCounter:
-    """Counts tokens with the model's own tokenizer, caching the cost of block headers."""
+    """Counts tokens with the model's own tokenizer, caching the cost of block headers. `fmt`:
+    the model's prompt format (`bot.prompt_format`), which every prompt fitted with this counter
+    is rendered in; None is Alpaca, rendered by this module."""
 
-    def __init__(self, count: Callable[[str], int]) -> None:
+    def __init__(self, count: Callable[[str], int], fmt: Any = None) -> None:
         self._count = count
+        self.fmt = fmt if fmt is not None and fmt.templated else None
         self._overhead: dict[tuple[str, str], int] = {}
 
     def __call__(self, text: str) -> int:
@@ -379,7 +388,8 @@ class TokenCounter:
         quoted = _risky_lines(turn.content.strip(), bool(turn.name)) if turn.role == "user" else 0
         key = (turn.role, turn.name)
         if (extra := self._overhead.get(key)) is None:
-            extra = self._count(render_turn(turn.role, "x", turn.name)) - self._count("x")
+            render = self.fmt.turn_block if self.fmt else render_turn
+            extra = self._count(render(turn.role, "x", turn.name)) - self._count("x")
             extra = self._overhead[key] = extra + BLOCK_MARGIN
         return turn.tokens + extra + 2 * quoted
 
@@ -398,6 +408,7 @@ class FittedPrompt:
     recalled: list[Turn] = field(default_factory=list)  # turns recalled from beyond the window
     speakers: tuple[str, ...] = ()  # the bot's names the text was defused against
     older: bool = False  # history older than the window exists (cut now, or at `start_hint`)
+    fmt: Any = None  # the prompt format it is rendered in (TokenCounter.fmt); None: Alpaca
 
 
 def with_recall(
@@ -407,10 +418,11 @@ def with_recall(
 
     The caller made room for it: the history was fitted to the budget less the recall budget.
     """
-    block = render_recall(recalled, bot_name)
+    fmt = prompt.fmt
+    block = (fmt.render_recall if fmt else render_recall)(recalled, bot_name)
     if not block:
         return prompt
-    prompt.text = render_chat(
+    prompt.text = (fmt.render_chat if fmt else render_chat)(
         prompt.system,
         prompt.turns,
         post_history=prompt.post_history,
@@ -460,11 +472,12 @@ def fit_prompt(
     time) is honoured while the turns since it still fit, so the prompt's prefix stays stable
     for many messages. `speakers` are the bot's names, for `chat_segments`.
     """
-    speakers = tuple(speakers)
-    fixed = count(render_system(system)) + BLOCK_MARGIN if system.strip() else 0
-    fixed += count(RESPONSE) + BLOCK_MARGIN
+    speakers, fmt = tuple(speakers), count.fmt
+    head = fmt.head(system) if fmt else render_system(system)
+    fixed = count(head) + BLOCK_MARGIN if head else 0
+    fixed += count(fmt.reply_open if fmt else RESPONSE) + BLOCK_MARGIN
     if post_history.strip():
-        fixed += count(render_system(post_history)) + BLOCK_MARGIN
+        fixed += count((fmt.system_block if fmt else render_system)(post_history)) + BLOCK_MARGIN
     notes: list[str] = []
     truncated = False
     cur_tokens = 0
@@ -509,7 +522,9 @@ def fit_prompt(
     turns = [t for t, _ in kept]
     turns_all = [*turns, current] if current is not None else turns
     return FittedPrompt(
-        text=render_chat(system, turns_all, post_history=post_history, speakers=speakers),
+        text=(fmt.render_chat if fmt else render_chat)(
+            system, turns_all, post_history=post_history, speakers=speakers
+        ),
         turns=turns_all,
         dropped=overflow,
         tokens=fixed + cur_tokens + used,
@@ -520,6 +535,7 @@ def fit_prompt(
         post_history=post_history,
         speakers=speakers,
         older=overflow or older,
+        fmt=fmt,
     )
 
 

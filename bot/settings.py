@@ -62,6 +62,14 @@ class Settings:
         "Tokenizer folder or hub id, when it differs from MODEL (with "
         "ENGINE=openai only the tokenizer is needed locally).",
     )
+    prompt_format: str = _opt(
+        "auto",
+        "How prompts are laid out: auto uses the tokenizer's chat template when it has one "
+        "(ChatML, Llama-3, Mistral ...) and Alpaca otherwise (Nous-Hermes-Llama2); chat_template "
+        "requires one; server sends role messages to the OpenAI-compatible chat endpoint "
+        "(ENGINE=openai) and lets the server apply its template.",
+        choices=("auto", "alpaca", "chat_template", "server"),
+    )
     engine: str = _opt(
         "local",
         "Where generation runs: in this process, or an OpenAI-compatible server (vLLM).",

@@ -34,6 +34,9 @@ class GenerationParams:
     repetition_penalty: float = 1.1
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    #: token ids that end the reply besides the model's EOS: the chat template's end-of-turn
+    #: token (`<|im_end|>`, `<|eot_id|>`), from `bot.prompt_template.TemplateFormat.end_ids`
+    stop_ids: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -147,8 +150,10 @@ class Generation:
         params: GenerationParams,
         cache_key: str | None,
         hooks: Sequence[FinishHook] = (),
+        messages: list[dict[str, str]] | None = None,
     ) -> None:
         self.prompt = prompt
+        self.messages = messages  # PROMPT_FORMAT=server: the role messages, sent instead
         self.params = params
         self.cache_key = cache_key
         self.stats = ReplyStats()
@@ -225,6 +230,11 @@ class Engine:
     """
 
     info: EngineInfo
+    #: the model's tokenizer once started (None for engines without one): the prompt format is
+    #: read from it (`bot.prompt_template.choose_format`)
+    tokenizer: Any = None
+    #: `generate` accepts `messages=` (role messages for a server that applies its own template)
+    takes_messages: bool = False
 
     @property
     def finish_hooks(self) -> list[FinishHook]:

@@ -277,7 +277,8 @@ class Batcher:
             history=history.to(self.device),
             done=reused,
             kv=kv,
-            eos=frozenset(eos_ids(self.tokenizer, self.model)),  # read per request: may change
+            # read per request (may change); the template's end-of-turn ids come with it
+            eos=frozenset([*eos_ids(self.tokenizer, self.model), *gen.params.stop_ids]),
         )
 
     # ---- prefill ---------------------------------------------------------------------------
