@@ -161,7 +161,8 @@ def _cut(text: str, parts: Sequence[str]) -> list[str] | None:
     return [*out, text[pos:]]
 
 
-def _adds_bos(tokenizer: Any) -> bool:
+def adds_bos(tokenizer: Any) -> bool:
+    """Does `tokenizer` put BOS in front of a text by itself (Llama's do, SmolLM2's does not)?"""
     bos = getattr(tokenizer, "bos_token_id", None)
     return bos is not None and list(tokenizer("a").input_ids[:1]) == [bos]
 
@@ -202,7 +203,7 @@ def skeleton(tokenizer: Any) -> Skeleton:
         system = (with_sys[0], with_sys[1][: len(with_sys[1]) - len(user[0])])
         system_as_user = False
     bos = getattr(tokenizer, "bos_token", None) or ""
-    if bos and _adds_bos(tokenizer):  # the engine's tokenizer writes BOS itself: not twice
+    if bos and adds_bos(tokenizer):  # the engine's tokenizer writes BOS itself: not twice
         opening = opening.removeprefix(bos)
         system = (system[0].removeprefix(bos), system[1])
     mid = system[0]

@@ -305,7 +305,7 @@ def _records(
     src: SourceConfig, stats: SourceStats, ctx: LoadContext, stored: Stored
 ) -> Iterator[Record]:
     assert ctx.count is not None
-    count = TokenCounter(functools.lru_cache(maxsize=1 << 16)(ctx.count))  # each turn, once
+    count = TokenCounter(functools.lru_cache(maxsize=1 << 16)(ctx.count), ctx.fmt)  # each turn once
     budget = src.prompt_budget or ctx.max_length
     plain = plain_server(src.system or default_system_prompt(), count, budget)
     servers: dict[tuple[int | None, str], Server] = {}
