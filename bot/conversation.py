@@ -333,7 +333,7 @@ class Conversations:
             )
         else:
             prompt = fit_prompt(
-                "\n\n".join(filter(None, [self.settings.system_prompt, scene])),
+                "\n\n".join(filter(None, [self.settings.system_text(self.fmt.templated), scene])),
                 history,
                 current,
                 self.counter,
