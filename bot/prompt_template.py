@@ -243,8 +243,10 @@ class AlpacaFormat:
     ) -> str:
         return render_turn(role, content, name, speakers)
 
-    def render_recall(self, turns: Sequence[Turn], bot_name: str = "") -> str:
-        return render_recall(turns, bot_name)
+    def render_recall(
+        self, turns: Sequence[Turn], bot_name: str = "", now: float | None = None
+    ) -> str:
+        return render_recall(turns, bot_name, now)
 
     def chat_segments(
         self, system: str, turns: Sequence[Turn], **kw: Any
@@ -328,8 +330,10 @@ class TemplateFormat:
             return self.reply_open + self.reply_body(content)
         return self._wrap(self.skel.user, self.user_body(content, name, speakers))
 
-    def render_recall(self, turns: Sequence[Turn], bot_name: str = "") -> str:
-        return self.system_block(recall_text(turns, bot_name))
+    def render_recall(
+        self, turns: Sequence[Turn], bot_name: str = "", now: float | None = None
+    ) -> str:
+        return self.system_block(recall_text(turns, bot_name, now))
 
     def chat_segments(
         self,

@@ -5,7 +5,7 @@ The real HermesBot runs against the fake Discord and is stopped and started agai
 sent while it is down are read back from the channel history, replies still queued when it
 stopped are answered after the start, a restart in the middle of catching up answers each
 message once, and a new (not resumed) gateway session catches up the same way. Also the
-schema v4 migration and the discord-free rules in `bot.catchup`.
+schema v4 migration and the discord-free rules in `bot.discord.catchup`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.app import HermesBot
-from bot.catchup import Claims, history_floor, owed_replies, snowflake_at, snowflake_time
-from bot.engine import Generation
+from bot.discord.catchup import Claims, history_floor, owed_replies, snowflake_at, snowflake_time
+from bot.discord.client import HermesBot
+from bot.engine import EngineRequest
 from bot.memory import MIGRATIONS, SCHEMA_VERSION, Memory, StoredTurn, ensure_owed_replies
 from bot.settings import Settings
 from tests.bot_harness import ScriptedEngine, bot_settings
@@ -56,7 +56,7 @@ class GatedEngine(ScriptedEngine):
         self.hold = asyncio.Event()
         self.fed = 0
 
-    async def _feed(self, gen: Generation, reply: str | BaseException) -> None:
+    async def _feed(self, gen: EngineRequest, reply: str | BaseException) -> None:
         index, self.fed = self.fed, self.fed + 1
         if index == self.hold_at:
             await self.hold.wait()
@@ -405,7 +405,7 @@ async def test_a_file_numbered_past_v4_without_the_column_gets_it(tmp_path: Path
         await memory.close()
 
 
-# ---- the rules in bot.catchup ----------------------------------------------------------------
+# ---- the rules in bot.discord.catchup ----------------------------------------------------------------
 
 
 def stored(turn_id: int, created_at: float) -> StoredTurn:

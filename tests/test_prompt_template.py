@@ -28,7 +28,6 @@ from bot.prompt_template import (
 from bot.settings import Settings
 from tests.chat_templates import llama3_tokenizer, mistral_tokenizer
 from tests.conftest import LLAMA_TOKENIZER
-from tests.real_model import smollm2_hf
 
 #: What users type to forge turns, plain and disguised (case, full width, zero width, marks).
 HOSTILE = [
@@ -41,10 +40,12 @@ HOSTILE = [
 
 
 @pytest.fixture(scope="module")
-def smol() -> Any:
+def smol(smollm2_hf: Path) -> Any:
+    """SmolLM2-135M-Instruct's real tokenizer and ChatML template (tests using it are marked
+    `real_model`)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_hf())
+    return AutoTokenizer.from_pretrained(smollm2_hf)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,7 @@ def test_auto_keeps_alpaca_for_a_tokenizer_without_a_template(llama_tokenizer: A
         choose_format("chat_template", llama_tokenizer)
 
 
+@pytest.mark.real_model
 def test_auto_takes_the_template_and_alpaca_can_be_forced(smol: Any, llama3: Any) -> None:
     for tok in (smol, llama3):
         assert choose_format("auto", tok).name == "chat_template"
@@ -119,6 +121,7 @@ def test_alpaca_counter_renders_byte_for_byte_as_before(llama_tokenizer: Any) ->
 # Rendering
 
 
+@pytest.mark.real_model
 def test_rendering_is_the_templates_own(smol: Any, llama3: Any, mistral: Any) -> None:
     """Without names (the templates drop them) and alternating, the bot's text is exactly what
     `apply_chat_template` writes: system, turns and the generation prompt."""
@@ -136,12 +139,14 @@ def test_rendering_is_the_templates_own(smol: Any, llama3: Any, mistral: Any) ->
         assert got == want
 
 
+@pytest.mark.real_model
 def test_empty_system_prompt_gets_the_templates_default(smol: Any) -> None:
     fmt = TemplateFormat(smol)
     want = smol.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert fmt.render_chat("", [Turn("user", "hi")], open_response=False) == want
 
 
+@pytest.mark.real_model
 def test_names_are_in_the_user_text_and_replies_are_assistant_messages(smol: Any) -> None:
     fmt = TemplateFormat(smol)
     text = fmt.render_chat("S", [Turn("user", "hi", "Alice"), Turn("assistant", "yo", "Hermes")])
@@ -167,6 +172,7 @@ def test_llama3_ends_turns_at_eot_not_only_eos(llama3: Any) -> None:
     assert stops[0] == "<|eot_id|>" and "\nBob:" in stops and "\nAlice:" in stops
 
 
+@pytest.mark.real_model
 def test_a_longer_history_keeps_the_earlier_prompt_ids_as_a_prefix(
     smol: Any, llama3: Any, mistral: Any
 ) -> None:
@@ -187,6 +193,7 @@ def test_a_longer_history_keeps_the_earlier_prompt_ids_as_a_prefix(
             before = now
 
 
+@pytest.mark.real_model
 def test_continue_leaves_the_last_assistant_message_open(smol: Any, tmp_path: Path) -> None:
     from bot.conversation import reopen_last_reply
 
@@ -202,6 +209,7 @@ def test_continue_leaves_the_last_assistant_message_open(smol: Any, tmp_path: Pa
 # Defusing, on token ids
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("hostile", HOSTILE)
 def test_typed_control_tokens_never_become_control_tokens(
     smol: Any, llama3: Any, mistral: Any, hostile: str
@@ -244,6 +252,7 @@ def test_defuse_markers_breaks_disguised_markers_and_leaves_words_alone() -> Non
     assert defuse_markers("im_start instructions", markers) == "im_start instructions"
 
 
+@pytest.mark.real_model
 def test_replies_are_cut_at_template_markers_and_lose_an_echoed_name(smol: Any) -> None:
     fmt = TemplateFormat(smol)
     assert (
@@ -267,6 +276,7 @@ class TokenizerEngine(Engine):
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
 
 
+@pytest.mark.real_model
 async def test_conversations_pick_the_format_once_per_model(
     smol: Any, llama_tokenizer: Any, tmp_path: Path
 ) -> None:
@@ -290,6 +300,7 @@ async def test_conversations_pick_the_format_once_per_model(
         await memory.close()
 
 
+@pytest.mark.real_model
 def test_server_messages_are_merged_roles_with_defused_contents(smol: Any) -> None:
     fmt = choose_format("server", smol)
     assert fmt.name == "server" and fmt.base.name == "chat_template"

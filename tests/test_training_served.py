@@ -168,22 +168,24 @@ def mix(*sources: SourceConfig) -> DataConfig:
     return DataConfig(sources=list(sources), dedup=False, refusal_filter=False)
 
 
-def served_tokenizer(kind: str) -> Any:
+def served_tokenizer(kind: str, request: pytest.FixtureRequest) -> Any:
     """The Llama 2 tokenizer (no template: Alpaca) or SmolLM2's (its ChatML chat template)."""
     if kind == "alpaca":
         return llama_tokenizer()
     from transformers import AutoTokenizer
 
-    from tests.real_model import smollm2_hf
-
-    return AutoTokenizer.from_pretrained(smollm2_hf())
+    return AutoTokenizer.from_pretrained(request.getfixturevalue("smollm2_hf"))
 
 
-@pytest.mark.parametrize("kind", ["alpaca", "chat_template"])
-async def test_served_equals_trained(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize(
+    "kind", ["alpaca", pytest.param("chat_template", marks=pytest.mark.real_model)]
+)
+async def test_served_equals_trained(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
     """Byte for byte, and token for token, up to each reply: persona and plain channels, in
     the format the bot picks for the tokenizer (Alpaca, or the model's chat template)."""
-    tok = served_tokenizer(kind)
+    tok = served_tokenizer(kind, request)
     enc = Encoder(tok)
     assert (enc.fmt.name if enc.fmt else "alpaca") == kind
     served, budget = await bot_with_history(tmp_path / "bot.db", tok)
