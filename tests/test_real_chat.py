@@ -64,11 +64,20 @@ async def ask(world: World, bot: Any, text: str, count: int) -> str:
 
 
 def real_settings(world: World, tmp_path: Path, model: Path, **env: str) -> Any:
-    return world.settings(tmp_path, model, MAX_NEW_TOKENS="32", CONTEXT_TOKENS="2048", **env)
+    # REPLY_TIMEOUT: a 135M model on a loaded 2-core machine is slow, not stuck
+    return world.settings(
+        tmp_path,
+        model,
+        MAX_NEW_TOKENS="32",
+        CONTEXT_TOKENS="2048",
+        REPLY_TIMEOUT=str(int(PATIENCE)),
+        REPETITION_PENALTY="1.1",  # the bot's default, as measured (README "Use any model")
+        **env,
+    )
 
 
 async def test_bot_answers_in_its_template_and_ends_at_its_end_of_turn(
-    world: World, tmp_path: Path
+    world: World, tmp_path: Path, smollm2_hf: Path
 ) -> None:
     async with running_bot(world.fake, real_settings(world, tmp_path, smollm2_hf)) as bot:
         fmt = bot.conv.fmt
@@ -103,7 +112,7 @@ async def test_a_fact_said_earlier_in_the_window_is_used(
 
 
 async def test_a_persona_answers_in_its_name(
-    world: World, tmp_path: Path
+    world: World, tmp_path: Path, smollm2_hf: Path
 ) -> None:
     async with running_bot(world.fake, real_settings(world, tmp_path, smollm2_hf)) as bot:
         await bot.memory.update_channel(world.general.id, world.guild.id, persona="MIRA")
