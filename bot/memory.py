@@ -3,11 +3,13 @@
 The stores live in `bot.store` (one module each) and share one connection and write lock
 (`bot.store.db.Database`); callers use them by name: `memory.turns.add(...)`,
 `memory.places.channel(...)`, `memory.owed.mark_answered(...)`. Open with
-`await Memory.open(path)`; close with `await memory.close()`.
+`await Memory.open(path)`; close with `await memory.close()`. `export_jsonl` writes a
+channel's `/admin memory export` file, the format `training/`'s `hermes-memory` source reads.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import aiosqlite
@@ -58,5 +60,29 @@ class Memory:
         return self.database.fts
 
     async def export_jsonl(self, channel_id: int) -> tuple[int, bytes]:
-        """The `/admin memory export` file of a channel (`TurnStore.export_jsonl`)."""
-        return await self.turns.export_jsonl(channel_id)
+        """(turn count, the `/admin memory export` file): one JSON line per stored turn, oldest
+        first, forgotten ones included and marked, so `training/`'s `hermes-memory` source can
+        leave them out. The one definition of that file's format."""
+        turns = await self.turns.history(channel_id)
+        floor = await self.turns.watermark(channel_id)
+        lines = [
+            json.dumps(
+                {
+                    "id": t.id,
+                    "channel_id": t.channel_id,
+                    "guild_id": t.guild_id,
+                    "forgotten": t.id <= floor,  # hidden by /admin memory forget
+                    "message_id": t.message_id,
+                    "author_id": t.author_id,
+                    "name": t.name,
+                    "role": t.role,
+                    "persona": t.persona,
+                    "content": t.content,
+                    "tokens": t.tokens,
+                    "created_at": t.created_at,
+                },
+                ensure_ascii=False,
+            )
+            for t in turns
+        ]
+        return len(turns), ("\n".join(lines) + ("\n" if lines else "")).encode()

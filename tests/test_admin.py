@@ -416,28 +416,11 @@ async def test_forget_unforget_and_clear_change_the_next_prompt(
         assert unforget.old == forget.new and (clear.old, clear.new) == ("6", "0")
 
 
-async def test_an_unanswered_clear_times_out_into_nothing(world: World, tmp_path: Path) -> None:
-    w = world
-    settings = w.settings(tmp_path, CONFIRM_TIMEOUT="1")
-    engine = ScriptedEngine(lambda prompt: "Got it.")
-    async with running_bot(w.fake, settings, engine=engine) as bot:
-        assert bot.settings.confirm_timeout == 1.0
-        await mention(w, "keep this")
-        await settle(w, bot, w.general.id, 1)
-        stored = await bot.memory.turns.history(w.general.id)
-        asked = await command(w, w.admin, "admin memory clear")
-        assert "Delete the stored turns" in str(asked.handle.original.components)
-        # the confirm never comes: after CONFIRM_TIMEOUT the question closes into nothing
-        await w.fake.wait_for(lambda: "Timed out" in asked.handle.original.content)
-        assert asked.handle.original.components == []  # no button left to press
-        assert await bot.memory.turns.history(w.general.id) == stored
-        assert not [r for r in await audit_rows(bot, w) if r.action == "memory.clear"]
-
-
-async def test_memory_stats_and_export(world: World, tmp_path: Path) -> None:
+async def test_memory_stats_export_and_an_unanswered_clear(world: World, tmp_path: Path) -> None:
     w = world
     engine = ScriptedEngine(["First reply.", "Second reply, with ünïcode ✓."])
-    async with running_bot(w.fake, w.settings(tmp_path), engine=engine) as bot:
+    settings = w.settings(tmp_path, CONFIRM_TIMEOUT="1")
+    async with running_bot(w.fake, settings, engine=engine) as bot:
         got = await command(w, w.admin, "admin memory stats")
         assert got.ephemeral and got.text.startswith("0 turns, 0 tokens") and "never" in got.text
         await mention(w, "hello")
@@ -472,6 +455,14 @@ async def test_memory_stats_and_export(world: World, tmp_path: Path) -> None:
         got = await command(w, w.admin, "admin memory export")
         rows = [json.loads(line) for line in got.files[0].data.decode().splitlines()]
         assert [r["forgotten"] for r in rows] == [True] * 4
+
+        # a clear whose confirm never comes closes after CONFIRM_TIMEOUT into nothing
+        assert bot.settings.confirm_timeout == 1.0
+        asked = await command(w, w.admin, "admin memory clear")
+        assert "Delete the stored turns" in str(asked.handle.original.components)
+        await w.fake.wait_for(lambda: "Timed out" in asked.handle.original.content)
+        assert asked.handle.original.components == []  # no button left to press
+        assert await bot.memory.turns.history(w.general.id) == turns
 
         actions = [(r.user_id, r.action, r.new) for r in await audit_rows(bot, w)]
         assert actions == [

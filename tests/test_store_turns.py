@@ -233,4 +233,3 @@ async def test_export_marks_forgotten_turns(memory: Memory):
     turns = await memory.turns.history(8)
     assert rows == [{**dataclasses.asdict(t), "forgotten": t.id in old} for t in turns]
     assert await memory.export_jsonl(9) == (0, b"")  # an empty channel: an empty file
-    assert await memory.turns.export_jsonl(8) == (count, data)  # the facade is the store's

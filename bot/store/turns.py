@@ -8,7 +8,6 @@ it are hidden from prompts, recall and stats, never deleted (`/admin memory clea
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,16 +88,21 @@ class TurnStore(Store):
         created_at: float | None = None,
         awaiting: bool = False,
         answers: int | None = None,
+        replacing: int | None = None,
     ) -> int:
         """Store one turn (and every Discord message id it spans) in one transaction.
 
         `awaiting`: a user turn the bot owes a reply; `answers`: the user turn this reply
-        answers, which stops awaiting in the same transaction (see `bot.store.owed`).
+        answers, which stops awaiting in the same transaction (see `bot.store.owed`);
+        `replacing`: a turn deleted in the same transaction (a regenerated reply).
         """
         ids = [m for m in (message_id, *extra_message_ids) if m is not None]
         async with self.db.transaction() as conn:
+            if replacing is not None:
+                await conn.execute("DELETE FROM turns WHERE id = ?", (replacing,))
             if answers is not None:
                 await conn.execute("UPDATE turns SET awaiting = 0 WHERE id = ?", (answers,))
+                await conn.execute("DELETE FROM reply_posts WHERE turn_id = ?", (answers,))
             cur = await conn.execute(
                 "INSERT INTO turns (channel_id, guild_id, message_id, author_id, name, role, "
                 "persona, content, tokens, created_at, awaiting) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -317,34 +321,6 @@ class TurnStore(Store):
             f"SELECT {TURN_COLUMNS} FROM turns WHERE channel_id = ? ORDER BY id", (channel_id,)
         )
         return [StoredTurn(*row) for row in rows]
-
-    async def export_jsonl(self, channel_id: int) -> tuple[int, bytes]:
-        """(turn count, the `/admin memory export` file): one JSON line per stored turn, oldest
-        first, forgotten ones included and marked, so `training/`'s `hermes-memory` source can
-        leave them out. The one definition of that file's format."""
-        turns = await self.history(channel_id)
-        floor = await self.watermark(channel_id)
-        lines = [
-            json.dumps(
-                {
-                    "id": t.id,
-                    "channel_id": t.channel_id,
-                    "guild_id": t.guild_id,
-                    "forgotten": t.id <= floor,  # hidden by /admin memory forget
-                    "message_id": t.message_id,
-                    "author_id": t.author_id,
-                    "name": t.name,
-                    "role": t.role,
-                    "persona": t.persona,
-                    "content": t.content,
-                    "tokens": t.tokens,
-                    "created_at": t.created_at,
-                },
-                ensure_ascii=False,
-            )
-            for t in turns
-        ]
-        return len(turns), ("\n".join(lines) + ("\n" if lines else "")).encode()
 
     async def last_assistant(self, channel_id: int) -> StoredTurn | None:
         """The bot's newest visible reply in a channel (what /continue and /regenerate act on)."""
