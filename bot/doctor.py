@@ -16,6 +16,7 @@ from bot.engine import Engine, EngineError, GenerationParams, engine_from_settin
 from bot.memory import SCHEMA_VERSION, Memory
 from bot.model_source import ModelSourceError, resolve_engine_sources
 from bot.personas import load_builtin_personas
+from bot.prompt import clean_reply, format_single, stop_strings
 from bot.settings import Settings
 
 
@@ -90,11 +91,12 @@ async def check_model(settings: Settings, model: str | None, report: Report) -> 
             f"quantization {info.quantization}, device {info.device}"
         )
         begin = time.perf_counter()
+        # The same stops and cleaning as a reply in a channel: what it shows is what would post.
         gen = engine.generate(
-            "### Instruction:\nSay hello.\n\n### Response:\n",
-            GenerationParams(max_new_tokens=8, temperature=0.0),
+            format_single("Say hello."),
+            GenerationParams(max_new_tokens=8, temperature=0.0, stop=tuple(stop_strings())),
         )
-        text = await gen.text_all()
+        text = clean_reply(await gen.text_all())
         print(f"  test reply in {time.perf_counter() - begin:.2f}s: {text.strip()[:60]!r}")
     except (ModelSourceError, EngineError) as exc:
         report.problem(str(exc))
