@@ -90,6 +90,8 @@ async def check_model(settings: Settings, model: str | None, report: Report) -> 
             f"  loaded in {time.perf_counter() - start:.1f}s: dtype {info.dtype or '-'}, "
             f"quantization {info.quantization}, device {info.device}"
         )
+        for note in info.notes:  # why this engine; which settings reach a server
+            print(f"  {note}")
         begin = time.perf_counter()
         # The same stops and cleaning as a reply in a channel: what it shows is what would post.
         gen = engine.generate(

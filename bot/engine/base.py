@@ -72,6 +72,7 @@ class EngineInfo:
     quantization: str = "none"
     device: str = ""
     started: float = field(default_factory=time.time)
+    notes: list[str] = field(default_factory=list)  # why this engine, what reaches the server
 
 
 class StopScanner:
