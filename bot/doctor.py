@@ -13,6 +13,7 @@ import socket
 import time
 
 from bot.engine import Engine, EngineError, GenerationParams, engine_from_settings
+from bot.engine.choice import choose_engine
 from bot.memory import SCHEMA_VERSION, Memory
 from bot.model_source import ModelSourceError, resolve_engine_sources
 from bot.personas import load_builtin_personas
@@ -74,11 +75,12 @@ async def check_database(settings: Settings, report: Report) -> None:
 
 async def check_model(settings: Settings, model: str | None, report: Report) -> None:
     name = model or settings.model
-    if settings.engine == "openai":
+    kind = choose_engine(settings, name)[0]
+    if kind == "openai":
         served = settings.openai_model or name
         print(f"model: {served} on {settings.openai_base_url} (engine openai)")
     else:
-        print(f"model: {name} (engine local)")
+        print(f"model: {name} (engine {kind})")
     engine: Engine | None = None
     try:
         settings, model = resolve_engine_sources(settings, model)

@@ -143,9 +143,9 @@ class OpenAIEngine(Engine):
         )  # fmt: skip
         if found.models and self.model not in found.models:
             log.warning("OPENAI_MODEL=%s is not among %s", self.model, found.models)
-        self.info.notes = [f"server kind: {found.kind.reach()}"]
+        self.info.notes.append(f"server kind: {found.kind.reach()}")
         if found.slots:
-            self.info.notes.append(f"  {found.slots} slots: one per channel, prompt cache on")
+            self.info.notes.append(f"{found.slots} slots: one per channel, prompt cache on")
         if missing := found.kind.unsupported:
             log.warning(
                 "%s takes no %s: those settings have no effect with this server",
