@@ -470,8 +470,33 @@ async def _measure(
     )
 
 
-def main(settings: Any, *, model: str | None, as_json: bool, tokens: int, trials: int) -> int:
-    """The `hermes-bot bench` command: prints the table (or JSON); returns the exit status."""
+def main(
+    settings: Any,
+    *,
+    model: str | None,
+    as_json: bool,
+    tokens: int,
+    trials: int,
+    servers: list[str] | None = None,
+    rounds: int = 3,
+) -> int:
+    """The `hermes-bot bench` command: prints the table (or JSON); returns the exit status.
+
+    With `--server URL`s, or an engine other than `local` (llamacpp), it prints the engines
+    side by side instead (`bot.bench_compare`): the same prompts through each."""
+    from bot.engine.choice import choose_engine
+
+    kind = choose_engine(settings, model)[0]
+    if kind == "openai":
+        print(
+            "hermes-bot: hermes-bot bench measures the local engine (ENGINE=local or llamacpp); "
+            "to measure a server beside it: hermes-bot bench --server URL",
+            file=sys.stderr,
+        )
+        return 1
+    if servers or kind != "local":
+        return compare_main(settings, model=model, servers=servers or [], tokens=tokens,
+                            rounds=rounds)  # fmt: skip
     try:
         report = asyncio.run(run_bench(settings, model=model, reply_tokens=tokens, trials=trials))
     except EngineError as exc:
@@ -481,4 +506,34 @@ def main(settings: Any, *, model: str | None, as_json: bool, tokens: int, trials
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(report.table())
+    return 0
+
+
+def compare_main(
+    settings: Any, *, model: str | None, servers: list[str], tokens: int, rounds: int
+) -> int:
+    """`hermes-bot bench` side by side: MODEL on its engine, then each server, one table."""
+    from bot import bench_compare
+    from bot.engine.openai import OpenAIEngine
+
+    name = model or settings.model
+    engine = make_engine(settings, model=model)
+    tokenizer = settings.tokenizer or name
+    columns: list[tuple[str, Any]] = [(f"{engine.info.engine} (this bot)", engine)]
+    for url in servers:
+        server = OpenAIEngine(
+            base_url=url, model=settings.openai_model or name, tokenizer=tokenizer
+        )
+        columns.append((url, server))
+    try:
+        found = asyncio.run(
+            bench_compare.compare(
+                columns, tokens=tokens, channels=settings.max_batch, rounds=rounds
+            )
+        )
+    except EngineError as exc:
+        print(f"hermes-bot: {exc}", file=sys.stderr)
+        return 1
+    base = 1 if servers else 0
+    print(bench_compare.table(found, tokens=tokens, channels=settings.max_batch, baseline=base))
     return 0
