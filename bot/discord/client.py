@@ -20,15 +20,15 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import metrics
-from bot.checks import Refused
 from bot.conversation import Conversations
+from bot.discord.checks import Refused
+from bot.discord.posting import say_privately
+from bot.discord.swipes import SwipeButton, Swipes
+from bot.discord.webhooks import Webhooks
 from bot.engine import Engine, EngineError, engine_from_settings
 from bot.memory import Memory
 from bot.personas import PersonaLibrary, load_builtin_personas
-from bot.replies import say_privately
 from bot.settings import Settings
-from bot.swipes import SwipeButton, Swipes
-from bot.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
