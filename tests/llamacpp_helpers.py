@@ -1,32 +1,11 @@
-"""The real SmolLM2 GGUF and llama-cpp-python for the llama.cpp tests, or a skip saying why.
-
-The model is the file `~/.cache/hermes-discord/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`
-(`HERMES_SMOLLM2_DIR` overrides the folder); its converted transformers folder `hf/` beside it
-holds the same tokenizer and chat template, which the tests render prompts with.
-"""
+"""Shared by the llama.cpp tests: the skip where llama-cpp-python is missing, and ChatML prompts
+rendered by SmolLM2's own chat template (its transformers tokenizer, `smollm2_hf`)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_dir() -> Path:
-    return Path(
-        os.environ.get("HERMES_SMOLLM2_DIR", "~/.cache/hermes-discord/smollm2")
-    ).expanduser()
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file, or a skip with the reason (the fetch script puts it there)."""
-    path = smollm2_dir() / GGUF_NAME
-    if not path.is_file():
-        pytest.skip(f"the real SmolLM2 GGUF is not at {path}")
-    return path
 
 
 def need_llamacpp() -> None:
@@ -36,12 +15,9 @@ def need_llamacpp() -> None:
     )
 
 
-def chatml(messages: list[dict[str, str]]) -> str:
-    """The prompt SmolLM2's own chat template makes (through its transformers tokenizer)."""
+def chatml(hf: Path, messages: list[dict[str, str]]) -> str:
+    """The prompt SmolLM2's own chat template makes for `messages`, ready for the reply."""
     from transformers import AutoTokenizer
 
-    hf = smollm2_dir() / "hf"
-    if not (hf / "tokenizer.json").is_file():
-        pytest.skip(f"the SmolLM2 transformers folder is not at {hf}")
     tok = AutoTokenizer.from_pretrained(hf)
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

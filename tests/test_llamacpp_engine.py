@@ -7,7 +7,7 @@ One engine (two slots) serves the module; a second, one slot, is the one-at-a-ti
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import pytest_asyncio
 from bot.engine import GenerationParams
 from bot.engine.llamacpp import LlamaCppEngine
 from bot.prompt import format_single
-from tests.llamacpp_helpers import chatml, need_llamacpp, smollm2_dir, smollm2_gguf
+from tests.llamacpp_helpers import chatml, need_llamacpp
 
 pytestmark = [
     pytest.mark.real_model,
@@ -29,14 +29,19 @@ GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0, repetition_penalty
 SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer in one sentence."}
 
 
-def ask(question: str) -> str:
-    return chatml([SYSTEM, {"role": "user", "content": question}])
+Ask = Callable[[str], str]
+
+
+@pytest.fixture(scope="module")
+def ask(smollm2_hf: Path) -> Ask:
+    """A one-question prompt in SmolLM2's own chat template."""
+    return lambda question: chatml(smollm2_hf, [SYSTEM, {"role": "user", "content": question}])
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def engine() -> AsyncIterator[LlamaCppEngine]:
+async def engine(smollm2_gguf: Path) -> AsyncIterator[LlamaCppEngine]:
     need_llamacpp()
-    eng = LlamaCppEngine(smollm2_gguf(), threads=2, max_batch=2, context_tokens=1024)
+    eng = LlamaCppEngine(smollm2_gguf, threads=2, max_batch=2, context_tokens=1024)
     await eng.start()
     try:
         yield eng
@@ -44,8 +49,8 @@ async def engine() -> AsyncIterator[LlamaCppEngine]:
         await eng.close()
 
 
-async def test_answers_with_the_files_template(engine: LlamaCppEngine):
-    hf_template = (smollm2_dir() / "hf" / "chat_template.jinja").read_text()
+async def test_answers_with_the_files_template(engine: LlamaCppEngine, ask: Ask, smollm2_hf: Path):
+    hf_template = (smollm2_hf / "chat_template.jinja").read_text()
     assert engine.chat_template.strip() == hf_template.strip()  # the GGUF's own template
     assert "<|im_end|>" in engine.eog_tokens  # the end-of-turn token stops a reply
     gen = engine.generate(ask("What is the capital of France?"), GREEDY)
@@ -63,7 +68,7 @@ async def test_control_tokens_are_llama_cpp_token_ids(engine: LlamaCppEngine):
     assert "<|im_start|>" in engine.control_tokens
 
 
-async def test_stop_string_and_length(engine: LlamaCppEngine):
+async def test_stop_string_and_length(engine: LlamaCppEngine, ask: Ask):
     prompt = ask("Name three colours.")
     full = await engine.generate(prompt, replace(GREEDY, max_new_tokens=40)).text_all()
     words = full.split()
@@ -77,7 +82,7 @@ async def test_stop_string_and_length(engine: LlamaCppEngine):
     assert short.stats.finish_reason == "length" and short.stats.new_tokens == 3
 
 
-async def test_cancellation_between_tokens(engine: LlamaCppEngine):
+async def test_cancellation_between_tokens(engine: LlamaCppEngine, ask: Ask):
     long = replace(GREEDY, max_new_tokens=400)
     gen = engine.generate(ask("Write a long story about a dragon."), long)
     async for _ in gen:
@@ -89,13 +94,15 @@ async def test_cancellation_between_tokens(engine: LlamaCppEngine):
     assert gen.stats.new_tokens < long.max_new_tokens
 
 
-async def test_two_channels_batched_match_one_at_a_time(engine: LlamaCppEngine):
+async def test_two_channels_batched_match_one_at_a_time(
+    engine: LlamaCppEngine, ask: Ask, smollm2_gguf: Path
+):
     prompts = {
         "a": ask("What is the capital of France?"),
         "b": ask("Give me a tip for learning to cook."),
     }
     params = replace(GREEDY, max_new_tokens=32)
-    single = LlamaCppEngine(smollm2_gguf(), threads=2, max_batch=1, context_tokens=1024)
+    single = LlamaCppEngine(smollm2_gguf, threads=2, max_batch=1, context_tokens=1024)
     await single.start()
     try:
         alone = {k: await single.generate(p, params).text_all() for k, p in prompts.items()}
@@ -109,12 +116,14 @@ async def test_two_channels_batched_match_one_at_a_time(engine: LlamaCppEngine):
     assert engine.batcher.peak_active == 2  # they really shared decode steps
 
 
-async def test_a_channels_next_message_reuses_its_slot(engine: LlamaCppEngine):
+async def test_a_channels_next_message_reuses_its_slot(
+    engine: LlamaCppEngine, ask: Ask, smollm2_gguf: Path, smollm2_hf: Path
+):
     first = ask("What is the capital of France?")
     reply = await engine.generate(first, GREEDY, cache_key="reuse").text_all()
     other = await engine.generate(ask("Say hi."), GREEDY, cache_key="other").text_all()
     assert other
-    follow = chatml([
+    follow = chatml(smollm2_hf, [
         SYSTEM,
         {"role": "user", "content": "What is the capital of France?"},
         {"role": "assistant", "content": reply},
@@ -123,7 +132,7 @@ async def test_a_channels_next_message_reuses_its_slot(engine: LlamaCppEngine):
     gen = engine.generate(follow, GREEDY, cache_key="reuse")
     text = await gen.text_all()
     assert gen.stats.reused_tokens >= engine.count_tokens(first) - 1
-    fresh = LlamaCppEngine(smollm2_gguf(), threads=2, max_batch=1, context_tokens=1024)
+    fresh = LlamaCppEngine(smollm2_gguf, threads=2, max_batch=1, context_tokens=1024)
     await fresh.start()
     try:
         assert await fresh.generate(follow, GREEDY).text_all() == text

@@ -27,7 +27,7 @@ from aiohttp import web
 
 from bot.prompt import is_header_line
 from tests.bot_harness import bot_settings, running_bot
-from tests.llamacpp_helpers import need_llamacpp, smollm2_dir, smollm2_gguf
+from tests.llamacpp_helpers import need_llamacpp
 from tests.world import World
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
@@ -40,11 +40,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def llama_server(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Iterator[str]:
     """`python -m llama_cpp.server` on a free port; yields its base URL (without /v1)."""
     need_llamacpp()
     pytest.importorskip("sse_starlette", reason="llama-cpp-python's [server] extra is missing")
-    model = smollm2_gguf()
+    model = smollm2_gguf
     port = free_port()
     log = tmp_path_factory.mktemp("llama") / "server.log"
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host",
@@ -133,7 +133,7 @@ def fragment_free(text: str) -> bool:
 
 
 async def test_the_bot_through_llama_cpp_python_server(
-    world: World, tmp_path: Path, recorder: tuple[Recorder, str]
+    world: World, tmp_path: Path, recorder: tuple[Recorder, str], smollm2_hf: Path
 ) -> None:
     rec, url = recorder
     settings = bot_settings(
@@ -142,7 +142,7 @@ async def test_the_bot_through_llama_cpp_python_server(
         ENGINE="openai",
         OPENAI_BASE_URL=url,
         OPENAI_MODEL="smollm2",
-        TOKENIZER=str(smollm2_dir() / "hf"),
+        TOKENIZER=str(smollm2_hf),
         REPETITION_PENALTY="1.3",
         MAX_NEW_TOKENS="32",
         CONTEXT_TOKENS="2048",
