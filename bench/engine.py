@@ -49,7 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bot.benchmark import SYSTEM, chatter, history, next_message  # noqa: E402
+from bot.benchmark import SYSTEM, chatter, history, next_message, stories  # noqa: E402
 from bot.engine import (  # noqa: E402
     Engine,
     EngineInfo,
@@ -436,7 +436,7 @@ async def p6(args: argparse.Namespace) -> None:
         f"P6 engines side by side: {Path(args.model).name}, llama.cpp threads {args.llama_threads}"
     )
     found = await bench_compare.compare(
-        columns, tokens=args.p6_tokens, channels=n, rounds=args.rounds
+        columns, stories, tokens=args.p6_tokens, channels=n, rounds=args.rounds
     )
     base = 2 if args.server else 1
     print(bench_compare.table(found, tokens=args.p6_tokens, channels=n, baseline=base))

@@ -8,8 +8,8 @@ instead (llama.cpp's `llama-server`, `python -m llama_cpp.server`, vLLM, Ollama)
 - aggregate tokens/s with `channels` conversations asking at once, and their mean time to first
   token (each counted from its own submit);
 
-on the same ~200-token chat prompts (the bot's own Alpaca format, each ending in a request for a
-long story so replies run to the fixed length), greedy, `tokens` reply tokens each. Rounds go
+on the same ~200-token chat prompts (`bot.benchmark.stories`: the bot's own Alpaca format, each
+ending in a request for a long story so replies run to the fixed length), greedy, `tokens` reply tokens each. Rounds go
 column after column so a busy machine slows every column alike; each figure is the median over
 rounds, and ratios are against the first server (or the first column) measured in the same run.
 Servers are reached through the bot's own `OpenAIEngine`, so each gets its own parameter names.
@@ -20,13 +20,10 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from bot.engine import Engine, GenerationParams
-from bot.prompt import Turn, render_chat
-
-ASK = "Write a long story about a dragon who learns to bake bread. Make it very detailed."
 
 
 @dataclass
@@ -42,17 +39,6 @@ class Column:
     def median(self, name: str) -> float:
         values = getattr(self, name)
         return statistics.median(values) if values else 0.0
-
-
-def prompts(count_tokens: Any, channels: int, system: str) -> list[str]:
-    """`channels` different ~200-token conversations, each ending with the long-story ask."""
-    from bot.benchmark import history
-
-    out = []
-    for c in range(channels + 1):
-        turns = history(count_tokens, 180, seed=300 + c)
-        out.append(render_chat(system, [*turns, Turn("user", ASK, "alice")]))
-    return out
 
 
 async def measure(engine: Engine, column: Column, texts: list[str], params: GenerationParams,
@@ -77,16 +63,22 @@ async def measure(engine: Engine, column: Column, texts: list[str], params: Gene
     column.shortest_reply = min([column.shortest_reply, *(g.stats.new_tokens for g in gens)])
 
 
-async def compare(engines: list[tuple[str, Engine]], *, tokens: int = 64, channels: int = 8,
-                  rounds: int = 3, system: str = "") -> list[Column]:  # fmt: skip
-    """Start every engine, measure `rounds` rounds column by column, close them."""
-    from bot.benchmark import SYSTEM
+async def compare(
+    engines: list[tuple[str, Engine]],
+    make_prompts: Callable[[Callable[[str], int], int], list[str]],
+    *,
+    tokens: int = 64,
+    channels: int = 8,
+    rounds: int = 3,
+) -> list[Column]:
+    """Start every engine, measure `rounds` rounds column by column, close them.
 
+    `make_prompts(count_tokens, n)` gives n different conversations (`bot.benchmark.stories`):
+    the first is the single stream's, the other `channels` ask at once."""
     for _, engine in engines:
         await engine.start()
     try:
-        count = engines[0][1].count_tokens
-        texts = prompts(count, channels, system or SYSTEM)
+        texts = make_prompts(engines[0][1].count_tokens, channels + 1)
         params = GenerationParams(max_new_tokens=tokens, temperature=0.0, repetition_penalty=1.0)
         warm = replace(params, max_new_tokens=4)
         for _, engine in engines:  # load, allocate, first-call costs out of the way

@@ -104,6 +104,18 @@ def history(count: Callable[[str], int], target_tokens: int, seed: int = 0) -> l
     return turns
 
 
+#: The last message of each side-by-side conversation: a reply that runs to the fixed length.
+STORY = "Write a long story about a dragon who learns to bake bread. Make it very detailed."
+
+
+def stories(count: Callable[[str], int], n: int) -> list[str]:
+    """`n` different ~200-token conversations, each ending with a request for a long story."""
+    return [
+        render_chat(SYSTEM, [*history(count, 180, seed=300 + c), Turn("user", STORY, "alice")])
+        for c in range(n)
+    ]
+
+
 def next_message(prompt: str, reply: str, k: int) -> str:
     """`prompt` (ending in an open response) with `reply` and one more user message appended."""
     return f"{prompt}{reply}\n\n### Instruction:\nUser{k}: {chatter(k, 12)}\n\n{RESPONSE}"
@@ -484,7 +496,7 @@ def main(
 
     With `--server URL`s, or an engine other than `local` (llamacpp), it prints the engines
     side by side instead (`bot.bench_compare`): the same prompts through each."""
-    from bot.engine.choice import choose_engine
+    from bot.engine_choice import choose_engine
 
     kind = choose_engine(settings, model)[0]
     if kind == "openai":

@@ -13,7 +13,7 @@ import socket
 import time
 
 from bot.engine import Engine, EngineError, GenerationParams, engine_from_settings
-from bot.engine.choice import choose_engine
+from bot.engine_choice import choose_engine
 from bot.memory import SCHEMA_VERSION, Memory
 from bot.model_source import ModelSourceError, resolve_engine_sources
 from bot.personas import load_builtin_personas

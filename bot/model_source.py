@@ -142,7 +142,7 @@ def resolve_engine_sources(settings: Any, model: str | None = None) -> tuple[Any
     OpenAI-compatible engine only the tokenizer, and its server keeps the model's name (a hub id
     resolved to a cached folder must not become OPENAI_MODEL). Raises ModelSourceError.
     """
-    from bot.engine.choice import choose_engine
+    from bot.engine_choice import choose_engine
 
     name = model or settings.model
     kind = choose_engine(settings, name)[0]

@@ -13,9 +13,9 @@ from bot.engine.base import Engine
 
 
 def make_engine(settings: Any, *, model: str | None = None) -> Engine:
-    """The engine the settings ask for (`ENGINE=auto`: see `choice.choose_engine`); `model`
+    """The engine the settings ask for (`ENGINE=auto`: see `bot.engine_choice.choose_engine`); `model`
     overrides MODEL (console --model, reload). The engine's `info.notes` say why it was chosen."""
-    from bot.engine.choice import choose_engine
+    from bot.engine_choice import choose_engine
 
     model_path = model or settings.model
     kind, why = choose_engine(settings, model_path)

@@ -23,22 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from bot.engine.base import Engine, EngineError, EngineInfo, Generation, GenerationParams
+from bot.engine_choice import INSTALL_HINT
 
 log = logging.getLogger(__name__)
-
-#: The version the engine is built and tested against (pyproject's `llamacpp` extra pins it).
-LLAMA_CPP_VERSION = "0.3.36"
-INSTALL_HINT = (
-    f"pip install 'hermes-discord[llamacpp]' (llama-cpp-python=={LLAMA_CPP_VERSION}; it "
-    "compiles llama.cpp, several minutes the first time)"
-)
-
-
-def llamacpp_installed() -> bool:
-    """Whether `llama_cpp` can be imported here (without importing it)."""
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def import_llama() -> Any:
@@ -47,10 +34,6 @@ def import_llama() -> Any:
     except ImportError as exc:
         raise EngineError(f"ENGINE=llamacpp needs llama-cpp-python: {INSTALL_HINT}") from exc
     return llama_cpp
-
-
-def is_gguf(model: str) -> bool:
-    return model.lower().endswith(".gguf")
 
 
 class LlamaCppEngine(Engine):
@@ -240,7 +223,7 @@ def _quiet(ll: Any) -> None:
 
     @ll.llama_log_callback
     def callback(level: int, text: bytes, user_data: Any) -> None:
-        if level in (2, 3) and text:  # GGML_LOG_LEVEL_WARN, _ERROR
+        if level in (3, 4) and text:  # GGML_LOG_LEVEL_WARN, _ERROR
             log.warning("llama.cpp: %s", text.decode(errors="replace").rstrip())
 
     _quiet.callback = callback  # type: ignore[attr-defined]  # kept alive for the C side

@@ -7,12 +7,31 @@
   CUDA GPU, `local`.
 - `auto` with anything else (a folder or a hub id): `local`.
 
-The reason is what `doctor` prints and `run` logs at start.
+The reason is what `doctor` prints and `run` logs at start. Outside the engine package (and
+importing nothing of it) because `bot.model_source`, which the engine's loaders use, asks it too.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
+
+#: The llama-cpp-python version the llamacpp engine is built and tested against (pyproject's
+#: `llamacpp` extra pins it).
+LLAMA_CPP_VERSION = "0.3.36"
+INSTALL_HINT = (
+    f"pip install 'hermes-discord[llamacpp]' (llama-cpp-python=={LLAMA_CPP_VERSION}; it "
+    "compiles llama.cpp, several minutes the first time)"
+)
+
+
+def llamacpp_installed() -> bool:
+    """Whether `llama_cpp` can be imported here (without importing it)."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def is_gguf(model: str) -> bool:
+    return model.lower().endswith(".gguf")
 
 
 def cuda_available() -> bool:
@@ -26,8 +45,6 @@ def cuda_available() -> bool:
 
 def choose_engine(settings: Any, model: str | None = None) -> tuple[str, str]:
     """(engine name, why) for these settings on this machine."""
-    from bot.engine.llamacpp import INSTALL_HINT, is_gguf, llamacpp_installed
-
     name = model or settings.model
     if settings.engine != "auto":
         return settings.engine, f"ENGINE={settings.engine}"
