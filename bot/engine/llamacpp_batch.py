@@ -242,17 +242,17 @@ class SlotBatcher:
         assert gen is not None
         token = self.llama.llama_sampler_sample(slot.sampler, self.ctx, row)
         if self.llama.llama_vocab_is_eog(self.vocab, token):
-            self._end(slot, "eos")
+            self._end(slot, "eos", outbox=outbox)
             return
         gen.stats.new_tokens += 1
         text = slot.decoder.decode(self._bytes(token))
         if text and not gen.emit(text, outbox):
-            self._end(slot, "stop")
+            self._end(slot, "stop", outbox=outbox)
             return
         if gen.stats.new_tokens >= gen.params.max_new_tokens or len(slot.tokens) + 1 >= (
             self.n_ctx_seq
         ):
-            self._end(slot, "length")
+            self._end(slot, "length", outbox=outbox)
             return
         slot.next_token = token
 
@@ -260,7 +260,17 @@ class SlotBatcher:
         n = self.llama.llama_token_to_piece(self.vocab, token, self._piece, 256, 0, False)
         return self._piece.raw[: max(n, 0)]
 
-    def _end(self, slot: Slot, reason: str, error: BaseException | None = None) -> None:
+    def _end(
+        self,
+        slot: Slot,
+        reason: str,
+        error: BaseException | None = None,
+        *,
+        outbox: Outbox | None = None,
+    ) -> None:
+        """End the slot's request; text still in `outbox` is delivered before the end."""
+        if outbox is not None:
+            outbox.flush()
         gen, slot.gen = slot.gen, None
         slot.next_token = None
         slot.pending = []
