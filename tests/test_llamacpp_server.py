@@ -149,16 +149,24 @@ async def test_the_bot_through_llama_cpp_python_server(
         REPLY_TIMEOUT="300",
     )
     fake = world.fake
+
+    def bot_posts() -> list[Any]:
+        return [
+            m for m in fake.channel_messages(world.general.id) if m.author.id == fake.bot_user.id
+        ]
+
     async with running_bot(fake, settings) as bot:
         assert bot.engine.server.kind.name == "llama-cpp-python"  # told from owned_by "me"
         for question in ("What is the capital of France?", "And what is 2 + 2?"):
-            await fake.user_message(
+            asked = await fake.user_message(
                 world.general.id, world.alice, f"{fake.bot_user.mention} {question}"
             )
+            await fake.wait_for(
+                lambda asked=asked: any(m.reference_id == asked.id for m in bot_posts()),
+                timeout=300,
+            )
             await fake.wait_for(lambda: bot.conv.pending == 0 and not bot.reply_tasks, timeout=300)
-        posted = [
-            m for m in fake.channel_messages(world.general.id) if m.author.id == fake.bot_user.id
-        ]
+        posted = bot_posts()
         assert len(posted) == 2 and all(m.content.strip() for m in posted)
         stored = [t for t in await bot.memory.all_turns(world.general.id) if t.role == "assistant"]
         assert [t.content for t in stored] == [m.content for m in posted]  # stored = posted
