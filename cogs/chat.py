@@ -185,6 +185,7 @@ class Chat(commands.Cog):
             guild_id=guild_id,
             message_id=message.id,
             awaiting=owed,
+            aliases=(message.author.global_name, message.author.name),
         )
         if message.id in self.early:  # edited or deleted while we were storing it
             if (late := self.early.pop(message.id)) is None:

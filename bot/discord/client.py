@@ -25,10 +25,11 @@ from bot.discord.checks import Refused
 from bot.discord.posting import say_privately
 from bot.discord.swipes import SwipeButton, Swipes
 from bot.discord.webhooks import Webhooks
-from bot.engine import Engine, EngineError, engine_from_settings
+from bot.engine import Engine, EngineError, make_engine
 from bot.memory import Memory
 from bot.personas import PersonaLibrary, load_builtin_personas
 from bot.settings import Settings
+from bot.speakers import Member
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class HermesBot(commands.AutoShardedBot):
         )
         self.settings = settings
         #: the engine until `setup_hook` hands it to the conversations, which then hold it
-        self._engine: Engine | None = engine or engine_from_settings(settings)
+        self._engine: Engine | None = engine or make_engine(settings)
         self.cog_names = cogs
         self.started_at = time.time()
         self.reply_tasks: set[asyncio.Task[None]] = set()
@@ -114,7 +115,13 @@ class HermesBot(commands.AutoShardedBot):
         for problem in problems:  # a bad persona file is skipped, never fatal
             log.warning("persona skipped: %s", problem)
         self.personas = PersonaLibrary(builtins, self.memory)
-        self.conv = Conversations(self.settings, self.memory, engine, personas=self.personas)
+        self.conv = Conversations(
+            self.settings,
+            self.memory,
+            engine,
+            personas=self.personas,
+            members=self.cached_members,
+        )
         self._engine = None
         self.webhooks = Webhooks(self, self.memory, self.personas)
         await self.webhooks.load()
@@ -138,6 +145,20 @@ class HermesBot(commands.AutoShardedBot):
         else:
             synced = await self.tree.sync()
         log.info("synced %d application commands", len(synced))
+
+    def cached_members(self, guild_id: int | None) -> list[Member]:
+        """The server's members in discord.py's cache (the bot itself left out), with their
+        display, global and user names: names no line of untrusted text may start as, even
+        when their owner never spoke where the bot listens (`bot.speakers`)."""
+        guild = self.get_guild(guild_id) if guild_id is not None else None
+        if guild is None:
+            return []
+        me = self.user.id if self.user is not None else None
+        return [
+            Member(m.id, (m.display_name, m.global_name or "", m.name))
+            for m in guild.members
+            if m.id != me
+        ]
 
     def track(self, task: asyncio.Task[None]) -> None:
         self.reply_tasks.add(task)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot.engine.base import Engine
+from bot.engine.interface import Engine
 
 
 def make_engine(settings: Any, *, model: str | None = None) -> Engine:
@@ -56,7 +56,3 @@ def _build(kind: str, settings: Any, model_path: str) -> Engine:
         max_batch=settings.max_batch,
         kv_cache_mb=settings.kv_cache_mb,
     )
-
-
-#: The name callers used before the engine became a package; the same function.
-engine_from_settings = make_engine

@@ -22,7 +22,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from bot.engine.base import Engine, EngineError, EngineInfo, Generation, GenerationParams
+from bot.engine.base import EngineError, EngineInfo, GenerationParams
+from bot.engine.interface import Engine
+from bot.engine.request import EngineRequest
 from bot.engine_choice import INSTALL_HINT
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ class LlamaCppEngine(Engine):
         self._ctx: Any = None
         self._vocab: Any = None
         self._tok_lock = threading.Lock()
-        self._requests: queue.Queue[Generation | None] = queue.Queue()
+        self._requests: queue.Queue[EngineRequest | None] = queue.Queue()
         self._worker: threading.Thread | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -202,10 +204,10 @@ class LlamaCppEngine(Engine):
 
     def generate(
         self, prompt: str, params: GenerationParams, *, cache_key: str | None = None
-    ) -> Generation:
+    ) -> EngineRequest:
         if self._worker is None:
             raise EngineError("the engine is not started")
-        gen = Generation(prompt, params, cache_key, self.finish_hooks)
+        gen = EngineRequest(prompt, params, cache_key, self.finish_hooks)
         self._requests.put(gen)
         return gen
 

@@ -27,7 +27,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.engine.base import EngineError, Generation, GenerationParams, Outbox
+from bot.engine.base import EngineError, GenerationParams, Outbox
+from bot.engine.request import EngineRequest
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class Slot:
     seq: int
     tokens: list[int] = field(default_factory=list)  # what the KV cache holds, in order
     key: str | None = None  # the channel that used it last
-    gen: Generation | None = None
+    gen: EngineRequest | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not decoded yet
     next_token: int | None = None  # sampled, to be decoded at the next step
     sampler: Any = None
@@ -74,7 +75,7 @@ class SlotBatcher:
         self.tokenize = tokenize
         self.n_vocab = llama.llama_vocab_n_tokens(vocab)
         self.batch = llama.llama_batch_init(n_batch, 0, 1)
-        self.waiting: deque[Generation] = deque()
+        self.waiting: deque[EngineRequest] = deque()
         self._clock = itertools.count(1)
         self._order: dict[int, int] = {}  # slot seq -> admission number, to prefill in order
         self._piece = ctypes.create_string_buffer(256)
@@ -89,7 +90,7 @@ class SlotBatcher:
 
     # ---- the loop ----------------------------------------------------------------------------
 
-    def serve(self, requests: queue.Queue[Generation | None]) -> None:
+    def serve(self, requests: queue.Queue[EngineRequest | None]) -> None:
         """Run until `None` arrives on `requests`; then end what runs as cancelled."""
         try:
             while True:
@@ -105,7 +106,7 @@ class SlotBatcher:
             while self.waiting:
                 self.waiting.popleft().finish("cancelled")
 
-    def _take(self, requests: queue.Queue[Generation | None]) -> bool:
+    def _take(self, requests: queue.Queue[EngineRequest | None]) -> bool:
         """Move new requests to `waiting`; block only when there is nothing to do."""
         idle = not self.waiting and all(s.gen is None for s in self.slots)
         try:
@@ -132,7 +133,7 @@ class SlotBatcher:
             except EngineError as exc:
                 gen.finish("error", exc)
 
-    def _start(self, gen: Generation, free: list[Slot]) -> None:
+    def _start(self, gen: EngineRequest, free: list[Slot]) -> None:
         tokens = self.tokenize(gen.prompt)
         if len(tokens) + 1 > self.n_ctx_seq:
             raise EngineError(

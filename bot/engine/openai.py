@@ -8,10 +8,10 @@ stays local, so only the tokenizer files are needed on the bot's machine.
 Failures: connection errors, timeouts, 429 and 5xx are retried with exponential backoff while no
 text has arrived yet; once text has been streamed a retry would repeat or contradict it, so the
 reply fails instead and the chat cog apologises. Stop strings are sent to the server and also
-applied locally (`Generation`'s `StopScanner`), because servers cap or ignore stop lists.
+applied locally (`EngineRequest`'s `StopScanner`), because servers cap or ignore stop lists.
 
 Reading a response is split in three: `sse_events` (the event-stream framing), `read_completion`
-(one streamed completion into a `Generation`) and `OpenAIEngine._attempt` (one HTTP request and
+(one streamed completion into an `EngineRequest`) and `OpenAIEngine._attempt` (one HTTP request and
 its failure rules).
 """
 
@@ -29,15 +29,10 @@ from typing import Any
 
 import aiohttp
 
-from bot.engine.base import (
-    Engine,
-    EngineError,
-    EngineInfo,
-    Generation,
-    GenerationParams,
-    first_line,
-)
+from bot.engine.base import EngineError, EngineInfo, GenerationParams, first_line
+from bot.engine.interface import Engine
 from bot.engine.loading import load_tokenizer
+from bot.engine.request import EngineRequest
 from bot.engine.servers import KINDS, Detected, SlotMap, detect_server
 
 log = logging.getLogger(__name__)
@@ -55,7 +50,7 @@ class Retryable(Exception):
 
 
 class _CancelEvent(threading.Event):
-    """`Generation.cancelled` that also interrupts the request's task at once."""
+    """`EngineRequest.cancelled` that also interrupts the request's task at once."""
 
     def __init__(self, on_set: Callable[[], None]) -> None:
         super().__init__()
@@ -116,12 +111,11 @@ class OpenAIEngine(Engine):
         self.send_extras = True
         self.info = EngineInfo("openai", model, device=self.base_url)
         self.tokenizer: Any = None
-        self.attempts = 0  # HTTP attempts made, for tests and logs
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: dict[asyncio.Task[None], Generation] = {}
+        self._tasks: dict[asyncio.Task[None], EngineRequest] = {}
         self.server = Detected(KINDS["other"], "not asked yet")  # told at start
         self._slots = SlotMap(0)
-        self._slot_of: dict[int, int] = {}  # id(Generation) -> llama.cpp slot while it runs
+        self._slot_of: dict[int, int] = {}  # id(request) -> llama.cpp slot while it runs
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -179,18 +173,18 @@ class OpenAIEngine(Engine):
 
     def generate(
         self, prompt: str, params: GenerationParams, *, cache_key: str | None = None
-    ) -> Generation:
+    ) -> EngineRequest:
         if self._session is None:
             raise EngineError("the engine is not started")
         loop = asyncio.get_running_loop()
-        gen = Generation(prompt, params, cache_key, self.finish_hooks)
+        gen = EngineRequest(prompt, params, cache_key, self.finish_hooks)
         task = loop.create_task(self._serve(gen))
         gen.cancelled = _CancelEvent(lambda: _call_soon(loop, task.cancel))
         self._tasks[task] = gen
         task.add_done_callback(lambda t: self._tasks.pop(t, None))
         return gen
 
-    def body(self, gen: Generation) -> dict[str, Any]:
+    def body(self, gen: EngineRequest) -> dict[str, Any]:
         """The request: the Alpaca prompt verbatim and the reply's sampling parameters."""
         p = gen.params
         body: dict[str, Any] = {
@@ -212,7 +206,7 @@ class OpenAIEngine(Engine):
                 body["id_slot"] = slot
         return body
 
-    async def _serve(self, gen: Generation) -> None:
+    async def _serve(self, gen: EngineRequest) -> None:
         gen.stats.prompt_tokens = self.count_tokens(gen.prompt) + 1  # + BOS; usage corrects it
         if self.server.kind.slots and (slot := self._slots.acquire(gen.cache_key)) is not None:
             self._slot_of[id(gen)] = slot
@@ -243,14 +237,13 @@ class OpenAIEngine(Engine):
         finally:
             self._slots.release(self._slot_of.pop(id(gen), None))
 
-    async def _attempt(self, gen: Generation) -> str:
+    async def _attempt(self, gen: EngineRequest) -> str:
         """One HTTP request; returns the finish reason.
 
         Raises Retryable while no text has arrived, EngineError after (a retry would repeat or
         contradict what the user already sees).
         """
         assert self._session is not None
-        self.attempts += 1
         progress = StreamProgress()
         resp_ref: list[aiohttp.ClientResponse] = []  # to hang up on cancel
         try:
@@ -310,7 +303,7 @@ class StreamProgress:
 
 
 async def read_completion(
-    gen: Generation, resp: aiohttp.ClientResponse, progress: StreamProgress
+    gen: EngineRequest, resp: aiohttp.ClientResponse, progress: StreamProgress
 ) -> str:
     """Stream one `/v1/completions` answer into `gen`; returns the finish reason.
 
@@ -335,12 +328,12 @@ async def read_completion(
             finish = choice.get("finish_reason") or finish
     if finish is None:
         raise Retryable("the stream ended before the reply did")
-    # The server's "stop" covers EOS and stop strings; Generation.finish turns "eos" into "stop"
+    # The server's "stop" covers EOS and stop strings; EngineRequest.finish turns "eos" into "stop"
     # when our own scanner saw a stop.
     return "length" if finish == "length" else "eos"
 
 
-def take_text(gen: Generation, text: str, progress: StreamProgress) -> bool:
+def take_text(gen: EngineRequest, text: str, progress: StreamProgress) -> bool:
     """Hand one streamed piece to `gen`; False once a stop string ended the reply."""
     if not text:
         return True
@@ -349,7 +342,7 @@ def take_text(gen: Generation, text: str, progress: StreamProgress) -> bool:
     return gen.emit(text)
 
 
-def record_usage(gen: Generation, usage: dict[str, Any] | None) -> None:
+def record_usage(gen: EngineRequest, usage: dict[str, Any] | None) -> None:
     """Take the server's own token counts (and cached-prefix count) when it sends them."""
     if not usage:
         return
