@@ -557,7 +557,7 @@ _BREAKS_OR_END = re.compile(rf"{_BREAKS.pattern}|\Z")
 _HEADER_WORDS = ("instruction", "input", "response")
 # The end of a reply that is the start of a header a stop cut through: after a line start or a
 # space, quote/emphasis marks, a run of `#` and perhaps the first letters of a header word.
-_HEADER_TAIL = regex.compile(r"(?:^|(?<=\s))[>*_~`\s]*[#\uff03\ufe5f]+[ \t]*(?P<word>\w*)[ \t:]*$")
+_HEADER_TAIL = re.compile(r"(?:^|(?<=\s))[>*_~`\s]*[#\uff03\ufe5f]+[ \t]*(?P<word>\w*)[ \t:]*$")
 _MARKS_ONLY = re.compile(r"(?:^|(?<=\n))[>*_~`#\s]+$")
 
 
