@@ -153,3 +153,15 @@ async def test_a_missing_file_is_one_line(tmp_path: Path):
 
     with pytest.raises(EngineError, match="model file not found"):
         await eng.start()
+
+
+async def test_sampling_with_penalty_is_seeded(engine: LlamaCppEngine, ask: Ask):
+    """Temperature, top-k/top-p and the repetition penalty run in llama.cpp's sampler chain; the
+    same seed gives the same reply."""
+    params = GenerationParams(
+        max_new_tokens=16, temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.3, seed=7
+    )
+    prompt = ask("Tell me about cats.")
+    first = await engine.generate(prompt, params).text_all()
+    again = await engine.generate(prompt, params).text_all()
+    assert first and first == again

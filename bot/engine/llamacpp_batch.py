@@ -96,9 +96,16 @@ class SlotBatcher:
             while True:
                 if not self._take(requests):
                     return
-                self._admit()
-                if any(s.gen is not None for s in self.slots):
-                    self._step()
+                try:
+                    self._admit()
+                    if any(s.gen is not None for s in self.slots):
+                        self._step()
+                except Exception as exc:  # a bug must not leave replies waiting forever
+                    log.exception("the llama.cpp worker failed a step")
+                    for slot in self.slots:
+                        if slot.gen is not None:
+                            self._forget(slot)
+                            self._end(slot, "error", EngineError(f"llama.cpp failed: {exc}"))
         finally:
             for slot in self.slots:
                 if slot.gen is not None:
@@ -132,6 +139,9 @@ class SlotBatcher:
                 self._start(gen, free)
             except EngineError as exc:
                 gen.finish("error", exc)
+            except Exception as exc:
+                log.exception("could not start a llama.cpp request")
+                gen.finish("error", EngineError(f"llama.cpp could not start the reply: {exc}"))
 
     def _start(self, gen: EngineRequest, free: list[Slot]) -> None:
         tokens = self.tokenize(gen.prompt)
@@ -166,7 +176,9 @@ class SlotBatcher:
         if p.repetition_penalty != 1.0:
             ll.llama_sampler_chain_add(
                 chain,
-                ll.llama_sampler_init_penalties(PENALTY_WINDOW, p.repetition_penalty, 0.0, 0.0),
+                ll.llama_sampler_init_penalties(
+                    self.n_vocab, PENALTY_WINDOW, p.repetition_penalty, 0.0, 0.0
+                ),
             )
         if p.temperature <= 0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
