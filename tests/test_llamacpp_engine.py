@@ -39,9 +39,11 @@ def ask(smollm2_hf: Path) -> Ask:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def engine(smollm2_gguf: Path) -> AsyncIterator[LlamaCppEngine]:
+async def engine(smollm2_gguf: Path, smollm2_hf: Path) -> AsyncIterator[LlamaCppEngine]:
     need_llamacpp()
-    eng = LlamaCppEngine(smollm2_gguf, threads=2, max_batch=2, context_tokens=1024)
+    eng = LlamaCppEngine(
+        smollm2_gguf, threads=2, max_batch=2, context_tokens=1024, tokenizer=str(smollm2_hf)
+    )
     await eng.start()
     try:
         yield eng
@@ -50,9 +52,15 @@ async def engine(smollm2_gguf: Path) -> AsyncIterator[LlamaCppEngine]:
 
 
 async def test_answers_with_the_files_template(engine: LlamaCppEngine, ask: Ask, smollm2_hf: Path):
+    """The file's template, end-of-turn token and an answer; the transformers tokenizer the
+    conversation layer reads the format from has the same ids as llama.cpp's."""
     hf_template = (smollm2_hf / "chat_template.jinja").read_text()
     assert engine.chat_template.strip() == hf_template.strip()  # the GGUF's own template
     assert "<|im_end|>" in engine.eog_tokens  # the end-of-turn token stops a reply
+    sample = "<|im_start|>user\nhi there, café<|im_end|>"
+    assert engine.tokenize(sample, add_special=False) == (
+        engine.tokenizer(sample, add_special_tokens=False).input_ids
+    )
     gen = engine.generate(ask("What is the capital of France?"), GREEDY)
     text = await gen.text_all()
     assert "Paris" in text
@@ -95,14 +103,16 @@ async def test_cancellation_between_tokens(engine: LlamaCppEngine, ask: Ask):
 
 
 async def test_two_channels_batched_match_one_at_a_time(
-    engine: LlamaCppEngine, ask: Ask, smollm2_gguf: Path
+    engine: LlamaCppEngine, ask: Ask, smollm2_gguf: Path, smollm2_hf: Path
 ):
     prompts = {
         "a": ask("What is the capital of France?"),
         "b": ask("Give me a tip for learning to cook."),
     }
     params = replace(GREEDY, max_new_tokens=32)
-    single = LlamaCppEngine(smollm2_gguf, threads=2, max_batch=1, context_tokens=1024)
+    single = LlamaCppEngine(
+        smollm2_gguf, threads=2, max_batch=1, context_tokens=1024, tokenizer=str(smollm2_hf)
+    )
     await single.start()
     try:
         alone = {k: await single.generate(p, params).text_all() for k, p in prompts.items()}
@@ -132,7 +142,9 @@ async def test_a_channels_next_message_reuses_its_slot(
     gen = engine.generate(follow, GREEDY, cache_key="reuse")
     text = await gen.text_all()
     assert gen.stats.reused_tokens >= engine.count_tokens(first) - 1
-    fresh = LlamaCppEngine(smollm2_gguf, threads=2, max_batch=1, context_tokens=1024)
+    fresh = LlamaCppEngine(
+        smollm2_gguf, threads=2, max_batch=1, context_tokens=1024, tokenizer=str(smollm2_hf)
+    )
     await fresh.start()
     try:
         assert await fresh.generate(follow, GREEDY).text_all() == text

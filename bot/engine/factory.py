@@ -35,6 +35,7 @@ def _build(kind: str, settings: Any, model_path: str) -> Engine:
             max_batch=settings.max_batch,
             context_tokens=settings.context_tokens,
             kv_cache_mb=settings.kv_cache_mb,
+            tokenizer=settings.tokenizer or None,
         )
     if kind == "openai":
         from bot.engine.openai import OpenAIEngine

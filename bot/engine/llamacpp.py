@@ -51,8 +51,10 @@ class LlamaCppEngine(Engine):
         context_tokens: int = 4096,
         kv_cache_mb: float = 0,
         batch_tokens: int = 512,
+        tokenizer: str | None = None,
     ) -> None:
         self.model_path = str(Path(model_path).expanduser())
+        self.tokenizer_path = tokenizer
         self.threads = threads or os.cpu_count() or 1
         self.n_gpu_layers = n_gpu_layers
         self.max_batch = max_batch
@@ -61,6 +63,10 @@ class LlamaCppEngine(Engine):
         self.batch_tokens = batch_tokens
         self.info = EngineInfo("llamacpp", self.model_path, device="cpu")
         self.chat_template = ""  # the file's `tokenizer.chat_template`
+        #: the same vocabulary as a transformers tokenizer (from the file, or TOKENIZER): the
+        #: conversation layer reads the prompt format and its control tokens from it, as it does
+        #: for the other engines; llama.cpp's own tokenizer counts and feeds the tokens
+        self.tokenizer: Any = None
         self.control_tokens: tuple[str, ...] = ()  # the vocabulary's control tokens, as text
         self.eog_tokens: tuple[str, ...] = ()  # end-of-generation tokens (EOS, end of turn)
         self.llama: Any = None
@@ -113,6 +119,20 @@ class LlamaCppEngine(Engine):
             n_batch=self.batch_tokens, tokenize=self.tokenize,
         )  # fmt: skip
         self._describe(ll, model, slots)
+        self.tokenizer = self._hf_tokenizer()
+
+    def _hf_tokenizer(self) -> Any:
+        if self.tokenizer_path:
+            from bot.engine.loading import load_tokenizer
+
+            return load_tokenizer(self.tokenizer_path)
+        from bot.gguf import GGUFError, load_gguf_tokenizer
+
+        try:
+            return load_gguf_tokenizer(self.model_path)
+        except GGUFError as exc:  # llama.cpp reads more files than transformers does
+            log.warning("%s; prompts use the Alpaca format (set TOKENIZER to change)", exc)
+            return None
 
     def _slots(self, ll: Any, model: Any) -> int:
         """MAX_BATCH sequences, fewer when their whole windows would pass KV_CACHE_MB."""
