@@ -44,7 +44,7 @@ from bot.prompt import (
     stop_strings,
     with_recall,
 )
-from bot.recall import recall
+from bot.recall import recall, recall_tokens
 from bot.settings import Settings
 from bot.speakers import KnownNames, Member
 
@@ -400,7 +400,7 @@ class Conversations:
         them): 0 when recall is off here or the SQLite build has no full-text index."""
         if not (settings.recall and self.memory.fts):
             return 0
-        return settings.recall_tokens or int(settings.context_tokens) // 10
+        return recall_tokens(settings)
 
     async def _recall(
         self,

@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import replace
 
 from bot.memory import Memory, StoredTurn
+from bot.settings import Settings
 
 #: Words that say nothing about what to look for. Short and English-centred on purpose: BM25
 #: already discounts common words; this only keeps them from crowding out the useful terms.
@@ -48,6 +49,12 @@ TURN_OVERHEAD = 12
 MIN_EXCERPT = 8
 #: Most words (FTS5 tokens) in an excerpt: SQLite's `snippet()` shows at most 64.
 MAX_EXCERPT_WORDS = 64
+
+
+def recall_tokens(settings: Settings) -> int:
+    """Tokens of the window given to recalled turns: RECALL_TOKENS, or a tenth of
+    CONTEXT_TOKENS when it is 0 (`settings` as the channel has them)."""
+    return settings.recall_tokens or int(settings.context_tokens) // 10
 
 
 def query_terms(texts: Sequence[str], max_terms: int = MAX_TERMS) -> list[str]:

@@ -209,6 +209,13 @@ class Settings:
         lo=0,
         hi=10,
     )
+    confirm_timeout: float = _opt(
+        60.0,
+        "Seconds a confirmation button (`/admin memory clear`) waits for its click; then it "
+        "times out and nothing changes.",
+        lo=1.0,
+        hi=3600.0,
+    )
     wake_words: bool = _opt(
         False,
         "In `mention` channels, also answer messages that name the bot, its persona or a scene "

@@ -20,9 +20,9 @@ from discord.ext import commands
 
 from bot.discord.checks import is_owner, policy_for, require_manager
 from bot.discord.posting import say_privately
-from bot.engine import first_line, make_engine
+from bot.engine import first_line
 from bot.metrics import summary
-from bot.recall import recall
+from bot.recall import recall, recall_tokens
 from bot.settings import TUNABLE, check_tunable, tunable_label
 
 if TYPE_CHECKING:
@@ -76,9 +76,6 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     persona_group = app_commands.Group(name="persona", description="Server persona rules")
     access_group = app_commands.Group(name="access", description="Who and where the bot serves")
     model_group = app_commands.Group(name="model", description="The model")
-
-    #: Seconds `/admin memory clear` waits for its confirm button (per cog; tests shorten it).
-    confirm_timeout: float = 60.0
 
     def __init__(self, bot: HermesBot) -> None:
         self.bot = bot
@@ -223,7 +220,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         assert interaction.channel_id is not None
         # Every stored turn goes, forgotten ones too (stats would count only the visible ones).
         stored = len(await self.memory.all_turns(interaction.channel_id))
-        view = ConfirmClear(interaction.user.id, timeout=self.confirm_timeout)
+        view = ConfirmClear(interaction.user.id, timeout=self.bot.settings.confirm_timeout)
         await interaction.response.send_message(
             f"Delete all {stored} stored turns of this channel for good?",
             view=view,
@@ -266,7 +263,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             return
         policy = await policy_for(self.bot, interaction.channel, interaction.guild_id)
         settings = policy.settings.applied(self.bot.settings)
-        budget = self.bot.conv.recall_budget(settings) or int(settings.context_tokens) // 10
+        budget = recall_tokens(settings)  # what recall would use here, even where it is off
         blocked = (
             (await self.memory.blocked(interaction.guild_id))[0] if interaction.guild_id else set()
         )
@@ -439,7 +436,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             target = model or old.info.model
             new = None
             try:
-                new = make_engine(self.bot.settings, model=target)
+                new = self.bot.make_engine(self.bot.settings, model=target)
                 await new.start()  # loads in a thread: the old model keeps answering meanwhile
             except Exception as exc:  # whatever went wrong, the old model stays
                 log.warning("reload of %s failed: %s", target, exc)

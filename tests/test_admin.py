@@ -7,15 +7,15 @@ command changed is read back from the bot's database and from what the engine wa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bot.engine import EngineError, LocalEngine
+from bot.engine import Engine, EngineError, GenerationParams, LocalEngine, make_engine
 from cogs.chat import APOLOGY
 from tests.bot_harness import ScriptedEngine, running_bot
 from tests.fake_discord import (
@@ -103,6 +103,17 @@ async def stored(bot: Any, message: FakeMessage, timeout: float = PATIENCE) -> N
         await asyncio.sleep(0.02)
 
 
+async def used(
+    w: World, bot: Any, engine: ScriptedEngine, text: str, count: int, *, channel: int | None = None
+) -> tuple[float, int, int]:
+    """Mention the bot with `text`, wait for its `count`th reply there, and return the
+    (temperature, top_k, max_new_tokens) that reply was generated with."""
+    await mention(w, text, channel=channel)
+    await settle(w, bot, channel or w.general.id, count)
+    params = engine.params[-1]
+    return params.temperature, params.top_k, params.max_new_tokens
+
+
 def button(message: FakeMessage, label: str) -> str:
     for row in message.components:
         for comp in row.get("components") or []:
@@ -170,7 +181,9 @@ async def test_admin_is_for_managers_and_owners_only(world: World, tmp_path: Pat
             assert got.ephemeral, name
             assert "Manage Server" in got.text, (name, got.text)
             assert not got.handle.response.components, name  # e.g. no clear confirm button
-        await asyncio.sleep(0.2)
+        # a read-only command answered after all of them: they left nothing behind
+        shown = await command(w, w.admin, "admin settings show")
+        assert shown.ephemeral and "temperature" in shown.text
         assert await snapshot(bot) == before
         assert len(engine.prompts) == 1  # no reload, no generation either
 
@@ -213,14 +226,22 @@ async def test_channel_mode_here_or_on_a_chosen_channel_threads_inherit(
         await mention(w, "are you there?")
         await w.fake.user_message(w.other.id, w.bob, "still on over here")
         await settle(w, bot, w.other.id, 2)
-        await asyncio.sleep(0.2)
-        assert not bot_messages(w.fake, w.general.id)
-        assert await bot.memory.all_turns(w.general.id) == []  # off: not even stored
+        # back on: the next message here is answered first, and alone; the one sent while the
+        # channel was off was neither stored nor answered (it would be ahead in the queue)
+        await command(w, w.admin, "admin channel", {"mode": "mention"})
+        back = await mention(w, "and now?")
+        await settle(w, bot, w.general.id, 1)
+        (reply,) = bot_messages(w.fake, w.general.id)
+        assert reply.reference_id == back.id
+        turns = await bot.memory.all_turns(w.general.id)
+        assert [t.role for t in turns] == ["user", "assistant"]  # off: not even stored
+        assert "and now?" in turns[0].content
 
         rows = [r for r in await audit_rows(bot, w) if r.action == "channel.mode"]
         assert [(r.user_id, r.channel_id, r.old, r.new) for r in rows] == [
             (w.admin.id, w.other.id, None, "always"),
             (w.admin.id, w.general.id, None, "off"),
+            (w.admin.id, w.general.id, "off", "mention"),
         ]
 
 
@@ -280,14 +301,8 @@ async def test_settings_set_show_reset_sources_ranges_and_restart(
         assert "`max_new_tokens` = **12** (default)" in got.text.splitlines()
 
         # the settings reach the engine: channel over server over default
-        await mention(w, "here")
-        await settle(w, bot, w.general.id, 1)
-        params = engine.params[-1]
-        assert (params.temperature, params.top_k, params.max_new_tokens) == (0.9, 10, 64)
-        await mention(w, "there", channel=w.other.id)
-        await settle(w, bot, w.other.id, 1)
-        params = engine.params[-1]
-        assert (params.temperature, params.top_k, params.max_new_tokens) == (0.5, 10, 12)
+        assert await used(w, bot, engine, "here", 1) == (0.9, 10, 64)
+        assert await used(w, bot, engine, "there", 1, channel=w.other.id) == (0.5, 10, 12)
 
         rows = [r for r in await audit_rows(bot, w) if r.action.startswith("settings.")]
         assert [(r.user_id, r.action, r.channel_id, r.old, r.new) for r in rows] == [
@@ -303,10 +318,7 @@ async def test_settings_set_show_reset_sources_ranges_and_restart(
         got = await command(w, w.admin, "admin settings show")
         assert "`temperature` = **0.9** (channel)" in got.text.splitlines()
         assert "`top_k` = **10** (server)" in got.text.splitlines()
-        await mention(w, "after the restart")
-        await settle(w, bot, w.general.id, 2)
-        params = engine.params[-1]
-        assert (params.temperature, params.top_k, params.max_new_tokens) == (0.9, 10, 64)
+        assert await used(w, bot, engine, "after the restart", 2) == (0.9, 10, 64)
 
         # reset: the channel falls back to the server, then the server to the defaults
         got = await command(w, w.admin, "admin settings reset", {"scope": "channel"})
@@ -317,10 +329,7 @@ async def test_settings_set_show_reset_sources_ranges_and_restart(
         got = await command(w, w.admin, "admin settings show")
         assert "`temperature` = **0.3** (default)" in got.text.splitlines()
         assert "`top_k` = **40** (default)" in got.text.splitlines()
-        await mention(w, "defaults now")
-        await settle(w, bot, w.general.id, 3)
-        params = engine.params[-1]
-        assert (params.temperature, params.top_k, params.max_new_tokens) == (0.3, 40, 12)
+        assert await used(w, bot, engine, "defaults now", 3) == (0.3, 40, 12)
 
         rows = [r for r in await audit_rows(bot, w) if r.action.startswith("settings.reset")]
         assert [(r.action, json.loads(r.old), json.loads(r.new)) for r in rows] == [
@@ -333,7 +342,7 @@ async def test_settings_set_show_reset_sources_ranges_and_restart(
 
 
 async def test_forget_unforget_and_clear_change_the_next_prompt(
-    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    world: World, tmp_path: Path
 ) -> None:
     w = world
     engine = ScriptedEngine(lambda prompt: "Got it.")
@@ -371,22 +380,13 @@ async def test_forget_unforget_and_clear_change_the_next_prompt(
         )
         response = await refused.wait_response()
         assert response.ephemeral and "Only the admin who asked" in response.content
-        await asyncio.sleep(0.1)
-        assert await bot.memory.all_turns(w.general.id) == stored
+        # the invoker's Cancel, clicked after, still finds the question open: the refused
+        # click settled nothing
         cancel = await w.fake.click_button(prompt_msg, button(prompt_msg, "Cancel"), w.admin)
         await cancel.wait_response()
         await w.fake.wait_for(lambda: "Cancelled" in prompt_msg.content)
         assert prompt_msg.components == []
         assert await bot.memory.all_turns(w.general.id) == stored
-
-        # a confirm that never comes times out into nothing
-        # (the bot loads cogs/admin.py as its own module object: set it on the loaded cog)
-        monkeypatch.setattr(bot.get_cog("Admin"), "confirm_timeout", 0.3)
-        asked = await command(w, w.admin, "admin memory clear")
-        await w.fake.wait_for(lambda: "Timed out" in asked.handle.original.content)
-        assert asked.handle.original.components == []  # no button left to press
-        assert await bot.memory.all_turns(w.general.id) == stored
-        monkeypatch.setattr(bot.get_cog("Admin"), "confirm_timeout", 60.0)
 
         asked = await command(w, w.admin, "admin memory clear")
         prompt_msg = asked.handle.original
@@ -416,6 +416,24 @@ async def test_forget_unforget_and_clear_change_the_next_prompt(
         assert unforget.old == forget.new and (clear.old, clear.new) == ("6", "0")
 
 
+async def test_an_unanswered_clear_times_out_into_nothing(world: World, tmp_path: Path) -> None:
+    w = world
+    settings = w.settings(tmp_path, CONFIRM_TIMEOUT="1")
+    engine = ScriptedEngine(lambda prompt: "Got it.")
+    async with running_bot(w.fake, settings, engine=engine) as bot:
+        assert bot.settings.confirm_timeout == 1.0
+        await mention(w, "keep this")
+        await settle(w, bot, w.general.id, 1)
+        stored = await bot.memory.all_turns(w.general.id)
+        asked = await command(w, w.admin, "admin memory clear")
+        assert "Delete the stored turns" in str(asked.handle.original.components)
+        # the confirm never comes: after CONFIRM_TIMEOUT the question closes into nothing
+        await w.fake.wait_for(lambda: "Timed out" in asked.handle.original.content)
+        assert asked.handle.original.components == []  # no button left to press
+        assert await bot.memory.all_turns(w.general.id) == stored
+        assert not [r for r in await audit_rows(bot, w) if r.action == "memory.clear"]
+
+
 async def test_memory_stats_and_export(world: World, tmp_path: Path) -> None:
     w = world
     engine = ScriptedEngine(["First reply.", "Second reply, with ünïcode ✓."])
@@ -440,23 +458,9 @@ async def test_memory_stats_and_export(world: World, tmp_path: Path) -> None:
         (attachment,) = got.files
         assert attachment.filename == f"memory-{w.general.id}.jsonl"
         rows = [json.loads(line) for line in attachment.data.decode().splitlines()]
-        assert rows == [
-            {
-                "id": t.id,
-                "channel_id": w.general.id,
-                "guild_id": t.guild_id,
-                "forgotten": False,
-                "message_id": t.message_id,
-                "author_id": t.author_id,
-                "name": t.name,
-                "role": t.role,
-                "persona": t.persona,
-                "content": t.content,
-                "tokens": t.tokens,
-                "created_at": t.created_at,
-            }
-            for t in turns
-        ]
+        # every stored field of each turn, and whether forget hid it
+        assert rows == [{**dataclasses.asdict(t), "forgotten": False} for t in turns]
+        assert {r["channel_id"] for r in rows} == {w.general.id}
         assert [r["content"] for r in rows] == [
             "hello",
             "First reply.",
@@ -541,17 +545,19 @@ async def test_access_block_users_and_roles_and_channel_allow_list(
         await mention(w, "me too", author=w.carol)
         await mention(w, "hi", author=w.alice)
         await settle(w, bot, w.general.id, 1)
-        await asyncio.sleep(0.2)
-        assert len(bot_messages(w.fake, w.general.id)) == 1 and len(engine.prompts) == 1
-        users = [t for t in await bot.memory.all_turns(w.general.id) if t.role == "user"]
-        assert [t.author_id for t in users] == [w.alice.id]
-        assert "let me in" not in engine.prompts[-1] and "me too" not in engine.prompts[-1]
-
         got = await command(w, w.admin, "admin access unblock", {"target": w.bob})
         assert f"<@{w.bob.id}> is now allowed" in got.text
-        await mention(w, "am I back?", author=w.bob)
+        back = await mention(w, "am I back?", author=w.bob)
         await settle(w, bot, w.general.id, 2)
         assert "bob: am I back?" in engine.prompts[-1]
+        # the channel's replies go in order: had a blocked message been taken, its reply
+        # would have come before this one
+        replies = bot_messages(w.fake, w.general.id)
+        assert len(replies) == 2 and replies[-1].reference_id == back.id
+        assert len(engine.prompts) == 2
+        users = [t for t in await bot.memory.all_turns(w.general.id) if t.role == "user"]
+        assert [t.author_id for t in users] == [w.alice.id, w.bob.id]
+        assert "let me in" not in engine.prompts[-1] and "me too" not in engine.prompts[-1]
 
         # an allow-list of channels keeps the bot out of every other channel
         got = await command(
@@ -565,15 +571,18 @@ async def test_access_block_users_and_roles_and_channel_allow_list(
         thread = w.fake.add_thread(w.other.id, "inside the allowed channel")
         await mention(w, "threads of it too", channel=thread.id)
         await settle(w, bot, thread.id, 1)
-        await asyncio.sleep(0.2)
-        assert len(bot_messages(w.fake, w.general.id)) == 2
-        assert "ignored here" not in [t.content for t in await bot.memory.all_turns(w.general.id)]
         got = await command(w, w.admin, "admin access channels", {"action": "show"})
         assert got.text == f"The bot serves: {w.other.mention}."
         got = await command(w, w.admin, "admin access channels", {"action": "clear"})
         assert "all channels" in got.text
-        await mention(w, "back in general")
+        again = await mention(w, "back in general")
         await settle(w, bot, w.general.id, 3)
+        # answered next, in order: the message sent while general was left out got nothing
+        replies = bot_messages(w.fake, w.general.id)
+        assert len(replies) == 3 and replies[-1].reference_id == again.id
+        assert "ignored here" not in engine.prompts[-1]
+        stored_texts = [t.content for t in await bot.memory.all_turns(w.general.id)]
+        assert not any("ignored here" in text for text in stored_texts)
 
         rows = [r for r in await audit_rows(bot, w) if r.action.startswith("access.")]
         assert [(r.user_id, r.action, r.old, r.new) for r in rows] == [
@@ -782,8 +791,27 @@ async def test_reset_in_dms_always_in_servers_only_where_allowed(
 # ---- model reload (real tiny models) -------------------------------------------------------
 
 
+class HeldEngine(LocalEngine):
+    """The real local engine, held at start until the test opens `gate`, recording the prompts
+    it is given (a subclass the test hands the bot through its `engine_factory`)."""
+
+    def __init__(self, model_path: str, loading: asyncio.Event, gate: asyncio.Event) -> None:
+        super().__init__(model_path, dtype="float32", device_map="none")
+        self.loading, self.gate = loading, gate
+        self.prompts: list[str] = []
+
+    async def start(self) -> None:
+        self.loading.set()
+        await asyncio.wait_for(self.gate.wait(), PATIENCE)
+        await super().start()
+
+    def generate(self, prompt: str, params: GenerationParams, *, cache_key: str | None = None):
+        self.prompts.append(prompt)
+        return super().generate(prompt, params, cache_key=cache_key)
+
+
 async def test_model_reload_swaps_models_keeps_the_old_on_failure_and_drops_nothing(
-    world: World, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    world: World, tiny_model: Path, tmp_path: Path
 ) -> None:
     from tests.tiny import make_model
 
@@ -791,7 +819,15 @@ async def test_model_reload_swaps_models_keeps_the_old_on_failure_and_drops_noth
     second = make_model(tmp_path / "second-model", seed=1)
     missing = tmp_path / "no-such-model"
     settings = w.settings(tmp_path, tiny_model, MAX_NEW_TOKENS="6")
-    async with running_bot(w.fake, settings) as bot:
+    loading, gate = asyncio.Event(), asyncio.Event()
+
+    def engines(settings: Any, *, model: str | None = None) -> Engine:
+        """The bot's own factory, except that the second model loads held at the gate."""
+        if model == str(second):
+            return HeldEngine(model, loading, gate)
+        return make_engine(settings, model=model)
+
+    async with running_bot(w.fake, settings, engine_factory=engines) as bot:
         first = bot.engine
         assert isinstance(first, LocalEngine) and first.info.model == str(tiny_model)
 
@@ -811,16 +847,6 @@ async def test_model_reload_swaps_models_keeps_the_old_on_failure_and_drops_noth
         await settle(w, bot, w.general.id, 1)
 
         # a message that arrives while the new model loads is answered, not dropped
-        loading, gate = threading.Event(), threading.Event()
-        real_load = LocalEngine._load
-
-        def gated_load(engine: LocalEngine):
-            loading.set()
-            if not gate.wait(30):
-                raise RuntimeError("the test never opened the gate")
-            return real_load(engine)
-
-        monkeypatch.setattr(LocalEngine, "_load", gated_load)
         reload = await w.fake.invoke_command(
             w.general.id, w.owner, "admin model reload", {"model": str(second)}
         )
@@ -838,22 +864,15 @@ async def test_model_reload_swaps_models_keeps_the_old_on_failure_and_drops_noth
 
         new = bot.engine
         assert new is not first and bot.conv.engine is new
-        assert isinstance(new, LocalEngine) and new.info.model == str(second)
+        assert isinstance(new, HeldEngine) and new.info.model == str(second)
         assert first._worker is None  # the old model was closed after its work ended
 
         # the next reply comes from the new engine
-        asked: list[str] = []
-        generate = new.generate
-
-        def spy(prompt, params, **kwargs):
-            asked.append(prompt)
-            return generate(prompt, params, **kwargs)
-
-        monkeypatch.setattr(new, "generate", spy)
         await w.fake.wait_for(lambda: bot.conv.pending == 0)
         count = len(bot_messages(w.fake, w.general.id))
         await mention(w, "which model is this?")
         await settle(w, bot, w.general.id, count + 1)
+        asked = new.prompts
         assert asked and asked[-1].endswith("alice: which model is this?\n\n### Response:\n")
         got = await command(w, w.admin, "admin model status")
         assert got.text.splitlines()[0] == f"**Model** `{second}` (local engine)"
