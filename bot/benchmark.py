@@ -540,7 +540,7 @@ def compare_main(
     try:
         found = asyncio.run(
             bench_compare.compare(
-                columns, tokens=tokens, channels=settings.max_batch, rounds=rounds
+                columns, stories, tokens=tokens, channels=settings.max_batch, rounds=rounds
             )
         )
     except EngineError as exc:

@@ -55,3 +55,22 @@ def test_doctor_runs_a_bare_gguf_on_llama_cpp(cli_env, tmp_path: Path, smollm2_g
     assert "engine llamacpp: ENGINE=auto: a .gguf MODEL and no CUDA GPU" in out
     assert "quantization gguf Q4_1" in out and "test reply in" in out
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_bench_measures_llamacpp_side_by_side(
+    cli_env, tmp_path: Path, smollm2_gguf: Path, smollm2_hf: Path
+):
+    """`hermes-bot bench` on a .gguf measures the llamacpp engine: the side-by-side table."""
+    need_llamacpp()
+    env = dict(cli_env, MODEL=str(smollm2_gguf), TOKENIZER=str(smollm2_hf), ENGINE="llamacpp",
+               MAX_BATCH="2", THREADS="2", CONTEXT_TOKENS="1024")  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "bot", "bench", "--tokens", "4", "--rounds", "1"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "llamacpp (this bot)" in proc.stdout
+    for row in ("single stream decode tok/s", "2 channels aggregate tok/s", "mean TTFT"):
+        assert row in proc.stdout
