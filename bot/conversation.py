@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bot.engine import Engine, EngineRequest, GenerationParams, ReplyStats, params_from_settings
-from bot.memory import Memory, StoredTurn
+from bot.memory import Memory
 from bot.personas import (
     DEFAULT_PERSONA,
     Persona,
@@ -47,6 +47,7 @@ from bot.prompt import (
 from bot.recall import recall, recall_tokens
 from bot.settings import Settings
 from bot.speakers import KnownNames, Member
+from bot.store.turns import StoredTurn
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +143,11 @@ class Conversations:
         awaiting: bool = False,
         aliases: Sequence[str | None] = (),
     ) -> int:
-        """Store a member's turn; `awaiting`: the bot owes it a reply (see Memory.add_turn).
+        """Store a member's turn; `awaiting`: the bot owes it a reply (see TurnStore.add).
         `aliases`: the author's other names (global name, username), known from now on."""
         if author_id is not None:
             await self._note_speaker(guild_id, channel_id, author_id, [name, *aliases])
-        return await self.memory.add_turn(
+        return await self.memory.turns.add(
             channel_id,
             "user",
             content,
@@ -171,7 +172,7 @@ class Conversations:
     ) -> int:
         """Store the bot's turn; `answers`: the user turn it answers, no longer owed a reply."""
         ids = message_ids or []
-        return await self.memory.add_turn(
+        return await self.memory.turns.add(
             channel_id,
             "assistant",
             content,
@@ -185,7 +186,9 @@ class Conversations:
         )
 
     async def edit(self, message_id: int, content: str) -> bool:
-        return await self.memory.edit_message(message_id, content, self.counter(content.strip()))
+        return await self.memory.turns.edit_message(
+            message_id, content, self.counter(content.strip())
+        )
 
     # ---- ordering ---------------------------------------------------------------------------
 
@@ -283,7 +286,7 @@ class Conversations:
         Human messages that arrived after `reply_to` wait for their own reply; the bot's replies
         to earlier messages belong before it even when stored later.
         """
-        turns = await self.memory.recent_turns(channel_id, token_budget=budget)
+        turns = await self.memory.turns.recent(channel_id, token_budget=budget)
         turns = [t for t in turns if t.id != skip]
         if reply_to is None:
             return [t.to_turn() for t in turns], None
@@ -358,7 +361,7 @@ class Conversations:
         place = self._place(guild_id, channel_id)
         if (known := self._speakers.get(place)) is None:
             known = {}
-            for author, name in reversed(await self.memory.speakers(guild_id, channel_id)):
+            for author, name in reversed(await self.memory.turns.speakers(guild_id, channel_id)):
                 known.setdefault(author, []).append(name)
             self._speakers[place] = known
         return known
@@ -417,7 +420,6 @@ class Conversations:
         if users and users[-1].content not in query:
             query.insert(0, users[-1].content)
         oldest = prompt.start_id if prompt.start_id is not None else prompt.turns[-1].id
-        blocked = (await self.memory.blocked(guild_id))[0] if guild_id else set()
         now = prompt.turns[-1].when if prompt.turns else None
 
         def shown_cost(turn: StoredTurn) -> int:
@@ -431,7 +433,7 @@ class Conversations:
             before_id=oldest,
             budget_tokens=budget - self.counter(RECALL_BLOCK_HEAD) - BLOCK_MARGIN,
             window=[t.content for t in prompt.turns[:-1]],
-            exclude_authors=blocked,
+            exclude_authors=await self.memory.places.blocked_users(guild_id),
             shown_cost=shown_cost,
         )
         recalled = known.shown([t.to_turn() for t in found])

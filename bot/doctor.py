@@ -14,11 +14,12 @@ import time
 
 from bot.engine import Engine, EngineError, GenerationParams, make_engine
 from bot.engine_choice import choose_engine
-from bot.memory import SCHEMA_VERSION, Memory
+from bot.memory import Memory
 from bot.model_source import ModelSourceError, resolve_engine_sources
 from bot.personas import load_builtin_personas
 from bot.prompt import clean_reply, format_single, stop_strings
 from bot.settings import Settings
+from bot.store.db import SCHEMA_VERSION
 
 
 class Report:

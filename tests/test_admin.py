@@ -92,13 +92,13 @@ async def snapshot(bot: Any) -> dict[str, list]:
 
 
 async def audit_rows(bot: Any, w: World) -> list:
-    return list(reversed(await bot.memory.audit_log(w.guild.id, 200)))
+    return list(reversed(await bot.memory.audit.latest(w.guild.id, 200)))
 
 
 async def stored(bot: Any, message: FakeMessage, timeout: float = PATIENCE) -> None:
     """Wait until the bot has stored `message` as a turn."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while await bot.memory.turn_for_message(message.id) is None:
+    while await bot.memory.turns.for_message(message.id) is None:
         assert asyncio.get_running_loop().time() < deadline, f"{message.content!r} not stored"
         await asyncio.sleep(0.02)
 
@@ -171,7 +171,7 @@ async def test_admin_is_for_managers_and_owners_only(world: World, tmp_path: Pat
         await settle(w, bot, w.general.id, 1)
         await command(w, w.admin, "admin memory forget")
         await stored(bot, await w.fake.user_message(w.general.id, w.bob, "after the forget"))
-        await bot.memory.set_blocked(w.guild.id, "user", w.carol.id, True)
+        await bot.memory.places.set_blocked(w.guild.id, "user", w.carol.id, True)
         before = await snapshot(bot)
         assert before["turns"] and before["audit"] and before["channels"]
 
@@ -192,7 +192,7 @@ async def test_admin_is_for_managers_and_owners_only(world: World, tmp_path: Pat
             w, w.owner, "admin settings set", {"name": "top_p", "value": "0.5", "scope": "server"}
         )
         assert got.ephemeral and "top_p" in got.text and "0.5" in got.text
-        assert (await bot.memory.guild(w.guild.id)).settings == {"top_p": 0.5}
+        assert (await bot.memory.places.guild(w.guild.id)).settings == {"top_p": 0.5}
         row = (await audit_rows(bot, w))[-1]
         assert (row.user_id, row.action, row.new) == (
             w.owner.id,
@@ -212,8 +212,8 @@ async def test_channel_mode_here_or_on_a_chosen_channel_threads_inherit(
     async with running_bot(w.fake, w.settings(tmp_path), engine=engine) as bot:
         got = await command(w, w.admin, "admin channel", {"mode": "always", "channel": w.other})
         assert got.ephemeral and w.other.mention in got.text and "always" in got.text
-        assert (await bot.memory.channel(w.other.id)).mode == "always"
-        assert (await bot.memory.channel(w.general.id)).mode is None  # not where it was run
+        assert (await bot.memory.places.channel(w.other.id)).mode == "always"
+        assert (await bot.memory.places.channel(w.general.id)).mode is None  # not where it was run
 
         await w.fake.user_message(w.other.id, w.bob, "no mention needed here")
         await settle(w, bot, w.other.id, 1)
@@ -233,7 +233,7 @@ async def test_channel_mode_here_or_on_a_chosen_channel_threads_inherit(
         await settle(w, bot, w.general.id, 1)
         (reply,) = bot_messages(w.fake, w.general.id)
         assert reply.reference_id == back.id
-        turns = await bot.memory.all_turns(w.general.id)
+        turns = await bot.memory.turns.history(w.general.id)
         assert [t.role for t in turns] == ["user", "assistant"]  # off: not even stored
         assert "and now?" in turns[0].content
 
@@ -355,7 +355,7 @@ async def test_forget_unforget_and_clear_change_the_next_prompt(
         await mention(w, "my fruit is banana")
         await settle(w, bot, w.general.id, 2)
         assert "banana" in engine.prompts[-1] and "apple" not in engine.prompts[-1]
-        assert len(await bot.memory.all_turns(w.general.id)) == 4  # hidden, not deleted
+        assert len(await bot.memory.turns.history(w.general.id)) == 4  # hidden, not deleted
 
         got = await command(w, w.admin, "admin memory unforget")
         assert "Restored" in got.text
@@ -368,8 +368,8 @@ async def test_forget_unforget_and_clear_change_the_next_prompt(
 
         # clear asks first (counting forgotten turns too: they go as well)...
         await command(w, w.admin, "admin memory forget")
-        assert (await bot.memory.stats(w.general.id)).turns == 0
-        stored = await bot.memory.all_turns(w.general.id)
+        assert (await bot.memory.turns.stats(w.general.id)).turns == 0
+        stored = await bot.memory.turns.history(w.general.id)
         assert len(stored) == 6
         asked = await command(w, w.admin, "admin memory clear")
         assert asked.ephemeral and "6 stored turns" in asked.text
@@ -386,7 +386,7 @@ async def test_forget_unforget_and_clear_change_the_next_prompt(
         await cancel.wait_response()
         await w.fake.wait_for(lambda: "Cancelled" in prompt_msg.content)
         assert prompt_msg.components == []
-        assert await bot.memory.all_turns(w.general.id) == stored
+        assert await bot.memory.turns.history(w.general.id) == stored
 
         asked = await command(w, w.admin, "admin memory clear")
         prompt_msg = asked.handle.original
@@ -395,8 +395,8 @@ async def test_forget_unforget_and_clear_change_the_next_prompt(
         )
         await confirm.wait_response()
         await w.fake.wait_for(lambda: "Deleted 6 turns" in prompt_msg.content)
-        assert await bot.memory.all_turns(w.general.id) == []
-        assert (await bot.memory.channel(w.general.id)).forget_before == 0
+        assert await bot.memory.turns.history(w.general.id) == []
+        assert (await bot.memory.places.channel(w.general.id)).forget_before == 0
 
         await mention(w, "what was my fruit?")
         await settle(w, bot, w.general.id, 4)
@@ -416,28 +416,11 @@ async def test_forget_unforget_and_clear_change_the_next_prompt(
         assert unforget.old == forget.new and (clear.old, clear.new) == ("6", "0")
 
 
-async def test_an_unanswered_clear_times_out_into_nothing(world: World, tmp_path: Path) -> None:
-    w = world
-    settings = w.settings(tmp_path, CONFIRM_TIMEOUT="1")
-    engine = ScriptedEngine(lambda prompt: "Got it.")
-    async with running_bot(w.fake, settings, engine=engine) as bot:
-        assert bot.settings.confirm_timeout == 1.0
-        await mention(w, "keep this")
-        await settle(w, bot, w.general.id, 1)
-        stored = await bot.memory.all_turns(w.general.id)
-        asked = await command(w, w.admin, "admin memory clear")
-        assert "Delete the stored turns" in str(asked.handle.original.components)
-        # the confirm never comes: after CONFIRM_TIMEOUT the question closes into nothing
-        await w.fake.wait_for(lambda: "Timed out" in asked.handle.original.content)
-        assert asked.handle.original.components == []  # no button left to press
-        assert await bot.memory.all_turns(w.general.id) == stored
-        assert not [r for r in await audit_rows(bot, w) if r.action == "memory.clear"]
-
-
-async def test_memory_stats_and_export(world: World, tmp_path: Path) -> None:
+async def test_memory_stats_export_and_an_unanswered_clear(world: World, tmp_path: Path) -> None:
     w = world
     engine = ScriptedEngine(["First reply.", "Second reply, with ünïcode ✓."])
-    async with running_bot(w.fake, w.settings(tmp_path), engine=engine) as bot:
+    settings = w.settings(tmp_path, CONFIRM_TIMEOUT="1")
+    async with running_bot(w.fake, settings, engine=engine) as bot:
         got = await command(w, w.admin, "admin memory stats")
         assert got.ephemeral and got.text.startswith("0 turns, 0 tokens") and "never" in got.text
         await mention(w, "hello")
@@ -445,7 +428,7 @@ async def test_memory_stats_and_export(world: World, tmp_path: Path) -> None:
         await mention(w, "and again", author=w.bob)
         await settle(w, bot, w.general.id, 2)
 
-        turns = await bot.memory.all_turns(w.general.id)
+        turns = await bot.memory.turns.history(w.general.id)
         assert len(turns) == 4
         got = await command(w, w.admin, "admin memory stats")
         tokens = sum(t.tokens for t in turns)
@@ -473,6 +456,14 @@ async def test_memory_stats_and_export(world: World, tmp_path: Path) -> None:
         rows = [json.loads(line) for line in got.files[0].data.decode().splitlines()]
         assert [r["forgotten"] for r in rows] == [True] * 4
 
+        # a clear whose confirm never comes closes after CONFIRM_TIMEOUT into nothing
+        assert bot.settings.confirm_timeout == 1.0
+        asked = await command(w, w.admin, "admin memory clear")
+        assert "Delete the stored turns" in str(asked.handle.original.components)
+        await w.fake.wait_for(lambda: "Timed out" in asked.handle.original.content)
+        assert asked.handle.original.components == []  # no button left to press
+        assert await bot.memory.turns.history(w.general.id) == turns
+
         actions = [(r.user_id, r.action, r.new) for r in await audit_rows(bot, w)]
         assert actions == [
             (w.admin.id, "memory.stats", None),
@@ -492,7 +483,7 @@ async def test_persona_default_and_imports_rule(world: World, tmp_path: Path) ->
     async with running_bot(w.fake, w.settings(tmp_path), engine=engine) as bot:
         got = await command(w, w.admin, "admin persona default", {"name": "grumbold"})
         assert got.ephemeral and "**Grumbold**" in got.text
-        assert (await bot.memory.guild(w.guild.id)).default_persona == "Grumbold"
+        assert (await bot.memory.places.guild(w.guild.id)).default_persona == "Grumbold"
 
         before = await snapshot(bot)
         got = await command(w, w.admin, "admin persona default", {"name": "Nobody At All"})
@@ -505,15 +496,15 @@ async def test_persona_default_and_imports_rule(world: World, tmp_path: Path) ->
             lambda: bot.conv.pending == 0 and len(w.fake.channel_messages(w.general.id)) >= 2,
         )
         assert "Grumbold" in engine.prompts[-1]
-        (turn,) = [t for t in await bot.memory.all_turns(w.general.id) if t.role == "assistant"]
+        (turn,) = [t for t in await bot.memory.turns.history(w.general.id) if t.role == "assistant"]
         assert turn.persona == "Grumbold"
 
-        assert (await bot.memory.guild(w.guild.id)).imports_allowed is True
+        assert (await bot.memory.places.guild(w.guild.id)).imports_allowed is True
         got = await command(w, w.admin, "admin persona imports", {"rule": "deny"})
         assert got.ephemeral and "may not" in got.text
-        assert (await bot.memory.guild(w.guild.id)).imports_allowed is False
+        assert (await bot.memory.places.guild(w.guild.id)).imports_allowed is False
         got = await command(w, w.admin, "admin persona imports", {"rule": "allow"})
-        assert (await bot.memory.guild(w.guild.id)).imports_allowed is True
+        assert (await bot.memory.places.guild(w.guild.id)).imports_allowed is True
 
         rows = [r for r in await audit_rows(bot, w) if r.action.startswith("persona.")]
         assert [(r.user_id, r.action, r.old, r.new) for r in rows] == [
@@ -536,7 +527,7 @@ async def test_access_block_users_and_roles_and_channel_allow_list(
         assert got.ephemeral and f"<@{w.bob.id}> is now blocked" in got.text
         got = await command(w, w.admin, "admin access block", {"target": w.muted})
         assert f"<@&{w.muted.id}> is now blocked" in got.text
-        assert await bot.memory.blocked(w.guild.id) == ({w.bob.id}, {w.muted.id})
+        assert await bot.memory.places.blocked(w.guild.id) == ({w.bob.id}, {w.muted.id})
         got = await command(w, w.admin, "admin access block", {"target": w.bob})
         assert "already blocked" in got.text
 
@@ -555,7 +546,7 @@ async def test_access_block_users_and_roles_and_channel_allow_list(
         replies = bot_messages(w.fake, w.general.id)
         assert len(replies) == 2 and replies[-1].reference_id == back.id
         assert len(engine.prompts) == 2
-        users = [t for t in await bot.memory.all_turns(w.general.id) if t.role == "user"]
+        users = [t for t in await bot.memory.turns.history(w.general.id) if t.role == "user"]
         assert [t.author_id for t in users] == [w.alice.id, w.bob.id]
         assert "let me in" not in engine.prompts[-1] and "me too" not in engine.prompts[-1]
 
@@ -564,7 +555,7 @@ async def test_access_block_users_and_roles_and_channel_allow_list(
             w, w.admin, "admin access channels", {"action": "add", "channel": w.other}
         )
         assert got.ephemeral and got.text == f"The bot serves: {w.other.mention}."
-        assert (await bot.memory.guild(w.guild.id)).channel_allowlist == [w.other.id]
+        assert (await bot.memory.places.guild(w.guild.id)).channel_allowlist == [w.other.id]
         await mention(w, "ignored here")
         await mention(w, "answered there", channel=w.other.id)
         await settle(w, bot, w.other.id, 1)
@@ -581,7 +572,7 @@ async def test_access_block_users_and_roles_and_channel_allow_list(
         replies = bot_messages(w.fake, w.general.id)
         assert len(replies) == 3 and replies[-1].reference_id == again.id
         assert "ignored here" not in engine.prompts[-1]
-        stored_texts = [t.content for t in await bot.memory.all_turns(w.general.id)]
+        stored_texts = [t.content for t in await bot.memory.turns.history(w.general.id)]
         assert not any("ignored here" in text for text in stored_texts)
 
         rows = [r for r in await audit_rows(bot, w) if r.action.startswith("access.")]
@@ -685,7 +676,7 @@ async def test_regenerate_replaces_the_last_reply_and_continue_extends_it(
         await settle(w, bot, w.general.id, 1)
         (old,) = bot_messages(w.fake, w.general.id)
         assert old.content == "The first answer."
-        stored = await bot.memory.all_turns(w.general.id)
+        stored = await bot.memory.turns.history(w.general.id)
 
         # a regenerate whose generation fails keeps the old reply, in Discord and in memory
         got = await command(w, w.alice, "regenerate")
@@ -694,9 +685,9 @@ async def test_regenerate_replaces_the_last_reply_and_continue_extends_it(
         apology = bot_messages(w.fake, w.general.id)[-1]
         assert apology.content == APOLOGY
         await w.fake.delete_message(apology)
-        turns = await bot.memory.all_turns(w.general.id)
+        turns = await bot.memory.turns.history(w.general.id)
         assert [(t.role, t.content) for t in turns] == [(t.role, t.content) for t in stored]
-        assert await bot.memory.message_ids(turns[1].id) == [old.id]
+        assert await bot.memory.turns.message_ids(turns[1].id) == [old.id]
 
         got = await command(w, w.alice, "regenerate")
         assert got.ephemeral and got.text == "Regenerated."
@@ -706,18 +697,18 @@ async def test_regenerate_replaces_the_last_reply_and_continue_extends_it(
         prompt = engine.prompts[-1]
         assert "alice: explain tides" in prompt and "The first answer." not in prompt
         assert prompt.endswith("### Response:\n")
-        turns = await bot.memory.all_turns(w.general.id)  # ...and from memory: only the new one
+        turns = await bot.memory.turns.history(w.general.id)  # ...and from memory: only the new one
         assert [(t.role, t.content) for t in turns] == [
             ("user", "explain tides"),
             ("assistant", "A better answer"),
         ]
-        assert await bot.memory.message_ids(turns[1].id) == [new.id]
+        assert await bot.memory.turns.message_ids(turns[1].id) == [new.id]
 
         # a continue whose generation fails says so and changes nothing
         got = await command(w, w.alice, "continue")
         assert got.ephemeral and got.text == APOLOGY
         assert [m.content for m in bot_messages(w.fake, w.general.id)] == ["A better answer"]
-        assert await bot.memory.all_turns(w.general.id) == turns
+        assert await bot.memory.turns.history(w.general.id) == turns
 
         got = await command(w, w.alice, "continue")
         assert got.ephemeral and got.text == "Continued."
@@ -725,12 +716,12 @@ async def test_regenerate_replaces_the_last_reply_and_continue_extends_it(
         assert prompt.endswith("### Response:\nA better answer")  # the reply reopened
         messages = bot_messages(w.fake, w.general.id)
         assert [m.content for m in messages] == ["A better answer", "and even more."]
-        turns = await bot.memory.all_turns(w.general.id)
+        turns = await bot.memory.turns.history(w.general.id)
         assert [(t.role, t.content) for t in turns] == [
             ("user", "explain tides"),
             ("assistant", "A better answer and even more."),
         ]
-        assert await bot.memory.message_ids(turns[1].id) == [m.id for m in messages]
+        assert await bot.memory.turns.message_ids(turns[1].id) == [m.id for m in messages]
         assert turns[1].tokens == engine.count_tokens("A better answer and even more.")
 
         # the grown reply is what the next prompt sees
@@ -762,7 +753,7 @@ async def test_reset_in_dms_always_in_servers_only_where_allowed(
         assert await snapshot(bot) == before
 
         got = await command(w, w.admin, "admin access reset", {"rule": "allow"})
-        assert got.ephemeral and (await bot.memory.guild(w.guild.id)).reset_allowed
+        assert got.ephemeral and (await bot.memory.places.guild(w.guild.id)).reset_allowed
         got = await command(w, w.alice, "reset")
         assert "forgot" in got.text
         await mention(w, "what is the code word?")
@@ -776,7 +767,7 @@ async def test_reset_in_dms_always_in_servers_only_where_allowed(
         assert "forgot" in got.text
 
         # (old → new of a reset: the forget watermark, the last turn id it hides)
-        top = max(t.id for t in await bot.memory.all_turns(w.general.id))
+        top = max(t.id for t in await bot.memory.turns.history(w.general.id))
         rows = [r for r in await audit_rows(bot, w) if "reset" in r.action]
         assert [(r.user_id, r.action, r.channel_id, r.old) for r in rows] == [
             (w.admin.id, "access.reset", w.general.id, "false"),
@@ -898,7 +889,7 @@ async def test_two_regenerates_at_once_leave_one_reply(world: World, tmp_path: P
         await w.fake.wait_for(lambda: bot.conv.pending == 0)
         # the second regenerate replaced the first one's reply, not the long-gone original
         assert [m.content for m in bot_messages(w.fake, w.general.id)] == ["take three"]
-        turns = await bot.memory.all_turns(w.general.id)
+        turns = await bot.memory.turns.history(w.general.id)
         assert [(t.role, t.content) for t in turns] == [
             ("user", "say something"),
             ("assistant", "take three"),

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from bot.engine import EngineError, GenerationParams, LocalEngine, make_engine
+from bot.engine import EngineError, GenerationParams, LocalEngine, RequestState, make_engine
 from bot.engine.openai import OpenAIEngine
 from bot.prompt import format_single, stop_strings
 from tests.fake_discord.common import PATIENCE
@@ -171,8 +171,10 @@ async def test_sends_the_alpaca_prompt_and_parameters(scripted: Scripted, tiny_m
 async def test_stop_strings_are_applied_locally_too(scripted: Scripted, tiny_model: Path):
     async with remote(scripted.url, tiny_model) as eng:
         gen = eng.generate(PROMPT, replace(GREEDY, stop=("friend",)))
+        assert gen.state is RequestState.QUEUED and eng.queue_length == 1
         assert await gen.text_all() == "Hello there, "
-        assert gen.stats.finish_reason == "stop"
+        assert gen.stats.finish_reason == "stop" and gen.state is RequestState.FINISHED
+        assert eng.queue_length == 0
 
 
 @pytest.mark.parametrize("failure", ["503", "500", "429", "hang", "empty"])

@@ -126,11 +126,11 @@ async def bot_with_history(db: Path) -> tuple[dict[int, Served], int]:
     try:
         builtins, _ = load_builtin_personas()
         card = card_to_dict(card_from_dict(CARD))
-        await memory.save_persona(GUILD, "Lorekeeper", json.dumps(card), created_by=ALICE)
+        await memory.personas.save(GUILD, "Lorekeeper", json.dumps(card), created_by=ALICE)
         conv = Conversations(
             settings, memory, TokenizerEngine(tok), personas=PersonaLibrary(builtins, memory)
         )
-        await memory.update_channel(LORE_CHANNEL, GUILD, persona="Lorekeeper")
+        await memory.places.update_channel(LORE_CHANNEL, GUILD, persona="Lorekeeper")
         served = {
             LORE_CHANNEL: await converse(conv, LORE_CHANNEL, EXCHANGES),
             PLAIN_CHANNEL: await converse(conv, PLAIN_CHANNEL, PLAIN_EXCHANGES),
@@ -225,20 +225,20 @@ async def test_persona_post_history_splits_replies_plain_chat_stays_one_record(
 async def memory_with_forget(db: Path) -> tuple[Memory, list[int]]:
     memory = await Memory.open(db)
     ids = [
-        await memory.add_turn(LORE_CHANNEL, "user", "secret plan", name="alice", author_id=ALICE),
-        await memory.add_turn(LORE_CHANNEL, "assistant", "I will keep it."),
+        await memory.turns.add(LORE_CHANNEL, "user", "secret plan", name="alice", author_id=ALICE),
+        await memory.turns.add(LORE_CHANNEL, "assistant", "I will keep it."),
     ]
-    await memory.forget(LORE_CHANNEL, GUILD)
+    await memory.turns.forget(LORE_CHANNEL, GUILD)
     ids += [
-        await memory.add_turn(
+        await memory.turns.add(
             LORE_CHANNEL, "user", "hi, I am alice; ask <@222>", name="alice", author_id=ALICE
         ),
-        await memory.add_turn(LORE_CHANNEL, "assistant", "Hello alice."),
-        await memory.add_turn(LORE_CHANNEL, "user", "and bob here", name="bob", author_id=BOB),
-        await memory.add_turn(LORE_CHANNEL, "assistant", "Hello bob, friend of Alice."),
+        await memory.turns.add(LORE_CHANNEL, "assistant", "Hello alice."),
+        await memory.turns.add(LORE_CHANNEL, "user", "and bob here", name="bob", author_id=BOB),
+        await memory.turns.add(LORE_CHANNEL, "assistant", "Hello bob, friend of Alice."),
     ]
-    await memory.add_turn(9999, "user", "another channel", name="carol", author_id=333)
-    await memory.add_turn(9999, "assistant", "not named, not read")
+    await memory.turns.add(9999, "user", "another channel", name="carol", author_id=333)
+    await memory.turns.add(9999, "assistant", "not named, not read")
     return memory, ids
 
 
@@ -319,9 +319,9 @@ async def test_long_channel_becomes_windows_that_fit(
     memory = await Memory.open(tmp_path / "bot.db")
     replies = []
     for i in range(30):
-        await memory.add_turn(LORE_CHANNEL, "user", f"question {i}: " + "why? " * 20, name="ann")
+        await memory.turns.add(LORE_CHANNEL, "user", f"question {i}: " + "why? " * 20, name="ann")
         replies.append(f"answer {i}: " + "because. " * 20)
-        await memory.add_turn(LORE_CHANNEL, "assistant", replies[-1], persona=persona)
+        await memory.turns.add(LORE_CHANNEL, "assistant", replies[-1], persona=persona)
     await memory.close()
     src = SourceConfig(
         name="m", path=str(tmp_path / "bot.db"), format="hermes-memory", channels=[LORE_CHANNEL]

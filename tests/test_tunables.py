@@ -109,13 +109,13 @@ async def test_env_and_admin_settings_set_accept_and_refuse_the_same_values(
                         {"name": name, "value": raw, "scope": "channel"},
                     )
                     text = (await handle.wait_response(10)).content or ""
-                    stored = (await bot.memory.channel(channel.id)).settings.get(name)
+                    stored = (await bot.memory.places.channel(channel.id)).settings.get(name)
                     if env is None:
                         assert "Not changed" in text, (name, raw, text)
                     else:
                         assert f"`{name}` is now" in text, (name, raw, text)
                         assert stored == env and type(stored) is type(env), (name, raw, stored)
-                    await bot.memory.update_channel(channel.id, guild.id, settings={})
+                    await bot.memory.places.update_channel(channel.id, guild.id, settings={})
                 if is_bool(name):
                     assert [by_env(name, t) for t in SWITCH_IN] == [True, False] * 4 + [True]
                     assert [by_env(name, t) for t in SWITCH_OUT] == [None] * len(SWITCH_OUT)

@@ -32,7 +32,7 @@ import aiohttp
 from bot.engine.base import EngineError, EngineInfo, GenerationParams, first_line
 from bot.engine.interface import Engine
 from bot.engine.loading import load_tokenizer
-from bot.engine.request import EngineRequest
+from bot.engine.request import EngineRequest, RequestState
 from bot.engine.servers import KINDS, Detected, SlotMap, detect_server
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class OpenAIEngine(Engine):
     @property
     def queue_length(self) -> int:
         """Requests the server has not started answering yet."""
-        return sum(1 for gen in self._tasks.values() if gen.stats.started_at is None)
+        return sum(1 for gen in self._tasks.values() if gen.state is RequestState.QUEUED)
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -312,6 +312,7 @@ async def read_completion(
     """
     if gen.stats.started_at is None:
         gen.stats.started_at = time.perf_counter()
+    gen.state = RequestState.DECODING  # the server answers: the prompt is in (one state for both)
     finish: str | None = None
     async for data in sse_events(resp.content):
         if data.strip() == "[DONE]":

@@ -9,7 +9,8 @@ the batcher prefills and decodes it (its token ids, KV and sampling state live h
         \\__________\\__________\\____> CANCELLED   (the caller stopped it)
 
 A request can end from any state (a prompt the tokenizer rejects ends while QUEUED; one that
-hits EOS on its first token never decodes). The OpenAI engine uses only the stream half.
+hits EOS on its first token never decodes). The OpenAI engine uses the stream half, and moves a
+request from QUEUED to DECODING when the server starts answering it.
 """
 
 from __future__ import annotations
