@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.engine.base import EngineError, GenerationParams, Outbox
-from bot.engine.request import EngineRequest
+from bot.engine.request import EngineRequest, RequestState
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,7 @@ class SlotBatcher:
         self._order[slot.seq] = slot.used
         slot.sampler = self._sampler(gen.params, tokens[-PENALTY_WINDOW:])
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        gen.state = RequestState.PREFILL
         gen.stats.started_at = gen.stats.started_at or _now()
         gen.stats.prompt_tokens = len(tokens)
         gen.stats.reused_tokens = keep
@@ -268,6 +269,7 @@ class SlotBatcher:
             self._end(slot, "length", outbox=outbox)
             return
         slot.next_token = token
+        gen.state = RequestState.DECODING
 
     def _bytes(self, token: int) -> bytes:
         n = self.llama.llama_token_to_piece(self.vocab, token, self._piece, 256, 0, False)
