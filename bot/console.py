@@ -170,6 +170,8 @@ async def run_console(
         reader = LineReader(stdin)
         if interactive:
             print(f"hermes console: {engine.info.model}. {HELP}", file=stdout)
+        if show_prompt:  # decided once for the model: shown once, before the first prompt
+            print(f"prompt format: {conv.fmt.describe()}", file=stdout, flush=True)
         while not interrupts.leave.is_set():
             if interactive:
                 print("you> ", end="", file=stdout, flush=True)

@@ -17,7 +17,14 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bot.engine import Engine, EngineRequest, GenerationParams, ReplyStats, params_from_settings
+from bot.engine import (
+    Engine,
+    EngineError,
+    EngineRequest,
+    GenerationParams,
+    ReplyStats,
+    params_from_settings,
+)
 from bot.memory import Memory
 from bot.personas import (
     DEFAULT_PERSONA,
@@ -31,19 +38,17 @@ from bot.prompt import (
     BLOCK_MARGIN,
     INPUT,
     RECALL_HEADING,
-    RESPONSE,
     SEPARATOR,
     FittedPrompt,
     TokenCounter,
     Turn,
-    clean_reply,
     fit_prompt,
     other_speakers,
     recall_line,
     seen_by,
-    stop_strings,
     with_recall,
 )
+from bot.prompt_template import ALPACA, AlpacaFormat, TemplateError, TemplateFormat, choose_format
 from bot.recall import recall, recall_tokens
 from bot.settings import Settings
 from bot.speakers import KnownNames, Member
@@ -78,13 +83,15 @@ class ReplyJob:
     notes: list[str] = field(default_factory=list)
 
 
-def reopen_last_reply(prompt: FittedPrompt) -> bool:
+def reopen_last_reply(prompt: FittedPrompt, fmt: AlpacaFormat | TemplateFormat = ALPACA) -> bool:
     """Make `prompt` continue its last reply instead of asking for a new one; False if the
     last turn is not the bot's.
 
-    Drops the trailing "\\n\\n### Response:\\n" so the model writes on from the reply's last word.
+    Drops the reply's end and the next reply's opening (Alpaca: "\\n\\n### Response:\\n"; a
+    template: its end-of-turn token and generation prompt), so the model writes on from the
+    reply's last word, the assistant message left open.
     """
-    tail = SEPARATOR + RESPONSE
+    tail = fmt.reply_end + fmt.reply_open
     if not (prompt.turns and prompt.turns[-1].role == "assistant" and prompt.text.endswith(tail)):
         return False
     prompt.text = prompt.text[: -len(tail)]
@@ -112,7 +119,8 @@ class Conversations:
         self.engine = engine
         self.bot_name = bot_name
         self.personas = personas
-        self.counter = TokenCounter(engine.count_tokens)
+        self.fmt = self._format(engine)
+        self.counter = TokenCounter(engine.count_tokens, self.fmt)
         self._locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._start_hint: dict[tuple[int, str], int | None] = {}
         self.pending = 0
@@ -125,9 +133,24 @@ class Conversations:
         # the reply watchers (metrics) move with the engine: hooks belong to an engine instance
         old = [h for h in self.engine.finish_hooks if h not in engine.finish_hooks]
         engine.finish_hooks.extend(old)
+        self.fmt = self._format(engine)
         self.engine = engine
-        self.counter = TokenCounter(engine.count_tokens)
+        self.counter = TokenCounter(engine.count_tokens, self.fmt)
         self._start_hint.clear()
+
+    def _format(self, engine: Engine) -> AlpacaFormat | TemplateFormat:
+        """The prompt format for `engine`'s model (`PROMPT_FORMAT`), decided once per model."""
+        try:
+            fmt = choose_format(self.settings.prompt_format, engine.tokenizer)
+        except TemplateError as exc:
+            raise EngineError(str(exc)) from None
+        if fmt.name == "server" and not engine.takes_messages:
+            raise EngineError(
+                "PROMPT_FORMAT=server sends role messages to a chat endpoint: it needs "
+                "ENGINE=openai; use auto, alpaca or chat_template with this engine"
+            )
+        log.info("prompt format: %s", fmt.describe())
+        return fmt
 
     # ---- storing ----------------------------------------------------------------------------
 
@@ -169,8 +192,10 @@ class Conversations:
         persona: str | None = None,
         name: str = "",
         answers: int | None = None,
+        replacing: int | None = None,
     ) -> int:
-        """Store the bot's turn; `answers`: the user turn it answers, no longer owed a reply."""
+        """Store the bot's turn; `answers`: the user turn it answers, no longer owed a reply;
+        `replacing`: the reply it replaces, deleted in the same transaction."""
         ids = message_ids or []
         return await self.memory.turns.add(
             channel_id,
@@ -183,7 +208,41 @@ class Conversations:
             persona=persona,
             tokens=self.counter(content.strip()),
             answers=answers,
+            replacing=replacing,
         )
+
+    async def replace_reply(
+        self,
+        old: StoredTurn,
+        content: str,
+        *,
+        message_ids: list[int],
+        persona: str | None,
+        name: str,
+        answers: int | None = None,
+    ) -> int:
+        """A regenerated reply takes the place of `old` (one transaction: no moment without
+        either); returns the new turn's id."""
+        return await self.record_assistant(
+            old.channel_id,
+            content,
+            guild_id=old.guild_id,
+            message_ids=message_ids,
+            persona=persona,
+            name=name,
+            answers=answers,
+            replacing=old.id,
+        )
+
+    async def extend_reply(self, last: StoredTurn, addition: str, message_ids: list[int]) -> str:
+        """/continue: `addition` joins the end of reply `last`, whose new messages are linked to
+        it; its swipe alternatives end (they no longer match what is shown). The new text."""
+        joiner = "" if addition[:1] in ",.;:!?)" else " "
+        extended = last.content + joiner + addition
+        await self.memory.turns.update(last.id, extended, self.counter(extended))
+        await self.memory.turns.link_messages(last.id, message_ids)
+        await self.memory.swipes.end(last.id)
+        return extended
 
     async def edit(self, message_id: int, content: str) -> bool:
         return await self.memory.turns.edit_message(
@@ -259,11 +318,14 @@ class Conversations:
             prompt = await self._recall(
                 channel_id, guild_id, prompt, recall_budget, bot_name, known
             )
-        if continue_last and not reopen_last_reply(prompt):
+        if continue_last and not reopen_last_reply(prompt, self.fmt):
             return None
         names = self._other_names(prompt, cast, known, bot_name)
         params = replace(
-            params_from_settings(settings), stop=tuple(stop_strings(names)), **(overrides or {})
+            params_from_settings(settings),
+            stop=tuple(self.fmt.stops(names)),
+            stop_ids=self.fmt.end_ids,
+            **(overrides or {}),
         )
         return ReplyJob(
             channel_id,
@@ -338,7 +400,7 @@ class Conversations:
             )
         else:
             prompt = fit_prompt(
-                "\n\n".join(filter(None, [self.settings.system_prompt, scene])),
+                "\n\n".join(filter(None, [self.settings.system_text(self.fmt.templated), scene])),
                 history,
                 current,
                 self.counter,
@@ -405,6 +467,12 @@ class Conversations:
             return 0
         return recall_tokens(settings)
 
+    def _recall_head_cost(self) -> int:
+        """Tokens a recall block costs besides its lines, in this model's format."""
+        if self.fmt.templated:
+            return self.counter(self.fmt.system_block(RECALL_HEADING)) + 1
+        return self.counter(RECALL_BLOCK_HEAD)
+
     async def _recall(
         self,
         channel_id: int,
@@ -431,7 +499,7 @@ class Conversations:
             channel_id,
             query,
             before_id=oldest,
-            budget_tokens=budget - self.counter(RECALL_BLOCK_HEAD) - BLOCK_MARGIN,
+            budget_tokens=budget - self._recall_head_cost() - BLOCK_MARGIN,
             window=[t.content for t in prompt.turns[:-1]],
             exclude_authors=await self.memory.places.blocked_users(guild_id),
             shown_cost=shown_cost,
@@ -457,18 +525,20 @@ class Conversations:
                     temperature=max(job.params.temperature, 0.7),
                 )
             )
+            # role messages only for PROMPT_FORMAT=server (engines with `takes_messages`)
+            extra = {"messages": self.fmt.messages(job.prompt)} if self.fmt.name == "server" else {}
             gen: EngineRequest = self.engine.generate(
-                job.prompt.text, params, cache_key=job.cache_key or str(job.channel_id)
+                job.prompt.text, params, cache_key=job.cache_key or str(job.channel_id), **extra
             )
             job.stats = gen.stats
             shown = ""
             async for _ in gen:
-                text = clean_reply(gen.text, job.other_names, job.bot_name)
+                text = self.fmt.clean(gen.text, job.other_names, job.bot_name)
                 if text and text != shown:
                     shown = text
                     yield text
             self.recent.append(gen.stats)
-            job.text = clean_reply(gen.text, job.other_names, job.bot_name)
+            job.text = self.fmt.clean(gen.text, job.other_names, job.bot_name)
             if job.text:
                 return
             log.info("empty reply in channel %s (attempt %d)", job.channel_id, attempt + 1)

@@ -17,7 +17,8 @@ from bot.engine_choice import choose_engine
 from bot.memory import Memory
 from bot.model_source import ModelSourceError, resolve_engine_sources
 from bot.personas import load_builtin_personas
-from bot.prompt import clean_reply, format_single, stop_strings
+from bot.prompt import Turn
+from bot.prompt_template import TemplateError, choose_format
 from bot.settings import Settings
 from bot.store.db import SCHEMA_VERSION
 
@@ -95,15 +96,19 @@ async def check_model(settings: Settings, model: str | None, report: Report) -> 
         )
         for note in info.notes:  # why this engine; which settings reach a server
             print(f"  {note}")
+        fmt = choose_format(settings.prompt_format, engine.tokenizer)
+        print(f"  prompt format: {fmt.describe()}")
         begin = time.perf_counter()
         # The same stops and cleaning as a reply in a channel: what it shows is what would post.
         gen = engine.generate(
-            format_single("Say hello."),
-            GenerationParams(max_new_tokens=8, temperature=0.0, stop=tuple(stop_strings())),
+            fmt.render_chat("", [Turn("user", "Say hello.")]),
+            GenerationParams(
+                max_new_tokens=8, temperature=0.0, stop=tuple(fmt.stops()), stop_ids=fmt.end_ids
+            ),
         )
-        text = clean_reply(await gen.text_all())
+        text = fmt.clean(await gen.text_all())
         print(f"  test reply in {time.perf_counter() - begin:.2f}s: {text.strip()[:60]!r}")
-    except (ModelSourceError, EngineError) as exc:
+    except (ModelSourceError, EngineError, TemplateError) as exc:
         report.problem(str(exc))
     finally:
         if engine is not None:

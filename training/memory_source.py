@@ -50,9 +50,10 @@ WINDOW_MARGIN = 16
 T = TypeVar("T")
 
 
-def default_system_prompt() -> str:
-    """The bot's default SYSTEM_PROMPT (what a channel without a persona is served)."""
-    return next(f.default for f in dataclasses.fields(Settings) if f.name == "system_prompt")
+def default_system_prompt(templated: bool = False) -> str:
+    """The bot's default system text (what a channel without a persona is served): SYSTEM_PROMPT,
+    or in a chat template TEMPLATE_SYSTEM_PROMPT (`Settings.system_text`)."""
+    return Settings().system_text(templated)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -307,9 +308,9 @@ def _records(
     src: SourceConfig, stats: SourceStats, ctx: LoadContext, stored: Stored
 ) -> Iterator[Record]:
     assert ctx.count is not None
-    count = TokenCounter(functools.lru_cache(maxsize=1 << 16)(ctx.count))  # each turn, once
+    count = TokenCounter(functools.lru_cache(maxsize=1 << 16)(ctx.count), ctx.fmt)  # each turn once
     budget = src.prompt_budget or ctx.max_length
-    plain = plain_server(src.system or default_system_prompt(), count, budget)
+    plain = plain_server(src.system or default_system_prompt(ctx.fmt is not None), count, budget)
     servers: dict[tuple[int | None, str], Server] = {}
     missing: Counter[str] = Counter()
     for key, persona in stored.personas.items():

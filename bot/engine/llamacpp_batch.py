@@ -255,7 +255,7 @@ class SlotBatcher:
         gen = slot.gen
         assert gen is not None
         token = self.llama.llama_sampler_sample(slot.sampler, self.ctx, row)
-        if self.llama.llama_vocab_is_eog(self.vocab, token):
+        if self.llama.llama_vocab_is_eog(self.vocab, token) or token in gen.params.stop_ids:
             self._end(slot, "eos", outbox=outbox)
             return
         gen.stats.new_tokens += 1

@@ -55,6 +55,8 @@ class EngineRequest:
     #: the engine's live list of finish hooks: a hook added later still sees this reply
     hooks: Sequence[FinishHook] = ()
     _: KW_ONLY
+    #: PROMPT_FORMAT=server: the role messages, sent instead of `prompt` (OpenAI chat endpoint)
+    messages: list[dict[str, str]] | None = None
     state: RequestState = RequestState.QUEUED
     stats: ReplyStats = field(default_factory=ReplyStats)
     text: str = ""  # what the caller has read so far
