@@ -151,6 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", action="store_true", help="print JSON instead of the table")
     bench.add_argument("--tokens", type=int, default=128, help="reply tokens per request")
     bench.add_argument("--trials", type=int, default=3, help="messages timed for first token")
+    bench.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="also measure this OpenAI-compatible server (base URL with /v1), a column beside "
+        "the engine; repeatable",
+    )
+    bench.add_argument("--rounds", type=int, default=3, help="rounds of the side-by-side table")
     convert = sub.add_parser(
         "convert", help="write a .gguf file's model and tokenizer as a plain folder, once"
     )
@@ -183,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         from bot.benchmark import main as bench_main
 
         return bench_main(
-            settings, model=args.model, as_json=args.json, tokens=args.tokens, trials=args.trials
-        )
+            settings, model=args.model, as_json=args.json, tokens=args.tokens, trials=args.trials,
+            servers=args.server, rounds=args.rounds,
+        )  # fmt: skip
     return cmd_doctor(settings, args)
 
 
