@@ -29,7 +29,8 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def bot(args: list[str], cwd: Path, stdin: str = "") -> subprocess.CompletedProcess[str]:
     env = subprocess_env(cwd)
-    env.update(MAX_NEW_TOKENS="4", TEMPERATURE="0", LOG_LEVEL="WARNING")
+    # ENGINE=local: the transformers path (ENGINE=auto serves a .gguf through llama.cpp on a CPU)
+    env.update(MAX_NEW_TOKENS="4", TEMPERATURE="0", LOG_LEVEL="WARNING", ENGINE="local")
     return subprocess.run(
         [sys.executable, "-m", "bot", *args],
         env=env, cwd=cwd, input=stdin, capture_output=True, text=True, timeout=300,
