@@ -1,2 +1,2 @@
 """The bot's core (settings, memory, prompt, personas, policy, conversation, engine) and its
-Discord layer (app, replies, webhooks, checks). Only the Discord layer imports discord.py."""
+Discord layer (`bot/discord/`). Only the Discord layer imports discord.py."""

@@ -43,7 +43,7 @@ def cmd_run(settings: Settings) -> int:
             "DISCORD_TOKEN is not set. Create a bot at https://discord.com/developers/applications, "
             "copy its token, and put DISCORD_TOKEN=... in .env (see .env.example) or export it."
         )
-    from bot.app import run_bot
+    from bot.discord.client import run_bot
 
     return run_bot(settings)
 

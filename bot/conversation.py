@@ -13,12 +13,12 @@ import contextlib
 import logging
 import random
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bot.engine import Engine, Generation, GenerationParams, ReplyStats, params_from_settings
-from bot.memory import Memory
+from bot.memory import Memory, StoredTurn
 from bot.personas import (
     DEFAULT_PERSONA,
     Persona,
@@ -28,6 +28,9 @@ from bot.personas import (
 )
 from bot.policy import Place, resolve
 from bot.prompt import (
+    BLOCK_MARGIN,
+    INPUT,
+    RECALL_HEADING,
     RESPONSE,
     SEPARATOR,
     FittedPrompt,
@@ -36,16 +39,20 @@ from bot.prompt import (
     clean_reply,
     fit_prompt,
     other_speakers,
+    recall_line,
     seen_by,
     stop_strings,
     with_recall,
 )
 from bot.recall import recall
 from bot.settings import Settings
+from bot.speakers import KnownNames, Member
 
 log = logging.getLogger(__name__)
 
 EMPTY_NOTICE = "*(I had nothing to say to that. Try rephrasing?)*"
+#: What a recall block costs besides its lines (`bot.prompt.render_recall`).
+RECALL_BLOCK_HEAD = f"{INPUT}{RECALL_HEADING}\n{SEPARATOR}"
 
 
 class Busy(RuntimeError):
@@ -94,7 +101,11 @@ class Conversations:
         *,
         bot_name: str = "Hermes",
         personas: PersonaLibrary | None = None,
+        members: Callable[[int | None], Iterable[Member]] | None = None,
     ) -> None:
+        """`members`: the Discord layer's member cache, read for every prompt (a server id,
+        or None for a DM, to the members it knows); with the speakers memory holds, these are
+        the names no line of untrusted text may start as (`bot.speakers`)."""
         self.settings = settings
         self.memory = memory
         self.engine = engine
@@ -105,6 +116,9 @@ class Conversations:
         self._start_hint: dict[tuple[int, str], int | None] = {}
         self.pending = 0
         self.recent: deque[ReplyStats] = deque(maxlen=50)  # for /admin model status
+        self.members = members
+        #: member id -> names, per server (or DM channel): read from memory once, then kept
+        self._speakers: dict[tuple[str, int], dict[int, list[str]]] = {}
 
     def set_engine(self, engine: Engine) -> None:
         # the reply watchers (metrics) move with the engine: hooks belong to an engine instance
@@ -126,8 +140,12 @@ class Conversations:
         guild_id: int | None = None,
         message_id: int | None = None,
         awaiting: bool = False,
+        aliases: Sequence[str | None] = (),
     ) -> int:
-        """Store a member's turn; `awaiting`: the bot owes it a reply (see Memory.add_turn)."""
+        """Store a member's turn; `awaiting`: the bot owes it a reply (see Memory.add_turn).
+        `aliases`: the author's other names (global name, username), known from now on."""
+        if author_id is not None:
+            await self._note_speaker(guild_id, channel_id, author_id, [name, *aliases])
         return await self.memory.add_turn(
             channel_id,
             "user",
@@ -227,14 +245,20 @@ class Conversations:
         history, current = found
         chosen = await self._persona(persona if persona is not None else policy.persona, guild_id)
         bot_name = chosen.name if chosen else self.bot_name
-        history = seen_by(history, bot_name)
-        prompt = self._fit(chosen, history, current, budget, (channel_id, bot_name), scene)
+        reserved = [self.bot_name, bot_name, policy.persona or "", *cast]
+        known = await self.known_names(channel_id, guild_id, reserved)
+        history = known.shown(seen_by(history, bot_name))
+        current = known.shown([current])[0] if current is not None else None
+        prompt = self._fit(
+            chosen, history, current, budget, (channel_id, bot_name), scene, known.names()
+        )
         if recall_budget and prompt.older:
-            prompt = await self._recall(channel_id, guild_id, prompt, recall_budget, bot_name)
+            prompt = await self._recall(
+                channel_id, guild_id, prompt, recall_budget, bot_name, known
+            )
         if continue_last and not reopen_last_reply(prompt):
             return None
-        speakers = [*(t.name for t in prompt.turns if t.role == "user"), *cast]
-        names = sorted(other_speakers(speakers, bot_name))
+        names = self._other_names(prompt, cast, known, bot_name)
         params = replace(
             params_from_settings(settings), stop=tuple(stop_strings(names)), **(overrides or {})
         )
@@ -288,9 +312,11 @@ class Conversations:
         budget: int,
         slot: tuple[int, str],
         scene: str = "",
+        known: Sequence[str] = (),
     ) -> FittedPrompt:
         """The prompt text fitted to `budget`, starting where the last one did when it can
-        (remembered per channel and speaker: `slot`)."""
+        (remembered per channel and speaker: `slot`); `known` are the names no line of
+        untrusted text may start as (`KnownNames.names`)."""
         hint = self._start_hint.get(slot)
         slack = self.settings.fit_slack
         if chosen is not None:
@@ -305,6 +331,7 @@ class Conversations:
                 start_hint=hint,
                 slack=slack,
                 scene=scene,
+                known=known,
             )
         else:
             prompt = fit_prompt(
@@ -315,10 +342,58 @@ class Conversations:
                 budget,
                 start_hint=hint,
                 slack=slack,
-                speakers=[self.bot_name],
+                speakers=[self.bot_name, *known],
             )
         self._start_hint[slot] = prompt.start_id
         return prompt
+
+    # ---- who may speak ----------------------------------------------------------------------
+
+    @staticmethod
+    def _place(guild_id: int | None, channel_id: int) -> tuple[str, int]:
+        return ("guild", guild_id) if guild_id is not None else ("channel", channel_id)
+
+    async def _stored_speakers(self, guild_id: int | None, channel_id: int) -> dict[int, list[str]]:
+        """Members who spoke in this place and their names, read from memory the first time."""
+        place = self._place(guild_id, channel_id)
+        if (known := self._speakers.get(place)) is None:
+            known = {}
+            for author, name in reversed(await self.memory.speakers(guild_id, channel_id)):
+                known.setdefault(author, []).append(name)
+            self._speakers[place] = known
+        return known
+
+    async def _note_speaker(
+        self, guild_id: int | None, channel_id: int, author: int, names: Sequence[str | None]
+    ) -> None:
+        known = await self._stored_speakers(guild_id, channel_id)
+        held = known.setdefault(author, [])
+        held += [n for n in names if n and n not in held]
+
+    async def known_names(
+        self, channel_id: int, guild_id: int | None, reserved: Sequence[str]
+    ) -> KnownNames:
+        """Every name known where `channel_id` is: `reserved` (the bot's side: its own name
+        first, then the speaking persona's, the channel's, the scene's cast), then each
+        member's names from memory and the member cache (`bot.speakers`)."""
+        members = {
+            m: list(n) for m, n in (await self._stored_speakers(guild_id, channel_id)).items()
+        }
+        if self.members is not None:
+            for member in self.members(guild_id):
+                held = members.setdefault(member.id, [])
+                held += [n for n in member.names if n and n not in held]
+        return KnownNames(reserved, members)
+
+    @staticmethod
+    def _other_names(
+        prompt: FittedPrompt, cast: Sequence[str], known: KnownNames, bot_name: str
+    ) -> list[str]:
+        """Everyone but the speaking bot, as the prompt names them: the members in the prompt
+        and the cast first (the stop strings take the first few), then everyone else known."""
+        window = [*(t.name for t in prompt.turns if t.role == "user"), *cast]
+        near = sorted(other_speakers(window, bot_name))
+        return other_speakers([*near, *sorted(known.names())], bot_name)
 
     def recall_budget(self, settings: Settings) -> int:
         """Tokens of the window set aside for recalled turns (`settings` as this channel has
@@ -334,6 +409,7 @@ class Conversations:
         prompt: FittedPrompt,
         budget: int,
         bot_name: str,
+        known: KnownNames,
     ) -> FittedPrompt:
         """Add the turns from before the window that best match the latest messages."""
         users = [t for t in prompt.turns if t.role == "user"]
@@ -342,16 +418,24 @@ class Conversations:
             query.insert(0, users[-1].content)
         oldest = prompt.start_id if prompt.start_id is not None else prompt.turns[-1].id
         blocked = (await self.memory.blocked(guild_id))[0] if guild_id else set()
+        now = prompt.turns[-1].when if prompt.turns else None
+
+        def shown_cost(turn: StoredTurn) -> int:
+            (line,) = known.shown([turn.to_turn()])
+            return self.counter(recall_line(line, bot_name, now)) + 1  # and its line break
+
         found = await recall(
             self.memory,
             channel_id,
             query,
             before_id=oldest,
-            budget_tokens=budget,
+            budget_tokens=budget - self.counter(RECALL_BLOCK_HEAD) - BLOCK_MARGIN,
             window=[t.content for t in prompt.turns[:-1]],
             exclude_authors=blocked,
+            shown_cost=shown_cost,
         )
-        return with_recall(prompt, [t.to_turn() for t in found], self.counter, bot_name)
+        recalled = known.shown([t.to_turn() for t in found])
+        return with_recall(prompt, recalled, self.counter, bot_name)
 
     # ---- generating -------------------------------------------------------------------------
 

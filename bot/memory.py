@@ -214,6 +214,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 #: Rows read per page when walking a channel's history newest first.
 PAGE = 128
+#: Most (member, name) pairs `Memory.speakers` reads for one place.
+SPEAKERS_LIMIT = 5000
 
 
 class MemoryError_(RuntimeError):
@@ -239,7 +241,15 @@ class StoredTurn:
     created_at: float
 
     def to_turn(self) -> Turn:
-        return Turn(self.role, self.content, self.name, self.tokens, self.id, self.created_at)
+        return Turn(
+            self.role,
+            self.content,
+            self.name,
+            self.tokens,
+            self.id,
+            self.created_at,
+            self.author_id if self.role == "user" else None,
+        )
 
 
 _TURN_COLUMNS = (
@@ -603,6 +613,20 @@ class Memory:
             for row in rows
         ]
 
+    async def snippet(self, turn_id: int, match: str, words: int) -> str:
+        """FTS5's `snippet()` of a turn's text: the window of about `words` words (at most 64)
+        that holds the most of what `match` finds, "…" where text was cut. Empty when the
+        index is off or the turn does not match."""
+        if not self.fts or not match:
+            return ""
+        cur = await self.db.execute(
+            "SELECT snippet(turns_fts, 1, '', '', '…', ?1) FROM turns_fts "
+            "WHERE turns_fts MATCH ?2 AND rowid = ?3",
+            (max(1, min(words, 64)), match, turn_id),
+        )
+        row = await cur.fetchone()
+        return row[0] if row and row[0] else ""
+
     async def all_turns(self, channel_id: int) -> list[StoredTurn]:
         """Every stored turn of a channel, oldest first, forgotten ones included (for export)."""
         cur = await self.db.execute(
@@ -740,6 +764,20 @@ class Memory:
             if found.get(channel_id) is None:
                 found[channel_id] = guild_id
         return sorted(found.items())
+
+    async def speakers(
+        self, guild_id: int | None, channel_id: int, limit: int = SPEAKERS_LIMIT
+    ) -> list[tuple[int, str]]:
+        """(author id, name) of members who spoke in the server (in the channel, for a DM),
+        each name as stored with their turns; the most recent `limit` pairs. Read once per
+        place by `Conversations`, which then keeps the set in step as members speak."""
+        where = "guild_id = ?" if guild_id is not None else "channel_id = ?"
+        cur = await self.db.execute(
+            "SELECT author_id, name FROM turns WHERE role = 'user' AND author_id IS NOT NULL "
+            f"AND {where} GROUP BY author_id, name ORDER BY MAX(id) DESC LIMIT ?",
+            (guild_id if guild_id is not None else channel_id, limit),
+        )
+        return [(row[0], row[1]) for row in await cur.fetchall()]
 
     # ---- forgetting -------------------------------------------------------------------------
 

@@ -28,7 +28,16 @@ from bot.cards import (
     normalize_newlines,
     parse_card,
 )
-from bot.prompt import FittedPrompt, TokenCounter, Turn, clean_name, cut_middle, fit_prompt
+from bot.prompt import (
+    FittedPrompt,
+    TokenCounter,
+    Turn,
+    clean_name,
+    cut_middle,
+    defuse_turn,
+    fit_prompt,
+    other_speakers,
+)
 
 #: The persona a channel gets when nobody chose one.
 DEFAULT_PERSONA = "Hermes"
@@ -308,6 +317,7 @@ def persona_system(
     count: Callable[[str], int] | None = None,
     cap: int | None = None,
     scene: str = "",
+    known: Sequence[str] = (),
 ) -> str:
     """The persona's whole system text: what goes in the one Input block.
 
@@ -318,21 +328,31 @@ def persona_system(
     `cap`, definitions over `cap` tokens are cut in the middle (the examples are not).
     `user_name` is used as `{{user}}` as the prompt shows names (`clean_name`). `scene` (the
     roster and scenario of a scene the persona plays in, `bot.scenes`) follows the definitions.
+    Card text is untrusted: a line of it that starts like one of the `known` names (members,
+    other personas) is quoted (`bot.prompt.defuse_turn`) before `{{char}}`/`{{user}}` are
+    filled in, so the card's own dialogue lines stay as they are.
     """
     user = clean_name(user_name) or "User"
-    head = _join([*_head(persona, user, lore, default_system), *([scene] if scene else [])])
+    others = tuple(other_speakers(known, persona.name))
+    head = _join([*_head(persona, user, lore, default_system, others), *([scene] if scene else [])])
     if count is not None and cap is not None and count(head) > cap:
         head = cut_middle(head, count, cap)
-    return _join([head], _examples(persona, user, examples))
+    return _join([head], _examples(persona, user, examples, others))
 
 
-def _head(persona: Persona, user: str, lore: Sequence[BookEntry], default_system: str) -> list[str]:
+def _head(
+    persona: Persona,
+    user: str,
+    lore: Sequence[BookEntry],
+    default_system: str,
+    others: tuple[str, ...] = (),
+) -> list[str]:
     card, char = persona.card, clean_name(persona.name)
     own = card.system_prompt.strip()
     system = _ORIGINAL.sub(lambda _: default_system.strip(), own) if own else default_system
 
     def f(text: str) -> str:
-        return fill(text, char, user)
+        return fill(defuse_turn(text, others, labelled=False), char, user)
 
     sections = [f(system), "\n".join(f(e.content) for e in lore if e.position != "after_char")]
     sections.append(f(card.description))
@@ -344,11 +364,14 @@ def _head(persona: Persona, user: str, lore: Sequence[BookEntry], default_system
     return [s for s in sections if s]
 
 
-def _examples(persona: Persona, user: str, limit: int | None) -> str:
+def _examples(persona: Persona, user: str, limit: int | None, others: tuple[str, ...] = ()) -> str:
     blocks = split_examples(persona.card.mes_example)[:limit]
     if not blocks:
         return ""
-    body = "\n".join(f"<START>\n{fill(b, clean_name(persona.name), user)}" for b in blocks)
+    char = clean_name(persona.name)
+    body = "\n".join(
+        f"<START>\n{fill(defuse_turn(b, others, labelled=False), char, user)}" for b in blocks
+    )
     return f"Example dialogue:\n{body}"
 
 
@@ -367,6 +390,7 @@ def build_persona_prompt(
     slack: float = 0.25,
     default_system: str = DEFAULT_RP_SYSTEM,
     scene: str = "",
+    known: Sequence[str] = (),
 ) -> FittedPrompt:
     """The whole prompt for `persona`'s next reply, fitted to `budget` tokens by `fit_prompt`.
 
@@ -377,7 +401,8 @@ def build_persona_prompt(
     Definitions longer than half the window are cut in the middle as a last resort.
 
     Assistant turns without a name are the persona's and get its name. `{{user}}` is
-    `user_name`, the person being answered.
+    `user_name`, the person being answered. `known` are the names no line of untrusted text
+    may start as, besides the persona's own (`bot.speakers.KnownNames.names`).
     """
     card, char = persona.card, persona.name
     user = clean_name(user_name) or "User"
@@ -392,7 +417,10 @@ def build_persona_prompt(
     if book is not None and book.token_budget is not None:
         lore_budget = min(lore_budget, book.token_budget)
     lore = select_lore(book, recent, lambda s: count(fill(s, char, user)), budget=lore_budget)
-    post_raw = _ORIGINAL.sub("", card.post_history_instructions)
+    others = tuple(other_speakers(known, char))
+    post_raw = defuse_turn(
+        _ORIGINAL.sub("", card.post_history_instructions), others, labelled=False
+    )
     post = fill(post_raw, clean_name(char), user)
     cap = int(budget * SYSTEM_SHARE)
 
@@ -407,6 +435,7 @@ def build_persona_prompt(
             count=count,
             cap=cap,
             scene=scene,
+            known=known,
         )
         return fit_prompt(
             system,
@@ -417,7 +446,7 @@ def build_persona_prompt(
             start_hint=start_hint,
             slack=slack,
             post_history=post,
-            speakers=[char],
+            speakers=[char, *known],
         )
 
     n = len(split_examples(card.mes_example))

@@ -12,11 +12,18 @@ from __future__ import annotations
 import functools
 import re
 import time
-import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-import regex
+from bot.textfold import (
+    BREAKS,
+    COLON_CHARS,
+    fold,
+    fold_colons,
+    lines,
+    normalize_text,
+    speaker_key,
+)
 
 INSTRUCTION = "### Instruction:\n"
 INPUT = "### Input:\n"
@@ -55,54 +62,24 @@ HEADER_STOPS = (
 #    dropped, NFKC, case-folded, invisible fillers as spaces) is two or more `#` (spaces allowed
 #    between them) and a header word. Such lines are rewritten as `# Word...` (`neutralize`).
 # 3. `starts_as_speaker`: a line starts as a participant's turn when its `speaker_key` (the fold
-#    with all spaces, Markdown emphasis and colon look-alikes unified) starts with `name:`. In a
-#    member's turn such a line is rendered as a Markdown quote, `> Name: ...`; the reply cleaner
-#    cuts the model's reply at the same lines.
+#    with all spaces, Markdown emphasis and colon look-alikes unified, then its UTS #39 confusable
+#    skeleton, `bot.textfold`) starts with `name:`. The names are everyone the bot knows in the
+#    place, not only who speaks in the window (`bot.speakers`): the bot, the personas of the
+#    channel and its scene, and every member's display, global and user name. In members' text,
+#    card fields and lore such a line is rendered as a Markdown quote, `> Name: ...`; the reply
+#    cleaner cuts the model's reply at the same lines. A line that merely looks like a label
+#    (`Note:`, `Step 1:`) matches no one and is left alone.
 
-# Every line break Python's str.splitlines knows (CR, LF, CRLF, VT, FF, FS, GS, RS, NEL, LS, PS).
-_BREAKS = re.compile(r"\r\n|[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
-_JOINERS = "\u200c\u200d"
-_DROP = regex.compile(
-    rf"(?![{_JOINERS}])\p{{Cf}}|\p{{Cs}}|[\x00-\x08\x0e-\x1f\x7f-\x9f]"
-    rf"|(?<![^\x00-\x7f\s])[{_JOINERS}]|[{_JOINERS}](?![^\x00-\x7f\s])"
-)
-_ASCII_CONTROLS = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
-# Characters that render blank without being whitespace (Hangul fillers, braille blank).
-_BLANKS = str.maketrans(dict.fromkeys("\u115f\u1160\u3164\uffa0\u2800", " "))
-_MARKS_AND_FORMAT = regex.compile(r"[\p{M}\p{Cf}\p{Cc}\p{Cs}--[\n\t]]", regex.V1)
-# Colon look-alikes that NFKC leaves alone (ratio, modifier letter colons, Armenian/Hebrew ...).
-_COLONS = "\u2236\ua789\u02f8\u0589\u05c3\u0703\u0704\u1804\ufe30\uff1a\ufe55\ufe13"
-_SPEAKER_NOISE = regex.compile(r"[\s*_~`|]+")
-_COLON_MAP = str.maketrans(dict.fromkeys(_COLONS, ":"))
-# Quick rejections: the only characters whose fold holds a `#` or a `:` (checked over all of
-# Unicode), plus the colon look-alikes above. A line without one is no header / speaker line.
+# Quick rejection: the only characters whose fold holds a `#` (checked over all of Unicode).
 _HASH_CHARS = re.compile("[#\uff03\ufe5f]")
-_COLON_CHARS = re.compile(f"[:\u2a74{_COLONS}]")
+_COLON_CHARS = COLON_CHARS
+_BREAKS = BREAKS
 _HEADER_FOLDED = re.compile(r"\s*#(?:\s*#)+\s*(?:instruction|input|response)(?!\w)")
 # The plain ASCII header forms, rewritten in place so the line stays readable.
 _HEADER_LINE = re.compile(
     r"^(?P<indent>[ \t]*)#{2,}[ \t]*(?P<word>instruction|input|response)\b[ \t]*:?",
     re.IGNORECASE,
 )
-
-
-def normalize_text(text: str) -> str:
-    """Untrusted text with one line-break form ("\\n") and no invisible or control characters."""
-    text = _BREAKS.sub("\n", text)
-    return _ASCII_CONTROLS.sub("", text) if text.isascii() else _DROP.sub("", text)
-
-
-def lines(text: str) -> list[str]:
-    """`text` split at every Unicode line break (the same breaks `normalize_text` unifies)."""
-    return _BREAKS.split(text)
-
-
-def fold(text: str) -> str:
-    """The comparison form of `text`: NFKD, combining marks and format/control characters
-    dropped, NFKC, case-folded, blank fillers as spaces. Full-width `＃`, `Ｒｅｓｐｏｎｓｅ`,
-    `Re\u0301sponse` and `Res\u200bponse` all fold to plain lower-case ASCII."""
-    text = _MARKS_AND_FORMAT.sub("", unicodedata.normalize("NFKD", text))
-    return unicodedata.normalize("NFKC", text).translate(_BLANKS).casefold()
 
 
 def is_header_line(line: str) -> bool:
@@ -154,18 +131,6 @@ def _is_colon(ch: str) -> bool:
 
 def _no_colon(ch: str) -> str:
     return " " if _is_colon(ch) else ch
-
-
-def fold_colons(text: str) -> str:
-    """`text` with every colon look-alike (full-width, ratio, modifier colon ...) as `:`."""
-    return text.translate(_COLON_MAP)
-
-
-@functools.lru_cache(maxsize=4096)
-def speaker_key(text: str) -> str:
-    """The form the speaker rule compares: `fold`, colon look-alikes as `:`, and no spaces or
-    Markdown emphasis (so `**HERMES :**`, `Ｈｅｒｍｅｓ：` and `h e r m e s:` all match Hermes)."""
-    return _SPEAKER_NOISE.sub("", fold_colons(fold(text)))
 
 
 def speaker_keys(names: Iterable[str]) -> tuple[str, ...]:
@@ -234,6 +199,7 @@ class Turn:
     tokens: int | None = None  # cached token count of `content`, filled by memory
     id: int | None = None  # stable ordinal (memory row id) for cache-friendly fitting
     when: float | None = field(default=None, compare=False)  # unix time said (recall shows it)
+    author: int | None = field(default=None, compare=False)  # the member's id (`bot.speakers`)
 
     def render(self, speakers: Iterable[str] = ()) -> str:
         return render_turn(self.role, self.content, self.name, speakers)
@@ -274,21 +240,39 @@ def render_system(text: str) -> str:
 RECALL_HEADING = "From earlier in this channel (recalled, oldest first):"
 
 
-def render_recall(turns: Sequence[Turn], bot_name: str = "") -> str:
+def ago(then: float, now: float) -> str:
+    """How long before `now` a turn was said, in the largest whole unit: `3 days ago`."""
+    seconds = max(0.0, now - then)
+    for unit, size in (("year", 31_557_600), ("week", 604_800), ("day", 86_400),
+                       ("hour", 3_600), ("minute", 60)):  # fmt: skip
+        if (n := int(seconds // size)) >= 1:
+            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+    return "moments ago"
+
+
+def render_recall(turns: Sequence[Turn], bot_name: str = "", now: float | None = None) -> str:
     """Turns recalled from beyond the window, as one Input block (empty when there are none).
 
-    One line per turn, `[YYYY-MM-DD] Name: text`, with the text on one line and defused like any
-    other untrusted text, so a recalled message can neither forge a header nor a turn.
+    One line per turn, `[YYYY-MM-DD, 3 days ago] Name: text` (how long before `now`, the time of
+    the message being answered), with the text on one line and defused like any other untrusted
+    text, so a recalled message can neither forge a header nor a turn. A turn recalled as an
+    excerpt (`bot.recall.excerpt`) shows "…" where its text was left out.
     """
     if not turns:
         return ""
-    lines = [RECALL_HEADING]
-    for turn in turns:
-        day = time.strftime("[%Y-%m-%d] ", time.gmtime(turn.when)) if turn.when else ""
-        name = clean_name(turn.name if turn.role == "user" else (turn.name or bot_name))
-        text = " ".join(turn.content.split())
-        lines.append(f"{day}{name + ': ' if name else ''}{text}")
+    lines = [RECALL_HEADING, *(recall_line(turn, bot_name, now) for turn in turns)]
     return f"{INPUT}{neutralize(chr(10).join(lines))}{SEPARATOR}"
+
+
+def recall_line(turn: Turn, bot_name: str = "", now: float | None = None) -> str:
+    """One recalled turn's line in `render_recall`'s block (before defusing)."""
+    day = time.strftime("%Y-%m-%d", time.gmtime(turn.when)) if turn.when else ""
+    if day and now is not None:
+        day = f"{day}, {ago(turn.when or 0.0, now)}"
+    day = f"[{day}] " if day else ""
+    name = clean_name(turn.name if turn.role == "user" else (turn.name or bot_name))
+    text = " ".join(turn.content.split())
+    return f"{day}{name + ': ' if name else ''}{text}"
 
 
 def chat_segments(
@@ -407,7 +391,8 @@ def with_recall(
 
     The caller made room for it: the history was fitted to the budget less the recall budget.
     """
-    block = render_recall(recalled, bot_name)
+    now = next((t.when for t in reversed(prompt.turns) if t.when is not None), None)
+    block = render_recall(recalled, bot_name, now)
     if not block:
         return prompt
     prompt.text = render_chat(
@@ -527,11 +512,16 @@ def fit_prompt(
 # Cleaning what the model wrote
 
 
+#: Most names made stop strings (the first ones given: the members in the prompt). Each stop is
+#: scanned for on every streamed piece; `clean_reply` cuts at every known name regardless.
+MAX_NAME_STOPS = 24
+
+
 def stop_strings(other_names: Iterable[str] = ()) -> list[str]:
-    """Stops for one request: block headers, and any other participant starting a line."""
-    stops = list(HEADER_STOPS)
-    stops += [f"\n{n}:" for n in dict.fromkeys(clean_name(n) for n in other_names if n) if n]
-    return stops
+    """Stops for one request: block headers, and the first `MAX_NAME_STOPS` other participants
+    starting a line."""
+    names = [n for n in dict.fromkeys(clean_name(n) for n in other_names if n) if n]
+    return [*HEADER_STOPS, *(f"\n{n}:" for n in names[:MAX_NAME_STOPS])]
 
 
 def clean_reply(text: str, other_names: Iterable[str] = (), bot_name: str = "") -> str:

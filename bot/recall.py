@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import replace
 
 from bot.memory import Memory, StoredTurn
 
@@ -43,6 +44,10 @@ MIN_TERMS = 2
 CANDIDATES = 24
 #: Per-turn overhead (name, line break, date) added to a turn's cached token count.
 TURN_OVERHEAD = 12
+#: Fewest tokens of text worth showing as an excerpt of a hit too long for the budget.
+MIN_EXCERPT = 8
+#: Most words (FTS5 tokens) in an excerpt: SQLite's `snippet()` shows at most 64.
+MAX_EXCERPT_WORDS = 64
 
 
 def query_terms(texts: Sequence[str], max_terms: int = MAX_TERMS) -> list[str]:
@@ -110,6 +115,7 @@ async def recall(
     budget_tokens: int,
     window: Sequence[str] = (),
     exclude_authors: Collection[int] = (),
+    shown_cost: Callable[[StoredTurn], int] | None = None,
 ) -> list[StoredTurn]:
     """Turns worth showing from before `before_id` (the oldest turn in the window), oldest first.
 
@@ -117,9 +123,14 @@ async def recall(
     texts already in the prompt. The message's words that the window rarely uses are searched
     for, and the earlier turns' words too only when it has fewer than
     `MIN_TERMS` ("and what about the other one?"), since chatter around a question mostly
-    matches more chatter. Hits come best first from the index; each is kept with the turn before it as
-    context while the estimated tokens fit `budget_tokens`. Blocked members' turns, the bot's notices and near-duplicates of an
-    already chosen hit are skipped. Empty when the index is off or nothing matches.
+    matches more chatter. Hits come best first from the index; each is kept with the turn before
+    it as context while the estimated tokens fit `budget_tokens`. A hit too long for what is
+    left is shown as an excerpt (`excerpt`: FTS5's `snippet()` around the matched words, as many
+    as fit), with the turn before it only if that fits too, so a fact inside a long message is
+    recalled however long the message. Blocked members' turns, the bot's notices and
+    near-duplicates of an already chosen hit are skipped. Empty when the index is off or
+    nothing matches. `shown_cost` (a turn's tokens as the prompt will show it) sizes excerpts
+    exactly; without it they are estimated like every other turn (`cost`).
     """
     if budget_tokens <= 0:
         return []
@@ -128,9 +139,8 @@ async def recall(
         terms = rare_terms(query_terms(query), window)
     if not terms:
         return []
-    hits = await memory.search_turns(
-        channel_id, match_expression(terms), before_id=before_id, limit=CANDIDATES
-    )
+    match = match_expression(terms)
+    hits = await memory.search_turns(channel_id, match, before_id=before_id, limit=CANDIDATES)
     chosen: dict[int, StoredTurn] = {}
     chosen_words: list[frozenset[str]] = []
     used = 0
@@ -151,10 +161,43 @@ async def recall(
         price = sum(cost(t) for t in group)
         if used + price > budget_tokens:
             if used + cost(hit) > budget_tokens:
-                continue  # a smaller hit further down may still fit
-            group, price = [hit], cost(hit)
+                short = await excerpt(memory, hit, match, budget_tokens - used, shown_cost)
+                if short is None:
+                    continue  # a smaller hit further down may still fit
+                hit = short
+                group = [context, hit] if group[0] is context else [hit]
+                if used + sum(cost(t) for t in group) > budget_tokens:
+                    group = [hit]
+            else:
+                group = [hit]
+            price = sum(cost(t) for t in group)
         used += price
         chosen_words.append(words)
         for turn in group:
             chosen[turn.id] = turn
     return [chosen[i] for i in sorted(chosen)]
+
+
+async def excerpt(
+    memory: Memory,
+    hit: StoredTurn,
+    match: str,
+    room: int,
+    shown_cost: Callable[[StoredTurn], int] | None = None,
+) -> StoredTurn | None:
+    """`hit` cut to the words around what `match` found in it (FTS5 `snippet()`, "…" where text
+    was left out), costing at most `room` tokens as shown (`shown_cost`, else `cost`); None when
+    not even `MIN_EXCERPT` tokens of text fit. Same id and speaker: it reads as the hit."""
+    measure = shown_cost or cost
+    if room - TURN_OVERHEAD < MIN_EXCERPT:
+        return None
+    words = min(MAX_EXCERPT_WORDS, room)
+    while words >= 1:
+        text = await memory.snippet(hit.id, match, words)
+        if not text:
+            return None
+        short = replace(hit, content=text, tokens=None)
+        if (price := measure(short)) <= room:
+            return short
+        words = min(words - 1, words * room // price)
+    return None

@@ -1,5 +1,5 @@
 """`/admin`: run the bot from Discord alone. Visible to Manage Server by default, checked again on
-every use (`bot.checks.is_manager`: Manage Server, or a user in OWNER_IDS), answered ephemerally,
+every use (`bot.discord.checks.is_manager`: Manage Server, or a user in OWNER_IDS), answered ephemerally,
 and audited. Setting names and ranges come from `bot.settings`; what a channel's settings are,
 and where each comes from, from the channel policy (`bot.policy`)."""
 
@@ -18,15 +18,15 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.checks import is_owner, policy_for, require_manager
+from bot.discord.checks import is_owner, policy_for, require_manager
+from bot.discord.posting import say_privately
 from bot.engine import engine_from_settings, first_line
 from bot.metrics import summary
 from bot.recall import recall
-from bot.replies import say_privately
 from bot.settings import TUNABLE, check_tunable, tunable_label
 
 if TYPE_CHECKING:
-    from bot.app import HermesBot
+    from bot.discord.client import HermesBot
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """Talking to the bot: when it answers, what it stores, and how the reply reaches the channel.
 
 Also the user commands `/reset`, `/regenerate` and `/continue`. Whether to answer comes from the
-channel policy (`bot.policy`, through `bot.checks`); who speaks from `bot.webhooks`. In a channel
+channel policy (`bot.policy`, through `bot.discord.checks`); who speaks from `bot.discord.webhooks`. In a channel
 with a scene (`bot.scenes`) the cast members a message names (or the one the scene's policy picks)
 answer, each as itself, and may answer each other up to SCENE_CHAIN times per human message.
 With WAKE_WORDS on, a `mention` channel also answers a message naming the bot, its persona or a
-cast member. Replies posted as one message get swipe buttons (`bot.swipes`).
+cast member. Replies posted as one message get swipe buttons (`bot.discord.swipes`).
 """
 
 from __future__ import annotations
@@ -23,19 +23,19 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.attachments import message_text
-from bot.catchup import Claims, history_floor, owed_replies
-from bot.checks import is_manager, place_of, policy_for, serves_here, speaks_here
 from bot.conversation import EMPTY_NOTICE, Busy, ReplyJob
+from bot.discord.attachments import message_text
+from bot.discord.catchup import Claims, history_floor, owed_replies
+from bot.discord.checks import is_manager, place_of, policy_for, serves_here, speaks_here
+from bot.discord.posting import ReplyStream, describe_failure, post, typing_while
 from bot.memory import StoredTurn
 from bot.personas import persona_key
 from bot.policy import ChannelPolicy
-from bot.replies import ReplyStream, describe_failure, post, typing_while
 from bot.scenes import Scene, SceneMember, chained, load_scene, member_context, speakers_for
 from bot.scenes import mentions_any as _mentions_any
 
 if TYPE_CHECKING:
-    from bot.app import HermesBot
+    from bot.discord.client import HermesBot
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,7 @@ class Chat(commands.Cog):
             guild_id=guild_id,
             message_id=message.id,
             awaiting=owed,
+            aliases=(message.author.global_name, message.author.name),
         )
         if message.id in self.early:  # edited or deleted while we were storing it
             if (late := self.early.pop(message.id)) is None:
@@ -259,7 +260,7 @@ class Chat(commands.Cog):
 
     async def catch_up(self) -> None:
         """Store what each served channel got while the bot was away and answer what is owed,
-        oldest first, through the normal queue (see `bot.catchup`). One run at a time; a
+        oldest first, through the normal queue (see `bot.discord.catchup`). One run at a time; a
         session that starts during a run gets one more run after it."""
         if self._catching_up.locked():
             self._catch_up_again = True

@@ -4,7 +4,7 @@ How a persona speaks (its webhook, name and face) is the Discord layer's, reache
 `webhooks` attribute (`bot/webhooks.py`). `/persona export` gives a card as JSON, or as
 SillyTavern's PNG (the card inside the persona's picture). `/persona scene` (cogs/scenes.py)
 seats several personas in one channel. Who may change a server's personas
-uses the shared `bot.checks.is_manager` rule; `/persona use` the shared `speaks_here` check.
+uses the shared `bot.discord.checks.is_manager` rule; `/persona use` the shared `speaks_here` check.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.cards import MAX_CARD_BYTES, Card, CardError, export_card, export_png, parse_card
-from bot.checks import is_manager, speaks_here
+from bot.discord.checks import is_manager, speaks_here
+from bot.discord.posting import say_privately
+from bot.discord.webhooks import NAME_MAX, avatar_bytes, avatar_url
 from bot.personas import DEFAULT_PERSONA, Persona, fill, persona_key
-from bot.replies import say_privately
-from bot.webhooks import NAME_MAX, avatar_bytes, avatar_url
 from cogs.scenes import SceneCommands
 
 if TYPE_CHECKING:
-    from bot.app import HermesBot
+    from bot.discord.client import HermesBot
     from bot.memory import StoredPersona
 
 log = logging.getLogger(__name__)

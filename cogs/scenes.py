@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import discord
 from discord import app_commands
 
-from bot.checks import speaks_here
+from bot.discord.checks import speaks_here
+from bot.discord.posting import say_privately
 from bot.personas import persona_key
-from bot.replies import say_privately
 
 if TYPE_CHECKING:
-    from bot.app import HermesBot
+    from bot.discord.client import HermesBot
 
 #: A scene's own scenario text is held to this many characters.
 SCENARIO_MAX = 2000

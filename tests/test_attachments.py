@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.attachments import fenced, is_text
+from bot.discord.attachments import fenced, is_text
 from tests.bot_harness import ScriptedEngine, running_bot
 from tests.fake_discord import PATIENCE, FakeFile
 from tests.world import World

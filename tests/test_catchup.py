@@ -5,7 +5,7 @@ The real HermesBot runs against the fake Discord and is stopped and started agai
 sent while it is down are read back from the channel history, replies still queued when it
 stopped are answered after the start, a restart in the middle of catching up answers each
 message once, and a new (not resumed) gateway session catches up the same way. Also the
-schema v4 migration and the discord-free rules in `bot.catchup`.
+schema v4 migration and the discord-free rules in `bot.discord.catchup`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.app import HermesBot
-from bot.catchup import Claims, history_floor, owed_replies, snowflake_at, snowflake_time
+from bot.discord.catchup import Claims, history_floor, owed_replies, snowflake_at, snowflake_time
+from bot.discord.client import HermesBot
 from bot.engine import Generation
 from bot.memory import MIGRATIONS, SCHEMA_VERSION, Memory, StoredTurn, ensure_owed_replies
 from bot.settings import Settings
@@ -405,7 +405,7 @@ async def test_a_file_numbered_past_v4_without_the_column_gets_it(tmp_path: Path
         await memory.close()
 
 
-# ---- the rules in bot.catchup ----------------------------------------------------------------
+# ---- the rules in bot.discord.catchup ----------------------------------------------------------------
 
 
 def stored(turn_id: int, created_at: float) -> StoredTurn:

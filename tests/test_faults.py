@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.replies import split_message
+from bot.discord.posting import split_message
 from cogs.chat import APOLOGY
 from tests.bot_harness import ScriptedEngine, bot_settings, running_bot
 from tests.fake_discord import (

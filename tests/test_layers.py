@@ -12,16 +12,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: The Discord layer inside `bot/`: the bot class, reply rendering, webhooks, command checks,
-#: attachments, swipe buttons.
-DISCORD_LAYER = {
-    "bot/app.py",
-    "bot/replies.py",
-    "bot/webhooks.py",
-    "bot/checks.py",
-    "bot/attachments.py",
-    "bot/swipes.py",
-}
+#: The Discord layer inside `bot/`: one folder (the bot class, posting, webhooks, command checks,
+#: attachments, swipe buttons, catch-up).
+DISCORD_LAYER = "bot/discord/"
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -46,9 +39,44 @@ def test_only_the_discord_layer_and_cogs_import_discord() -> None:
         for path in modules(folder)
         if "discord" in imported_roots(path)
     }
-    assert importers <= DISCORD_LAYER, sorted(importers - DISCORD_LAYER)
+    outside = sorted(path for path in importers if not path.startswith(DISCORD_LAYER))
+    assert not outside, outside
     # the layer itself is real: the bot class and the reply path do use discord.py
-    assert {"bot/app.py", "bot/replies.py"} <= importers
+    assert {"bot/discord/client.py", "bot/discord/posting.py"} <= importers
+
+
+def test_the_discord_layer_does_not_shadow_discord_py() -> None:
+    # `bot.discord` is a package of its own; inside it `import discord` is still discord.py
+    import discord
+
+    import bot.discord.posting as posting
+
+    assert posting.discord is discord
+    assert hasattr(discord, "Client") and Path(discord.__file__).parent != ROOT / "bot" / "discord"
+
+
+def test_the_core_does_not_import_the_discord_layer() -> None:
+    # the core stays usable without Discord: only the CLI entry point starts the Discord bot
+    def imports_layer(path: Path) -> bool:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            if any(name == "bot.discord" or name.startswith("bot.discord.") for name in names):
+                return True
+        return False
+
+    core = [
+        path.relative_to(ROOT).as_posix()
+        for folder in ("bot", "training")
+        for path in modules(folder)
+        if not path.relative_to(ROOT).as_posix().startswith(DISCORD_LAYER)
+    ]
+    importers = sorted(p for p in core if imports_layer(ROOT / p))
+    assert importers == ["bot/__main__.py"], importers
 
 
 def test_the_walk_sees_every_kind_of_import(tmp_path: Path) -> None:

@@ -761,7 +761,7 @@ async def test_malformed_persona_file_is_reported_and_skipped(
     (folder / "broken.yaml").write_text("name: [Oops\ndescription: unclosed\n", encoding="utf-8")
     (folder / "nameless.yaml").write_text("description: nobody\n", encoding="utf-8")
     settings = bot_settings(tmp_path, "x", PERSONAS_DIR=str(folder))
-    caplog.set_level(logging.WARNING, logger="bot.app")
+    caplog.set_level(logging.WARNING, logger="bot.discord.client")
     async with running_bot(world.fake, settings, engine=ScriptedEngine(["Signed, sealed."])) as bot:
         skipped = [r.getMessage() for r in caplog.records if "persona skipped" in r.getMessage()]
         assert any("'broken.yaml'" in m and "invalid YAML" in m for m in skipped), skipped

@@ -327,3 +327,55 @@ def test_doctor_says_whether_recall_is_on(cli_env, tmp_path: Path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "long-term recall: on (SQLite full-text search, FTS5)" in proc.stdout
+
+
+# ---- long turns: an excerpt around the match -----------------------------------------------
+
+RAMBLE = (
+    "So yesterday was a long one, let me tell you the whole story from the start. We left the "
+    "house around seven, stopped for coffee at the place near the roundabout, and then spent "
+    "most of the morning stuck behind a tractor on the old coast road. By the time we reached "
+    "the cabin it was raining sideways and the gutters were overflowing again. "
+)
+FACT = "Oh and before I forget: the spare key for the cabin is hidden inside the green watering can."
+REST = (
+    " Anyway, after that we lit the stove, dried our socks, played cards until midnight and "
+    "argued about whether the board game rules allow trading during the night phase, which "
+    "they obviously do not, whatever my cousin says about the expansion pack and its notes."
+)
+
+
+async def test_a_fact_inside_a_long_message_is_recalled_as_an_excerpt(
+    memory: Memory, settings_factory, llama_tokenizer
+):
+    """Issue 23: a fact inside a 300-token message said 120 turns earlier is in the prompt of a
+    question about it at CONTEXT_TOKENS=768 (recall budget 76 tokens: the turn alone is 300)."""
+    from bot.prompt import RECALL_HEADING
+
+    count = CountingEngine(llama_tokenizer).count_tokens
+    long = RAMBLE + RAMBLE + FACT + REST + RAMBLE
+    assert 290 <= count(long) <= 330
+    await fill(memory, 5, 4)
+    said = await memory.add_turn(
+        5, "user", long, name="bob", guild_id=1, author_id=8, tokens=count(long)
+    )
+    await fill(memory, 5, 120, start=4)
+    question = await memory.add_turn(
+        5, "user", "where is the spare key hidden?", name="ann", guild_id=1, author_id=7
+    )
+    settings = settings_factory(CONTEXT_TOKENS=768, MAX_NEW_TOKENS=128)
+    conv = conversations(settings, memory, llama_tokenizer)
+    assert conv.recall_budget(conv.settings) == 76 < count(long)
+    job = await conv.prepare(5, 1, reply_to=question)
+    assert job is not None
+    assert said not in {t.id for t in job.prompt.turns}  # far outside the window...
+    shown = [t for t in job.prompt.recalled if t.id == said]
+    assert shown and "green watering can" in shown[0].content  # ...recalled around the match
+    assert shown[0].content != long and "…" in shown[0].content
+    text = job.prompt.text
+    start = text.index("### Input:\n" + RECALL_HEADING)
+    block = text[start : text.index("### Response:\n", start)]
+    line = next(ln for ln in block.splitlines() if "watering can" in ln)
+    assert "ago] bob: " in line  # the speaker and how long ago
+    assert count(block) <= conv.recall_budget(conv.settings)  # the excerpt fits the budget
+    assert len(llama_tokenizer(text).input_ids) <= job.prompt.tokens <= 768 - 128

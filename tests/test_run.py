@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.app import run_bot
+from bot.discord.client import run_bot
 from tests.bot_harness import bot_settings
 from tests.fake_discord import FakeDiscord, running_fake
 
@@ -129,7 +129,7 @@ def unreachable_discord() -> Iterator[None]:
 def test_no_network_at_start_is_one_line_and_a_restartable_exit(
     unreachable_discord: None, tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from bot.app import EXIT_UNREACHABLE
+    from bot.discord.client import EXIT_UNREACHABLE
 
     settings = bot_settings(tmp_path, tiny_model)
     with caplog.at_level(logging.INFO):

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from bot.discord.swipes import GONE, NOT_YOURS, SETTLED
 from bot.engine import Generation, GenerationParams
-from bot.swipes import GONE, NOT_YOURS, SETTLED
 from tests.bot_harness import ScriptedEngine, running_bot
 from tests.fake_discord import PATIENCE, FakeMessage, FakeUser, InteractionHandle
 from tests.world import World

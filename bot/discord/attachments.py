@@ -24,7 +24,7 @@ from pathlib import PurePosixPath
 
 import discord
 
-from bot.replies import humanize
+from bot.discord.posting import humanize
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from discord import app_commands
 from bot.policy import Asker, ChannelPolicy, Place, resolve
 
 if TYPE_CHECKING:
-    from bot.app import HermesBot
+    from bot.discord.client import HermesBot
 
 NOT_MANAGER = "You need the Manage Server permission to use this command."
 

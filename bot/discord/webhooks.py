@@ -17,9 +17,9 @@ from pathlib import Path
 
 import discord
 
+from bot.discord.posting import Identity, post
 from bot.memory import Memory
 from bot.personas import Persona, PersonaLibrary
-from bot.replies import Identity, post
 
 log = logging.getLogger(__name__)
 

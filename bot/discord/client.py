@@ -20,15 +20,16 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import metrics
-from bot.checks import Refused
 from bot.conversation import Conversations
+from bot.discord.checks import Refused
+from bot.discord.posting import say_privately
+from bot.discord.swipes import SwipeButton, Swipes
+from bot.discord.webhooks import Webhooks
 from bot.engine import Engine, EngineError, engine_from_settings
 from bot.memory import Memory
 from bot.personas import PersonaLibrary, load_builtin_personas
-from bot.replies import say_privately
 from bot.settings import Settings
-from bot.swipes import SwipeButton, Swipes
-from bot.webhooks import Webhooks
+from bot.speakers import Member
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,13 @@ class HermesBot(commands.AutoShardedBot):
         for problem in problems:  # a bad persona file is skipped, never fatal
             log.warning("persona skipped: %s", problem)
         self.personas = PersonaLibrary(builtins, self.memory)
-        self.conv = Conversations(self.settings, self.memory, engine, personas=self.personas)
+        self.conv = Conversations(
+            self.settings,
+            self.memory,
+            engine,
+            personas=self.personas,
+            members=self.cached_members,
+        )
         self._engine = None
         self.webhooks = Webhooks(self, self.memory, self.personas)
         await self.webhooks.load()
@@ -136,6 +143,20 @@ class HermesBot(commands.AutoShardedBot):
         else:
             synced = await self.tree.sync()
         log.info("synced %d application commands", len(synced))
+
+    def cached_members(self, guild_id: int | None) -> list[Member]:
+        """The server's members in discord.py's cache (the bot itself left out), with their
+        display, global and user names: names no line of untrusted text may start as, even
+        when their owner never spoke where the bot listens (`bot.speakers`)."""
+        guild = self.get_guild(guild_id) if guild_id is not None else None
+        if guild is None:
+            return []
+        me = self.user.id if self.user is not None else None
+        return [
+            Member(m.id, (m.display_name, m.global_name or "", m.name))
+            for m in guild.members
+            if m.id != me
+        ]
 
     def track(self, task: asyncio.Task[None]) -> None:
         self.reply_tasks.add(task)

@@ -1,8 +1,8 @@
 """Putting a reply into Discord: streaming edits, the 2000-character split, code fences, pings.
 
-Part of the Discord layer (with `app`, `webhooks` and `checks`, the only modules of `bot/` that
-import discord.py): everything the bot posts goes through a `ReplyStream`, so no path can forget
-`AllowedMentions` or the length limit.
+Part of the Discord layer (`bot/discord/`, the only part of `bot/` that imports discord.py):
+everything the bot posts goes through a `ReplyStream`, so no path can forget `AllowedMentions` or
+the length limit.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ sit ◀, a counter ("2/3"), ▶ and 🔁. 🔁 generates another alternative wit
 it; ◀ ▶ move between the alternatives. The turn's stored text is always the alternative shown,
 so the one shown when the conversation moves on is what memory keeps; after that (or after a
 `/continue` extended it) the reply is settled. Only the member whose message was answered (or a
-manager, `bot.checks.is_manager`) may swipe, where the channel policy lets them use the bot. The buttons are `DynamicItem`s whose custom ids name the turn, and the alternatives live
+manager, `bot.discord.checks.is_manager`) may swipe, where the channel policy lets them use the bot. The buttons are `DynamicItem`s whose custom ids name the turn, and the alternatives live
 in SQLite, so buttons keep working after a restart.
 """
 
@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 import discord
 
-from bot.checks import is_manager, policy_for
 from bot.conversation import EMPTY_NOTICE, Busy
-from bot.replies import LIMIT, NO_PINGS
+from bot.discord.checks import is_manager, policy_for
+from bot.discord.posting import LIMIT, NO_PINGS
 from bot.scenes import load_scene, member_context
 
 if TYPE_CHECKING:
-    from bot.app import HermesBot
+    from bot.discord.client import HermesBot
 
 log = logging.getLogger(__name__)
 
