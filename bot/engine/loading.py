@@ -17,6 +17,7 @@ from bot.engine.quantize import (
     QuantizationError,
     bnb_config,
     check_device,
+    config_for_quantizing,
     cpu_has_bf16,
 )
 
@@ -126,32 +127,14 @@ def load_model(path: str, plan: LoadPlan) -> Any:
 
 
 def _config_to_quantize(source: str, path: str) -> dict[str, Any]:
-    """The model's config for a bitsandbytes load, as `from_pretrained` kwargs.
-
-    A folder saved after a GGUF load keeps a `quantization_config` of method "gguf" although its
-    weights are plain tensors; transformers would refuse to mix it with bitsandbytes, so that
-    leftover is dropped. A model already quantized another way (GPTQ, AWQ, ...) is refused."""
-    from transformers import AutoConfig
-
+    """`from_pretrained` kwargs for a bitsandbytes load (`quantize.config_for_quantizing`)."""
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = config_for_quantizing(source)
+    except QuantizationError as exc:
+        raise EngineError(f"the model {path!r}: {exc}") from None
     except (OSError, ValueError) as exc:
         raise EngineError(f"cannot load the model {path!r}: {first_line(exc)}") from None
-    existing = getattr(config, "quantization_config", None)
-    if existing is None:
-        return {}
-    method = str(
-        existing.get("quant_method") if isinstance(existing, dict) else existing.quant_method
-    )
-    method = method.split(".")[-1].lower()  # an enum prints as QuantizationMethod.X
-    if method == "gguf":
-        del config.quantization_config
-        return {"config": config}
-    if method == "bitsandbytes":
-        return {}  # saved quantized by bitsandbytes: transformers merges the two configs
-    raise EngineError(
-        f"the model {path!r} is already quantized ({method}); set QUANTIZATION=none to load it"
-    )
+    return {} if config is None else {"config": config}
 
 
 def eos_ids(tokenizer: Any, model: Any) -> list[int]:

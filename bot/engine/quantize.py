@@ -138,36 +138,44 @@ def _has_kernel(op: str, key: str) -> bool:
         return False
 
 
-def refusal(quantization: str, device: str, found: str | None, devices: set[str]) -> str | None:
-    """Why QUANTIZATION=`quantization` cannot run on `device`, given what bitsandbytes reports
-    (`found`: its version or None; `devices`: its registered device types); None when it can."""
+def refusal(
+    quantization: str,
+    device: str,
+    found: str | None,
+    devices: set[str],
+    *,
+    setting: str = "",
+    instead: str = "set QUANTIZATION=none",
+) -> str | None:
+    """Why `quantization` cannot run on `device`, given what bitsandbytes reports (`found`: its
+    version or None; `devices`: its registered device types); None when it can. `setting` names
+    what asked (default QUANTIZATION=...), `instead` what to do rather."""
+    what = setting or f"QUANTIZATION={quantization}"
     need = f"bitsandbytes>={BNB_MIN_VERSION}"
     if found is None:
-        return (
-            f"QUANTIZATION={quantization} needs bitsandbytes: pip install 'hermes-discord[quant]' "
-            f"({need}), or set QUANTIZATION=none"
-        )
+        return f"{what} needs bitsandbytes: pip install 'hermes-discord[quant]' ({need}), or {instead}"
     if _too_old(found):
         return (
-            f"QUANTIZATION={quantization}: bitsandbytes {found} is too old for {device}; "
-            f"{need} has the backend: pip install -U '{need}', or set QUANTIZATION=none"
+            f"{what}: bitsandbytes {found} is too old for {device}; {need} has the backend: "
+            f"pip install -U '{need}', or {instead}"
         )
     if device not in devices:
         have = ", ".join(sorted(devices)) or "no device"
         return (
-            f"QUANTIZATION={quantization}: bitsandbytes {found} has no backend for {device} "
-            f"(it can run on: {have}); set QUANTIZATION=none"
+            f"{what}: bitsandbytes {found} has no backend for {device} "
+            f"(it can run on: {have}); {instead}"
         )
     return None
 
 
-def check_device(quantization: str, device: str) -> None:
-    """Raise QuantizationError (one line) unless bitsandbytes can quantize on `device`."""
+def check_device(quantization: str, device: str, **wording: str) -> None:
+    """Raise QuantizationError (one line) unless bitsandbytes can quantize on `device`;
+    `wording` is `refusal`'s setting/instead."""
     found = installed_version()
     devices: set[str] = set()
     if found is not None and not _too_old(found):
         devices = registered_devices(quantization)
-    if problem := refusal(quantization, device, found, devices):
+    if problem := refusal(quantization, device, found, devices, **wording):
         raise QuantizationError(problem)
 
 
@@ -195,6 +203,29 @@ def bnb_config(quantization: str, dtype: Any) -> Any:
             bnb_4bit_compute_dtype=dtype,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def config_for_quantizing(source: str) -> Any:
+    """The model's config to load with bitsandbytes, or None to let transformers read it.
+
+    A folder saved after a GGUF load (before bot.gguf dropped it) keeps a `quantization_config`
+    of method "gguf" although its weights are plain tensors; transformers refuses to mix it with
+    bitsandbytes, so that leftover is dropped. A model saved quantized by bitsandbytes loads as
+    it is; one quantized another way (GPTQ, AWQ, ...) is a QuantizationError."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source)
+    existing = getattr(config, "quantization_config", None)
+    if existing is None:
+        return None
+    method = existing.get("quant_method") if isinstance(existing, dict) else existing.quant_method
+    method = str(getattr(method, "value", method)).lower()
+    if method == "gguf":
+        del config.quantization_config
+        return config
+    if method == "bitsandbytes":
+        return None
+    raise QuantizationError(f"already quantized ({method}); set QUANTIZATION=none to load it")
 
 
 def footprint_mb(model: Any) -> float:
