@@ -136,7 +136,7 @@ async def p1(model: Path, args: argparse.Namespace) -> tuple[float, float]:
         texts: dict[int, list[str]] = {}
         for _ in range(args.rounds):
             for cap in (1, args.channels):
-                eng.batcher.max_batch = cap
+                eng.batcher.scheduler.max_batch = cap
                 t0 = time.perf_counter()
                 gens = [
                     eng.generate(p, q, cache_key=str(c))

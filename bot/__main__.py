@@ -50,7 +50,7 @@ def cmd_run(settings: Settings) -> int:
 
 def cmd_console(settings: Settings, args: argparse.Namespace) -> int:
     from bot.console import console_personas, persona_problem, run_console
-    from bot.engine import EngineError, engine_from_settings
+    from bot.engine import EngineError, make_engine
     from bot.memory import MemoryError_
     from bot.model_source import ModelSourceError, resolve_engine_sources
 
@@ -60,7 +60,7 @@ def cmd_console(settings: Settings, args: argparse.Namespace) -> int:
         return _fail(problem)
     try:
         settings, model = resolve_engine_sources(settings, args.model)
-        engine = engine_from_settings(settings, model=model)
+        engine = make_engine(settings, model=model)
         return asyncio.run(
             run_console(
                 settings,

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bot.engine import Engine, Generation, GenerationParams, ReplyStats, params_from_settings
+from bot.engine import Engine, EngineRequest, GenerationParams, ReplyStats, params_from_settings
 from bot.memory import Memory, StoredTurn
 from bot.personas import (
     DEFAULT_PERSONA,
@@ -455,7 +455,7 @@ class Conversations:
                     temperature=max(job.params.temperature, 0.7),
                 )
             )
-            gen: Generation = self.engine.generate(
+            gen: EngineRequest = self.engine.generate(
                 job.prompt.text, params, cache_key=job.cache_key or str(job.channel_id)
             )
             job.stats = gen.stats

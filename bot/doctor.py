@@ -12,7 +12,7 @@ import contextlib
 import socket
 import time
 
-from bot.engine import Engine, EngineError, GenerationParams, engine_from_settings
+from bot.engine import Engine, EngineError, GenerationParams, make_engine
 from bot.memory import SCHEMA_VERSION, Memory
 from bot.model_source import ModelSourceError, resolve_engine_sources
 from bot.personas import load_builtin_personas
@@ -81,7 +81,7 @@ async def check_model(settings: Settings, model: str | None, report: Report) -> 
     engine: Engine | None = None
     try:
         settings, model = resolve_engine_sources(settings, model)
-        engine = engine_from_settings(settings, model=model)
+        engine = make_engine(settings, model=model)
         start = time.perf_counter()
         await engine.start()
         info = engine.info

@@ -1,6 +1,6 @@
 """Per-reply serving metrics: a one-line summary for `/admin model status`, and Prometheus.
 
-Every engine ends a reply through `Generation.finish`, which calls its engine's `finish_hooks`;
+Every engine ends a reply through `EngineRequest.finish`, which calls its engine's `finish_hooks`;
 the exporter registers on the engine it watches (a reload hands the hooks on), so local and OpenAI-compatible engines report the same figures
 without the chat code knowing. The exporter is optional (METRICS_PORT=0 turns it off) and cheap:
 a few histogram observations per reply, served from prometheus-client's own thread.
@@ -88,7 +88,7 @@ class Metrics:
         )
 
     def observe(self, s: ReplyStats) -> None:
-        """Record one finished reply (called from `Generation.finish`, any thread)."""
+        """Record one finished reply (called from `EngineRequest.finish`, any thread)."""
         self.replies.labels(s.finish_reason or "unknown").inc()
         if s.started_at is not None:
             self.queue_wait.observe(s.queue_wait)

@@ -136,7 +136,7 @@ def resolve_model_source(name: str, what: str = "model") -> str:
 
 
 def resolve_engine_sources(settings: Any, model: str | None = None) -> tuple[Any, str]:
-    """Settings and model name with every local source checked, for `engine_from_settings`.
+    """Settings and model name with every local source checked, for `make_engine`.
 
     The local engine needs the model and the tokenizer (TOKENIZER, else the model's own); the
     OpenAI-compatible engine only the tokenizer, and its server keeps the model's name (a hub id

@@ -20,7 +20,7 @@ from discord.ext import commands
 
 from bot.discord.checks import is_owner, policy_for, require_manager
 from bot.discord.posting import say_privately
-from bot.engine import engine_from_settings, first_line
+from bot.engine import first_line, make_engine
 from bot.metrics import summary
 from bot.recall import recall
 from bot.settings import TUNABLE, check_tunable, tunable_label
@@ -439,7 +439,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             target = model or old.info.model
             new = None
             try:
-                new = engine_from_settings(self.bot.settings, model=target)
+                new = make_engine(self.bot.settings, model=target)
                 await new.start()  # loads in a thread: the old model keeps answering meanwhile
             except Exception as exc:  # whatever went wrong, the old model stays
                 log.warning("reload of %s failed: %s", target, exc)

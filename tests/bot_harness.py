@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.discord.client import HermesBot
-from bot.engine import Engine, EngineInfo, Generation, GenerationParams
+from bot.engine import Engine, EngineInfo, EngineRequest, GenerationParams
 from bot.settings import Settings, load_settings
 from tests.fake_discord import DEFAULT_TOKEN, FakeDiscord, start_client, stop_client
 
@@ -88,18 +88,18 @@ class ScriptedEngine(Engine):
 
     def generate(
         self, prompt: str, params: GenerationParams, *, cache_key: str | None = None
-    ) -> Generation:
+    ) -> EngineRequest:
         self.prompts.append(prompt)
         self.params.append(params)
         if callable(self.script):
             reply = self.script(prompt)
         else:
             reply = self.script[min(len(self.prompts) - 1, len(self.script) - 1)]
-        gen = Generation(prompt, params, cache_key, self.finish_hooks)
+        gen = EngineRequest(prompt, params, cache_key, self.finish_hooks)
         asyncio.get_running_loop().create_task(self._feed(gen, reply))
         return gen
 
-    async def _feed(self, gen: Generation, reply: str | BaseException) -> None:
+    async def _feed(self, gen: EngineRequest, reply: str | BaseException) -> None:
         gen.stats.started_at = gen.stats.queued_at
         if self.gate is not None:
             await self.gate.wait()

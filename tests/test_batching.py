@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.engine import GenerationParams, LocalEngine
+from bot.engine import GenerationParams, LocalEngine, ReplyStats, load_tokenizer
 from bot.engine.decode import IncrementalDecoder
-from bot.engine.kv_cache import CachedPrefix, PrefixCache, common_prefix
+from bot.engine.kv_cache import CachedPrefix, PrefixCache, common_prefix, kv_bytes_per_token
 from bot.prompt import RESPONSE, TokenCounter, Turn, fit_prompt, format_single, render_chat
 
 GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
@@ -44,6 +44,36 @@ async def make_engine(folder: Path, **kw) -> LocalEngine:
     return eng
 
 
+class MostAtOnce:
+    """The most requests the engine ran at once, seen by one of its finish hooks.
+
+    The hook runs on the worker thread as each reply ends, after that reply left the running
+    set and before any other leaves it: the running set then holds every request that ran
+    alongside it. (Not for requests cancelled while queued: those never ran.)
+    """
+
+    def __init__(self, engine: LocalEngine) -> None:
+        self.engine = engine
+        self.most = 0
+        engine.finish_hooks.append(self)
+
+    def __call__(self, stats: ReplyStats) -> None:
+        assert self.engine.batcher is not None
+        self.most = max(self.most, self.engine.batcher.active + 1)
+
+
+def kv_cache_mb(folder: Path, tokens: float) -> float:
+    """KV_CACHE_MB that holds `tokens` tokens of the float32 model in `folder`."""
+    from transformers import AutoConfig
+
+    per_token = kv_bytes_per_token(AutoConfig.from_pretrained(folder), torch.float32)
+    return per_token * tokens / 2**20
+
+
+def prompt_tokens(folder: Path, prompt: str) -> int:
+    return len(load_tokenizer(str(folder))(prompt).input_ids)
+
+
 @pytest.fixture
 async def engines(tiny_model: Path) -> AsyncIterator[tuple[LocalEngine, LocalEngine]]:
     """(batched engine with MAX_BATCH=8 and a prefix cache, one-at-a-time engine)."""
@@ -65,6 +95,7 @@ async def test_batched_equals_one_at_a_time(engines, params: GenerationParams):
     batched, single = engines
     # different lengths, so rows join and leave the batch at different steps
     plist = [replace(params, max_new_tokens=8 + 4 * i) for i in range(len(PROMPTS))]
+    batched_most, single_most = MostAtOnce(batched), MostAtOnce(single)
     expected = []
     for prompt, p in zip(PROMPTS, plist, strict=True):
         gen = single.generate(prompt, p)
@@ -73,8 +104,8 @@ async def test_batched_equals_one_at_a_time(engines, params: GenerationParams):
     texts = await asyncio.gather(*(g.text_all() for g in gens))
     got = [(t, g.stats.new_tokens, g.stats.finish_reason) for t, g in zip(texts, gens, strict=True)]
     assert got == expected
-    assert batched.batcher.stats.peak_active > 1  # they really ran together
-    assert single.batcher.stats.peak_active == 1
+    assert batched_most.most > 1  # they really ran together
+    assert single_most.most == 1
     assert any(text for text, _, _ in got)
 
 
@@ -89,10 +120,38 @@ async def test_chunked_prefill_equals_whole_prefill(engines, tiny_model: Path):
         expected = [await single.complete(p, GREEDY) for p in long_prompts]
         gens = [chunked.generate(p, GREEDY, cache_key=str(i)) for i, p in enumerate(long_prompts)]
         assert await asyncio.gather(*(g.text_all() for g in gens)) == expected
-        assert chunked.batcher.stats.prefill_chunks >= 4 * 5
         assert all(g.stats.prompt_tokens > 64 for g in gens)
     finally:
         await chunked.close()
+
+
+async def test_a_long_prompt_is_prefilled_between_decode_steps(tiny_model: Path):
+    """While a long new prompt is computed chunk by chunk, a running reply goes on decoding."""
+    chunk = 16
+    eng = await make_engine(tiny_model, max_batch=8, kv_cache_mb=0, prefill_chunk=chunk)
+    try:
+        running = eng.generate(PROMPTS[0], replace(GREEDY, max_new_tokens=1000))
+        stream = aiter(running)  # kept: a dropped iterator would cancel the request
+        await anext(stream)  # it decodes now
+        newcomer: list[int] = []
+
+        def on_finish(stats: ReplyStats) -> None:  # worker thread: the running reply's count
+            newcomer.append(running.stats.new_tokens)
+
+        eng.finish_hooks.append(on_finish)
+        long_prompt = format_single("music, games and the weather " * 40)
+        before = running.stats.new_tokens
+        # one reply token: the newcomer ends (and the hook reads) right after its last chunk
+        await eng.generate(long_prompt, replace(GREEDY, max_new_tokens=1)).text_all()
+        chunks = -(-prompt_tokens(tiny_model, long_prompt) // chunk)
+        assert chunks >= 10
+        assert running.stats.finish_reason == ""  # still running when the newcomer ended
+        # one decode step of the running reply after each chunk but the newcomer's last
+        assert newcomer[0] - before >= chunks - 1
+        running.cancel()
+        await stream.aclose()
+    finally:
+        await eng.close()
 
 
 async def test_batched_tokens_equal_model_generate(engines):
@@ -141,23 +200,26 @@ async def test_cancelling_one_leaves_the_others_intact(engines):
 async def test_cap_on_concurrent_sequences(tiny_model: Path):
     eng = await make_engine(tiny_model, max_batch=2, kv_cache_mb=0)
     try:
+        seen = MostAtOnce(eng)
         gens = [eng.generate(p, GREEDY) for p in PROMPTS]
         await asyncio.gather(*(g.text_all() for g in gens))
-        assert eng.batcher.stats.peak_active == 2
+        assert seen.most == 2
         assert all(g.stats.finish_reason in ("eos", "length") for g in gens)
     finally:
         await eng.close()
 
 
 async def test_kv_memory_cap_makes_requests_wait(tiny_model: Path):
-    eng = await make_engine(tiny_model, max_batch=8, kv_cache_mb=1)
+    tokens = prompt_tokens(tiny_model, PROMPTS[0]) + GREEDY.max_new_tokens
+    # room for two such requests, not three
+    eng = await make_engine(
+        tiny_model, max_batch=8, kv_cache_mb=kv_cache_mb(tiny_model, tokens * 2.5)
+    )
     try:
-        per_token = eng.batcher.bytes_per_token
-        tokens = len(eng.tokenizer(PROMPTS[0]).input_ids) + GREEDY.max_new_tokens
-        eng.batcher.kv_bytes = int(per_token * tokens * 2.5)  # room for two such requests
+        seen = MostAtOnce(eng)
         gens = [eng.generate(PROMPTS[0], GREEDY) for _ in range(5)]
         texts = await asyncio.gather(*(g.text_all() for g in gens))
-        assert eng.batcher.stats.peak_active == 2
+        assert seen.most == 2
         assert len(set(texts)) == 1
     finally:
         await eng.close()
@@ -200,11 +262,10 @@ async def test_prefix_reuse_equals_cold_prompt(engines):
 
 
 async def test_prefix_cache_is_bounded_lru(tiny_model: Path):
-    eng = await make_engine(tiny_model, max_batch=4, kv_cache_mb=1)
+    longest = max(prompt_tokens(tiny_model, p) for p in PROMPTS[:3])
+    budget = kv_cache_mb(tiny_model, (longest + GREEDY.max_new_tokens) * 2)
+    eng = await make_engine(tiny_model, max_batch=4, kv_cache_mb=budget)
     try:
-        per_token = eng.batcher.bytes_per_token
-        longest = max(len(eng.tokenizer(p).input_ids) for p in PROMPTS[:3])
-        eng.batcher.kv_bytes = per_token * (longest + GREEDY.max_new_tokens) * 2
         for i, prompt in enumerate(PROMPTS[:3]):
             await eng.generate(prompt, GREEDY, cache_key=f"c{i}").text_all()
         cache = eng.batcher.prefixes

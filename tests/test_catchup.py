@@ -22,7 +22,7 @@ import pytest
 
 from bot.discord.catchup import Claims, history_floor, owed_replies, snowflake_at, snowflake_time
 from bot.discord.client import HermesBot
-from bot.engine import Generation
+from bot.engine import EngineRequest
 from bot.memory import MIGRATIONS, SCHEMA_VERSION, Memory, StoredTurn, ensure_owed_replies
 from bot.settings import Settings
 from tests.bot_harness import ScriptedEngine, bot_settings
@@ -56,7 +56,7 @@ class GatedEngine(ScriptedEngine):
         self.hold = asyncio.Event()
         self.fed = 0
 
-    async def _feed(self, gen: Generation, reply: str | BaseException) -> None:
+    async def _feed(self, gen: EngineRequest, reply: str | BaseException) -> None:
         index, self.fed = self.fed, self.fed + 1
         if index == self.hold_at:
             await self.hold.wait()

@@ -14,13 +14,16 @@ import torch
 
 from bot.engine import (
     EngineError,
-    Generation,
+    EngineRequest,
     GenerationParams,
     LocalEngine,
+    ReplyStats,
+    RequestState,
     StopScanner,
     plan_load,
 )
 from bot.prompt import format_single
+from tests.fake_discord.common import PATIENCE
 
 PROMPT = format_single("hello there, how are you?")
 GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
@@ -36,7 +39,7 @@ async def engine(tiny_model: Path):
         await eng.close()
 
 
-async def collect(gen: Generation) -> list[str]:
+async def collect(gen: EngineRequest) -> list[str]:
     return [piece async for piece in gen]
 
 
@@ -63,7 +66,7 @@ async def test_streaming_equals_greedy_generate(engine: LocalEngine):
     assert all(pieces)
     assert "".join(pieces) == gen.text
     stats = gen.stats
-    assert stats.finish_reason in ("length", "eos")
+    assert stats.finish_reason in ("length", "eos") and gen.state is RequestState.FINISHED
     assert stats.prompt_tokens == len(engine.tokenizer(PROMPT).input_ids)
     assert 0 < stats.new_tokens <= GREEDY.max_new_tokens
     assert stats.first_token_at is not None and stats.finished_at is not None
@@ -123,7 +126,7 @@ async def test_cancel_mid_stream_then_serve_the_next(engine: LocalEngine):
         pieces.append(piece)
         if len(pieces) == 1:
             gen.cancel()
-    assert gen.stats.finish_reason == "cancelled"
+    assert gen.stats.finish_reason == "cancelled" and gen.state is RequestState.CANCELLED
     assert gen.stats.new_tokens < 1000
     assert "".join(pieces) == gen.text
     # the worker lives on and serves the next request normally
@@ -134,14 +137,23 @@ async def test_cancel_mid_stream_then_serve_the_next(engine: LocalEngine):
 
 
 async def test_leaving_the_loop_cancels(engine: LocalEngine):
-    gen = engine.generate(PROMPT, GenerationParams(max_new_tokens=1000, temperature=0.0))
-    async for _ in gen:
-        break
-    for _ in range(500):  # the abandoned iterator is closed by the loop; the worker notices
-        if gen.stats.finish_reason:
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Queue[ReplyStats] = asyncio.Queue()  # the engine's finished replies, in order
+
+    def on_finish(stats: ReplyStats) -> None:  # on the worker thread
+        loop.call_soon_threadsafe(ended.put_nowait, stats)
+
+    engine.finish_hooks.append(on_finish)
+    try:
+        gen = engine.generate(PROMPT, GenerationParams(max_new_tokens=1000, temperature=0.0))
+        async for _ in gen:
             break
-        await asyncio.sleep(0.01)
-    assert gen.stats.finish_reason == "cancelled"
+        # the abandoned iterator is closed by the loop; the worker notices and ends the request
+        assert await asyncio.wait_for(ended.get(), PATIENCE) is gen.stats
+    finally:
+        engine.finish_hooks.remove(on_finish)
+    assert gen.stats.finish_reason == "cancelled" and gen.state is RequestState.CANCELLED
+    assert gen.stats.new_tokens < 1000
     assert await engine.complete(PROMPT, GenerationParams(max_new_tokens=3, temperature=0.0))
 
 
@@ -150,9 +162,10 @@ async def test_cancel_before_start(engine: LocalEngine):
     queued = engine.generate(PROMPT, GREEDY)
     queued.cancel()
     assert await queued.text_all() == ""
-    assert queued.stats.finish_reason == "cancelled"
+    assert queued.stats.finish_reason == "cancelled" and queued.state is RequestState.CANCELLED
     await blocker.text_all()
     assert blocker.stats.finish_reason in ("length", "eos")
+    assert blocker.state is RequestState.FINISHED
 
 
 async def test_eos_ends_the_reply(engine: LocalEngine):
@@ -304,7 +317,7 @@ def test_random_splits_release_exactly_the_text_before_the_first_stop():
 
 
 async def test_generation_reports_stop():
-    gen = Generation("prompt", GenerationParams(stop=("STOP",)), None)
+    gen = EngineRequest("prompt", GenerationParams(stop=("STOP",)), None)
     assert gen.emit("hel")
     assert gen.emit("lo ST")
     assert not gen.emit("OP and more")
@@ -314,7 +327,7 @@ async def test_generation_reports_stop():
 
 
 async def test_generation_passes_errors_to_the_reader():
-    gen = Generation("prompt", GenerationParams(), None)
+    gen = EngineRequest("prompt", GenerationParams(), None)
     gen.emit("partial")
     gen.finish("error", EngineError("boom"))
     with pytest.raises(EngineError, match="boom"):

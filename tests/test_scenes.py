@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from bot.discord.swipes import GONE, NOT_YOURS, SETTLED
-from bot.engine import Generation, GenerationParams
+from bot.engine import EngineRequest, GenerationParams
 from tests.bot_harness import ScriptedEngine, running_bot
 from tests.fake_discord import PATIENCE, FakeMessage, FakeUser, InteractionHandle
 from tests.world import World
@@ -163,13 +163,13 @@ class TogetherEngine(ScriptedEngine):
 
     def generate(
         self, prompt: str, params: GenerationParams, *, cache_key: str | None = None
-    ) -> Generation:
+    ) -> EngineRequest:
         self.cache_keys.append(cache_key)
         if len(self.prompts) + 1 >= self.together:
             self.all_in.set()
         return super().generate(prompt, params, cache_key=cache_key)
 
-    async def _feed(self, gen: Generation, reply: str | BaseException) -> None:
+    async def _feed(self, gen: EngineRequest, reply: str | BaseException) -> None:
         await self.all_in.wait()
         await super()._feed(gen, reply)
 

@@ -25,7 +25,7 @@ from bot.discord.checks import Refused
 from bot.discord.posting import say_privately
 from bot.discord.swipes import SwipeButton, Swipes
 from bot.discord.webhooks import Webhooks
-from bot.engine import Engine, EngineError, engine_from_settings
+from bot.engine import Engine, EngineError, make_engine
 from bot.memory import Memory
 from bot.personas import PersonaLibrary, load_builtin_personas
 from bot.settings import Settings
@@ -88,7 +88,7 @@ class HermesBot(commands.AutoShardedBot):
         )
         self.settings = settings
         #: the engine until `setup_hook` hands it to the conversations, which then hold it
-        self._engine: Engine | None = engine or engine_from_settings(settings)
+        self._engine: Engine | None = engine or make_engine(settings)
         self.cog_names = cogs
         self.started_at = time.time()
         self.reply_tasks: set[asyncio.Task[None]] = set()

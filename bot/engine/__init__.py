@@ -1,11 +1,14 @@
 """Text generation behind one async interface, wherever the model runs.
 
 The package, by module (each imports only those above it, never back):
-- `base`: the interface and value types (`Engine`, `Generation`, `GenerationParams`,
-  `ReplyStats`, `EngineInfo`, `EngineError`), stop-string scanning, `params_from_settings`.
+- `base`: the value types (`GenerationParams`, `ReplyStats`, `EngineInfo`, `EngineError`),
+  stop-string scanning, `params_from_settings`.
+- `request`: `EngineRequest`, one reply's request from `generate` to its end, and its
+  `RequestState` (QUEUED, PREFILL, DECODING, FINISHED, CANCELLED); `interface`: `Engine`.
 - `loading`: `plan_load` (dtype, device map, quantization) and model/tokenizer loading.
 - `kv_cache`, `decode`, `sampling`, `scheduler`: the local engine's parts (growing KV layer and
-  per-channel prefix cache; incremental decoding; sampling; admission against the KV budget).
+  per-channel prefix cache; incremental decoding; sampling; admission against the KV budget),
+  each working on `EngineRequest`s.
 - `batching`: the continuous-batching loop built from those parts; `local`: `LocalEngine`.
 - `openai`: `OpenAIEngine`, for an OpenAI-compatible server; `factory`: `make_engine(settings)`.
 
@@ -18,11 +21,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from bot.engine.base import (
-    Engine,
     EngineError,
     EngineInfo,
     FinishHook,
-    Generation,
     GenerationParams,
     Outbox,
     ReplyStats,
@@ -30,9 +31,11 @@ from bot.engine.base import (
     first_line,
     params_from_settings,
 )
-from bot.engine.factory import engine_from_settings, make_engine
+from bot.engine.factory import make_engine
+from bot.engine.interface import Engine
 from bot.engine.loading import LoadPlan, eos_ids, load_model, load_tokenizer, plan_load
 from bot.engine.local import LocalEngine
+from bot.engine.request import EngineRequest, RequestState
 
 if TYPE_CHECKING:
     from bot.engine.openai import OpenAIEngine
@@ -41,16 +44,16 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineInfo",
+    "EngineRequest",
     "FinishHook",
-    "Generation",
     "GenerationParams",
     "LoadPlan",
     "LocalEngine",
     "OpenAIEngine",
     "Outbox",
     "ReplyStats",
+    "RequestState",
     "StopScanner",
-    "engine_from_settings",
     "eos_ids",
     "first_line",
     "load_model",

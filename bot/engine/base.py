@@ -1,24 +1,19 @@
-"""The engine interface and its value types, shared by every engine and every caller.
+"""The engine's value types, shared by every engine and every caller.
 
-`Engine.generate(prompt, params)` returns a `Generation`: an async iterator of text pieces that
-can be cancelled and that carries the reply's stats (`ReplyStats`) when done. The local engine
-(`bot/engine/local.py`) and the OpenAI-compatible one (`bot/engine/openai.py`) both implement
-`Engine`; callers never know which one they hold. This module imports nothing else of the engine
-package, so every other module can import it without a circle; torch and transformers are not
-imported here at all.
+What a reply is asked for (`GenerationParams`), what it cost (`ReplyStats`), what serves it
+(`EngineInfo`), the user-fixable `EngineError`, and the small helpers a request streams through
+(`StopScanner`, `Outbox`). The request itself is `request.py`'s, the interface `interface.py`'s.
+This module imports nothing else of the engine package, so every other module can import it
+without a circle; torch and transformers are not imported here at all.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
-
-log = logging.getLogger("bot.engine")
 
 
 class EngineError(RuntimeError):
@@ -143,123 +138,6 @@ class Outbox:
 def _deliver(items: list[tuple[asyncio.Queue[Any], str]]) -> None:
     for q, text in items:
         q.put_nowait(text)
-
-
-class Generation:
-    """One request's stream of text pieces. Iterate it; `cancel()` or break to stop early."""
-
-    def __init__(
-        self,
-        prompt: str,
-        params: GenerationParams,
-        cache_key: str | None,
-        hooks: Sequence[FinishHook] = (),
-    ) -> None:
-        self.prompt = prompt
-        self.params = params
-        self.cache_key = cache_key
-        self.stats = ReplyStats()
-        self.cancelled = threading.Event()
-        self._queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
-        self._loop = asyncio.get_running_loop()
-        self._scanner = StopScanner(params.stop)
-        self._hooks = hooks  # the engine's live list: a hook added later still sees this reply
-        self.text = ""
-
-    # --- called from the worker thread ---
-    def emit(self, piece: str, outbox: Outbox | None = None) -> bool:
-        """Feed raw model text; returns False once a stop string ended the reply.
-
-        With an `outbox`, the text is handed over when the outbox is flushed, so a batch step
-        wakes the event loop once for all its rows rather than once per row.
-        """
-        if self.stats.first_token_at is None and piece:
-            self.stats.first_token_at = time.perf_counter()
-        safe = self._scanner.feed(piece)
-        if safe:
-            if outbox is not None:
-                outbox.put(self._loop, self._queue, safe)
-            else:
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, safe)
-        return not self._scanner.stopped
-
-    def finish(self, reason: str, error: BaseException | None = None) -> None:
-        if rest := self._scanner.flush():
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, rest)
-        if self._scanner.stopped and reason in ("eos", "length"):
-            reason = "stop"
-        self.stats.finish_reason = reason
-        self.stats.finished_at = time.perf_counter()
-        for hook in list(self._hooks):
-            try:
-                hook(self.stats)
-            except Exception:  # metrics must never break a reply
-                log.exception("finish hook failed")
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, error)
-
-    # --- called from the event loop ---
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[str]:
-        try:
-            while True:
-                item = await self._queue.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                self.text += item
-                yield item
-        finally:
-            self.cancelled.set()  # the consumer left (break, error or task cancel): stop work
-
-    async def text_all(self) -> str:
-        async for _ in self:
-            pass
-        return self.text
-
-
-class Engine:
-    """The interface both engines implement.
-
-    `finish_hooks` belongs to the instance: whoever watches replies (the metrics exporter)
-    registers on the engine it watches, and a reload hands the hooks on to the new engine
-    (`Conversations.set_engine`). Implementations pass the list to each `Generation`.
-    """
-
-    info: EngineInfo
-
-    @property
-    def finish_hooks(self) -> list[FinishHook]:
-        hooks = self.__dict__.get("_finish_hooks")
-        if hooks is None:
-            hooks = self.__dict__["_finish_hooks"] = []
-        return hooks
-
-    async def start(self) -> None:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        raise NotImplementedError
-
-    def count_tokens(self, text: str) -> int:
-        raise NotImplementedError
-
-    def generate(
-        self, prompt: str, params: GenerationParams, *, cache_key: str | None = None
-    ) -> Generation:
-        raise NotImplementedError
-
-    @property
-    def queue_length(self) -> int:
-        return 0
-
-    async def complete(self, prompt: str, params: GenerationParams) -> str:
-        return await self.generate(prompt, params).text_all()
 
 
 def first_line(exc: BaseException) -> str:

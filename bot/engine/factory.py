@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot.engine.base import Engine
+from bot.engine.interface import Engine
 
 
 def make_engine(settings: Any, *, model: str | None = None) -> Engine:
@@ -35,7 +35,3 @@ def make_engine(settings: Any, *, model: str | None = None) -> Engine:
         max_batch=settings.max_batch,
         kv_cache_mb=settings.kv_cache_mb,
     )
-
-
-#: The name callers used before the engine became a package; the same function.
-engine_from_settings = make_engine

@@ -4,6 +4,8 @@
   concatenating every token (the copy otherwise costs more than a small model's forward pass).
 - `PrefixCache` keeps, per channel, the KV of the tokens its last request ended with, so the next
   message in that channel only computes what is new.
+  `PrefixCache.resume` seeds a request's own cache from it; `PrefixCache.keep` stores what a
+  finished request leaves.
 - `kv_bytes_per_token` is what the scheduler's KV budget is counted in.
 """
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
+
+from bot.engine.request import EngineRequest
 
 KV = list[tuple[Any, Any]]  # per layer: (keys, values), each [1, kv_heads, tokens, head_dim]
 
@@ -70,6 +74,36 @@ class PrefixCache:
         while self._items and self.nbytes > limit:
             _, item = self._items.popitem(last=False)
             self.nbytes -= item.nbytes
+
+    def resume(self, request: EngineRequest, *, enabled: bool) -> None:
+        """Give `request` its own cache, holding the KV its channel's last request left for the
+        prompt prefix the two share; sets `request.kv`, `request.done` and the reused count.
+
+        At least one prompt token is left to compute: its logits give the first reply token.
+        With `enabled` false (no KV budget) every request starts cold.
+        """
+        reused = 0
+        kv = new_cache()
+        cached = self.take(request.cache_key) if enabled and request.cache_key else None
+        if cached is not None:
+            reused = min(common_prefix(cached.ids, request.ids), len(request.ids) - 1)
+            if reused > 0:
+                kv = new_cache([(k[..., :reused, :], v[..., :reused, :]) for k, v in cached.kv])
+                self.hits += 1
+        else:
+            self.misses += 1
+        request.kv, request.done = kv, reused
+        request.stats.reused_tokens = reused
+
+    def keep(self, request: EngineRequest, kv: KV, room: int) -> None:
+        """Store `kv` (of `request.ids[:request.done]`) for the request's channel, then evict the
+        least recently used entries down to `room` bytes. An entry that would not fit even
+        alone is not stored: it must not evict everything for nothing."""
+        item = CachedPrefix(request.ids[: request.done], kv, kv_nbytes(kv))
+        if item.nbytes > room or not request.cache_key:
+            return
+        self.put(request.cache_key, item)
+        self.shrink(room)
 
     def clear(self) -> None:
         self._items.clear()
@@ -146,15 +180,16 @@ def new_cache(kv: KV | None = None) -> Any:
     return cache
 
 
-def kv_bytes_per_token(model: Any) -> int:
-    """Bytes of keys plus values one token occupies across all layers."""
+def kv_bytes_per_token(config: Any, dtype: Any) -> int:
+    """Bytes of keys plus values one token occupies across all layers, for a model of this
+    config whose weights are `dtype` (a quantized model keeps its KV in float16)."""
     import torch
 
-    cfg = model.config.get_text_config(decoder=True)
+    cfg = config.get_text_config(decoder=True)
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    dtype = model.dtype if model.dtype.is_floating_point else torch.float16
+    dtype = dtype if dtype.is_floating_point else torch.float16
     itemsize = torch.empty((), dtype=dtype).element_size()
     return 2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize
 

@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bot.engine.base import Engine, EngineError, EngineInfo, Generation, GenerationParams
+from bot.engine.base import EngineError, EngineInfo, GenerationParams
 from bot.engine.batching import Batcher
+from bot.engine.interface import Engine
 from bot.engine.loading import checked_source, load_model, load_tokenizer, plan_load
 from bot.engine.quantize import footprint_mb
+from bot.engine.request import EngineRequest
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class LocalEngine(Engine):
         self.info = EngineInfo("local", self.model_path, self.plan.dtype, quantization)
         self.model: Any = None
         self.tokenizer: Any = None
-        self._requests: queue.Queue[Generation | None] = queue.Queue()
+        self._requests: queue.Queue[EngineRequest | None] = queue.Queue()
         self._worker: threading.Thread | None = None
 
     async def start(self) -> None:
@@ -91,16 +93,16 @@ class LocalEngine(Engine):
 
     @property
     def queue_length(self) -> int:
-        return self._requests.qsize() + (self.batcher.waiting if self.batcher else 0)
+        return self._requests.qsize() + (self.batcher.queued if self.batcher else 0)
 
     def generate(
         self, prompt: str, params: GenerationParams, *, cache_key: str | None = None
-    ) -> Generation:
+    ) -> EngineRequest:
         if self._worker is None:
             raise EngineError("the engine is not started")
-        gen = Generation(prompt, params, cache_key, self.finish_hooks)
-        self._requests.put(gen)
-        return gen
+        request = EngineRequest(prompt, params, cache_key, self.finish_hooks)
+        self._requests.put(request)
+        return request
 
     # --- worker thread ---
 

@@ -8,10 +8,10 @@ stays local, so only the tokenizer files are needed on the bot's machine.
 Failures: connection errors, timeouts, 429 and 5xx are retried with exponential backoff while no
 text has arrived yet; once text has been streamed a retry would repeat or contradict it, so the
 reply fails instead and the chat cog apologises. Stop strings are sent to the server and also
-applied locally (`Generation`'s `StopScanner`), because servers cap or ignore stop lists.
+applied locally (`EngineRequest`'s `StopScanner`), because servers cap or ignore stop lists.
 
 Reading a response is split in three: `sse_events` (the event-stream framing), `read_completion`
-(one streamed completion into a `Generation`) and `OpenAIEngine._attempt` (one HTTP request and
+(one streamed completion into an `EngineRequest`) and `OpenAIEngine._attempt` (one HTTP request and
 its failure rules).
 """
 
@@ -29,15 +29,10 @@ from typing import Any
 
 import aiohttp
 
-from bot.engine.base import (
-    Engine,
-    EngineError,
-    EngineInfo,
-    Generation,
-    GenerationParams,
-    first_line,
-)
+from bot.engine.base import EngineError, EngineInfo, GenerationParams, first_line
+from bot.engine.interface import Engine
 from bot.engine.loading import load_tokenizer
+from bot.engine.request import EngineRequest
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +46,7 @@ class Retryable(Exception):
 
 
 class _CancelEvent(threading.Event):
-    """`Generation.cancelled` that also interrupts the request's task at once."""
+    """`EngineRequest.cancelled` that also interrupts the request's task at once."""
 
     def __init__(self, on_set: Callable[[], None]) -> None:
         super().__init__()
@@ -112,9 +107,8 @@ class OpenAIEngine(Engine):
         self.send_extras = True
         self.info = EngineInfo("openai", model, device=self.base_url)
         self.tokenizer: Any = None
-        self.attempts = 0  # HTTP attempts made, for tests and logs
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: dict[asyncio.Task[None], Generation] = {}
+        self._tasks: dict[asyncio.Task[None], EngineRequest] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -162,18 +156,18 @@ class OpenAIEngine(Engine):
 
     def generate(
         self, prompt: str, params: GenerationParams, *, cache_key: str | None = None
-    ) -> Generation:
+    ) -> EngineRequest:
         if self._session is None:
             raise EngineError("the engine is not started")
         loop = asyncio.get_running_loop()
-        gen = Generation(prompt, params, cache_key, self.finish_hooks)
+        gen = EngineRequest(prompt, params, cache_key, self.finish_hooks)
         task = loop.create_task(self._serve(gen))
         gen.cancelled = _CancelEvent(lambda: _call_soon(loop, task.cancel))
         self._tasks[task] = gen
         task.add_done_callback(lambda t: self._tasks.pop(t, None))
         return gen
 
-    def body(self, gen: Generation) -> dict[str, Any]:
+    def body(self, gen: EngineRequest) -> dict[str, Any]:
         """The request: the Alpaca prompt verbatim and the reply's sampling parameters."""
         p = gen.params
         body: dict[str, Any] = {
@@ -195,7 +189,7 @@ class OpenAIEngine(Engine):
             body["repetition_penalty"] = p.repetition_penalty
         return body
 
-    async def _serve(self, gen: Generation) -> None:
+    async def _serve(self, gen: EngineRequest) -> None:
         gen.stats.prompt_tokens = self.count_tokens(gen.prompt) + 1  # + BOS; usage corrects it
         try:
             for attempt in range(self.retries + 1):
@@ -222,14 +216,13 @@ class OpenAIEngine(Engine):
             log.exception("OpenAI-compatible request failed")
             gen.finish("error", EngineError(f"the model server request failed: {first_line(exc)}"))
 
-    async def _attempt(self, gen: Generation) -> str:
+    async def _attempt(self, gen: EngineRequest) -> str:
         """One HTTP request; returns the finish reason.
 
         Raises Retryable while no text has arrived, EngineError after (a retry would repeat or
         contradict what the user already sees).
         """
         assert self._session is not None
-        self.attempts += 1
         progress = StreamProgress()
         resp_ref: list[aiohttp.ClientResponse] = []  # to hang up on cancel
         try:
@@ -289,7 +282,7 @@ class StreamProgress:
 
 
 async def read_completion(
-    gen: Generation, resp: aiohttp.ClientResponse, progress: StreamProgress
+    gen: EngineRequest, resp: aiohttp.ClientResponse, progress: StreamProgress
 ) -> str:
     """Stream one `/v1/completions` answer into `gen`; returns the finish reason.
 
@@ -314,12 +307,12 @@ async def read_completion(
             finish = choice.get("finish_reason") or finish
     if finish is None:
         raise Retryable("the stream ended before the reply did")
-    # The server's "stop" covers EOS and stop strings; Generation.finish turns "eos" into "stop"
+    # The server's "stop" covers EOS and stop strings; EngineRequest.finish turns "eos" into "stop"
     # when our own scanner saw a stop.
     return "length" if finish == "length" else "eos"
 
 
-def take_text(gen: Generation, text: str, progress: StreamProgress) -> bool:
+def take_text(gen: EngineRequest, text: str, progress: StreamProgress) -> bool:
     """Hand one streamed piece to `gen`; False once a stop string ended the reply."""
     if not text:
         return True
@@ -328,7 +321,7 @@ def take_text(gen: Generation, text: str, progress: StreamProgress) -> bool:
     return gen.emit(text)
 
 
-def record_usage(gen: Generation, usage: dict[str, Any] | None) -> None:
+def record_usage(gen: EngineRequest, usage: dict[str, Any] | None) -> None:
     """Take the server's own token counts (and cached-prefix count) when it sends them."""
     if not usage:
         return

@@ -2,31 +2,23 @@
 
 `make_processors` builds transformers' processors for one request's `GenerationParams`, so a
 reply samples the same way batched or alone; `sample_rows` samples the next token of every
-running row, each with its own processors, history and random generator. Rows are described by
-the `SamplingRow` protocol, so this module needs nothing of the scheduler.
+running row (an `EngineRequest` in prefill or in the decode batch), each with its own processors,
+history and random generator.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from bot.engine.base import GenerationParams
+from bot.engine.request import EngineRequest
 
 
-class SamplingRow(Protocol):
-    """What sampling reads of a running sequence."""
-
-    processors: Any
-    generator: Any
-    history: Any  # LongTensor of prompt + generated ids
-    prompt_len: int
-    new_tokens: int
-
-    @property
-    def params(self) -> GenerationParams: ...
-
-    def sample_key(self) -> tuple[float, int, float, float]: ...
+def sample_key(request: EngineRequest) -> tuple[float, int, float, float]:
+    """Requests with equal keys sample alike, so their rows are processed as one block."""
+    p = request.params
+    return (p.temperature, p.top_k, p.top_p, p.repetition_penalty)
 
 
 def make_processors(p: GenerationParams) -> Any:
@@ -51,7 +43,7 @@ def make_processors(p: GenerationParams) -> Any:
     return procs
 
 
-def sample_rows(rows: Sequence[SamplingRow], logits: Any) -> list[int]:
+def sample_rows(rows: Sequence[EngineRequest], logits: Any) -> list[int]:
     """The next token of every row, each with its own processors and random generator.
 
     Rows that share sampling settings are processed as one block (the processors are row-wise,
@@ -63,7 +55,7 @@ def sample_rows(rows: Sequence[SamplingRow], logits: Any) -> list[int]:
 
     groups: dict[tuple[float, int, float, float], list[int]] = {}
     for i, s in enumerate(rows):
-        groups.setdefault(s.sample_key(), []).append(i)
+        groups.setdefault(sample_key(s), []).append(i)
     picks: list[Any] = [None] * len(rows)
     for idx in groups.values():
         first = rows[idx[0]]
@@ -81,10 +73,10 @@ def sample_rows(rows: Sequence[SamplingRow], logits: Any) -> list[int]:
     return [int(t) for t in torch.stack(picks).tolist()]
 
 
-def histories(rows: Iterable[SamplingRow]) -> Any:
+def histories(rows: Iterable[EngineRequest]) -> Any:
     import torch
 
-    views = [s.history[: s.prompt_len + s.new_tokens] for s in rows]
+    views = [s.history[: s.prompt_len + s.stats.new_tokens] for s in rows]
     longest = max(v.shape[0] for v in views)
     return torch.stack(
         [

@@ -9,7 +9,7 @@ Two parts:
 - Loss: mean negative log-likelihood per reply token (the target positions of each example,
   reply + EOS, prompt tokens never count) and its perplexity. `chat_loss` is the function the
   trainer calls on its validation split.
-- Generation through the bot's engine (`bot.engine.engine_from_settings`) with the bot's default
+- Generation through the bot's engine (`bot.engine.make_engine`) with the bot's default
   sampling and stop rules (`bot.prompt.stop_strings`, `clean_reply`): how replies end (EOS, a
   stop rule, or MAX_NEW_TOKENS), how many try to write another speaker's line or a block header,
   how many are empty after cleaning, mean length and tokens/s.
@@ -303,7 +303,7 @@ def load_model(path: str, opts: ChatOptions) -> Any:
 
 def evaluate_model(path: str, val: Sequence[Record], opts: ChatOptions) -> dict[str, Any]:
     """Loss and generation figures for one model folder on the validation records."""
-    from bot.engine import engine_from_settings, load_tokenizer, params_from_settings
+    from bot.engine import load_tokenizer, make_engine, params_from_settings
 
     encoder = Encoder(load_tokenizer(path))
     loss_records = list(val[: opts.max_examples])
@@ -328,7 +328,7 @@ def evaluate_model(path: str, val: Sequence[Record], opts: ChatOptions) -> dict[
         settings = bot_settings(opts)
         params = params_from_settings(settings, seed=opts.seed)
         prompts = [served_prompt(r) for r in val[: opts.samples]]
-        engine = engine_from_settings(settings, model=path)
+        engine = make_engine(settings, model=path)
 
         async def run() -> tuple[list[Reply], float]:
             await engine.start()
