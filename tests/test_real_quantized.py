@@ -75,7 +75,7 @@ def test_qlora_on_the_cpu_lowers_the_loss_and_its_export_serves(smollm2_hf: Path
     from training.tokenize import Encoder
     from training.train import train
 
-    data = write_json(tmp_path / "qa.json", qa_records(12))
+    data = write_json(tmp_path / "qa.json", qa_records(6))
     cfg = config_from_dict(
         {
             "model": {
@@ -86,15 +86,15 @@ def test_qlora_on_the_cpu_lowers_the_loss_and_its_export_serves(smollm2_hf: Path
             },
             "lora": {
                 "enabled": True, "load_in_4bit": True, "r": 8, "alpha": 16, "dropout": 0.0,
-                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                "target_modules": ["q_proj", "v_proj"],
             },
             "data": {
-                "prepared_dir": str(tmp_path / "data"), "max_length": 96,
+                "prepared_dir": str(tmp_path / "data"), "max_length": 64,
                 "sources": [{"name": "qa", "path": str(data), "format": "alpaca"}],
             },
             "train": {
-                "output_dir": str(tmp_path / "run"), "micro_batch_size": 2,
-                "global_batch_size": 4, "max_steps": 6, "lr": 2e-3, "warmup_ratio": 0.0,
+                "output_dir": str(tmp_path / "run"), "micro_batch_size": 1,
+                "global_batch_size": 2, "max_steps": 4, "lr": 3e-3, "warmup_ratio": 0.0,
                 "precision": "fp32", "save_every": 0, "progress_bar": False, "seed": 3,
                 "export_dir": str(tmp_path / "hf"),
             },
@@ -107,8 +107,8 @@ def test_qlora_on_the_cpu_lowers_the_loss_and_its_export_serves(smollm2_hf: Path
     write_prepared(Path(cfg.data.prepared_dir), records, report)
     cpu = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
     result = train(cfg, info=cpu)
-    assert len(result.losses) == 6
-    assert sum(result.losses[-2:]) < sum(result.losses[:2]), result.losses
+    assert len(result.losses) == 4
+    assert result.losses[-1] < result.losses[0], result.losses
     assert result.export_dir is not None
 
     async def serve() -> tuple[str, str]:
