@@ -136,6 +136,8 @@ def _has_kernel(op: str, key: str) -> bool:
         )
     except RuntimeError:  # the op is not defined in this bitsandbytes
         return False
+    except AttributeError:  # a torch without this registry query: trust the device list
+        return True
 
 
 def refusal(
