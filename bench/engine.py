@@ -295,7 +295,7 @@ async def p5(model: Path, args: argparse.Namespace, recall: str) -> tuple[float,
                 while used < 2 * settings.context_tokens:  # older turns the window must drop
                     text = facts[i] if i < len(facts) else chatter(i, 30)
                     role = "user" if i % 2 == 0 or i < len(facts) else "assistant"
-                    await memory.add_turn(
+                    await memory.turns.add(
                         channel, role, text, name="ann", tokens=eng.count_tokens(text)
                     )
                     used += eng.count_tokens(text) + 8

@@ -17,7 +17,7 @@ with how much of each prompt is an unchanged prefix of the next (what the engine
 reuses).
 
 Printed: prepare median / p99 (target: median <= 5 ms), the memory store's append rate
-(add_turn) and read rate (recent_turns), and a baseline measured in this same process (one
+(turns.add) and read rate (turns.recent), and a baseline measured in this same process (one
 tokenization of a whole 4k prompt) with the ratio to it, since shared machines are noisy.
 """
 
@@ -138,7 +138,7 @@ async def run(args: argparse.Namespace) -> int:
                 rows.append((role, text, name, engine.count_tokens(text.strip())))
             start = time.perf_counter()
             for i, (role, text, name, tokens) in enumerate(rows):
-                await memory.add_turn(
+                await memory.turns.add(
                     CHANNEL,
                     role,
                     text,
@@ -150,13 +150,13 @@ async def run(args: argparse.Namespace) -> int:
             append_s = time.perf_counter() - start
             # a little noise from other channels, interleaved in the same table
             for i in range(args.turns // 4):
-                await memory.add_turn(CHANNEL + 1 + i % 7, "user", message(rnd), tokens=20)
+                await memory.turns.add(CHANNEL + 1 + i % 7, "user", message(rnd), tokens=20)
 
             budget = CONTEXT - MAX_NEW
             reads, read_rows = 0, 0
             start = time.perf_counter()
             while time.perf_counter() - start < 1.0 or reads < 50:
-                got = await memory.recent_turns(CHANNEL, token_budget=budget)
+                got = await memory.turns.recent(CHANNEL, token_budget=budget)
                 reads += 1
                 read_rows += len(got)
             read_s = time.perf_counter() - start
@@ -177,7 +177,7 @@ async def run(args: argparse.Namespace) -> int:
             last_text = ""
             for i in range(args.iterations):
                 t_event = time.perf_counter()
-                turn_id = await memory.add_turn(
+                turn_id = await memory.turns.add(
                     CHANNEL,
                     "user",
                     texts[i],
@@ -203,7 +203,7 @@ async def run(args: argparse.Namespace) -> int:
                     head = last_text[: last_text.rindex("### Response:")]
                     reused.append(len(os.path.commonprefix([head, job.prompt.text])) / len(head))
                 last_text = job.prompt.text
-                await memory.add_turn(
+                await memory.turns.add(
                     CHANNEL,
                     "assistant",
                     replies[i],
@@ -229,7 +229,7 @@ async def run(args: argparse.Namespace) -> int:
         f"window {CONTEXT} tokens, budget {budget}, {args.iterations} iterations"
     )
     print(
-        f"prepare (recent_turns + fit_prompt): median {median * 1e3:.2f} ms, "
+        f"prepare (turns.recent + fit_prompt): median {median * 1e3:.2f} ms, "
         f"p99 {percentile(timings, 0.99) * 1e3:.2f} ms, max {max(timings) * 1e3:.2f} ms "
         f"(target median <= {TARGET_MS:g} ms: {'met' if median * 1e3 <= TARGET_MS else 'MISSED'})"
     )
@@ -255,7 +255,7 @@ async def run(args: argparse.Namespace) -> int:
         f"({append_s / args.turns * 1e3:.3f} ms each, one transaction per turn)"
     )
     print(
-        f"memory read: {reads / read_s:,.0f} recent_turns calls/s, "
+        f"memory read: {reads / read_s:,.0f} turns.recent calls/s, "
         f"{read_rows / read_s:,.0f} rows/s ({read_rows / reads:.0f} rows per call)"
     )
     if profiler is not None or median * 1e3 > TARGET_MS:

@@ -9,7 +9,9 @@ preference, each said once in the first fifth of the channel). At the end, each 
 about in other words, one question at a time, through the bot's own `Conversations.prepare`
 under a 4096-token window, and we check whether the fact's turn is in the prompt
 (recall@prompt) with recall on and off. Off, it is 0% by construction: the facts are far
-outside the window.
+outside the window. 15 of each channel's facts are said in the middle of a long message (250-600
+words, more than the recall budget): they are reported apart, and count only when the answer
+itself is in the prompt (recall shows an excerpt of such a turn around the matched words).
 
 A second run strings the real conversations of ../shared/data/sharegpt-dummy_conversation.json
 (2,000 turns of FastChat's identity chats: repetitive, so every question has many near-miss
@@ -36,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from prompt_memory import NAMES, CountingEngine, message  # noqa: E402
-from recall_facts import planted_facts  # noqa: E402
+from prompt_memory import NAMES, WORDS, CountingEngine, message  # noqa: E402
+from recall_facts import planted_facts, said_at_length  # noqa: E402
 
 from bot.conversation import Conversations  # noqa: E402
 from bot.memory import Memory  # noqa: E402
@@ -47,6 +49,8 @@ TOKENIZER = ROOT.parent / "shared" / "fixtures" / "llama2-tokenizer"
 SHAREGPT = ROOT.parent / "shared" / "data" / "sharegpt-dummy_conversation.json"
 CONTEXT, MAX_NEW = 4096, 400
 GUILD = 1
+#: Of each channel's 50 facts, how many are said inside a long message (`said_at_length`).
+LONG_FACTS = 15
 
 
 def synthetic_filler(rnd: random.Random, n: int) -> list[tuple[str, str, str]]:
@@ -79,6 +83,8 @@ async def measure(
 ) -> dict[str, float]:
     """Plant the facts in `filler`, ask about each at the end, recall on and off."""
     facts = planted_facts(rnd)
+    for i in rnd.sample(range(len(facts)), LONG_FACTS):
+        facts[i] = said_at_length(facts[i], rnd, WORDS)
     early = len(filler) // 5
     slots = sorted(rnd.sample(range(early), len(facts)))
     db_path = tmp / f"{label}.db"
@@ -91,7 +97,7 @@ async def measure(
             while pending and pending[0][0] == i:
                 fact = pending.pop(0)[1]
                 fact_ids.append(
-                    await memory.add_turn(
+                    await memory.turns.add(
                         label_channel(label),
                         "user",
                         fact.said,
@@ -101,7 +107,7 @@ async def measure(
                         tokens=engine.count_tokens(fact.said),
                     )
                 )
-            await memory.add_turn(
+            await memory.turns.add(
                 label_channel(label),
                 role,
                 text,
@@ -121,9 +127,9 @@ async def measure(
                 env_file=None,
             )
             conv = Conversations(settings, memory, engine)
-            hits, times = 0, []
+            hits, long_hits, times = 0, 0, []
             for fact, fact_id in zip(facts, fact_ids, strict=True):
-                qid = await memory.add_turn(
+                qid = await memory.turns.add(
                     label_channel(label),
                     "user",
                     fact.asked,
@@ -137,10 +143,16 @@ async def measure(
                 times.append(time.perf_counter() - t0)
                 assert job is not None
                 ids = {t.id for t in job.prompt.turns} | {t.id for t in job.prompt.recalled}
-                hits += fact_id in ids
+                # a long turn counts only when the answer itself made it into the prompt
+                found = fact_id in ids and (not fact.long or fact.answer in job.prompt.text)
+                if fact.long:
+                    long_hits += found
+                else:
+                    hits += found
                 # the question leaves memory again, so each question sees the same channel
-                await memory.delete_turn(qid)
-            results[f"recall@prompt {mode}"] = hits / len(facts)
+                await memory.turns.delete(qid)
+            results[f"recall@prompt {mode}"] = hits / (len(facts) - LONG_FACTS)
+            results[f"long recall@prompt {mode}"] = long_hits / LONG_FACTS
             results[f"prepare ms {mode}"] = statistics.median(times) * 1e3
     finally:
         await memory.close()
@@ -173,18 +185,22 @@ async def run(args: argparse.Namespace) -> int:
         else:
             print(f"(real conversations skipped: {SHAREGPT} is absent)")
     print(
-        f"{args.turns} turns per synthetic channel, 50 planted facts each in the first fifth, "
-        f"window {CONTEXT} (history {CONTEXT - MAX_NEW} incl. 10% for recall)"
+        f"{args.turns} turns per synthetic channel, 50 planted facts each in the first fifth "
+        f"({LONG_FACTS} of them inside a long message of 250-600 words), window {CONTEXT} "
+        f"(history {CONTEXT - MAX_NEW} incl. 10% for recall)"
     )
-    print("| channel | recall@prompt on | off | prepare ms on | off |")
-    print("|---|---|---|---|---|")
+    print("| channel | recall@prompt on | off | long turns on | off | prepare ms on | off |")
+    print("|---|---|---|---|---|---|---|")
     for label, r in rows:
         print(
             f"| {label} | {r['recall@prompt on']:.0%} | {r['recall@prompt off']:.0%} | "
+            f"{r['long recall@prompt on']:.0%} | {r['long recall@prompt off']:.0%} | "
             f"{r['prepare ms on']:.2f} | {r['prepare ms off']:.2f} |"
         )
     synthetic = [r for label, r in rows if label.startswith("synthetic")]
     mean_on = statistics.mean(r["recall@prompt on"] for r in synthetic)
+    mean_long = statistics.mean(r["long recall@prompt on"] for r in synthetic)
+    print(f"synthetic mean recall@prompt of long-turn facts with recall on: {mean_long:.1%}")
     ratio = statistics.mean(r["prepare ms on"] / r["prepare ms off"] for r in synthetic)
     print(
         f"synthetic mean recall@prompt with recall on: {mean_on:.1%} (target >= 90%: "

@@ -8,7 +8,8 @@ name, a date, a number or a preference, 50 of them, each with the answer a reply
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class Fact:
     said: str  # the message that states the fact
     asked: str  # the much later question about it
     answer: str  # what the fact turn must contain
+    long: bool = False  # said inside a long message (`said_at_length`)
 
 
 _NAMES = ["Biscuit", "Pepper", "Juniper", "Moose", "Clementine", "Waffles", "Tofu", "Pixel"]
@@ -141,3 +143,18 @@ def planted_facts(rnd: random.Random) -> list[Fact]:
             value = _PREFS[i % len(_PREFS)]
         facts.append(Fact(said.format(v=value), asked, value))
     return facts
+
+
+#: Words in a long-turn fact's message, around the fact (a Llama 2 token is ~0.75 word here, so
+#: 250-600 words are ~350-800 tokens: over the recall budget of a 4096 window, 409 tokens).
+LONG_WORDS = (250, 600)
+
+
+def said_at_length(fact: Fact, rnd: random.Random, vocabulary: Sequence[str]) -> Fact:
+    """`fact` said in the middle of a long message of filler `vocabulary`: the whole turn does
+    not fit the recall budget, so only an excerpt around the fact can bring it back."""
+    n = rnd.randint(*LONG_WORDS)
+    words = [rnd.choice(vocabulary) for _ in range(n)]
+    at = rnd.randrange(n // 5, 4 * n // 5)
+    text = " ".join(words[:at]) + ". Oh and " + fact.said + ". " + " ".join(words[at:])
+    return replace(fact, said=text, long=True)

@@ -51,8 +51,8 @@ def cmd_run(settings: Settings) -> int:
 def cmd_console(settings: Settings, args: argparse.Namespace) -> int:
     from bot.console import console_personas, persona_problem, run_console
     from bot.engine import EngineError, make_engine
-    from bot.memory import MemoryError_
     from bot.model_source import ModelSourceError, resolve_engine_sources
+    from bot.store.db import UnusableDatabaseError
 
     # Cheap checks first: a typo in --persona or MODEL never waits for a model to load.
     problem = asyncio.run(persona_problem(console_personas(settings, report=False), args.persona))
@@ -73,7 +73,7 @@ def cmd_console(settings: Settings, args: argparse.Namespace) -> int:
         )
     except ModelSourceError as exc:
         return _fail(str(exc), 1)
-    except (EngineError, MemoryError_) as exc:
+    except (EngineError, UnusableDatabaseError) as exc:
         return _fail(str(exc), 1)
     except KeyboardInterrupt:  # Ctrl-C while the model was still loading
         return 130

@@ -161,7 +161,7 @@ async def run_console(
             print(f"hermes-bot: {problem}", file=sys.stderr)
             return 2
         if not resume:  # a fresh conversation; the earlier ones stay stored
-            await memory.forget(CONSOLE_CHANNEL)
+            await memory.turns.forget(CONSOLE_CHANNEL)
         await engine.start()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGINT, lambda: _on_interrupt(interrupts, stdout))
@@ -170,6 +170,8 @@ async def run_console(
         reader = LineReader(stdin)
         if interactive:
             print(f"hermes console: {engine.info.model}. {HELP}", file=stdout)
+        if show_prompt:  # decided once for the model: shown once, before the first prompt
+            print(f"prompt format: {conv.fmt.describe()}", file=stdout, flush=True)
         while not interrupts.leave.is_set():
             if interactive:
                 print("you> ", end="", file=stdout, flush=True)
@@ -182,7 +184,7 @@ async def run_console(
             if text in ("/quit", "/exit"):
                 break
             if text == "/reset":
-                await memory.forget(CONSOLE_CHANNEL)
+                await memory.turns.forget(CONSOLE_CHANNEL)
                 print("(conversation forgotten)", file=stdout, flush=True)
                 continue
             if text == "/help":

@@ -17,8 +17,15 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bot.engine import Engine, EngineRequest, GenerationParams, ReplyStats, params_from_settings
-from bot.memory import Memory, StoredTurn
+from bot.engine import (
+    Engine,
+    EngineError,
+    EngineRequest,
+    GenerationParams,
+    ReplyStats,
+    params_from_settings,
+)
+from bot.memory import Memory
 from bot.personas import (
     DEFAULT_PERSONA,
     Persona,
@@ -31,22 +38,21 @@ from bot.prompt import (
     BLOCK_MARGIN,
     INPUT,
     RECALL_HEADING,
-    RESPONSE,
     SEPARATOR,
     FittedPrompt,
     TokenCounter,
     Turn,
-    clean_reply,
     fit_prompt,
     other_speakers,
     recall_line,
     seen_by,
-    stop_strings,
     with_recall,
 )
-from bot.recall import recall
+from bot.prompt_template import ALPACA, AlpacaFormat, TemplateError, TemplateFormat, choose_format
+from bot.recall import recall, recall_tokens
 from bot.settings import Settings
 from bot.speakers import KnownNames, Member
+from bot.store.turns import StoredTurn
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +83,15 @@ class ReplyJob:
     notes: list[str] = field(default_factory=list)
 
 
-def reopen_last_reply(prompt: FittedPrompt) -> bool:
+def reopen_last_reply(prompt: FittedPrompt, fmt: AlpacaFormat | TemplateFormat = ALPACA) -> bool:
     """Make `prompt` continue its last reply instead of asking for a new one; False if the
     last turn is not the bot's.
 
-    Drops the trailing "\\n\\n### Response:\\n" so the model writes on from the reply's last word.
+    Drops the reply's end and the next reply's opening (Alpaca: "\\n\\n### Response:\\n"; a
+    template: its end-of-turn token and generation prompt), so the model writes on from the
+    reply's last word, the assistant message left open.
     """
-    tail = SEPARATOR + RESPONSE
+    tail = fmt.reply_end + fmt.reply_open
     if not (prompt.turns and prompt.turns[-1].role == "assistant" and prompt.text.endswith(tail)):
         return False
     prompt.text = prompt.text[: -len(tail)]
@@ -111,7 +119,8 @@ class Conversations:
         self.engine = engine
         self.bot_name = bot_name
         self.personas = personas
-        self.counter = TokenCounter(engine.count_tokens)
+        self.fmt = self._format(engine)
+        self.counter = TokenCounter(engine.count_tokens, self.fmt)
         self._locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._start_hint: dict[tuple[int, str], int | None] = {}
         self.pending = 0
@@ -124,9 +133,24 @@ class Conversations:
         # the reply watchers (metrics) move with the engine: hooks belong to an engine instance
         old = [h for h in self.engine.finish_hooks if h not in engine.finish_hooks]
         engine.finish_hooks.extend(old)
+        self.fmt = self._format(engine)
         self.engine = engine
-        self.counter = TokenCounter(engine.count_tokens)
+        self.counter = TokenCounter(engine.count_tokens, self.fmt)
         self._start_hint.clear()
+
+    def _format(self, engine: Engine) -> AlpacaFormat | TemplateFormat:
+        """The prompt format for `engine`'s model (`PROMPT_FORMAT`), decided once per model."""
+        try:
+            fmt = choose_format(self.settings.prompt_format, engine.tokenizer)
+        except TemplateError as exc:
+            raise EngineError(str(exc)) from None
+        if fmt.name == "server" and not engine.takes_messages:
+            raise EngineError(
+                "PROMPT_FORMAT=server sends role messages to a chat endpoint: it needs "
+                "ENGINE=openai; use auto, alpaca or chat_template with this engine"
+            )
+        log.info("prompt format: %s", fmt.describe())
+        return fmt
 
     # ---- storing ----------------------------------------------------------------------------
 
@@ -142,11 +166,11 @@ class Conversations:
         awaiting: bool = False,
         aliases: Sequence[str | None] = (),
     ) -> int:
-        """Store a member's turn; `awaiting`: the bot owes it a reply (see Memory.add_turn).
+        """Store a member's turn; `awaiting`: the bot owes it a reply (see TurnStore.add).
         `aliases`: the author's other names (global name, username), known from now on."""
         if author_id is not None:
             await self._note_speaker(guild_id, channel_id, author_id, [name, *aliases])
-        return await self.memory.add_turn(
+        return await self.memory.turns.add(
             channel_id,
             "user",
             content,
@@ -171,7 +195,7 @@ class Conversations:
     ) -> int:
         """Store the bot's turn; `answers`: the user turn it answers, no longer owed a reply."""
         ids = message_ids or []
-        return await self.memory.add_turn(
+        return await self.memory.turns.add(
             channel_id,
             "assistant",
             content,
@@ -185,7 +209,9 @@ class Conversations:
         )
 
     async def edit(self, message_id: int, content: str) -> bool:
-        return await self.memory.edit_message(message_id, content, self.counter(content.strip()))
+        return await self.memory.turns.edit_message(
+            message_id, content, self.counter(content.strip())
+        )
 
     # ---- ordering ---------------------------------------------------------------------------
 
@@ -256,11 +282,14 @@ class Conversations:
             prompt = await self._recall(
                 channel_id, guild_id, prompt, recall_budget, bot_name, known
             )
-        if continue_last and not reopen_last_reply(prompt):
+        if continue_last and not reopen_last_reply(prompt, self.fmt):
             return None
         names = self._other_names(prompt, cast, known, bot_name)
         params = replace(
-            params_from_settings(settings), stop=tuple(stop_strings(names)), **(overrides or {})
+            params_from_settings(settings),
+            stop=tuple(self.fmt.stops(names)),
+            stop_ids=self.fmt.end_ids,
+            **(overrides or {}),
         )
         return ReplyJob(
             channel_id,
@@ -283,7 +312,7 @@ class Conversations:
         Human messages that arrived after `reply_to` wait for their own reply; the bot's replies
         to earlier messages belong before it even when stored later.
         """
-        turns = await self.memory.recent_turns(channel_id, token_budget=budget)
+        turns = await self.memory.turns.recent(channel_id, token_budget=budget)
         turns = [t for t in turns if t.id != skip]
         if reply_to is None:
             return [t.to_turn() for t in turns], None
@@ -335,7 +364,7 @@ class Conversations:
             )
         else:
             prompt = fit_prompt(
-                "\n\n".join(filter(None, [self.settings.system_prompt, scene])),
+                "\n\n".join(filter(None, [self.settings.system_text(self.fmt.templated), scene])),
                 history,
                 current,
                 self.counter,
@@ -358,7 +387,7 @@ class Conversations:
         place = self._place(guild_id, channel_id)
         if (known := self._speakers.get(place)) is None:
             known = {}
-            for author, name in reversed(await self.memory.speakers(guild_id, channel_id)):
+            for author, name in reversed(await self.memory.turns.speakers(guild_id, channel_id)):
                 known.setdefault(author, []).append(name)
             self._speakers[place] = known
         return known
@@ -400,7 +429,13 @@ class Conversations:
         them): 0 when recall is off here or the SQLite build has no full-text index."""
         if not (settings.recall and self.memory.fts):
             return 0
-        return settings.recall_tokens or int(settings.context_tokens) // 10
+        return recall_tokens(settings)
+
+    def _recall_head_cost(self) -> int:
+        """Tokens a recall block costs besides its lines, in this model's format."""
+        if self.fmt.templated:
+            return self.counter(self.fmt.system_block(RECALL_HEADING)) + 1
+        return self.counter(RECALL_BLOCK_HEAD)
 
     async def _recall(
         self,
@@ -417,7 +452,6 @@ class Conversations:
         if users and users[-1].content not in query:
             query.insert(0, users[-1].content)
         oldest = prompt.start_id if prompt.start_id is not None else prompt.turns[-1].id
-        blocked = (await self.memory.blocked(guild_id))[0] if guild_id else set()
         now = prompt.turns[-1].when if prompt.turns else None
 
         def shown_cost(turn: StoredTurn) -> int:
@@ -429,9 +463,9 @@ class Conversations:
             channel_id,
             query,
             before_id=oldest,
-            budget_tokens=budget - self.counter(RECALL_BLOCK_HEAD) - BLOCK_MARGIN,
+            budget_tokens=budget - self._recall_head_cost() - BLOCK_MARGIN,
             window=[t.content for t in prompt.turns[:-1]],
-            exclude_authors=blocked,
+            exclude_authors=await self.memory.places.blocked_users(guild_id),
             shown_cost=shown_cost,
         )
         recalled = known.shown([t.to_turn() for t in found])
@@ -455,18 +489,20 @@ class Conversations:
                     temperature=max(job.params.temperature, 0.7),
                 )
             )
+            # role messages only for PROMPT_FORMAT=server (engines with `takes_messages`)
+            extra = {"messages": self.fmt.messages(job.prompt)} if self.fmt.name == "server" else {}
             gen: EngineRequest = self.engine.generate(
-                job.prompt.text, params, cache_key=job.cache_key or str(job.channel_id)
+                job.prompt.text, params, cache_key=job.cache_key or str(job.channel_id), **extra
             )
             job.stats = gen.stats
             shown = ""
             async for _ in gen:
-                text = clean_reply(gen.text, job.other_names, job.bot_name)
+                text = self.fmt.clean(gen.text, job.other_names, job.bot_name)
                 if text and text != shown:
                     shown = text
                     yield text
             self.recent.append(gen.stats)
-            job.text = clean_reply(gen.text, job.other_names, job.bot_name)
+            job.text = self.fmt.clean(gen.text, job.other_names, job.bot_name)
             if job.text:
                 return
             log.info("empty reply in channel %s (attempt %d)", job.channel_id, attempt + 1)

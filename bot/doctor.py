@@ -13,10 +13,13 @@ import socket
 import time
 
 from bot.engine import Engine, EngineError, GenerationParams, make_engine
-from bot.memory import SCHEMA_VERSION, Memory
+from bot.memory import Memory
 from bot.model_source import ModelSourceError, resolve_engine_sources
 from bot.personas import load_builtin_personas
+from bot.prompt import Turn
+from bot.prompt_template import TemplateError, choose_format
 from bot.settings import Settings
+from bot.store.db import SCHEMA_VERSION
 
 
 class Report:
@@ -88,14 +91,16 @@ async def check_model(settings: Settings, model: str | None, report: Report) -> 
         print(
             f"  loaded in {time.perf_counter() - start:.1f}s: {info.describe()}"
         )
+        fmt = choose_format(settings.prompt_format, engine.tokenizer)
+        print(f"  prompt format: {fmt.describe()}")
         begin = time.perf_counter()
         gen = engine.generate(
-            "### Instruction:\nSay hello.\n\n### Response:\n",
-            GenerationParams(max_new_tokens=8, temperature=0.0),
+            fmt.render_chat("", [Turn("user", "Say hello.")]),
+            GenerationParams(max_new_tokens=8, temperature=0.0, stop_ids=fmt.end_ids),
         )
         text = await gen.text_all()
         print(f"  test reply in {time.perf_counter() - begin:.2f}s: {text.strip()[:60]!r}")
-    except (ModelSourceError, EngineError) as exc:
+    except (ModelSourceError, EngineError, TemplateError) as exc:
         report.problem(str(exc))
     finally:
         if engine is not None:

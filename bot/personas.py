@@ -474,7 +474,7 @@ def build_persona_prompt(
 class PersonaLibrary:
     """Built-in personas plus each server's imported ones, looked up by name.
 
-    Imported personas live in SQLite (`Memory.save_persona`); parsed cards are cached per
+    Imported personas live in SQLite (`PersonaStore.save`); parsed cards are cached per
     (guild, name) and dropped with `invalidate` when a server edits or deletes one.
     """
 
@@ -490,7 +490,7 @@ class PersonaLibrary:
             key = (guild_id, persona_key(name))
             if key in self._cache:
                 return self._cache[key]
-            stored = await self.memory.get_persona(guild_id, name)
+            stored = await self.memory.personas.get(guild_id, name)
             if stored is not None:
                 try:
                     persona = imported_persona(
@@ -512,5 +512,5 @@ class PersonaLibrary:
         """Built-ins first, then the server's own, for listings and autocomplete."""
         names = [p.name for p in self.builtins.values()]
         if guild_id is not None:
-            names += [p.name for p in await self.memory.list_personas(guild_id)]
+            names += [p.name for p in await self.memory.personas.in_guild(guild_id)]
         return names

@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from bot.memory import ChannelState, GuildState, Memory
+from bot.memory import Memory
 from bot.settings import TUNABLE, Settings
+from bot.store.places import ChannelState, GuildState
 
 BLOCKED = "Sorry, you can't use my commands in this server."
 NOT_SERVED = "I'm not serving this channel."
@@ -99,7 +100,7 @@ async def _refusal(
 ) -> str | None:
     if guild is None:
         return None
-    users, roles = await memory.blocked(guild.guild_id)
+    users, roles = await memory.places.blocked(guild.guild_id)
     if asker.user_id in users or asker.role_ids & set(roles):
         return BLOCKED
     here = {place.channel_id, place.parent_id}
@@ -112,9 +113,9 @@ async def resolve(
     memory: Memory, settings: Settings, place: Place, asker: Asker | None = None
 ) -> ChannelPolicy:
     """The policy in force at `place`; with `asker`, whether they may use the bot there."""
-    channel = await memory.channel(place.channel_id)
-    parent = await memory.channel(place.parent_id) if place.parent_id else None
-    guild = await memory.guild(place.guild_id) if place.guild_id else None
+    channel = await memory.places.channel(place.channel_id)
+    parent = await memory.places.channel(place.parent_id) if place.parent_id else None
+    guild = await memory.places.guild(place.guild_id) if place.guild_id else None
     persona = (
         channel.persona
         or (parent.persona if parent else None)

@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from bot.textfold import (
     BREAKS,
@@ -258,10 +259,15 @@ def render_recall(turns: Sequence[Turn], bot_name: str = "", now: float | None =
     text, so a recalled message can neither forge a header nor a turn. A turn recalled as an
     excerpt (`bot.recall.excerpt`) shows "…" where its text was left out.
     """
+    return f"{INPUT}{text}{SEPARATOR}" if (text := recall_text(turns, bot_name, now)) else ""
+
+
+def recall_text(turns: Sequence[Turn], bot_name: str = "", now: float | None = None) -> str:
+    """The recall block's defused lines, whatever format wraps them (empty without turns)."""
     if not turns:
         return ""
     lines = [RECALL_HEADING, *(recall_line(turn, bot_name, now) for turn in turns)]
-    return f"{INPUT}{neutralize(chr(10).join(lines))}{SEPARATOR}"
+    return neutralize(chr(10).join(lines))
 
 
 def recall_line(turn: Turn, bot_name: str = "", now: float | None = None) -> str:
@@ -345,10 +351,13 @@ BLOCK_MARGIN = 2
 
 
 class TokenCounter:
-    """Counts tokens with the model's own tokenizer, caching the cost of block headers."""
+    """Counts tokens with the model's own tokenizer, caching the cost of block headers. `fmt`:
+    the model's prompt format (`bot.prompt_format`), which every prompt fitted with this counter
+    is rendered in; None is Alpaca, rendered by this module."""
 
-    def __init__(self, count: Callable[[str], int]) -> None:
+    def __init__(self, count: Callable[[str], int], fmt: Any = None) -> None:
         self._count = count
+        self.fmt = fmt if fmt is not None and fmt.templated else None
         self._overhead: dict[tuple[str, str], int] = {}
 
     def __call__(self, text: str) -> int:
@@ -363,7 +372,8 @@ class TokenCounter:
         quoted = _risky_lines(turn.content.strip(), bool(turn.name)) if turn.role == "user" else 0
         key = (turn.role, turn.name)
         if (extra := self._overhead.get(key)) is None:
-            extra = self._count(render_turn(turn.role, "x", turn.name)) - self._count("x")
+            render = self.fmt.turn_block if self.fmt else render_turn
+            extra = self._count(render(turn.role, "x", turn.name)) - self._count("x")
             extra = self._overhead[key] = extra + BLOCK_MARGIN
         return turn.tokens + extra + 2 * quoted
 
@@ -382,6 +392,7 @@ class FittedPrompt:
     recalled: list[Turn] = field(default_factory=list)  # turns recalled from beyond the window
     speakers: tuple[str, ...] = ()  # the bot's names the text was defused against
     older: bool = False  # history older than the window exists (cut now, or at `start_hint`)
+    fmt: Any = None  # the prompt format it is rendered in (TokenCounter.fmt); None: Alpaca
 
 
 def with_recall(
@@ -391,11 +402,12 @@ def with_recall(
 
     The caller made room for it: the history was fitted to the budget less the recall budget.
     """
+    fmt = prompt.fmt
     now = next((t.when for t in reversed(prompt.turns) if t.when is not None), None)
-    block = render_recall(recalled, bot_name, now)
+    block = (fmt.render_recall if fmt else render_recall)(recalled, bot_name, now)
     if not block:
         return prompt
-    prompt.text = render_chat(
+    prompt.text = (fmt.render_chat if fmt else render_chat)(
         prompt.system,
         prompt.turns,
         post_history=prompt.post_history,
@@ -445,11 +457,12 @@ def fit_prompt(
     time) is honoured while the turns since it still fit, so the prompt's prefix stays stable
     for many messages. `speakers` are the bot's names, for `chat_segments`.
     """
-    speakers = tuple(speakers)
-    fixed = count(render_system(system)) + BLOCK_MARGIN if system.strip() else 0
-    fixed += count(RESPONSE) + BLOCK_MARGIN
+    speakers, fmt = tuple(speakers), count.fmt
+    head = fmt.head(system) if fmt else render_system(system)
+    fixed = count(head) + BLOCK_MARGIN if head else 0
+    fixed += count(fmt.reply_open if fmt else RESPONSE) + BLOCK_MARGIN
     if post_history.strip():
-        fixed += count(render_system(post_history)) + BLOCK_MARGIN
+        fixed += count((fmt.system_block if fmt else render_system)(post_history)) + BLOCK_MARGIN
     notes: list[str] = []
     truncated = False
     cur_tokens = 0
@@ -494,7 +507,9 @@ def fit_prompt(
     turns = [t for t, _ in kept]
     turns_all = [*turns, current] if current is not None else turns
     return FittedPrompt(
-        text=render_chat(system, turns_all, post_history=post_history, speakers=speakers),
+        text=(fmt.render_chat if fmt else render_chat)(
+            system, turns_all, post_history=post_history, speakers=speakers
+        ),
         turns=turns_all,
         dropped=overflow,
         tokens=fixed + cur_tokens + used,
@@ -505,6 +520,7 @@ def fit_prompt(
         post_history=post_history,
         speakers=speakers,
         older=overflow or older,
+        fmt=fmt,
     )
 
 

@@ -2,7 +2,7 @@
 
 The prompt holds the newest turns that fit the window; everything older is still in SQLite. When
 the history did not fit, `recall` searches the older turns of the channel (the FTS5 index in
-`bot.memory`, BM25-ranked) for the words of the new message and the turns just before it, and
+`bot.store.turns`, BM25-ranked) for the words of the new message and the turns just before it, and
 returns the best few hits with one turn of context each, within a token budget, oldest first.
 No embedding model and no extra service: SQLite ships full-text search.
 
@@ -17,7 +17,9 @@ import re
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import replace
 
-from bot.memory import Memory, StoredTurn
+from bot.memory import Memory
+from bot.settings import Settings
+from bot.store.turns import StoredTurn
 
 #: Words that say nothing about what to look for. Short and English-centred on purpose: BM25
 #: already discounts common words; this only keeps them from crowding out the useful terms.
@@ -48,6 +50,12 @@ TURN_OVERHEAD = 12
 MIN_EXCERPT = 8
 #: Most words (FTS5 tokens) in an excerpt: SQLite's `snippet()` shows at most 64.
 MAX_EXCERPT_WORDS = 64
+
+
+def recall_tokens(settings: Settings) -> int:
+    """Tokens of the window given to recalled turns: RECALL_TOKENS, or a tenth of
+    CONTEXT_TOKENS when it is 0 (`settings` as the channel has them)."""
+    return settings.recall_tokens or int(settings.context_tokens) // 10
 
 
 def query_terms(texts: Sequence[str], max_terms: int = MAX_TERMS) -> list[str]:
@@ -140,7 +148,7 @@ async def recall(
     if not terms:
         return []
     match = match_expression(terms)
-    hits = await memory.search_turns(channel_id, match, before_id=before_id, limit=CANDIDATES)
+    hits = await memory.turns.search(channel_id, match, before_id=before_id, limit=CANDIDATES)
     chosen: dict[int, StoredTurn] = {}
     chosen_words: list[frozenset[str]] = []
     used = 0
@@ -193,7 +201,7 @@ async def excerpt(
         return None
     words = min(MAX_EXCERPT_WORDS, room)
     while words >= 1:
-        text = await memory.snippet(hit.id, match, words)
+        text = await memory.turns.snippet(hit.id, match, words)
         if not text:
             return None
         short = replace(hit, content=text, tokens=None)

@@ -15,8 +15,10 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from bot.memory import Memory, SceneMember, SceneState
+from bot.memory import Memory
 from bot.personas import Persona, PersonaLibrary, fill, persona_key
+from bot.store.scenes import SceneMember, SceneState
+from bot.textfold import skeleton
 
 POLICIES = ("natural", "list", "manual")
 #: SillyTavern's default talkativeness for a card that does not say.
@@ -26,15 +28,28 @@ ROSTER_LINE = 120
 
 
 @functools.lru_cache(maxsize=1024)
-def _word(name: str) -> re.Pattern[str]:
-    """`name` as a whole word (or phrase), any case; never a regex of the user's making."""
-    words = r"\s+".join(re.escape(w) for w in name.split())
-    return re.compile(rf"(?<!\w){words}(?!\w)", re.IGNORECASE)
+def _word(name: str) -> re.Pattern[str] | None:
+    """`name` as a whole word (or phrase) of folded text (`bot.textfold.skeleton`: any case,
+    width or look-alike script); never a regex of the user's making. None for a blank name."""
+    words = r"\s+".join(re.escape(w) for w in skeleton(name).split())
+    return re.compile(rf"(?<!\w){words}(?!\w)") if words else None
+
+
+@functools.lru_cache(maxsize=256)
+def _folded(text: str) -> str:
+    return skeleton(text)
 
 
 def first_mention(text: str, words: Iterable[str]) -> int | None:
-    """Where the earliest of `words` appears in `text` as a word; None when none does."""
-    hits = [m.start() for w in words if w.strip() and (m := _word(w.strip()).search(text))]
+    """Where the earliest of `words` appears in `text` as a word, compared case- and
+    confusable-folded (`Ѕable` with a Cyrillic Ѕ names Sable); None when none does. The
+    position is in the folded text: it orders mentions, it is not an index into `text`."""
+    folded = _folded(text)
+    hits = [
+        m.start()
+        for w in words
+        if w.strip() and (p := _word(w.strip())) is not None and (m := p.search(folded))
+    ]
     return min(hits) if hits else None
 
 
@@ -82,8 +97,8 @@ class Scene:
         return next((m for m in self.members if persona_key(m.name) == key), None)
 
     def named(self, text: str) -> list[SceneMember]:
-        """Active members named in `text` (name or nickname as a word, any case), in the order
-        they are first named."""
+        """Active members named in `text` (name or nickname as a word, case- and
+        confusable-folded), in the order they are first named."""
         found = [
             (at, m.seat, m)
             for m in self.active
@@ -174,7 +189,7 @@ async def load_scene(
     memory: Memory, personas: PersonaLibrary | None, channel_id: int, guild_id: int | None
 ) -> Scene:
     """The channel's scene with each member's card (None for a persona since deleted)."""
-    state = await memory.scene(channel_id)
+    state = await memory.scenes.get(channel_id)
     found: dict[str, Persona | None] = {}
     for m in state.members:
         found[persona_key(m.name)] = await personas.get(m.name, guild_id) if personas else None

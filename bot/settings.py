@@ -62,6 +62,14 @@ class Settings:
         "Tokenizer folder or hub id, when it differs from MODEL (with "
         "ENGINE=openai only the tokenizer is needed locally).",
     )
+    prompt_format: str = _opt(
+        "auto",
+        "How prompts are laid out: auto uses the tokenizer's chat template when it has one "
+        "(ChatML, Llama-3, Mistral ...) and Alpaca otherwise (Nous-Hermes-Llama2); chat_template "
+        "requires one; server sends role messages to the OpenAI-compatible chat endpoint "
+        "(ENGINE=openai) and lets the server apply its template.",
+        choices=("auto", "alpaca", "chat_template", "server"),
+    )
     engine: str = _opt(
         "local",
         "Where generation runs: in this process, or an OpenAI-compatible server (vLLM).",
@@ -106,6 +114,12 @@ class Settings:
         "You are Hermes, a helpful, witty assistant chatting in a Discord "
         "server. Answer the latest message.",
         "Default system text (an Input block) when no persona is set.",
+    )
+    template_system_prompt: str = _opt(
+        "",
+        "System text under a chat template while SYSTEM_PROMPT keeps its default (a small chat "
+        "model takes the witty default too literally); empty: the template's own default "
+        "system message (SmolLM2's 'You are a helpful AI assistant named SmolLM ...').",
     )
     owner_ids: tuple[int, ...] = _opt(
         (), "Comma-separated Discord user ids with admin rights everywhere."
@@ -201,6 +215,13 @@ class Settings:
         lo=0,
         hi=10,
     )
+    confirm_timeout: float = _opt(
+        60.0,
+        "Seconds a confirmation button (`/admin memory clear`) waits for its click; then it "
+        "times out and nothing changes.",
+        lo=1.0,
+        hi=3600.0,
+    )
     wake_words: bool = _opt(
         False,
         "In `mention` channels, also answer messages that name the bot, its persona or a scene "
@@ -213,6 +234,14 @@ class Settings:
         hi=200,
         tunable=True,
     )
+
+    def system_text(self, templated: bool) -> str:
+        """The plain assistant's system text: SYSTEM_PROMPT, or, in a chat template while
+        SYSTEM_PROMPT is left at its default, TEMPLATE_SYSTEM_PROMPT."""
+        default = type(self).__dataclass_fields__["system_prompt"].default
+        if templated and self.system_prompt == default:
+            return self.template_system_prompt
+        return self.system_prompt
 
     def redacted(self) -> dict[str, Any]:
         """Settings safe to print: secrets show only whether they are set."""

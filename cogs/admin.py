@@ -18,11 +18,11 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord.checks import is_owner, policy_for, require_manager
+from bot.discord.checks import audit, is_owner, policy_for, require_manager
 from bot.discord.posting import say_privately
-from bot.engine import first_line, make_engine
+from bot.engine import first_line
 from bot.metrics import summary
-from bot.recall import recall
+from bot.recall import recall, recall_tokens
 from bot.settings import TUNABLE, check_tunable, tunable_label
 
 if TYPE_CHECKING:
@@ -77,9 +77,6 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     access_group = app_commands.Group(name="access", description="Who and where the bot serves")
     model_group = app_commands.Group(name="model", description="The model")
 
-    #: Seconds `/admin memory clear` waits for its confirm button (per cog; tests shorten it).
-    confirm_timeout: float = 60.0
-
     def __init__(self, bot: HermesBot) -> None:
         self.bot = bot
         self.memory = bot.memory
@@ -89,23 +86,6 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         """Every /admin command: the shared manager check (refusals are answered by the bot)."""
         return await require_manager(interaction)
-
-    async def audit(
-        self,
-        interaction: discord.Interaction,
-        action: str,
-        old: object = None,
-        new: object = None,
-        channel_id: int | None = None,
-    ) -> None:
-        await self.memory.audit(
-            interaction.user.id,
-            action,
-            guild_id=interaction.guild_id,
-            channel_id=channel_id or interaction.channel_id,
-            old=old,
-            new=new,
-        )
 
     # ---- channel mode -----------------------------------------------------------------------
 
@@ -122,9 +102,9 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     ) -> None:
         target = channel.id if channel else interaction.channel_id
         assert target is not None
-        old = (await self.memory.channel(target)).mode
-        await self.memory.update_channel(target, interaction.guild_id, mode=mode)
-        await self.audit(interaction, "channel.mode", old, mode, target)
+        old = (await self.memory.places.channel(target)).mode
+        await self.memory.places.update_channel(target, interaction.guild_id, mode=mode)
+        await audit(interaction, "channel.mode", old, mode, target)
         await say_privately(
             interaction,
             f"<#{target}> is now `{mode}` (was `{old or 'mention (default)'}`)."
@@ -160,20 +140,20 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             return
         assert interaction.guild_id is not None and interaction.channel_id is not None
         if scope == "server":
-            guild = await self.memory.guild(interaction.guild_id)
+            guild = await self.memory.places.guild(interaction.guild_id)
             old = guild.settings.get(name)
-            await self.memory.update_guild(
+            await self.memory.places.update_guild(
                 interaction.guild_id, settings={**guild.settings, name: parsed}
             )
         else:
-            chan = await self.memory.channel(interaction.channel_id)
+            chan = await self.memory.places.channel(interaction.channel_id)
             old = chan.settings.get(name)
-            await self.memory.update_channel(
+            await self.memory.places.update_channel(
                 interaction.channel_id,
                 interaction.guild_id,
                 settings={**chan.settings, name: parsed},
             )
-        await self.audit(interaction, f"settings.set {scope} {name}", old, parsed)
+        await audit(interaction, f"settings.set {scope} {name}", old, parsed)
         await say_privately(interaction, f"`{name}` is now **{parsed}** for this {scope}.")
 
     @settings_group.command(name="reset", description="Back to the defaults")
@@ -182,14 +162,14 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     ) -> None:
         assert interaction.guild_id is not None and interaction.channel_id is not None
         if scope == "server":
-            old = (await self.memory.guild(interaction.guild_id)).settings
-            await self.memory.update_guild(interaction.guild_id, settings={})
+            old = (await self.memory.places.guild(interaction.guild_id)).settings
+            await self.memory.places.update_guild(interaction.guild_id, settings={})
         else:
-            old = (await self.memory.channel(interaction.channel_id)).settings
-            await self.memory.update_channel(
+            old = (await self.memory.places.channel(interaction.channel_id)).settings
+            await self.memory.places.update_channel(
                 interaction.channel_id, interaction.guild_id, settings={}
             )
-        await self.audit(interaction, f"settings.reset {scope}", old, {})
+        await audit(interaction, f"settings.reset {scope}", old, {})
         await say_privately(
             interaction, f"Generation settings for this {scope} are back to the defaults."
         )
@@ -199,9 +179,9 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     @memory_group.command(name="forget", description="Start fresh here (undo with unforget)")
     async def forget(self, interaction: discord.Interaction) -> None:
         assert interaction.channel_id is not None
-        old = (await self.memory.channel(interaction.channel_id)).forget_before
-        new = await self.memory.forget(interaction.channel_id, interaction.guild_id)
-        await self.audit(interaction, "memory.forget", old, new)
+        old = (await self.memory.places.channel(interaction.channel_id)).forget_before
+        new = await self.memory.turns.forget(interaction.channel_id, interaction.guild_id)
+        await audit(interaction, "memory.forget", old, new)
         await say_privately(
             interaction,
             "I forgot this channel's conversation. `/admin memory unforget` brings it back.",
@@ -210,20 +190,20 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     @memory_group.command(name="unforget", description="Undo the last forget")
     async def unforget(self, interaction: discord.Interaction) -> None:
         assert interaction.channel_id is not None
-        old = (await self.memory.channel(interaction.channel_id)).forget_before
-        if not await self.memory.unforget(interaction.channel_id):
+        old = (await self.memory.places.channel(interaction.channel_id)).forget_before
+        if not await self.memory.turns.unforget(interaction.channel_id):
             await say_privately(interaction, "There is no forget to undo here.")
             return
-        new = (await self.memory.channel(interaction.channel_id)).forget_before
-        await self.audit(interaction, "memory.unforget", old, new)
+        new = (await self.memory.places.channel(interaction.channel_id)).forget_before
+        await audit(interaction, "memory.unforget", old, new)
         await say_privately(interaction, "Restored the conversation from before the last forget.")
 
     @memory_group.command(name="clear", description="Delete this channel's stored turns")
     async def clear(self, interaction: discord.Interaction) -> None:
         assert interaction.channel_id is not None
         # Every stored turn goes, forgotten ones too (stats would count only the visible ones).
-        stored = len(await self.memory.all_turns(interaction.channel_id))
-        view = ConfirmClear(interaction.user.id, timeout=self.confirm_timeout)
+        stored = len(await self.memory.turns.history(interaction.channel_id))
+        view = ConfirmClear(interaction.user.id, timeout=self.bot.settings.confirm_timeout)
         await interaction.response.send_message(
             f"Delete all {stored} stored turns of this channel for good?",
             view=view,
@@ -236,14 +216,14 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
                     content="Timed out; nothing was deleted.", view=None
                 )
             return
-        n = await self.memory.clear_channel(interaction.channel_id)
-        await self.audit(interaction, "memory.clear", n, 0)
+        n = await self.memory.turns.clear(interaction.channel_id)
+        await audit(interaction, "memory.clear", n, 0)
         await interaction.edit_original_response(content=f"Deleted {n} turns.", view=None)
 
     @memory_group.command(name="stats", description="Turns, tokens, oldest and newest")
     async def stats(self, interaction: discord.Interaction) -> None:
         assert interaction.channel_id is not None
-        s = await self.memory.stats(interaction.channel_id)
+        s = await self.memory.turns.stats(interaction.channel_id)
 
         def when(t: float | None) -> str:
             return f"<t:{int(t)}:R>" if t else "never"
@@ -253,7 +233,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             f"{s.turns} turns, {s.tokens} tokens; oldest {when(s.oldest)}, "
             f"newest {when(s.newest)}.",
         )
-        await self.audit(interaction, "memory.stats")
+        await audit(interaction, "memory.stats")
 
     @memory_group.command(name="search", description="What long-term recall finds here")
     @app_commands.describe(query="Words to look for, as if someone had just said them")
@@ -266,19 +246,16 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             return
         policy = await policy_for(self.bot, interaction.channel, interaction.guild_id)
         settings = policy.settings.applied(self.bot.settings)
-        budget = self.bot.conv.recall_budget(settings) or int(settings.context_tokens) // 10
-        blocked = (
-            (await self.memory.blocked(interaction.guild_id))[0] if interaction.guild_id else set()
-        )
+        budget = recall_tokens(settings)  # what recall would use here, even where it is off
         found = await recall(
             self.memory,
             interaction.channel.id,
             [query],
             before_id=None,
             budget_tokens=budget,
-            exclude_authors=blocked,
+            exclude_authors=await self.memory.places.blocked_users(interaction.guild_id),
         )
-        await self.audit(interaction, "memory.search", None, query)
+        await audit(interaction, "memory.search", None, query)
         if not found:
             await say_privately(interaction, "Recall finds nothing here for that.")
             return
@@ -295,7 +272,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     async def export(self, interaction: discord.Interaction) -> None:
         assert interaction.channel_id is not None
         count, data = await self.memory.export_jsonl(interaction.channel_id)
-        await self.audit(interaction, "memory.export", None, count)
+        await audit(interaction, "memory.export", None, count)
         await say_privately(
             interaction,
             f"{count} turns.",
@@ -314,9 +291,9 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
                 interaction, f"There is no persona called {name!r}. See `/persona list`."
             )
             return
-        old = (await self.memory.guild(interaction.guild_id)).default_persona
-        await self.memory.update_guild(interaction.guild_id, default_persona=resolved)
-        await self.audit(interaction, "persona.default", old, resolved)
+        old = (await self.memory.places.guild(interaction.guild_id)).default_persona
+        await self.memory.places.update_guild(interaction.guild_id, default_persona=resolved)
+        await audit(interaction, "persona.default", old, resolved)
         await say_privately(interaction, f"The server default persona is now **{resolved}**.")
 
     @persona_group.command(name="imports", description="Whether non-managers may import personas")
@@ -324,9 +301,9 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         self, interaction: discord.Interaction, rule: Literal["allow", "deny"]
     ) -> None:
         assert interaction.guild_id is not None
-        old = (await self.memory.guild(interaction.guild_id)).imports_allowed
-        await self.memory.update_guild(interaction.guild_id, imports_allowed=rule == "allow")
-        await self.audit(interaction, "persona.imports", old, rule == "allow")
+        old = (await self.memory.places.guild(interaction.guild_id)).imports_allowed
+        await self.memory.places.update_guild(interaction.guild_id, imports_allowed=rule == "allow")
+        await audit(interaction, "persona.imports", old, rule == "allow")
         await say_privately(
             interaction,
             f"Members without Manage Server {'may' if rule == 'allow' else 'may not'}"
@@ -340,11 +317,13 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     ) -> None:
         assert interaction.guild_id is not None
         kind = "role" if isinstance(target, discord.Role) else "user"
-        changed = await self.memory.set_blocked(interaction.guild_id, kind, target.id, blocked)
+        changed = await self.memory.places.set_blocked(
+            interaction.guild_id, kind, target.id, blocked
+        )
         verb = "block" if blocked else "unblock"
         # what: the target is part of the action; old: what it was before this command
         old = (not blocked) if changed else blocked
-        await self.audit(interaction, f"access.{verb} {kind} {target.id}", old, blocked)
+        await audit(interaction, f"access.{verb} {kind} {target.id}", old, blocked)
         label = f"<@&{target.id}>" if kind == "role" else f"<@{target.id}>"
         await say_privately(
             interaction,
@@ -371,7 +350,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         channel: Channelish | None = None,
     ) -> None:
         assert interaction.guild_id is not None
-        old = (await self.memory.guild(interaction.guild_id)).channel_allowlist
+        old = (await self.memory.places.guild(interaction.guild_id)).channel_allowlist
         new = list(old)
         target = channel.id if channel else interaction.channel_id
         if action == "add" and target not in new:
@@ -381,8 +360,8 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         elif action == "clear":
             new = []
         if new != old:
-            await self.memory.update_guild(interaction.guild_id, channel_allowlist=new)
-            await self.audit(interaction, f"access.channels {action}", old, new)
+            await self.memory.places.update_guild(interaction.guild_id, channel_allowlist=new)
+            await audit(interaction, f"access.channels {action}", old, new)
         listing = ", ".join(f"<#{c}>" for c in new) or "all channels (no allow-list)"
         await say_privately(interaction, f"The bot serves: {listing}.")
 
@@ -391,9 +370,9 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         self, interaction: discord.Interaction, rule: Literal["allow", "deny"]
     ) -> None:
         assert interaction.guild_id is not None
-        old = (await self.memory.guild(interaction.guild_id)).reset_allowed
-        await self.memory.update_guild(interaction.guild_id, reset_allowed=rule == "allow")
-        await self.audit(interaction, "access.reset", old, rule == "allow")
+        old = (await self.memory.places.guild(interaction.guild_id)).reset_allowed
+        await self.memory.places.update_guild(interaction.guild_id, reset_allowed=rule == "allow")
+        await audit(interaction, "access.reset", old, rule == "allow")
         await say_privately(
             interaction,
             f"Members {'may' if rule == 'allow' else 'may not'} use /reset in "
@@ -415,7 +394,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             f"recent: {summary(conv.recent)}",
             f"uptime: {uptime // 3600}h {uptime % 3600 // 60}m {uptime % 60}s",
         ]
-        await self.audit(interaction, "model.status")
+        await audit(interaction, "model.status")
         await say_privately(interaction, "\n".join(lines))
 
     @model_group.command(name="reload", description="Load a model folder or hub id and swap it in")
@@ -439,14 +418,14 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             target = model or old.info.model
             new = None
             try:
-                new = make_engine(self.bot.settings, model=target)
+                new = self.bot.make_engine(self.bot.settings, model=target)
                 await new.start()  # loads in a thread: the old model keeps answering meanwhile
             except Exception as exc:  # whatever went wrong, the old model stays
                 log.warning("reload of %s failed: %s", target, exc)
                 if new is not None:
                     with contextlib.suppress(Exception):
                         await new.close()
-                await self.audit(interaction, "model.reload failed", old.info.model, target)
+                await audit(interaction, "model.reload failed", old.info.model, target)
                 reason = first_line(exc)[:1500]
                 await say_privately(
                     interaction, f"Reload failed, still serving `{old.info.model}`: {reason}"
@@ -454,7 +433,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
                 return
             conv.set_engine(new)  # replies that start from now on use the new model
             await old.close()  # requests already queued on the old engine finish first
-            await self.audit(interaction, "model.reload", old.info.model, target)
+            await audit(interaction, "model.reload", old.info.model, target)
             await say_privately(
                 interaction, f"Now serving `{target}` ({new.info.dtype}, {new.info.device})."
             )
@@ -465,7 +444,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     async def audit_cmd(
         self, interaction: discord.Interaction, limit: app_commands.Range[int, 1, 50] = 10
     ) -> None:
-        rows = await self.memory.audit_log(interaction.guild_id, limit)
+        rows = await self.memory.audit.latest(interaction.guild_id, limit)
         if not rows:
             await say_privately(interaction, "No admin actions recorded yet.")
             return

@@ -3,9 +3,10 @@
 Also the user commands `/reset`, `/regenerate` and `/continue`. Whether to answer comes from the
 channel policy (`bot.policy`, through `bot.discord.checks`); who speaks from `bot.discord.webhooks`. In a channel
 with a scene (`bot.scenes`) the cast members a message names (or the one the scene's policy picks)
-answer, each as itself, and may answer each other up to SCENE_CHAIN times per human message.
-With WAKE_WORDS on, a `mention` channel also answers a message naming the bot, its persona or a
-cast member. Replies posted as one message get swipe buttons (`bot.discord.swipes`).
+answer, each as itself, and may answer each other up to SCENE_CHAIN times per human message;
+naming a cast member (name or nickname, case- and confusable-folded) addresses it in any mode but
+`off`. With WAKE_WORDS on, a `mention` channel also answers a message naming the bot or its
+persona. Replies posted as one message get swipe buttons (`bot.discord.swipes`).
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from discord.ext import commands
 from bot.conversation import EMPTY_NOTICE, Busy, ReplyJob
 from bot.discord.attachments import message_text
 from bot.discord.catchup import Claims, history_floor, owed_replies
-from bot.discord.checks import is_manager, place_of, policy_for, serves_here, speaks_here
+from bot.discord.checks import audit, is_manager, place_of, policy_for, serves_here, speaks_here
 from bot.discord.posting import ReplyStream, describe_failure, post, typing_while
-from bot.memory import StoredTurn
 from bot.personas import persona_key
 from bot.policy import ChannelPolicy
 from bot.scenes import Scene, SceneMember, chained, load_scene, member_context, speakers_for
 from bot.scenes import mentions_any as _mentions_any
+from bot.store.turns import StoredTurn
 
 if TYPE_CHECKING:
     from bot.discord.client import HermesBot
@@ -83,7 +84,7 @@ class Chat(commands.Cog):
                 return True
             if resolved.webhook_id and resolved.webhook_id in self.bot.webhooks.ids:
                 return True
-        turn = await self.memory.turn_for_message(ref.message_id)
+        turn = await self.memory.turns.for_message(ref.message_id)
         return turn is not None and turn.role == "assistant"
 
     def _ours(self, message: discord.Message) -> bool:
@@ -98,7 +99,7 @@ class Chat(commands.Cog):
         ref = message.reference
         if ref is None or ref.message_id is None:
             return None
-        turn = await self.memory.turn_for_message(ref.message_id)
+        turn = await self.memory.turns.for_message(ref.message_id)
         return turn.persona if turn is not None and turn.role == "assistant" else None
 
     def woken(self, policy: ChannelPolicy, text: str, scene: Scene) -> bool:
@@ -154,7 +155,7 @@ class Chat(commands.Cog):
         policy = await policy_for(self.bot, message.channel, guild_id, message.author)
         if policy.mode == "off" or policy.refusal is not None:
             return None
-        if await self.memory.turn_for_message(message.id) is not None:
+        if await self.memory.turns.for_message(message.id) is not None:
             return None  # a dispatch seen twice (e.g. replayed after a reconnect)
         text = await message_text(message, self.bot.user, self.bot.settings.attachment_kb)
         if not text:
@@ -165,7 +166,9 @@ class Chat(commands.Cog):
         if not replied:
             scene = await load_scene(self.memory, self.bot.personas, message.channel.id, guild_id)
             said = message.clean_content  # names count in what was written, not in attachments
-            called = await self.addressed(message) or self.woken(policy, said, scene)
+            # naming cast members addresses them in any mode but off; WAKE_WORDS is for the rest
+            named = bool(scene) and bool(scene.named(said))
+            called = named or await self.addressed(message) or self.woken(policy, said, scene)
             owed = policy.mode == "always" or called
             if owed and scene and live:  # catch-up picks when it answers (`_answer_owed`)
                 replied_to = await self.replied_persona(message)
@@ -189,7 +192,7 @@ class Chat(commands.Cog):
         )
         if message.id in self.early:  # edited or deleted while we were storing it
             if (late := self.early.pop(message.id)) is None:
-                await self.memory.delete_turn(turn_id)
+                await self.memory.turns.delete(turn_id)
                 self.answering.discard(message.id)
                 return None
             await self.conv.edit(message.id, late)
@@ -202,7 +205,7 @@ class Chat(commands.Cog):
         speakers = speakers_for(scene, said, replied_to=replied_to, pick=True, rng=self.rng)
         state = scene.state
         if state.policy in ("list", "manual"):  # the pick moved the round or used the choice
-            await self.memory.update_scene(
+            await self.memory.scenes.update(
                 state.channel_id,
                 guild_id,
                 next_seat=state.next_seat,
@@ -235,13 +238,13 @@ class Chat(commands.Cog):
 
     @commands.Cog.listener()
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
-        if not await self.memory.delete_message(payload.message_id):
+        if not await self.memory.turns.delete_message(payload.message_id):
             self._remember_early(payload.message_id, None)
 
     @commands.Cog.listener()
     async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
         for message_id in payload.message_ids:
-            if not await self.memory.delete_message(message_id):
+            if not await self.memory.turns.delete_message(message_id):
                 self._remember_early(message_id, None)
 
     def _remember_early(self, message_id: int, content: str | None) -> None:
@@ -282,7 +285,7 @@ class Chat(commands.Cog):
             return
         now = time.time()
         read = 0
-        for channel_id, guild_id in await self.memory.known_channels():
+        for channel_id, guild_id in await self.memory.owed.known_channels():
             channel = await self._channel(channel_id)
             if channel is None:
                 continue
@@ -293,9 +296,9 @@ class Chat(commands.Cog):
             except (discord.HTTPException, aiohttp.ClientError) as exc:
                 # one channel's history out of reach must not keep the others from catching up
                 log.warning("catch-up skipped channel %s: %s", channel_id, describe_failure(exc))
-        owed = owed_replies(await self.memory.awaiting_turns(), now, minutes)
+        owed = owed_replies(await self.memory.owed.awaiting(), now, minutes)
         for turn in owed.expired:
-            await self.memory.mark_answered(turn.id)
+            await self.memory.owed.mark_answered(turn.id)
         started = 0
         for turn in owed.answer:
             if turn.message_id is None or turn.message_id in self.answering:
@@ -304,7 +307,7 @@ class Chat(commands.Cog):
             if channel is None:
                 continue
             if (await policy_for(self.bot, channel, turn.guild_id)).mode == "off":
-                await self.memory.mark_answered(turn.id)
+                await self.memory.owed.mark_answered(turn.id)
                 continue
             self.answering.add(turn.message_id)
             trigger = channel.get_partial_message(turn.message_id)  # type: ignore[union-attr]
@@ -326,7 +329,7 @@ class Chat(commands.Cog):
         if scene:
             speakers = await self._pick(scene, turn.content, None, turn.guild_id)
             if not speakers:  # the scene gives nobody the word
-                await self.memory.mark_answered(turn.id)
+                await self.memory.owed.mark_answered(turn.id)
                 self.answering.discard(trigger.id)
                 return
             await self.answer_scene(trigger, turn.id, scene, speakers)
@@ -347,7 +350,7 @@ class Chat(commands.Cog):
     ) -> int:
         """Store the messages `channel` got since the newest one memory holds (within the
         window and the cap); returns how many were new."""
-        floor = history_floor(await self.memory.newest_message_id(channel.id), now, minutes)  # type: ignore[attr-defined]
+        floor = history_floor(await self.memory.owed.newest_message_id(channel.id), now, minutes)  # type: ignore[attr-defined]
         last = getattr(channel, "last_message_id", None)  # from the gateway, when it says
         if last is not None and last <= floor:
             return 0  # nothing new there: no request
@@ -404,7 +407,7 @@ class Chat(commands.Cog):
             async with self._queued(channel.id, message.id):
                 await self.reply(channel, guild_id, turn_id, reference=message)
         except Busy:
-            await self.memory.mark_answered(turn_id)
+            await self.memory.owed.mark_answered(turn_id)
             await post(channel, BUSY, reference=message)
 
     @contextlib.asynccontextmanager
@@ -476,7 +479,7 @@ class Chat(commands.Cog):
                     await stream.update(partial)
                     if owed and stream.messages:
                         owed = False
-                        await self.memory.mark_answered(turn_id)  # type: ignore[arg-type]
+                        await self.memory.owed.mark_answered(turn_id)  # type: ignore[arg-type]
             text = job.text
             if job.notes:
                 text = f"{text}\n-# {' '.join(job.notes)}"
@@ -484,7 +487,7 @@ class Chat(commands.Cog):
             if job.text != EMPTY_NOTICE:
                 await self._keep(channel.id, guild_id, job, messages, turn_id)
             elif turn_id is not None:
-                await self.memory.mark_answered(turn_id)
+                await self.memory.owed.mark_answered(turn_id)
             return messages
         except TimeoutError:
             log.error(
@@ -555,7 +558,7 @@ class Chat(commands.Cog):
             )
             return
         if turn_id is not None:
-            await self.memory.mark_answered(turn_id)
+            await self.memory.owed.mark_answered(turn_id)
 
     async def _keep(
         self,
@@ -619,9 +622,9 @@ class Chat(commands.Cog):
                             channel, guild_id, scene, following[:1], None, None, turn_id
                         )
                         posted = more + posted
-                await self.memory.mark_answered(turn_id)
+                await self.memory.owed.mark_answered(turn_id)
         except Busy:
-            await self.memory.mark_answered(turn_id)
+            await self.memory.owed.mark_answered(turn_id)
             await post(channel, BUSY, reference=message)
 
     async def scene_round(
@@ -698,23 +701,15 @@ class Chat(commands.Cog):
         assert channel_id is not None
         memory = self.memory
         if interaction.guild_id is not None:
-            guild = await memory.guild(interaction.guild_id)
+            guild = await memory.places.guild(interaction.guild_id)
             if not (guild.reset_allowed or is_manager(interaction)):
                 await interaction.response.send_message(
                     "An admin has not allowed /reset in this server.", ephemeral=True
                 )
                 return
-        old = (await memory.channel(channel_id)).forget_before
-        new = await memory.forget(channel_id, interaction.guild_id)
-        if interaction.guild_id is not None:
-            await memory.audit(
-                interaction.user.id,
-                "reset",
-                guild_id=interaction.guild_id,
-                channel_id=channel_id,
-                old=old,
-                new=new,
-            )
+        old = (await memory.places.channel(channel_id)).forget_before
+        new = await memory.turns.forget(channel_id, interaction.guild_id)
+        await audit(interaction, "reset", old, new, channel_id)
         await interaction.response.send_message(
             "Done: I forgot our conversation here.", ephemeral=True
         )
@@ -733,7 +728,7 @@ class Chat(commands.Cog):
         assert channel is not None
         nothing = f"I have no reply here to {verb}."
         memory = self.memory
-        if await memory.last_assistant_turn(channel.id) is None:
+        if await memory.turns.last_assistant(channel.id) is None:
             await interaction.response.send_message(nothing, ephemeral=True)
             yield None
             return
@@ -745,7 +740,7 @@ class Chat(commands.Cog):
                 await interaction.followup.send(BUSY, ephemeral=True)
                 yield None
                 return
-            last = await memory.last_assistant_turn(channel.id)
+            last = await memory.turns.last_assistant(channel.id)
             if last is None:
                 await interaction.followup.send(nothing, ephemeral=True)
             yield last
@@ -758,11 +753,11 @@ class Chat(commands.Cog):
         async with self._last_reply(interaction, "regenerate") as last:
             if last is None or channel is None:
                 return
-            ids = await memory.message_ids(last.id)
-            await memory.delete_turn(last.id)  # the new reply must not see the old one
+            ids = await memory.turns.message_ids(last.id)
+            await memory.turns.delete(last.id)  # the new reply must not see the old one
             before = [
                 t
-                for t in await memory.recent_turns(channel.id, limit=50)
+                for t in await memory.turns.recent(channel.id, limit=50)
                 if t.id < last.id and t.role == "user"
             ]
             messages = await self.reply(
@@ -774,7 +769,7 @@ class Chat(commands.Cog):
             if messages:
                 await self.bot.webhooks.delete_messages(channel, ids)
             else:  # no new reply: the old one stays, in Discord and in memory
-                await memory.add_turn(
+                await memory.turns.add(
                     channel.id,
                     "assistant",
                     last.content,
@@ -831,9 +826,9 @@ class Chat(commands.Cog):
             )
             messages = await post(channel, text, identity=identity)
             extended = last.content + joiner + text
-            await memory.update_turn(last.id, extended, self.conv.counter(extended))
-            await memory.link_messages(last.id, [m.id for m in messages])
-            await memory.end_swipes(last.id)  # its versions no longer match what is shown
+            await memory.turns.update(last.id, extended, self.conv.counter(extended))
+            await memory.turns.link_messages(last.id, [m.id for m in messages])
+            await memory.swipes.end(last.id)  # its versions no longer match what is shown
         await interaction.followup.send("Continued.", ephemeral=True)
 
 

@@ -18,7 +18,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.cards import MAX_CARD_BYTES, Card, CardError, export_card, export_png, parse_card
-from bot.discord.checks import is_manager, speaks_here
+from bot.discord.checks import audit, is_manager, speaks_here
 from bot.discord.posting import say_privately
 from bot.discord.webhooks import NAME_MAX, avatar_bytes, avatar_url
 from bot.personas import DEFAULT_PERSONA, Persona, fill, persona_key
@@ -26,7 +26,7 @@ from cogs.scenes import SceneCommands
 
 if TYPE_CHECKING:
     from bot.discord.client import HermesBot
-    from bot.memory import StoredPersona
+    from bot.store.personas import StoredPersona
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class Personas(
     async def may_import(self, interaction: discord.Interaction) -> bool:
         if interaction.guild_id is None:
             return False
-        guild = await self.memory.guild(interaction.guild_id)
+        guild = await self.memory.places.guild(interaction.guild_id)
         return guild.imports_allowed or is_manager(interaction)
 
     async def _own(self, interaction: discord.Interaction, name: str) -> StoredPersona | None:
@@ -156,7 +156,7 @@ class Personas(
         if interaction.guild_id is None:
             await say_privately(interaction, "Server personas live in servers, not DMs.")
             return None
-        stored = await self.memory.get_persona(interaction.guild_id, name)
+        stored = await self.memory.personas.get(interaction.guild_id, name)
         if stored is None:
             builtin = self.library.builtins.get(name)
             await say_privately(
@@ -188,13 +188,13 @@ class Personas(
     async def list_(self, interaction: discord.Interaction) -> None:
         builtins = [p.name for p in self.library.builtins.values()]
         own = (
-            [p.name for p in await self.memory.list_personas(interaction.guild_id)]
+            [p.name for p in await self.memory.personas.in_guild(interaction.guild_id)]
             if interaction.guild_id
             else []
         )
         current = None
         if interaction.channel_id:
-            current = (await self.memory.channel(interaction.channel_id)).persona
+            current = (await self.memory.places.channel(interaction.channel_id)).persona
         text = "**Built-in:** " + ", ".join(builtins)
         text += "\n**This server:** " + (", ".join(own) if own else "none yet (`/persona import`)")
         text += f"\nIn this channel: **{current or DEFAULT_PERSONA}**"
@@ -227,17 +227,11 @@ class Personas(
             )
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
-        old = (await self.memory.channel(channel.id)).persona
-        await self.memory.update_channel(channel.id, interaction.guild_id, persona=persona.name)
-        if interaction.guild_id:
-            await self.memory.audit(
-                interaction.user.id,
-                "persona.use",
-                guild_id=interaction.guild_id,
-                channel_id=channel.id,
-                old=old,
-                new=persona.name,
-            )
+        old = (await self.memory.places.channel(channel.id)).persona
+        await self.memory.places.update_channel(
+            channel.id, interaction.guild_id, persona=persona.name
+        )
+        await audit(interaction, "persona.use", old, persona.name, channel.id)
         greetings = persona.greetings(getattr(interaction.user, "display_name", "you"))
         if greetings and persona_key(persona.name) != persona_key(DEFAULT_PERSONA):
             try:
@@ -265,17 +259,11 @@ class Personas(
     @app_commands.command(name="off", description="Back to the default persona here")
     async def off(self, interaction: discord.Interaction) -> None:
         assert interaction.channel_id is not None
-        old = (await self.memory.channel(interaction.channel_id)).persona
-        await self.memory.update_channel(interaction.channel_id, interaction.guild_id, persona=None)
-        if interaction.guild_id:
-            await self.memory.audit(
-                interaction.user.id,
-                "persona.off",
-                guild_id=interaction.guild_id,
-                channel_id=interaction.channel_id,
-                old=old,
-                new=None,
-            )
+        old = (await self.memory.places.channel(interaction.channel_id)).persona
+        await self.memory.places.update_channel(
+            interaction.channel_id, interaction.guild_id, persona=None
+        )
+        await audit(interaction, "persona.off", old, None)
         await say_privately(interaction, "Back to the default persona in this channel.")
 
     @app_commands.command(name="import", description="Import a Character Card (PNG or JSON)")
@@ -326,7 +314,7 @@ class Personas(
                 interaction, f"Not saved: **{card.name}** is a built-in persona's name."
             )
             return
-        existing = await self.memory.get_persona(guild_id, card.name)
+        existing = await self.memory.personas.get(guild_id, card.name)
         if existing is not None and (previous is None or existing.id != previous.id):
             await say_privately(
                 interaction,
@@ -342,25 +330,25 @@ class Personas(
         data = export_card(card).decode()
         creator = previous.created_by if previous is not None else interaction.user.id
         if previous is None:
-            await self.memory.save_persona(guild_id, card.name, data, creator, avatar)
+            await self.memory.personas.save(guild_id, card.name, data, creator, avatar)
         elif existing is not None and existing.name == card.name:  # same name: in place
-            await self.memory.save_persona(guild_id, card.name, data, creator, avatar, replace=True)
+            await self.memory.personas.save(
+                guild_id, card.name, data, creator, avatar, replace=True
+            )
         elif existing is not None:  # only the case changed; names are unique whatever the case
-            await self.memory.delete_persona(guild_id, previous.name)
-            await self.memory.save_persona(guild_id, card.name, data, creator, avatar)
+            await self.memory.personas.delete(guild_id, previous.name)
+            await self.memory.personas.save(guild_id, card.name, data, creator, avatar)
         else:  # a new name: the new row first, so a failure cannot lose the persona
-            await self.memory.save_persona(guild_id, card.name, data, creator, avatar)
-            await self.memory.delete_persona(guild_id, previous.name)
+            await self.memory.personas.save(guild_id, card.name, data, creator, avatar)
+            await self.memory.personas.delete(guild_id, previous.name)
         if previous is not None:
             self.library.invalidate(guild_id, previous.name)
         self.library.invalidate(guild_id, card.name)
-        await self.memory.audit(
-            interaction.user.id,
+        await audit(
+            interaction,
             "persona.edit" if previous is not None else "persona.import",
-            guild_id=guild_id,
-            channel_id=interaction.channel_id,
-            old=previous.name if previous is not None else None,
-            new=card.name,
+            previous.name if previous is not None else None,
+            card.name,
         )
         await say_privately(
             interaction, f"Saved **{card.name}**. Use it with `/persona use {card.name}`."
@@ -415,15 +403,9 @@ class Personas(
         stored = await self._own(interaction, name)
         if stored is None:
             return
-        await self.memory.delete_persona(stored.guild_id, stored.name)
+        await self.memory.personas.delete(stored.guild_id, stored.name)
         self.library.invalidate(stored.guild_id, stored.name)
-        await self.memory.audit(
-            interaction.user.id,
-            "persona.delete",
-            guild_id=stored.guild_id,
-            channel_id=interaction.channel_id,
-            old=stored.name,
-        )
+        await audit(interaction, "persona.delete", stored.name)
         await say_privately(interaction, f"Deleted **{stored.name}**.")
 
     @app_commands.command(name="export", description="Download a persona as a Character Card V2")

@@ -1,19 +1,19 @@
 """`/persona scene ...`: put several personas in one channel and steer who speaks.
 
 A subgroup of `/persona` (mounted by `cogs/personas.py`). The cast, its seating, mutes, policy
-and scenario are stored by `bot.memory`; who answers a message is decided by `bot.scenes` in
+and scenario are stored by `bot.store.scenes`; who answers a message is decided by `bot.scenes` in
 the chat cog. Every command uses the shared `speaks_here` check (members allowed to make the
 bot speak in this channel); changes in servers are written to the audit log.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import discord
 from discord import app_commands
 
-from bot.discord.checks import speaks_here
+from bot.discord.checks import audit, speaks_here
 from bot.discord.posting import say_privately
 from bot.personas import persona_key
 
@@ -28,25 +28,12 @@ def _bot(interaction: discord.Interaction) -> HermesBot:
     return cast("HermesBot", interaction.client)
 
 
-async def _audit(interaction: discord.Interaction, action: str, old: Any, new: Any) -> None:
-    if interaction.guild_id is None:
-        return
-    await _bot(interaction).memory.audit(
-        interaction.user.id,
-        action,
-        guild_id=interaction.guild_id,
-        channel_id=interaction.channel_id,
-        old=old,
-        new=new,
-    )
-
-
 async def _cast_autocomplete(
     interaction: discord.Interaction, current: str
 ) -> list[app_commands.Choice[str]]:
     if interaction.channel_id is None:
         return []
-    scene = await _bot(interaction).memory.scene(interaction.channel_id)
+    scene = await _bot(interaction).memory.scenes.get(interaction.channel_id)
     hits = [m.name for m in scene.members if current.lower() in m.name.lower()]
     return [app_commands.Choice(name=n, value=n) for n in hits[:25]]
 
@@ -88,7 +75,7 @@ class SceneCommands(app_commands.Group):
                 interaction, f"There is no persona called {name!r}. Try `/persona list`."
             )
             return
-        scene = await bot.memory.scene(channel_id)
+        scene = await bot.memory.scenes.get(channel_id)
         seated = any(persona_key(m.name) == persona_key(persona.name) for m in scene.members)
         limit = bot.settings.scene_max
         if not seated and len(scene.members) >= limit:
@@ -99,14 +86,14 @@ class SceneCommands(app_commands.Group):
             )
             return
         nicks = [n.strip() for n in nicknames.split(",") if n.strip()][:10]
-        await bot.memory.add_scene_member(
+        await bot.memory.scenes.add_member(
             channel_id,
             interaction.guild_id,
             persona.name,
             nicknames=nicks,
             talkativeness=talkativeness,
         )
-        await _audit(interaction, "scene.add", None, persona.name)
+        await audit(interaction, "scene.add", None, persona.name)
         also = f" (also answers to {', '.join(nicks)})" if nicks else ""
         verb = "updated" if seated else "joins the scene"
         await say_privately(interaction, f"**{persona.name}** {verb}{also}.")
@@ -116,16 +103,16 @@ class SceneCommands(app_commands.Group):
     @speaks_here
     async def remove(self, interaction: discord.Interaction, name: str) -> None:
         assert interaction.channel_id is not None
-        if not await _bot(interaction).memory.remove_scene_member(interaction.channel_id, name):
+        if not await _bot(interaction).memory.scenes.remove_member(interaction.channel_id, name):
             await say_privately(interaction, f"{name!r} is not in this channel's scene.")
             return
-        await _audit(interaction, "scene.remove", name, None)
+        await audit(interaction, "scene.remove", name, None)
         await say_privately(interaction, f"**{name}** left the scene.")
 
     @app_commands.command(name="list", description="Who is in this channel's scene")
     async def list_(self, interaction: discord.Interaction) -> None:
         assert interaction.channel_id is not None
-        scene = await _bot(interaction).memory.scene(interaction.channel_id)
+        scene = await _bot(interaction).memory.scenes.get(interaction.channel_id)
         if not scene.members:
             await say_privately(
                 interaction, "No scene here. Add personas with `/persona scene add`."
@@ -152,9 +139,9 @@ class SceneCommands(app_commands.Group):
     @speaks_here
     async def clear(self, interaction: discord.Interaction) -> None:
         assert interaction.channel_id is not None
-        scene = await _bot(interaction).memory.scene(interaction.channel_id)
-        await _bot(interaction).memory.clear_scene(interaction.channel_id)
-        await _audit(interaction, "scene.clear", [m.name for m in scene.members], None)
+        scene = await _bot(interaction).memory.scenes.get(interaction.channel_id)
+        await _bot(interaction).memory.scenes.clear(interaction.channel_id)
+        await audit(interaction, "scene.clear", [m.name for m in scene.members], None)
         await say_privately(interaction, "The scene is over; the channel's persona speaks alone.")
 
     @app_commands.command(name="next", description="Who speaks next (manual policy)")
@@ -163,12 +150,12 @@ class SceneCommands(app_commands.Group):
     async def next_(self, interaction: discord.Interaction, name: str) -> None:
         assert interaction.channel_id is not None
         memory = _bot(interaction).memory
-        scene = await memory.scene(interaction.channel_id)
+        scene = await memory.scenes.get(interaction.channel_id)
         member = next((m for m in scene.members if persona_key(m.name) == persona_key(name)), None)
         if member is None:
             await say_privately(interaction, f"{name!r} is not in this channel's scene.")
             return
-        await memory.update_scene(
+        await memory.scenes.update(
             interaction.channel_id, interaction.guild_id, manual_next=member.name
         )
         note = "" if scene.policy == "manual" else " (the scene's policy is not `manual`, though)"
@@ -180,10 +167,10 @@ class SceneCommands(app_commands.Group):
     async def _mute(self, interaction: discord.Interaction, name: str, muted: bool) -> None:
         assert interaction.channel_id is not None
         memory = _bot(interaction).memory
-        if not await memory.update_scene_member(interaction.channel_id, name, muted=muted):
+        if not await memory.scenes.update_member(interaction.channel_id, name, muted=muted):
             await say_privately(interaction, f"{name!r} is not in this channel's scene.")
             return
-        await _audit(interaction, "scene.mute" if muted else "scene.unmute", None, name)
+        await audit(interaction, "scene.mute" if muted else "scene.unmute", None, name)
         state = "muted: it stays but does not speak" if muted else "back in the conversation"
         await say_privately(interaction, f"**{name}** is {state}.")
 
@@ -209,9 +196,9 @@ class SceneCommands(app_commands.Group):
     ) -> None:
         assert interaction.channel_id is not None
         memory = _bot(interaction).memory
-        old = (await memory.scene(interaction.channel_id)).policy
-        await memory.update_scene(interaction.channel_id, interaction.guild_id, policy=policy)
-        await _audit(interaction, "scene.policy", old, policy)
+        old = (await memory.scenes.get(interaction.channel_id)).policy
+        await memory.scenes.update(interaction.channel_id, interaction.guild_id, policy=policy)
+        await audit(interaction, "scene.policy", old, policy)
         await say_privately(interaction, f"Scene policy: **{policy}**.")
 
     @app_commands.command(name="scenario", description="Scene text every member reads")
@@ -224,7 +211,7 @@ class SceneCommands(app_commands.Group):
     ) -> None:
         assert interaction.channel_id is not None
         memory = _bot(interaction).memory
-        old = (await memory.scene(interaction.channel_id)).scenario
-        await memory.update_scene(interaction.channel_id, interaction.guild_id, scenario=text)
-        await _audit(interaction, "scene.scenario", old, text)
+        old = (await memory.scenes.get(interaction.channel_id)).scenario
+        await memory.scenes.update(interaction.channel_id, interaction.guild_id, scenario=text)
+        await audit(interaction, "scene.scenario", old, text)
         await say_privately(interaction, "Scenario set." if text.strip() else "Scenario removed.")

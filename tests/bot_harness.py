@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from bot.discord.client import HermesBot
-from bot.engine import Engine, EngineInfo, EngineRequest, GenerationParams
+from bot.engine import (
+    Engine,
+    EngineFactory,
+    EngineInfo,
+    EngineRequest,
+    GenerationParams,
+    make_engine,
+)
 from bot.settings import Settings, load_settings
 from tests.fake_discord import DEFAULT_TOKEN, FakeDiscord, start_client, stop_client
 
@@ -40,9 +47,15 @@ def bot_settings(tmp_path: Path, model: Path | str, **env: str) -> Settings:
 
 @contextlib.asynccontextmanager
 async def running_bot(
-    fake: FakeDiscord, settings: Settings, *, engine: Engine | None = None
+    fake: FakeDiscord,
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    engine_factory: EngineFactory = make_engine,
 ) -> AsyncIterator[HermesBot]:
-    bot = HermesBot(settings, engine=engine, guild_ready_timeout=0.05)
+    bot = HermesBot(
+        settings, engine=engine, engine_factory=engine_factory, guild_ready_timeout=0.05
+    )
     task = await start_client(bot, fake, timeout=30)
     try:
         await bot.wait_until_ready()

@@ -7,15 +7,15 @@ command changed is read back from the bot's database and from what the engine wa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bot.engine import EngineError, LocalEngine
+from bot.engine import Engine, EngineError, GenerationParams, LocalEngine, make_engine
 from cogs.chat import APOLOGY
 from tests.bot_harness import ScriptedEngine, running_bot
 from tests.fake_discord import (
@@ -92,15 +92,26 @@ async def snapshot(bot: Any) -> dict[str, list]:
 
 
 async def audit_rows(bot: Any, w: World) -> list:
-    return list(reversed(await bot.memory.audit_log(w.guild.id, 200)))
+    return list(reversed(await bot.memory.audit.latest(w.guild.id, 200)))
 
 
 async def stored(bot: Any, message: FakeMessage, timeout: float = PATIENCE) -> None:
     """Wait until the bot has stored `message` as a turn."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while await bot.memory.turn_for_message(message.id) is None:
+    while await bot.memory.turns.for_message(message.id) is None:
         assert asyncio.get_running_loop().time() < deadline, f"{message.content!r} not stored"
         await asyncio.sleep(0.02)
+
+
+async def used(
+    w: World, bot: Any, engine: ScriptedEngine, text: str, count: int, *, channel: int | None = None
+) -> tuple[float, int, int]:
+    """Mention the bot with `text`, wait for its `count`th reply there, and return the
+    (temperature, top_k, max_new_tokens) that reply was generated with."""
+    await mention(w, text, channel=channel)
+    await settle(w, bot, channel or w.general.id, count)
+    params = engine.params[-1]
+    return params.temperature, params.top_k, params.max_new_tokens
 
 
 def button(message: FakeMessage, label: str) -> str:
@@ -160,7 +171,7 @@ async def test_admin_is_for_managers_and_owners_only(world: World, tmp_path: Pat
         await settle(w, bot, w.general.id, 1)
         await command(w, w.admin, "admin memory forget")
         await stored(bot, await w.fake.user_message(w.general.id, w.bob, "after the forget"))
-        await bot.memory.set_blocked(w.guild.id, "user", w.carol.id, True)
+        await bot.memory.places.set_blocked(w.guild.id, "user", w.carol.id, True)
         before = await snapshot(bot)
         assert before["turns"] and before["audit"] and before["channels"]
 
@@ -170,7 +181,9 @@ async def test_admin_is_for_managers_and_owners_only(world: World, tmp_path: Pat
             assert got.ephemeral, name
             assert "Manage Server" in got.text, (name, got.text)
             assert not got.handle.response.components, name  # e.g. no clear confirm button
-        await asyncio.sleep(0.2)
+        # a read-only command answered after all of them: they left nothing behind
+        shown = await command(w, w.admin, "admin settings show")
+        assert shown.ephemeral and "temperature" in shown.text
         assert await snapshot(bot) == before
         assert len(engine.prompts) == 1  # no reload, no generation either
 
@@ -179,7 +192,7 @@ async def test_admin_is_for_managers_and_owners_only(world: World, tmp_path: Pat
             w, w.owner, "admin settings set", {"name": "top_p", "value": "0.5", "scope": "server"}
         )
         assert got.ephemeral and "top_p" in got.text and "0.5" in got.text
-        assert (await bot.memory.guild(w.guild.id)).settings == {"top_p": 0.5}
+        assert (await bot.memory.places.guild(w.guild.id)).settings == {"top_p": 0.5}
         row = (await audit_rows(bot, w))[-1]
         assert (row.user_id, row.action, row.new) == (
             w.owner.id,
@@ -199,8 +212,8 @@ async def test_channel_mode_here_or_on_a_chosen_channel_threads_inherit(
     async with running_bot(w.fake, w.settings(tmp_path), engine=engine) as bot:
         got = await command(w, w.admin, "admin channel", {"mode": "always", "channel": w.other})
         assert got.ephemeral and w.other.mention in got.text and "always" in got.text
-        assert (await bot.memory.channel(w.other.id)).mode == "always"
-        assert (await bot.memory.channel(w.general.id)).mode is None  # not where it was run
+        assert (await bot.memory.places.channel(w.other.id)).mode == "always"
+        assert (await bot.memory.places.channel(w.general.id)).mode is None  # not where it was run
 
         await w.fake.user_message(w.other.id, w.bob, "no mention needed here")
         await settle(w, bot, w.other.id, 1)
@@ -213,14 +226,22 @@ async def test_channel_mode_here_or_on_a_chosen_channel_threads_inherit(
         await mention(w, "are you there?")
         await w.fake.user_message(w.other.id, w.bob, "still on over here")
         await settle(w, bot, w.other.id, 2)
-        await asyncio.sleep(0.2)
-        assert not bot_messages(w.fake, w.general.id)
-        assert await bot.memory.all_turns(w.general.id) == []  # off: not even stored
+        # back on: the next message here is answered first, and alone; the one sent while the
+        # channel was off was neither stored nor answered (it would be ahead in the queue)
+        await command(w, w.admin, "admin channel", {"mode": "mention"})
+        back = await mention(w, "and now?")
+        await settle(w, bot, w.general.id, 1)
+        (reply,) = bot_messages(w.fake, w.general.id)
+        assert reply.reference_id == back.id
+        turns = await bot.memory.turns.history(w.general.id)
+        assert [t.role for t in turns] == ["user", "assistant"]  # off: not even stored
+        assert "and now?" in turns[0].content
 
         rows = [r for r in await audit_rows(bot, w) if r.action == "channel.mode"]
         assert [(r.user_id, r.channel_id, r.old, r.new) for r in rows] == [
             (w.admin.id, w.other.id, None, "always"),
             (w.admin.id, w.general.id, None, "off"),
+            (w.admin.id, w.general.id, "off", "mention"),
         ]
 
 
@@ -280,14 +301,8 @@ async def test_settings_set_show_reset_sources_ranges_and_restart(
         assert "`max_new_tokens` = **12** (default)" in got.text.splitlines()
 
         # the settings reach the engine: channel over server over default
-        await mention(w, "here")
-        await settle(w, bot, w.general.id, 1)
-        params = engine.params[-1]
-        assert (params.temperature, params.top_k, params.max_new_tokens) == (0.9, 10, 64)
-        await mention(w, "there", channel=w.other.id)
-        await settle(w, bot, w.other.id, 1)
-        params = engine.params[-1]
-        assert (params.temperature, params.top_k, params.max_new_tokens) == (0.5, 10, 12)
+        assert await used(w, bot, engine, "here", 1) == (0.9, 10, 64)
+        assert await used(w, bot, engine, "there", 1, channel=w.other.id) == (0.5, 10, 12)
 
         rows = [r for r in await audit_rows(bot, w) if r.action.startswith("settings.")]
         assert [(r.user_id, r.action, r.channel_id, r.old, r.new) for r in rows] == [
@@ -303,10 +318,7 @@ async def test_settings_set_show_reset_sources_ranges_and_restart(
         got = await command(w, w.admin, "admin settings show")
         assert "`temperature` = **0.9** (channel)" in got.text.splitlines()
         assert "`top_k` = **10** (server)" in got.text.splitlines()
-        await mention(w, "after the restart")
-        await settle(w, bot, w.general.id, 2)
-        params = engine.params[-1]
-        assert (params.temperature, params.top_k, params.max_new_tokens) == (0.9, 10, 64)
+        assert await used(w, bot, engine, "after the restart", 2) == (0.9, 10, 64)
 
         # reset: the channel falls back to the server, then the server to the defaults
         got = await command(w, w.admin, "admin settings reset", {"scope": "channel"})
@@ -317,10 +329,7 @@ async def test_settings_set_show_reset_sources_ranges_and_restart(
         got = await command(w, w.admin, "admin settings show")
         assert "`temperature` = **0.3** (default)" in got.text.splitlines()
         assert "`top_k` = **40** (default)" in got.text.splitlines()
-        await mention(w, "defaults now")
-        await settle(w, bot, w.general.id, 3)
-        params = engine.params[-1]
-        assert (params.temperature, params.top_k, params.max_new_tokens) == (0.3, 40, 12)
+        assert await used(w, bot, engine, "defaults now", 3) == (0.3, 40, 12)
 
         rows = [r for r in await audit_rows(bot, w) if r.action.startswith("settings.reset")]
         assert [(r.action, json.loads(r.old), json.loads(r.new)) for r in rows] == [
@@ -333,7 +342,7 @@ async def test_settings_set_show_reset_sources_ranges_and_restart(
 
 
 async def test_forget_unforget_and_clear_change_the_next_prompt(
-    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    world: World, tmp_path: Path
 ) -> None:
     w = world
     engine = ScriptedEngine(lambda prompt: "Got it.")
@@ -346,7 +355,7 @@ async def test_forget_unforget_and_clear_change_the_next_prompt(
         await mention(w, "my fruit is banana")
         await settle(w, bot, w.general.id, 2)
         assert "banana" in engine.prompts[-1] and "apple" not in engine.prompts[-1]
-        assert len(await bot.memory.all_turns(w.general.id)) == 4  # hidden, not deleted
+        assert len(await bot.memory.turns.history(w.general.id)) == 4  # hidden, not deleted
 
         got = await command(w, w.admin, "admin memory unforget")
         assert "Restored" in got.text
@@ -359,8 +368,8 @@ async def test_forget_unforget_and_clear_change_the_next_prompt(
 
         # clear asks first (counting forgotten turns too: they go as well)...
         await command(w, w.admin, "admin memory forget")
-        assert (await bot.memory.stats(w.general.id)).turns == 0
-        stored = await bot.memory.all_turns(w.general.id)
+        assert (await bot.memory.turns.stats(w.general.id)).turns == 0
+        stored = await bot.memory.turns.history(w.general.id)
         assert len(stored) == 6
         asked = await command(w, w.admin, "admin memory clear")
         assert asked.ephemeral and "6 stored turns" in asked.text
@@ -371,22 +380,13 @@ async def test_forget_unforget_and_clear_change_the_next_prompt(
         )
         response = await refused.wait_response()
         assert response.ephemeral and "Only the admin who asked" in response.content
-        await asyncio.sleep(0.1)
-        assert await bot.memory.all_turns(w.general.id) == stored
+        # the invoker's Cancel, clicked after, still finds the question open: the refused
+        # click settled nothing
         cancel = await w.fake.click_button(prompt_msg, button(prompt_msg, "Cancel"), w.admin)
         await cancel.wait_response()
         await w.fake.wait_for(lambda: "Cancelled" in prompt_msg.content)
         assert prompt_msg.components == []
-        assert await bot.memory.all_turns(w.general.id) == stored
-
-        # a confirm that never comes times out into nothing
-        # (the bot loads cogs/admin.py as its own module object: set it on the loaded cog)
-        monkeypatch.setattr(bot.get_cog("Admin"), "confirm_timeout", 0.3)
-        asked = await command(w, w.admin, "admin memory clear")
-        await w.fake.wait_for(lambda: "Timed out" in asked.handle.original.content)
-        assert asked.handle.original.components == []  # no button left to press
-        assert await bot.memory.all_turns(w.general.id) == stored
-        monkeypatch.setattr(bot.get_cog("Admin"), "confirm_timeout", 60.0)
+        assert await bot.memory.turns.history(w.general.id) == stored
 
         asked = await command(w, w.admin, "admin memory clear")
         prompt_msg = asked.handle.original
@@ -395,8 +395,8 @@ async def test_forget_unforget_and_clear_change_the_next_prompt(
         )
         await confirm.wait_response()
         await w.fake.wait_for(lambda: "Deleted 6 turns" in prompt_msg.content)
-        assert await bot.memory.all_turns(w.general.id) == []
-        assert (await bot.memory.channel(w.general.id)).forget_before == 0
+        assert await bot.memory.turns.history(w.general.id) == []
+        assert (await bot.memory.places.channel(w.general.id)).forget_before == 0
 
         await mention(w, "what was my fruit?")
         await settle(w, bot, w.general.id, 4)
@@ -416,10 +416,11 @@ async def test_forget_unforget_and_clear_change_the_next_prompt(
         assert unforget.old == forget.new and (clear.old, clear.new) == ("6", "0")
 
 
-async def test_memory_stats_and_export(world: World, tmp_path: Path) -> None:
+async def test_memory_stats_export_and_an_unanswered_clear(world: World, tmp_path: Path) -> None:
     w = world
     engine = ScriptedEngine(["First reply.", "Second reply, with ünïcode ✓."])
-    async with running_bot(w.fake, w.settings(tmp_path), engine=engine) as bot:
+    settings = w.settings(tmp_path, CONFIRM_TIMEOUT="1")
+    async with running_bot(w.fake, settings, engine=engine) as bot:
         got = await command(w, w.admin, "admin memory stats")
         assert got.ephemeral and got.text.startswith("0 turns, 0 tokens") and "never" in got.text
         await mention(w, "hello")
@@ -427,7 +428,7 @@ async def test_memory_stats_and_export(world: World, tmp_path: Path) -> None:
         await mention(w, "and again", author=w.bob)
         await settle(w, bot, w.general.id, 2)
 
-        turns = await bot.memory.all_turns(w.general.id)
+        turns = await bot.memory.turns.history(w.general.id)
         assert len(turns) == 4
         got = await command(w, w.admin, "admin memory stats")
         tokens = sum(t.tokens for t in turns)
@@ -440,23 +441,9 @@ async def test_memory_stats_and_export(world: World, tmp_path: Path) -> None:
         (attachment,) = got.files
         assert attachment.filename == f"memory-{w.general.id}.jsonl"
         rows = [json.loads(line) for line in attachment.data.decode().splitlines()]
-        assert rows == [
-            {
-                "id": t.id,
-                "channel_id": w.general.id,
-                "guild_id": t.guild_id,
-                "forgotten": False,
-                "message_id": t.message_id,
-                "author_id": t.author_id,
-                "name": t.name,
-                "role": t.role,
-                "persona": t.persona,
-                "content": t.content,
-                "tokens": t.tokens,
-                "created_at": t.created_at,
-            }
-            for t in turns
-        ]
+        # every stored field of each turn, and whether forget hid it
+        assert rows == [{**dataclasses.asdict(t), "forgotten": False} for t in turns]
+        assert {r["channel_id"] for r in rows} == {w.general.id}
         assert [r["content"] for r in rows] == [
             "hello",
             "First reply.",
@@ -468,6 +455,14 @@ async def test_memory_stats_and_export(world: World, tmp_path: Path) -> None:
         got = await command(w, w.admin, "admin memory export")
         rows = [json.loads(line) for line in got.files[0].data.decode().splitlines()]
         assert [r["forgotten"] for r in rows] == [True] * 4
+
+        # a clear whose confirm never comes closes after CONFIRM_TIMEOUT into nothing
+        assert bot.settings.confirm_timeout == 1.0
+        asked = await command(w, w.admin, "admin memory clear")
+        assert "Delete the stored turns" in str(asked.handle.original.components)
+        await w.fake.wait_for(lambda: "Timed out" in asked.handle.original.content)
+        assert asked.handle.original.components == []  # no button left to press
+        assert await bot.memory.turns.history(w.general.id) == turns
 
         actions = [(r.user_id, r.action, r.new) for r in await audit_rows(bot, w)]
         assert actions == [
@@ -488,7 +483,7 @@ async def test_persona_default_and_imports_rule(world: World, tmp_path: Path) ->
     async with running_bot(w.fake, w.settings(tmp_path), engine=engine) as bot:
         got = await command(w, w.admin, "admin persona default", {"name": "grumbold"})
         assert got.ephemeral and "**Grumbold**" in got.text
-        assert (await bot.memory.guild(w.guild.id)).default_persona == "Grumbold"
+        assert (await bot.memory.places.guild(w.guild.id)).default_persona == "Grumbold"
 
         before = await snapshot(bot)
         got = await command(w, w.admin, "admin persona default", {"name": "Nobody At All"})
@@ -501,15 +496,15 @@ async def test_persona_default_and_imports_rule(world: World, tmp_path: Path) ->
             lambda: bot.conv.pending == 0 and len(w.fake.channel_messages(w.general.id)) >= 2,
         )
         assert "Grumbold" in engine.prompts[-1]
-        (turn,) = [t for t in await bot.memory.all_turns(w.general.id) if t.role == "assistant"]
+        (turn,) = [t for t in await bot.memory.turns.history(w.general.id) if t.role == "assistant"]
         assert turn.persona == "Grumbold"
 
-        assert (await bot.memory.guild(w.guild.id)).imports_allowed is True
+        assert (await bot.memory.places.guild(w.guild.id)).imports_allowed is True
         got = await command(w, w.admin, "admin persona imports", {"rule": "deny"})
         assert got.ephemeral and "may not" in got.text
-        assert (await bot.memory.guild(w.guild.id)).imports_allowed is False
+        assert (await bot.memory.places.guild(w.guild.id)).imports_allowed is False
         got = await command(w, w.admin, "admin persona imports", {"rule": "allow"})
-        assert (await bot.memory.guild(w.guild.id)).imports_allowed is True
+        assert (await bot.memory.places.guild(w.guild.id)).imports_allowed is True
 
         rows = [r for r in await audit_rows(bot, w) if r.action.startswith("persona.")]
         assert [(r.user_id, r.action, r.old, r.new) for r in rows] == [
@@ -532,7 +527,7 @@ async def test_access_block_users_and_roles_and_channel_allow_list(
         assert got.ephemeral and f"<@{w.bob.id}> is now blocked" in got.text
         got = await command(w, w.admin, "admin access block", {"target": w.muted})
         assert f"<@&{w.muted.id}> is now blocked" in got.text
-        assert await bot.memory.blocked(w.guild.id) == ({w.bob.id}, {w.muted.id})
+        assert await bot.memory.places.blocked(w.guild.id) == ({w.bob.id}, {w.muted.id})
         got = await command(w, w.admin, "admin access block", {"target": w.bob})
         assert "already blocked" in got.text
 
@@ -541,39 +536,44 @@ async def test_access_block_users_and_roles_and_channel_allow_list(
         await mention(w, "me too", author=w.carol)
         await mention(w, "hi", author=w.alice)
         await settle(w, bot, w.general.id, 1)
-        await asyncio.sleep(0.2)
-        assert len(bot_messages(w.fake, w.general.id)) == 1 and len(engine.prompts) == 1
-        users = [t for t in await bot.memory.all_turns(w.general.id) if t.role == "user"]
-        assert [t.author_id for t in users] == [w.alice.id]
-        assert "let me in" not in engine.prompts[-1] and "me too" not in engine.prompts[-1]
-
         got = await command(w, w.admin, "admin access unblock", {"target": w.bob})
         assert f"<@{w.bob.id}> is now allowed" in got.text
-        await mention(w, "am I back?", author=w.bob)
+        back = await mention(w, "am I back?", author=w.bob)
         await settle(w, bot, w.general.id, 2)
         assert "bob: am I back?" in engine.prompts[-1]
+        # the channel's replies go in order: had a blocked message been taken, its reply
+        # would have come before this one
+        replies = bot_messages(w.fake, w.general.id)
+        assert len(replies) == 2 and replies[-1].reference_id == back.id
+        assert len(engine.prompts) == 2
+        users = [t for t in await bot.memory.turns.history(w.general.id) if t.role == "user"]
+        assert [t.author_id for t in users] == [w.alice.id, w.bob.id]
+        assert "let me in" not in engine.prompts[-1] and "me too" not in engine.prompts[-1]
 
         # an allow-list of channels keeps the bot out of every other channel
         got = await command(
             w, w.admin, "admin access channels", {"action": "add", "channel": w.other}
         )
         assert got.ephemeral and got.text == f"The bot serves: {w.other.mention}."
-        assert (await bot.memory.guild(w.guild.id)).channel_allowlist == [w.other.id]
+        assert (await bot.memory.places.guild(w.guild.id)).channel_allowlist == [w.other.id]
         await mention(w, "ignored here")
         await mention(w, "answered there", channel=w.other.id)
         await settle(w, bot, w.other.id, 1)
         thread = w.fake.add_thread(w.other.id, "inside the allowed channel")
         await mention(w, "threads of it too", channel=thread.id)
         await settle(w, bot, thread.id, 1)
-        await asyncio.sleep(0.2)
-        assert len(bot_messages(w.fake, w.general.id)) == 2
-        assert "ignored here" not in [t.content for t in await bot.memory.all_turns(w.general.id)]
         got = await command(w, w.admin, "admin access channels", {"action": "show"})
         assert got.text == f"The bot serves: {w.other.mention}."
         got = await command(w, w.admin, "admin access channels", {"action": "clear"})
         assert "all channels" in got.text
-        await mention(w, "back in general")
+        again = await mention(w, "back in general")
         await settle(w, bot, w.general.id, 3)
+        # answered next, in order: the message sent while general was left out got nothing
+        replies = bot_messages(w.fake, w.general.id)
+        assert len(replies) == 3 and replies[-1].reference_id == again.id
+        assert "ignored here" not in engine.prompts[-1]
+        stored_texts = [t.content for t in await bot.memory.turns.history(w.general.id)]
+        assert not any("ignored here" in text for text in stored_texts)
 
         rows = [r for r in await audit_rows(bot, w) if r.action.startswith("access.")]
         assert [(r.user_id, r.action, r.old, r.new) for r in rows] == [
@@ -676,7 +676,7 @@ async def test_regenerate_replaces_the_last_reply_and_continue_extends_it(
         await settle(w, bot, w.general.id, 1)
         (old,) = bot_messages(w.fake, w.general.id)
         assert old.content == "The first answer."
-        stored = await bot.memory.all_turns(w.general.id)
+        stored = await bot.memory.turns.history(w.general.id)
 
         # a regenerate whose generation fails keeps the old reply, in Discord and in memory
         got = await command(w, w.alice, "regenerate")
@@ -685,9 +685,9 @@ async def test_regenerate_replaces_the_last_reply_and_continue_extends_it(
         apology = bot_messages(w.fake, w.general.id)[-1]
         assert apology.content == APOLOGY
         await w.fake.delete_message(apology)
-        turns = await bot.memory.all_turns(w.general.id)
+        turns = await bot.memory.turns.history(w.general.id)
         assert [(t.role, t.content) for t in turns] == [(t.role, t.content) for t in stored]
-        assert await bot.memory.message_ids(turns[1].id) == [old.id]
+        assert await bot.memory.turns.message_ids(turns[1].id) == [old.id]
 
         got = await command(w, w.alice, "regenerate")
         assert got.ephemeral and got.text == "Regenerated."
@@ -697,18 +697,18 @@ async def test_regenerate_replaces_the_last_reply_and_continue_extends_it(
         prompt = engine.prompts[-1]
         assert "alice: explain tides" in prompt and "The first answer." not in prompt
         assert prompt.endswith("### Response:\n")
-        turns = await bot.memory.all_turns(w.general.id)  # ...and from memory: only the new one
+        turns = await bot.memory.turns.history(w.general.id)  # ...and from memory: only the new one
         assert [(t.role, t.content) for t in turns] == [
             ("user", "explain tides"),
             ("assistant", "A better answer"),
         ]
-        assert await bot.memory.message_ids(turns[1].id) == [new.id]
+        assert await bot.memory.turns.message_ids(turns[1].id) == [new.id]
 
         # a continue whose generation fails says so and changes nothing
         got = await command(w, w.alice, "continue")
         assert got.ephemeral and got.text == APOLOGY
         assert [m.content for m in bot_messages(w.fake, w.general.id)] == ["A better answer"]
-        assert await bot.memory.all_turns(w.general.id) == turns
+        assert await bot.memory.turns.history(w.general.id) == turns
 
         got = await command(w, w.alice, "continue")
         assert got.ephemeral and got.text == "Continued."
@@ -716,12 +716,12 @@ async def test_regenerate_replaces_the_last_reply_and_continue_extends_it(
         assert prompt.endswith("### Response:\nA better answer")  # the reply reopened
         messages = bot_messages(w.fake, w.general.id)
         assert [m.content for m in messages] == ["A better answer", "and even more."]
-        turns = await bot.memory.all_turns(w.general.id)
+        turns = await bot.memory.turns.history(w.general.id)
         assert [(t.role, t.content) for t in turns] == [
             ("user", "explain tides"),
             ("assistant", "A better answer and even more."),
         ]
-        assert await bot.memory.message_ids(turns[1].id) == [m.id for m in messages]
+        assert await bot.memory.turns.message_ids(turns[1].id) == [m.id for m in messages]
         assert turns[1].tokens == engine.count_tokens("A better answer and even more.")
 
         # the grown reply is what the next prompt sees
@@ -753,7 +753,7 @@ async def test_reset_in_dms_always_in_servers_only_where_allowed(
         assert await snapshot(bot) == before
 
         got = await command(w, w.admin, "admin access reset", {"rule": "allow"})
-        assert got.ephemeral and (await bot.memory.guild(w.guild.id)).reset_allowed
+        assert got.ephemeral and (await bot.memory.places.guild(w.guild.id)).reset_allowed
         got = await command(w, w.alice, "reset")
         assert "forgot" in got.text
         await mention(w, "what is the code word?")
@@ -767,7 +767,7 @@ async def test_reset_in_dms_always_in_servers_only_where_allowed(
         assert "forgot" in got.text
 
         # (old → new of a reset: the forget watermark, the last turn id it hides)
-        top = max(t.id for t in await bot.memory.all_turns(w.general.id))
+        top = max(t.id for t in await bot.memory.turns.history(w.general.id))
         rows = [r for r in await audit_rows(bot, w) if "reset" in r.action]
         assert [(r.user_id, r.action, r.channel_id, r.old) for r in rows] == [
             (w.admin.id, "access.reset", w.general.id, "false"),
@@ -782,8 +782,27 @@ async def test_reset_in_dms_always_in_servers_only_where_allowed(
 # ---- model reload (real tiny models) -------------------------------------------------------
 
 
+class HeldEngine(LocalEngine):
+    """The real local engine, held at start until the test opens `gate`, recording the prompts
+    it is given (a subclass the test hands the bot through its `engine_factory`)."""
+
+    def __init__(self, model_path: str, loading: asyncio.Event, gate: asyncio.Event) -> None:
+        super().__init__(model_path, dtype="float32", device_map="none")
+        self.loading, self.gate = loading, gate
+        self.prompts: list[str] = []
+
+    async def start(self) -> None:
+        self.loading.set()
+        await asyncio.wait_for(self.gate.wait(), PATIENCE)
+        await super().start()
+
+    def generate(self, prompt: str, params: GenerationParams, *, cache_key: str | None = None):
+        self.prompts.append(prompt)
+        return super().generate(prompt, params, cache_key=cache_key)
+
+
 async def test_model_reload_swaps_models_keeps_the_old_on_failure_and_drops_nothing(
-    world: World, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    world: World, tiny_model: Path, tmp_path: Path
 ) -> None:
     from tests.tiny import make_model
 
@@ -791,7 +810,15 @@ async def test_model_reload_swaps_models_keeps_the_old_on_failure_and_drops_noth
     second = make_model(tmp_path / "second-model", seed=1)
     missing = tmp_path / "no-such-model"
     settings = w.settings(tmp_path, tiny_model, MAX_NEW_TOKENS="6")
-    async with running_bot(w.fake, settings) as bot:
+    loading, gate = asyncio.Event(), asyncio.Event()
+
+    def engines(settings: Any, *, model: str | None = None) -> Engine:
+        """The bot's own factory, except that the second model loads held at the gate."""
+        if model == str(second):
+            return HeldEngine(model, loading, gate)
+        return make_engine(settings, model=model)
+
+    async with running_bot(w.fake, settings, engine_factory=engines) as bot:
         first = bot.engine
         assert isinstance(first, LocalEngine) and first.info.model == str(tiny_model)
 
@@ -811,16 +838,6 @@ async def test_model_reload_swaps_models_keeps_the_old_on_failure_and_drops_noth
         await settle(w, bot, w.general.id, 1)
 
         # a message that arrives while the new model loads is answered, not dropped
-        loading, gate = threading.Event(), threading.Event()
-        real_load = LocalEngine._load
-
-        def gated_load(engine: LocalEngine):
-            loading.set()
-            if not gate.wait(30):
-                raise RuntimeError("the test never opened the gate")
-            return real_load(engine)
-
-        monkeypatch.setattr(LocalEngine, "_load", gated_load)
         reload = await w.fake.invoke_command(
             w.general.id, w.owner, "admin model reload", {"model": str(second)}
         )
@@ -838,22 +855,15 @@ async def test_model_reload_swaps_models_keeps_the_old_on_failure_and_drops_noth
 
         new = bot.engine
         assert new is not first and bot.conv.engine is new
-        assert isinstance(new, LocalEngine) and new.info.model == str(second)
+        assert isinstance(new, HeldEngine) and new.info.model == str(second)
         assert first._worker is None  # the old model was closed after its work ended
 
         # the next reply comes from the new engine
-        asked: list[str] = []
-        generate = new.generate
-
-        def spy(prompt, params, **kwargs):
-            asked.append(prompt)
-            return generate(prompt, params, **kwargs)
-
-        monkeypatch.setattr(new, "generate", spy)
         await w.fake.wait_for(lambda: bot.conv.pending == 0)
         count = len(bot_messages(w.fake, w.general.id))
         await mention(w, "which model is this?")
         await settle(w, bot, w.general.id, count + 1)
+        asked = new.prompts
         assert asked and asked[-1].endswith("alice: which model is this?\n\n### Response:\n")
         got = await command(w, w.admin, "admin model status")
         assert got.text.splitlines()[0] == f"**Model** `{second}` (local engine)"
@@ -879,7 +889,7 @@ async def test_two_regenerates_at_once_leave_one_reply(world: World, tmp_path: P
         await w.fake.wait_for(lambda: bot.conv.pending == 0)
         # the second regenerate replaced the first one's reply, not the long-gone original
         assert [m.content for m in bot_messages(w.fake, w.general.id)] == ["take three"]
-        turns = await bot.memory.all_turns(w.general.id)
+        turns = await bot.memory.turns.history(w.general.id)
         assert [(t.role, t.content) for t in turns] == [
             ("user", "say something"),
             ("assistant", "take three"),

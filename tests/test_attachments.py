@@ -45,7 +45,7 @@ async def replied(w: World, bot, count: int) -> None:
 
 
 async def stored(bot, message_id: int) -> str:
-    turn = await bot.memory.turn_for_message(message_id)
+    turn = await bot.memory.turns.for_message(message_id)
     assert turn is not None
     return turn.content
 

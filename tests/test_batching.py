@@ -109,10 +109,13 @@ async def test_batched_equals_one_at_a_time(engines, params: GenerationParams):
     assert any(text for text, _, _ in got)
 
 
+CHUNK = 16  # prefill tokens per step in the chunked tests
+
+
 async def test_chunked_prefill_equals_whole_prefill(engines, tiny_model: Path):
     """Prompts longer than the prefill budget are computed in pieces between decode steps."""
     _, single = engines
-    chunked = await make_engine(tiny_model, max_batch=8, kv_cache_mb=64, prefill_chunk=16)
+    chunked = await make_engine(tiny_model, max_batch=8, kv_cache_mb=64, prefill_chunk=CHUNK)
     try:
         long_prompts = [
             format_single(f"{i}: " + "music, games and the weather " * 12) for i in range(4)
@@ -121,16 +124,9 @@ async def test_chunked_prefill_equals_whole_prefill(engines, tiny_model: Path):
         gens = [chunked.generate(p, GREEDY, cache_key=str(i)) for i, p in enumerate(long_prompts)]
         assert await asyncio.gather(*(g.text_all() for g in gens)) == expected
         assert all(g.stats.prompt_tokens > 64 for g in gens)
-    finally:
-        await chunked.close()
 
-
-async def test_a_long_prompt_is_prefilled_between_decode_steps(tiny_model: Path):
-    """While a long new prompt is computed chunk by chunk, a running reply goes on decoding."""
-    chunk = 16
-    eng = await make_engine(tiny_model, max_batch=8, kv_cache_mb=0, prefill_chunk=chunk)
-    try:
-        running = eng.generate(PROMPTS[0], replace(GREEDY, max_new_tokens=1000))
+        # while a long new prompt is computed chunk by chunk, a running reply goes on decoding
+        running = chunked.generate(PROMPTS[0], replace(GREEDY, max_new_tokens=1000))
         stream = aiter(running)  # kept: a dropped iterator would cancel the request
         await anext(stream)  # it decodes now
         newcomer: list[int] = []
@@ -138,12 +134,12 @@ async def test_a_long_prompt_is_prefilled_between_decode_steps(tiny_model: Path)
         def on_finish(stats: ReplyStats) -> None:  # worker thread: the running reply's count
             newcomer.append(running.stats.new_tokens)
 
-        eng.finish_hooks.append(on_finish)
+        chunked.finish_hooks.append(on_finish)
         long_prompt = format_single("music, games and the weather " * 40)
         before = running.stats.new_tokens
         # one reply token: the newcomer ends (and the hook reads) right after its last chunk
-        await eng.generate(long_prompt, replace(GREEDY, max_new_tokens=1)).text_all()
-        chunks = -(-prompt_tokens(tiny_model, long_prompt) // chunk)
+        await chunked.generate(long_prompt, replace(GREEDY, max_new_tokens=1)).text_all()
+        chunks = -(-prompt_tokens(tiny_model, long_prompt) // CHUNK)
         assert chunks >= 10
         assert running.stats.finish_reason == ""  # still running when the newcomer ended
         # one decode step of the running reply after each chunk but the newcomer's last
@@ -151,7 +147,7 @@ async def test_a_long_prompt_is_prefilled_between_decode_steps(tiny_model: Path)
         running.cancel()
         await stream.aclose()
     finally:
-        await eng.close()
+        await chunked.close()
 
 
 async def test_batched_tokens_equal_model_generate(engines):

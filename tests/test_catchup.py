@@ -23,8 +23,10 @@ import pytest
 from bot.discord.catchup import Claims, history_floor, owed_replies, snowflake_at, snowflake_time
 from bot.discord.client import HermesBot
 from bot.engine import EngineRequest
-from bot.memory import MIGRATIONS, SCHEMA_VERSION, Memory, StoredTurn, ensure_owed_replies
+from bot.memory import Memory
 from bot.settings import Settings
+from bot.store.db import MIGRATIONS, SCHEMA_VERSION, ensure_owed_replies
+from bot.store.turns import StoredTurn
 from tests.bot_harness import ScriptedEngine, bot_settings
 from tests.fake_discord import (
     GET_MESSAGES,
@@ -131,9 +133,9 @@ async def assert_each_answered_once(
         n = QUESTION.findall(q.content)[-1]
         assert [m.content for m in got] == [f"answer to {n}"], (q.content, got)
     assert len(bot_messages(fake, channel_ids)) == len(asked)  # nothing else was posted
-    assert not await bot.memory.awaiting_turns()
+    assert not await bot.memory.owed.awaiting()
     for channel_id in channel_ids:
-        turns = await bot.memory.all_turns(channel_id)
+        turns = await bot.memory.turns.history(channel_id)
         stored = [t for t in turns if t.role == "user"]
         mine = [q for q in asked if q.channel_id == channel_id]
         assert sorted(t.message_id for t in stored) == sorted(q.id for q in mine)
@@ -161,7 +163,7 @@ async def test_restart_answers_missed_and_queued_messages_once(
         assert len(bot_messages(fake, ids)) == 2  # the held reply finished; five are owed
         memory = await Memory.open(settings.db_path)
         try:
-            owed = await memory.awaiting_turns()
+            owed = await memory.owed.awaiting()
         finally:
             await memory.close()
         assert [t.message_id for t in owed] == [q.id for q in asked[2:]]
@@ -192,7 +194,7 @@ async def test_restart_answers_missed_and_queued_messages_once(
             order = [m.reference_id for m in bot_messages(fake, [channel.id])]
             assert order == sorted(order)
         assert not any(m.id in replies_to(fake, ids) for m in stale)
-        assert await bot.memory.turn_for_message(stale[0].id) is None
+        assert await bot.memory.turns.for_message(stale[0].id) is None
 
 
 async def test_restart_during_catch_up_answers_once(world: World, tmp_path: Path) -> None:
@@ -297,7 +299,7 @@ async def test_off_channel_and_already_replied_messages_are_not_answered(
         await fake.wait_for(lambda: len(bot_messages(fake, general)) == 1)
         await fake.user_message(idle.id, world.bob, "just a remark")
         await fake.wait_for(lambda: fake.last_message(idle.id).delivered)
-        await bot.memory.update_channel(quiet.id, world.guild.id, mode="off")
+        await bot.memory.places.update_channel(quiet.id, world.guild.id, mode="off")
         await runs.stop(bot, task)
 
         await ask(fake, quiet, world.alice, 1)
@@ -312,15 +314,15 @@ async def test_off_channel_and_already_replied_messages_are_not_answered(
         await fake.wait_for(lambda: not bot.reply_tasks)
         assert len(engine.prompts) == 2
         assert not bot_messages(fake, [quiet.id])
-        assert not await bot.memory.all_turns(quiet.id)
-        assert [t.content for t in await bot.memory.all_turns(idle.id)] == ["just a remark"]
+        assert not await bot.memory.turns.history(quiet.id)
+        assert [t.content for t in await bot.memory.turns.history(idle.id)] == ["just a remark"]
         history_reads = {r.path for r in fake.find_requests(*GET_MESSAGES)}
         assert f"/channels/{world.general.id}/messages" in history_reads
         assert not {f"/channels/{c.id}/messages" for c in (quiet, idle)} & history_reads
-        turn = await bot.memory.turn_for_message(replied.id)
+        turn = await bot.memory.turns.for_message(replied.id)
         assert turn is not None and turn.content == "question q2"
         assert len(replies_to(fake, general)[replied.id]) == 1
-        assert not await bot.memory.awaiting_turns()
+        assert not await bot.memory.owed.awaiting()
 
 
 async def test_a_channel_out_of_reach_does_not_stop_the_others(
@@ -369,20 +371,20 @@ async def test_v4_migrates_a_v2_file_and_tracks_owed_replies(tmp_path: Path) -> 
     try:
         assert MIGRATIONS[3] is ensure_owed_replies  # v4, after recall's v3
         assert (await memory.db.execute_fetchall("PRAGMA user_version"))[0][0] == SCHEMA_VERSION
-        assert not await memory.awaiting_turns()  # old turns are owed nothing
-        owed = await memory.add_turn(5, "user", "q", name="bob", message_id=60, awaiting=True)
-        other = await memory.add_turn(7, "user", "q2", name="cy", message_id=70, awaiting=True)
-        assert [t.id for t in await memory.awaiting_turns()] == [owed, other]
-        await memory.add_turn(
+        assert not await memory.owed.awaiting()  # old turns are owed nothing
+        owed = await memory.turns.add(5, "user", "q", name="bob", message_id=60, awaiting=True)
+        other = await memory.turns.add(7, "user", "q2", name="cy", message_id=70, awaiting=True)
+        assert [t.id for t in await memory.owed.awaiting()] == [owed, other]
+        await memory.turns.add(
             5, "assistant", "a", message_id=61, extra_message_ids=[62], answers=owed
         )
-        assert [t.id for t in await memory.awaiting_turns()] == [other]
-        assert await memory.mark_answered(other) is True
-        assert await memory.mark_answered(other) is False  # only one caller wins
-        assert await memory.newest_message_id(5) == 62
-        assert await memory.newest_message_id(99) is None
-        await memory.update_channel(9, 3, mode="off")
-        assert await memory.known_channels() == [(5, None), (7, None), (9, 3)]
+        assert [t.id for t in await memory.owed.awaiting()] == [other]
+        assert await memory.owed.mark_answered(other) is True
+        assert await memory.owed.mark_answered(other) is False  # only one caller wins
+        assert await memory.owed.newest_message_id(5) == 62
+        assert await memory.owed.newest_message_id(99) is None
+        await memory.places.update_channel(9, 3, mode="off")
+        assert await memory.owed.known_channels() == [(5, None), (7, None), (9, 3)]
     finally:
         await memory.close()
 
@@ -399,8 +401,8 @@ async def test_a_file_numbered_past_v4_without_the_column_gets_it(tmp_path: Path
     con.close()
     memory = await Memory.open(path)
     try:
-        owed = await memory.add_turn(1, "user", "q", message_id=5, awaiting=True)
-        assert [t.id for t in await memory.awaiting_turns()] == [owed]
+        owed = await memory.turns.add(1, "user", "q", message_id=5, awaiting=True)
+        assert [t.id for t in await memory.owed.awaiting()] == [owed]
     finally:
         await memory.close()
 

@@ -44,11 +44,11 @@ async def test_mention_gets_a_streamed_reply_stored_in_memory(
         creates = world.fake.find_requests("POST", f"/channels/{world.general.id}/messages")
         assert creates[0].json["allowed_mentions"]["replied_user"] is False  # ...without a ping
         assert world.fake.typing[world.general.id] >= 1
-        turns = await bot.memory.all_turns(world.general.id)
+        turns = await bot.memory.turns.history(world.general.id)
         assert [t.role for t in turns] == ["user", "assistant"]
         assert turns[0].content == "hello there" and turns[0].name == "alice"
         assert turns[1].content == reply.content
-        assert await bot.memory.message_ids(turns[1].id) == [reply.id]
+        assert await bot.memory.turns.message_ids(turns[1].id) == [reply.id]
 
 
 async def test_stream_edits_the_reply_as_it_grows(world: World, tmp_path: Path) -> None:
@@ -79,7 +79,7 @@ async def test_always_mode_dm_and_reply_chain(
     quiet = fake.add_channel(world.guild.id, "quiet")
     settings = bot_settings(tmp_path, tiny_model)
     async with running_bot(fake, settings) as bot:
-        await bot.memory.update_channel(world.general.id, world.guild.id, mode="always")
+        await bot.memory.places.update_channel(world.general.id, world.guild.id, mode="always")
         await fake.user_message(world.general.id, world.alice, "no mention needed")
         await fake.wait_for(lambda: bot_messages(fake, world.general.id))
 
@@ -89,7 +89,7 @@ async def test_always_mode_dm_and_reply_chain(
         await fake.user_message(dm.id, world.alice, "hi in private")
         await fake.wait_for(lambda: bot_messages(fake, dm.id))
         assert not bot_messages(fake, quiet.id)
-        assert [t.content for t in await bot.memory.all_turns(quiet.id)] == ["just chatting"]
+        assert [t.content for t in await bot.memory.turns.history(quiet.id)] == ["just chatting"]
 
         # a reply to the bot's message is answered without a mention
         first = bot_messages(fake, dm.id)[0]
@@ -105,10 +105,10 @@ async def test_always_mode_dm_and_reply_chain(
         await fake.wait_for(lambda: bot_messages(fake, thread.id))
 
         # off: nothing stored, nothing answered
-        await bot.memory.update_channel(quiet.id, world.guild.id, mode="off")
+        await bot.memory.places.update_channel(quiet.id, world.guild.id, mode="off")
         await mention(world, "are you there?", channel=quiet.id)
         await asyncio.sleep(0.3)
-        assert len(await bot.memory.all_turns(quiet.id)) == 2
+        assert len(await bot.memory.turns.history(quiet.id)) == 2
         assert not bot_messages(fake, quiet.id)
 
 
@@ -130,9 +130,9 @@ async def test_long_output_is_split_with_balanced_fences(world: World, tmp_path:
             assert len(re.findall(r"^```", m.content, re.MULTILINE)) % 2 == 0, m.content[-80:]
         joined = "".join(m.content for m in messages)
         assert joined.count("print('line 89')") == 1 and "Sentence number 39" in joined
-        stored = await bot.memory.all_turns(world.general.id)
+        stored = await bot.memory.turns.history(world.general.id)
         assert stored[-1].content == text.strip()
-        assert await bot.memory.message_ids(stored[-1].id) == sorted(m.id for m in messages)
+        assert await bot.memory.turns.message_ids(stored[-1].id) == sorted(m.id for m in messages)
 
 
 async def test_output_pings_nobody(world: World, tmp_path: Path) -> None:
@@ -177,7 +177,7 @@ async def test_many_channels_at_once_answered_in_order(world: World, tmp_path: P
     channels = [fake.add_channel(world.guild.id, f"room-{i}") for i in range(20)]
     async with running_bot(fake, bot_settings(tmp_path, "x"), engine=engine) as bot:
         for c in channels:
-            await bot.memory.update_channel(c.id, world.guild.id, mode="always")
+            await bot.memory.places.update_channel(c.id, world.guild.id, mode="always")
         await asyncio.gather(
             *(
                 fake.user_message(c.id, world.alice, f"msg {i}-{j}")
@@ -209,7 +209,7 @@ async def test_full_queue_says_busy(world: World, tmp_path: Path) -> None:
         await world.fake.wait_for(lambda: bot.conv.pending == 0)
         assert bot_messages(world.fake, world.general.id)[0].content == "slow answer"
         # the busy message was stored (so the context is complete), the bot's notice was not
-        assert [t.role for t in await bot.memory.all_turns(other.id)] == ["user"]
+        assert [t.role for t in await bot.memory.turns.history(other.id)] == ["user"]
         assert len(engine.prompts) == 1  # "second" never reached the engine
 
 
@@ -229,7 +229,7 @@ async def test_gateway_drop_mid_reply_delivers_once(world: World, tmp_path: Path
         replies = bot_messages(world.fake, world.general.id)
         assert len(replies) == 2 and replies[0].content.endswith("the end")
         assert len(engine.prompts) == 2  # the replayed message was answered exactly once
-        users = [t for t in await bot.memory.all_turns(world.general.id) if t.role == "user"]
+        users = [t for t in await bot.memory.turns.history(world.general.id) if t.role == "user"]
         assert len(users) == 2
 
 
@@ -260,7 +260,7 @@ async def test_engine_failure_apologises_and_keeps_serving(world: World, tmp_pat
             lambda: len(bot_messages(world.fake, world.general.id)) == 2 and bot.conv.pending == 0,
         )
         assert bot_messages(world.fake, world.general.id)[1].content == "I am fine now"
-        roles = [t.role for t in await bot.memory.all_turns(world.general.id)]
+        roles = [t.role for t in await bot.memory.turns.history(world.general.id)]
         assert roles == ["user", "user", "assistant"]
 
 
@@ -273,7 +273,7 @@ async def test_empty_output_gets_a_retry_then_a_notice(world: World, tmp_path: P
         )
         assert len(engine.prompts) == 2
         assert bot_messages(world.fake, world.general.id)[0].content == EMPTY_NOTICE
-        assert [t.role for t in await bot.memory.all_turns(world.general.id)] == ["user"]
+        assert [t.role for t in await bot.memory.turns.history(world.general.id)] == ["user"]
 
 
 async def test_edit_and_delete_follow_into_memory(world: World, tmp_path: Path) -> None:
@@ -322,7 +322,7 @@ async def test_server_error_on_send_is_retried(world: World, tmp_path: Path) -> 
         assert [m.content for m in bot_messages(world.fake, world.general.id)] == [
             "delivered despite a 500"
         ]
-        assert [t.role for t in await bot.memory.all_turns(world.general.id)] == [
+        assert [t.role for t in await bot.memory.turns.history(world.general.id)] == [
             "user",
             "assistant",
         ]
@@ -338,7 +338,7 @@ async def test_dev_guild_gets_commands_instantly(world: World, tmp_path: Path) -
 async def test_blocked_user_is_ignored_and_not_stored(world: World, tmp_path: Path) -> None:
     engine = ScriptedEngine(["hello"])
     async with running_bot(world.fake, bot_settings(tmp_path, "x"), engine=engine) as bot:
-        await bot.memory.set_blocked(world.guild.id, "user", world.bob.id, True)
+        await bot.memory.places.set_blocked(world.guild.id, "user", world.bob.id, True)
         await mention(world, "let me in", author=world.bob)
         await mention(world, "me too")
         await world.fake.wait_for(
@@ -346,7 +346,7 @@ async def test_blocked_user_is_ignored_and_not_stored(world: World, tmp_path: Pa
         )
         await asyncio.sleep(0.2)
         assert len(bot_messages(world.fake, world.general.id)) == 1
-        turns = await bot.memory.all_turns(world.general.id)
+        turns = await bot.memory.turns.history(world.general.id)
         assert [t.name for t in turns if t.role == "user"] == ["alice"]
 
 
@@ -393,7 +393,7 @@ async def test_cooldown_stops_floods_but_keeps_context(world: World, tmp_path: P
         )
         assert len(engine.prompts) == 2 and "alice: two" in engine.prompts[-1]
         users = [
-            t.content for t in await bot.memory.all_turns(world.general.id) if t.role == "user"
+            t.content for t in await bot.memory.turns.history(world.general.id) if t.role == "user"
         ]
         assert users == ["one", "two", "three"]
 

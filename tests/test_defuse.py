@@ -520,7 +520,7 @@ async def test_fuzz_prompts_and_replies(
             assert speaker_lines(job.text.splitlines(), job.other_names) == []
             await conv.record_assistant(channel, job.text, persona=job.persona)
     assert messages >= 1000
-    for turn in await memory.recent_turns(1, limit=10_000):
+    for turn in await memory.turns.recent(1, limit=10_000):
         if turn.role == "assistant":
             assert header_lines(turn.content) == []
     # and the cleaner alone, on many more adversarial outputs

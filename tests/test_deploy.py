@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bot.settings import Settings
 from tests.conftest import ROOT
 
 
@@ -24,24 +25,43 @@ def tool(name: str) -> str | None:
     return str(here) if here.is_file() else shutil.which(name)
 
 
-def test_license_is_the_declared_mit():
-    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]
-    assert declared == {"text": "MIT"}
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+#: The console script that runs the bot, as pyproject declares it.
+BOT_SCRIPT = next(k for k, v in PROJECT["scripts"].items() if v == "bot.__main__:main")
+
+
+def dockerfile_arg(name: str) -> str:
+    """The default of `ARG name=...` in the Dockerfile."""
+    found = re.search(rf"^ARG {name}=(\S+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert found, f"no ARG {name} in the Dockerfile"
+    return found.group(1)
+
+
+def dockerfile_volume() -> str:
+    (volume,) = re.findall(r'^VOLUME \["([^"]+)"\]', (ROOT / "Dockerfile").read_text(), re.M)
+    return volume
+
+
+def test_license_is_the_declared_one():
+    declared = PROJECT["license"]["text"]
     text = (ROOT / "LICENSE").read_text()
-    assert text.startswith("MIT License\n")
-    assert "Copyright (c) 2026 hermes-discord contributors" in text
+    assert text.startswith(f"{declared} License\n")
+    assert re.search(rf"^Copyright \(c\) \d{{4}} {PROJECT['name']} contributors$", text, re.M)
     assert 'THE SOFTWARE IS PROVIDED "AS IS"' in text
 
 
 def test_dockerfile_shape():
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^ARG BASE=nvidia/cuda:[\w.-]+-runtime-", text, re.M)
-    assert re.search(r"^ARG TORCH=cuda$", text, re.M)
+    assert dockerfile_arg("TORCH") in ("cuda", "cpu")
     assert "--index-url https://download.pytorch.org/whl/cpu" in text  # the CPU-only build
     user = re.findall(r"^USER (\S+)", text, re.M)
     assert user and not user[-1].startswith(("root", "0")), user
-    assert 'VOLUME ["/app/data"]' in text
-    assert 'ENTRYPOINT ["hermes-bot"]' in text
+    # the database's default place is inside the volume, seen from the image's WORKDIR
+    (workdir,) = re.findall(r"^WORKDIR (\S+)$", text, re.M)
+    db = Path(workdir) / Settings().db_path
+    assert Path(dockerfile_volume()) in db.parents, (db, dockerfile_volume())
+    assert f'ENTRYPOINT ["{BOT_SCRIPT}"]' in text
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert ".env" in ignored  # the token is passed in, never copied into the image
 
@@ -86,7 +106,7 @@ def verify_unit(unit_text: str, tmp_path: Path) -> subprocess.CompletedProcess[s
 def test_systemd_unit_verifies(tmp_path: Path):
     text = (ROOT / "deploy" / "hermes-bot.service").read_text()
     assert re.search(r"^Restart=on-failure$", text, re.M)
-    assert re.search(r"^ExecStart=/opt/hermes-discord/\.venv/bin/hermes-bot run$", text, re.M)
+    assert re.search(rf"^ExecStart=/opt/hermes-discord/\.venv/bin/{BOT_SCRIPT} run$", text, re.M)
     assert re.search(r"^User=hermes$", text, re.M)
     proc = verify_unit(text, tmp_path)
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
@@ -105,8 +125,9 @@ def test_compose_services():
     bot, vllm = services["bot"], services["vllm"]
     assert "profiles" not in bot  # `docker compose up` starts the bot
     assert vllm["profiles"] == ["vllm"]  # vLLM only with --profile vllm
-    assert bot["env_file"] == ".env" and "hermes-data:/app/data" in bot["volumes"]
+    assert bot["env_file"] == ".env" and f"hermes-data:{dockerfile_volume()}" in bot["volumes"]
     assert bot["restart"] == "on-failure"
-    assert bot["build"]["args"]["TORCH"] == "${HERMES_TORCH:-cuda}"
+    # the image's default build unless HERMES_TORCH says otherwise
+    assert bot["build"]["args"]["TORCH"] == f"${{HERMES_TORCH:-{dockerfile_arg('TORCH')}}}"
     assert "--enable-prefix-caching" in vllm["command"]
     assert set(compose["volumes"]) == {"hermes-data", "hf-cache"}

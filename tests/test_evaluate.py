@@ -491,3 +491,141 @@ def test_eval_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
         "eval: chat: skipped, it needs --data (a `prepare` output folder)",
         f"hermes-train eval: no model folder at {missing}",
     ]
+
+
+# --- any engine: the suites against an OpenAI-compatible server -----------------------------
+
+
+class ServedByTinyModel:
+    """An OpenAI-compatible `/v1/completions` on 127.0.0.1 (a thread) answering with a real
+    model: `echo` + `logprobs` requests (the harness's log-likelihoods) get the model's token
+    log-probabilities of the prompt, streamed requests (the bot's engine) a fixed reply."""
+
+    REPLY = "The flag is teal."
+
+    def __init__(self, model_dir: Path) -> None:
+        import http.server
+        import threading
+
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.requests: list[dict[str, Any]] = []
+        served = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._json({"data": [{"id": "tiny-served"}]})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                served.requests.append(body | {"auth": self.headers.get("Authorization")})
+                if body.get("echo"):
+                    self._json({"choices": served.echoed(body["prompt"])})
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                for piece in (served.REPLY[:8], served.REPLY[8:]):
+                    chunk = {"choices": [{"index": 0, "text": piece, "finish_reason": None}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                end = {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
+                self.wfile.write(f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode())
+
+            def _json(self, data: dict[str, Any]) -> None:
+                raw = json.dumps(data).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def echoed(self, prompts: list[list[int]]) -> list[dict[str, Any]]:
+        """Each prompt's tokens with their log-probabilities, plus one generated token."""
+        choices = []
+        for i, ids in enumerate(prompts):
+            with torch.no_grad():
+                logits = self.model(torch.tensor([ids])).logits[0].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            nxt = int(logp[-1].argmax())
+            seq = [*ids, nxt]
+            token_lp: list[float | None] = [None]
+            top: list[dict[str, float] | None] = [None]
+            for pos in range(1, len(seq)):
+                row = logp[pos - 1]
+                token_lp.append(float(row[seq[pos]]))
+                top.append({str(int(row.argmax())): float(row.max())})
+            logprobs = {"tokens": [str(t) for t in seq], "token_logprobs": token_lp}
+            choices.append({"index": i, "text": "", "logprobs": logprobs | {"top_logprobs": top}})
+        return choices
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_eval_runs_against_an_openai_server(tiny_model: Path, tmp_path: Path) -> None:
+    """Issue 23: with ENGINE=openai in the bot's settings file, the harness scores the served
+    model through the server's log-probabilities (the same figures as loading the weights) and
+    the chat suite's replies come from the server."""
+    need_lm_eval()
+    served = ServedByTinyModel(tiny_model)
+    try:
+        env_file = tmp_path / "bot.env"
+        env_file.write_text(
+            f"ENGINE=openai\nOPENAI_BASE_URL={served.url}\nOPENAI_API_KEY=sekrit\n"
+            f"TOKENIZER={tiny_model}\nMAX_NEW_TOKENS=16\n"
+        )
+        data = tmp_path / "prepared"
+        records = _records(n_train=6, n_val=4)
+        write_prepared(data, records, Report(records_out=len(records)))
+        env = subprocess_env(tmp_path)
+        env.update(HF_HOME=str(tmp_path / "hf"), HF_DATASETS_OFFLINE="1")
+        runs = {}
+        for how, extra in (("served", ["--env-file", str(env_file)]), ("local", [])):
+            out = tmp_path / how
+            cmd = [sys.executable, "-m", "training", "eval", *extra, "--tasks", "hermes_local_mc"]
+            cmd += ["--model", "tiny-served" if how == "served" else str(tiny_model)]
+            cmd += ["--include-path", str(EVAL_TASKS), "--batch-size", "8", "--out", str(out)]
+            cmd += ["--limit", "16"]
+            if how == "served":
+                cmd += ["--suite", "chat", "--data", str(data), "--val-fraction", "1"]
+                cmd += ["--samples", "3"]
+            cmd += ["--no-progress"]
+            run = subprocess.run(
+                cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+            )
+            assert run.returncode == 0, run.stderr[-3000:]
+            assert "Traceback" not in run.stderr
+            runs[how] = json.loads((out / "results.json").read_text())
+    finally:
+        served.close()
+    mc = runs["served"]["suites"]["tasks"]["models"]["tiny-served"]
+    assert mc["settings"]["backend"] == "openai-completions"
+    assert mc["settings"]["base_url"] == served.url
+    score = mc["scores"]["hermes_local_mc"]
+    assert score["samples"] == 16
+    local = runs["local"]["suites"]["tasks"]["models"][str(tiny_model)]["scores"]["hermes_local_mc"]
+    for metric in ("acc", "acc_norm"):
+        # The same model scored through the server. A random tiny model's four choices are near
+        # ties: the local backend's padded batches and the server's one-sequence forward passes
+        # differ in the last bits, which may turn one of them (both runs are deterministic).
+        diff = abs(score["metrics"][metric][0] - local["metrics"][metric][0])
+        assert diff <= 1 / 16 + 1e-9, (metric, score["metrics"], local["metrics"])
+    echoed = [r for r in served.requests if r.get("echo")]
+    assert echoed and all(r["model"] == "tiny-served" for r in echoed)
+    assert all(r["auth"] == "Bearer sekrit" for r in served.requests)
+    chat = runs["served"]["suites"]["chat"]["models"]["tiny-served"]
+    assert chat["engine"].startswith("openai") and chat["loss"] is None
+    assert chat["replies"] == 3 and chat["empty"] == 0
+    assert all(x["reply"] == ServedByTinyModel.REPLY for x in chat["examples_shown"])
+    streamed = [r for r in served.requests if r.get("stream")]
+    assert len(streamed) == 3 and all(r["max_tokens"] == 16 for r in streamed)

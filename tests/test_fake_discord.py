@@ -8,6 +8,7 @@ import io
 import json
 import logging
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aiohttp
 import discord
@@ -398,10 +399,13 @@ async def test_followups_ephemeral_and_edit_original(fake: FakeDiscord, world: W
 async def test_late_interaction_response_is_unknown(fake: FakeDiscord, world: World) -> None:
     client = Recorder()
     failures: list[Exception] = []
+    handles: list[Any] = []
 
     @client.tree.command(name="late", description="Too slow")
     async def late(interaction: discord.Interaction) -> None:
-        await asyncio.sleep(0.3)
+        # answer only once the fake's response window for it has passed
+        loop = asyncio.get_running_loop()
+        await fake.wait_for(lambda: handles and loop.time() > handles[0].deadline)
         try:
             await interaction.response.send_message("too late")
         except discord.NotFound as exc:
@@ -412,6 +416,7 @@ async def test_late_interaction_response_is_unknown(fake: FakeDiscord, world: Wo
         handle = await fake.invoke_command(
             world.general.id, world.alice, "late", respond_within=0.1
         )
+        handles.append(handle)
         await fake.wait_for(lambda: failures)
     assert handle.expired and handle.response is None
     assert getattr(failures[0], "code", None) == 10062

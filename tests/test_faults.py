@@ -54,12 +54,12 @@ async def settle(world: World, bot, count: int = 1) -> list[FakeMessage]:
 
 
 async def assert_stored_once(bot, world: World, messages: list[FakeMessage]) -> None:
-    turns = await bot.memory.all_turns(world.general.id)
+    turns = await bot.memory.turns.history(world.general.id)
     assistant = [t for t in turns if t.role == "assistant"]
     assert len(assistant) == 1, [t.content for t in turns]
     assert assistant[0].content == TEXT
-    assert await bot.memory.message_ids(assistant[0].id) == sorted(m.id for m in messages)
-    assert not await bot.memory.awaiting_turns()
+    assert await bot.memory.turns.message_ids(assistant[0].id) == sorted(m.id for m in messages)
+    assert not await bot.memory.owed.awaiting()
 
 
 def no_traceback(caplog: pytest.LogCaptureFixture) -> None:
@@ -140,9 +140,11 @@ async def test_long_reply_with_faults_on_every_kind_of_call(
         messages = await settle(world, bot, count=len(split_message(long_text)))
         assert sends.hits == 2 and edits.hits == 2
         assert [m.content for m in messages] == split_message(long_text)
-        turns = [t for t in await bot.memory.all_turns(world.general.id) if t.role == "assistant"]
+        turns = [
+            t for t in await bot.memory.turns.history(world.general.id) if t.role == "assistant"
+        ]
         assert [t.content for t in turns] == [long_text]
-        assert await bot.memory.message_ids(turns[0].id) == sorted(m.id for m in messages)
+        assert await bot.memory.turns.message_ids(turns[0].id) == sorted(m.id for m in messages)
     no_traceback(caplog)
 
 
@@ -162,7 +164,7 @@ async def test_reply_to_a_message_deleted_meanwhile_is_posted_quietly(
         creates = fake.find_requests(*SEND_MESSAGE)
         reference = creates[-1].json["message_reference"]
         assert reference["fail_if_not_exists"] is False
-        turns = await bot.memory.all_turns(world.general.id)
+        turns = await bot.memory.turns.history(world.general.id)
         assert [t.role for t in turns] == ["assistant"]  # the question went with its message
         assert turns[0].content == TEXT
     no_traceback(caplog)
@@ -177,7 +179,7 @@ async def test_persona_reply_through_a_webhook_survives_resets(
     engine = ScriptedEngine([TEXT], delay=0.01, piece=25)
     settings = bot_settings(tmp_path, "x", STREAM_INTERVAL="0")
     async with running_bot(fake, settings, engine=engine) as bot:
-        await bot.memory.update_channel(world.general.id, world.guild.id, persona="Grumbold")
+        await bot.memory.places.update_channel(world.general.id, world.guild.id, persona="Grumbold")
         sends = fake.inject(*EXECUTE_WEBHOOK, drop="reset")
         edits = fake.inject(*EDIT_WEBHOOK_MESSAGE, drop="reset", after=1)
         await ask(world)
@@ -187,9 +189,11 @@ async def test_persona_reply_through_a_webhook_survives_resets(
         assert sends.hits == 1 and edits.hits == 1
         posts = hook_posts(fake, world)
         assert [(m.content, m.username) for m in posts] == [(TEXT, "Grumbold")]
-        turns = [t for t in await bot.memory.all_turns(world.general.id) if t.role == "assistant"]
+        turns = [
+            t for t in await bot.memory.turns.history(world.general.id) if t.role == "assistant"
+        ]
         assert [(t.content, t.persona) for t in turns] == [(TEXT, "Grumbold")]
-        assert await bot.memory.message_ids(turns[0].id) == [posts[0].id]
+        assert await bot.memory.turns.message_ids(turns[0].id) == [posts[0].id]
     no_traceback(caplog)
 
 

@@ -263,12 +263,12 @@ async def test_fuzz_through_discord(world: World, tiny_model: Path, tmp_path: Pa
             # 0 stored bot turns with a header
             stored = 0
             for c in ids:
-                for turn in await bot.memory.all_turns(c):
+                for turn in await bot.memory.turns.history(c):
                     if turn.role == "assistant":
                         stored += 1
                         assert header_lines(turn.content) == [], turn.content[:300]
             assert stored == len(asked)
-            assert not await bot.memory.awaiting_turns()
+            assert not await bot.memory.owed.awaiting()
     print(
         f"fuzz: {MESSAGES} messages ({len(asked)} addressed, {len(deleted)} deleted), "
         f"{len(server.prompts)} prompts checked, {len(bot_posts)} bot messages, "

@@ -125,11 +125,15 @@ def test_limits_and_steps():
     args = gpu_check.parse_args(["--limit-scale", "2", "--limit", "mfu=10", "--only", "mfu,packed"])
     assert args.steps == ["mfu", "packed"]
     assert args.limits["mfu"] == 10 and args.limits["build"] == 2 * gpu_check.LIMITS["build"]
-    assert gpu_check.STEPS[0] == "wheels" and gpu_check.STEPS[-1] == "fsdp2"
-    assert (
-        gpu_check.SIZES["7b"]["hidden_size"] == 4096
-        and gpu_check.SIZES["7b"]["num_hidden_layers"] == 32
-    )
+    # by default every step runs, in the order the limits are listed
+    assert gpu_check.parse_args([]).steps == gpu_check.STEPS == list(gpu_check.LIMITS)
+
+
+def test_the_7b_size_is_llama_2_7b():
+    from transformers import LlamaConfig
+
+    llama2_7b = LlamaConfig()  # transformers' defaults are Llama-2-7B's shape
+    assert gpu_check.SIZES["7b"] == {k: getattr(llama2_7b, k) for k in gpu_check.SIZES["7b"]}
 
 
 def test_missing_wheels_are_named_by_their_pip_names():

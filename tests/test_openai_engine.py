@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from bot.engine import EngineError, GenerationParams, LocalEngine, make_engine
+from bot.engine import EngineError, GenerationParams, LocalEngine, RequestState, make_engine
 from bot.engine.openai import OpenAIEngine
 from bot.prompt import format_single, stop_strings
 from tests.fake_discord.common import PATIENCE
@@ -121,18 +121,22 @@ async def scripted() -> AsyncIterator[Scripted]:
         await runner.cleanup()
 
 
-async def remote(url: str, tokenizer: Path, **kw: Any) -> OpenAIEngine:
+@contextlib.asynccontextmanager
+async def remote(url: str, tokenizer: Path, **kw: Any) -> AsyncIterator[OpenAIEngine]:
+    """A started engine for the server at `url`, closed after."""
     # a generous read timeout: a busy machine must not turn a slow reply into a retry (the
     # retry counts are asserted); only the "hang" case sets a short one, on purpose
     opts = {"retries": 3, "backoff": 0.01, "max_backoff": 0.05, "read_timeout": 60.0} | kw
     eng = OpenAIEngine(base_url=url, api_key="k", model="hermes", tokenizer=str(tokenizer), **opts)
     await eng.start()
-    return eng
+    try:
+        yield eng
+    finally:
+        await eng.close()
 
 
 async def test_sends_the_alpaca_prompt_and_parameters(scripted: Scripted, tiny_model: Path):
-    eng = await remote(scripted.url, tiny_model)
-    try:
+    async with remote(scripted.url, tiny_model) as eng:
         params = GenerationParams(
             max_new_tokens=50,
             temperature=0.8,
@@ -162,18 +166,15 @@ async def test_sends_the_alpaca_prompt_and_parameters(scripted: Scripted, tiny_m
             eng.count_tokens("hello there")
             == eng.tokenizer("hello there", add_special_tokens=False).input_ids.__len__()
         )
-    finally:
-        await eng.close()
 
 
 async def test_stop_strings_are_applied_locally_too(scripted: Scripted, tiny_model: Path):
-    eng = await remote(scripted.url, tiny_model)
-    try:
+    async with remote(scripted.url, tiny_model) as eng:
         gen = eng.generate(PROMPT, replace(GREEDY, stop=("friend",)))
+        assert gen.state is RequestState.QUEUED and eng.queue_length == 1
         assert await gen.text_all() == "Hello there, "
-        assert gen.stats.finish_reason == "stop"
-    finally:
-        await eng.close()
+        assert gen.stats.finish_reason == "stop" and gen.state is RequestState.FINISHED
+        assert eng.queue_length == 0
 
 
 @pytest.mark.parametrize("failure", ["503", "500", "429", "hang", "empty"])
@@ -181,18 +182,14 @@ async def test_failures_before_the_first_token_are_retried(
     scripted: Scripted, tiny_model: Path, failure: str
 ):
     # a hang is ended by the read timeout; the good third attempt must answer within it
-    eng = await remote(scripted.url, tiny_model, read_timeout=2.0 if failure == "hang" else 60.0)
-    try:
+    async with remote(scripted.url, tiny_model, read_timeout=2.0 if failure == "hang" else 60.0) as eng:
         scripted.script = [failure, failure]
         assert await eng.complete(PROMPT, GREEDY) == "Hello there, friend!"
         assert len(scripted.requests) == 3
-    finally:
-        await eng.close()
 
 
 async def test_persistent_failure_becomes_an_engine_error(scripted: Scripted, tiny_model: Path):
-    eng = await remote(scripted.url, tiny_model)
-    try:
+    async with remote(scripted.url, tiny_model) as eng:
         scripted.script = ["503"] * 10
         gen = eng.generate(PROMPT, GREEDY)
         with pytest.raises(EngineError, match="failed 4 times"):
@@ -201,25 +198,19 @@ async def test_persistent_failure_becomes_an_engine_error(scripted: Scripted, ti
         assert len(scripted.requests) == 4
         scripted.script = []
         assert await eng.complete(PROMPT, GREEDY)  # and the next reply works again
-    finally:
-        await eng.close()
 
 
 async def test_unreachable_server_is_an_engine_error(tiny_model: Path):
-    eng = await remote(f"http://127.0.0.1:{free_port()}/v1", tiny_model, retries=2)
-    try:
+    async with remote(f"http://127.0.0.1:{free_port()}/v1", tiny_model, retries=2) as eng:
         with pytest.raises(EngineError, match="failed 3 times"):
             await eng.complete(PROMPT, GREEDY)
-    finally:
-        await eng.close()
 
 
 @pytest.mark.parametrize("failure", ["cut", "no-end"])
 async def test_a_stream_cut_after_text_fails_without_retry(
     scripted: Scripted, tiny_model: Path, failure: str
 ):
-    eng = await remote(scripted.url, tiny_model)
-    try:
+    async with remote(scripted.url, tiny_model) as eng:
         scripted.script = [failure]
         gen = eng.generate(PROMPT, GREEDY)
         seen: list[str] = []
@@ -228,37 +219,28 @@ async def test_a_stream_cut_after_text_fails_without_retry(
                 seen.append(piece)
         assert "".join(seen) == ("Hello" if failure == "cut" else "Hello there, friend!")
         assert len(scripted.requests) == 1  # never retried once the user saw text
-    finally:
-        await eng.close()
 
 
 async def test_client_errors_are_not_retried(scripted: Scripted, tiny_model: Path):
-    eng = await remote(scripted.url, tiny_model)
-    try:
+    async with remote(scripted.url, tiny_model) as eng:
         scripted.script = ["400"]
         with pytest.raises(EngineError, match="HTTP 404"):
             await eng.complete(PROMPT, GREEDY)
         assert len(scripted.requests) == 1
-    finally:
-        await eng.close()
 
 
 async def test_strict_server_gets_standard_fields_only(scripted: Scripted, tiny_model: Path):
-    eng = await remote(scripted.url, tiny_model)
-    try:
+    async with remote(scripted.url, tiny_model) as eng:
         scripted.script = ["strict", "strict"]
         params = replace(GREEDY, top_k=40, temperature=0.7)
         assert await eng.complete(PROMPT, params) == "Hello there, friend!"
         assert "top_k" in scripted.requests[0] and "top_k" not in scripted.requests[1]
         assert await eng.complete(PROMPT, params)
         assert "top_k" not in scripted.requests[2]  # remembered
-    finally:
-        await eng.close()
 
 
 async def test_cancel_hangs_up(scripted: Scripted, tiny_model: Path):
-    eng = await remote(scripted.url, tiny_model)
-    try:
+    async with remote(scripted.url, tiny_model) as eng:
         scripted.pieces = ["x"] * 200
         scripted.script = ["slow"]
         gen = eng.generate(PROMPT, GREEDY)
@@ -267,8 +249,6 @@ async def test_cancel_hangs_up(scripted: Scripted, tiny_model: Path):
         assert gen.stats.finish_reason == "cancelled"
         await asyncio.wait_for(scripted.hung_up.wait(), 60)
         assert len(gen.text) < 200
-    finally:
-        await eng.close()
 
 
 def test_make_engine_picks_openai(settings_factory, tiny_model: Path):
@@ -358,13 +338,18 @@ class RetryLog(logging.Handler):
             self.seen.set()
 
 
-async def real(served: Served, **kw: Any) -> OpenAIEngine:
+@contextlib.asynccontextmanager
+async def real(served: Served, **kw: Any) -> AsyncIterator[OpenAIEngine]:
+    """A started engine for the real server, closed after."""
     opts = {"retries": 40, "backoff": 0.2, "max_backoff": 1.0, "read_timeout": 60.0} | kw
     eng = OpenAIEngine(
         base_url=served.url, model=str(served.model), tokenizer=str(served.model), **opts
     )
     await eng.start()
-    return eng
+    try:
+        yield eng
+    finally:
+        await eng.close()
 
 
 async def local_greedy(model: Path, prompt: str, params: GenerationParams) -> str:
@@ -378,8 +363,7 @@ async def local_greedy(model: Path, prompt: str, params: GenerationParams) -> st
 
 @pytest.mark.slow
 async def test_real_server_streams_the_same_greedy_text(served: Served):
-    eng = await real(served)
-    try:
+    async with real(served) as eng:
         gen = eng.generate(PROMPT, GREEDY)
         pieces = [p async for p in gen]
         assert len(pieces) > 1
@@ -388,14 +372,11 @@ async def test_real_server_streams_the_same_greedy_text(served: Served):
         assert gen.stats.finish_reason in ("length", "eos")
         assert gen.stats.new_tokens > 0 and gen.stats.prompt_tokens > 0
         assert not eng.send_extras  # transformers serve is strict: top_k etc. were dropped
-    finally:
-        await eng.close()
 
 
 @pytest.mark.slow
 async def test_real_server_honours_stop_strings(served: Served):
-    eng = await real(served)
-    try:
+    async with real(served) as eng:
         params = replace(GREEDY, max_new_tokens=40)
         full = await eng.complete(PROMPT, params)
         stop = next(
@@ -413,16 +394,13 @@ async def test_real_server_honours_stop_strings(served: Served):
         gen = eng.generate(PROMPT, replace(params, stop=(stop,)))
         assert await gen.text_all() == full[: full.find(stop)]
         assert gen.stats.finish_reason == "stop"
-    finally:
-        await eng.close()
 
 
 @pytest.mark.slow
 async def test_real_server_restart_mid_conversation(served: Served):
     # enough retries (at most 1 s apart) to outlast a restart of `transformers serve` on a busy
     # machine: the test waits for the server, it does not bet on how fast it starts
-    eng = await real(served, retries=300)
-    try:
+    async with real(served, retries=300) as eng:
         first = await eng.complete(PROMPT, GREEDY)
         second_prompt = f"{PROMPT}{first}\n\n### Instruction:\nAlice: and then?\n\n### Response:\n"
         before = await eng.complete(second_prompt, GREEDY)
@@ -438,5 +416,3 @@ async def test_real_server_restart_mid_conversation(served: Served):
             logging.getLogger("bot.engine.openai").removeHandler(retries)
         assert after == before
         assert await eng.complete(PROMPT, GREEDY) == first
-    finally:
-        await eng.close()

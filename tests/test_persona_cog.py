@@ -192,7 +192,7 @@ async def test_use_greets_through_a_webhook_and_changes_the_prompt(
     async with running_bot(fake, settings, engine=engine) as bot:
         answer = await said(await command(world, "persona use", {"name": "grumbold"}))
         assert answer == "**Grumbold** is now playing in this channel."
-        assert (await bot.memory.channel(world.general.id)).persona == "Grumbold"
+        assert (await bot.memory.places.channel(world.general.id)).persona == "Grumbold"
 
         # one webhook, owned by the bot, made in this channel
         (hook,) = hooks(fake)
@@ -211,10 +211,10 @@ async def test_use_greets_through_a_webhook_and_changes_the_prompt(
         assert send.query.get("wait") in ("1", "true") and send.json["username"] == "Grumbold"
         assert send.json["allowed_mentions"]["parse"] == []
 
-        (turn,) = await bot.memory.all_turns(world.general.id)
+        (turn,) = await bot.memory.turns.history(world.general.id)
         assert (turn.role, turn.persona, turn.name) == ("assistant", "Grumbold", "Grumbold")
         assert turn.content == greeting
-        assert await bot.memory.message_ids(turn.id) == [posted.id]
+        assert await bot.memory.turns.message_ids(turn.id) == [posted.id]
 
         # the next prompt is Grumbold's, with his greeting as his first Response
         await mention(world, "Can you mend a kettle?")
@@ -234,7 +234,7 @@ async def test_use_greets_through_a_webhook_and_changes_the_prompt(
         await mention(world, "Please?")
         await settled(world, bot, 3)
         assert len(hooks(fake)) == 1 and len(webhook_sends(fake, hook)) == 3
-        turns = await bot.memory.all_turns(world.general.id)
+        turns = await bot.memory.turns.history(world.general.id)
         assert [(t.role, t.persona) for t in turns if t.role == "assistant"] == [
             ("assistant", "Grumbold")
         ] * 3
@@ -322,7 +322,7 @@ async def test_fallback_to_bold_names_without_webhooks_and_in_dms(
         _, reply = await settled(world, bot, 2, channel=locked.id)
         assert reply.author.id == fake.bot_user.id and reply.content.startswith("**Sable:** ")
         assert not hooks(fake)
-        turns = await bot.memory.all_turns(locked.id)
+        turns = await bot.memory.turns.history(locked.id)
         assert turns[0].content == greeting  # stored without the bold name
         assert all(t.persona == "Sable" for t in turns if t.role == "assistant")
 
@@ -347,7 +347,7 @@ async def test_own_webhook_posts_are_not_triggers_but_persona_turns(
     fake = world.fake
     engine = ScriptedEngine(["The name's Sable.", "Case closed."])
     async with running_bot(fake, bot_settings(tmp_path, "scripted"), engine=engine) as bot:
-        await bot.memory.update_channel(world.general.id, world.guild.id, mode="always")
+        await bot.memory.places.update_channel(world.general.id, world.guild.id, mode="always")
         await said(await command(world, "persona use", {"name": "Sable"}))
         await fake.user_message(world.general.id, world.bob, "Who are you?")
         await settled(world, bot, 2)
@@ -356,19 +356,19 @@ async def test_own_webhook_posts_are_not_triggers_but_persona_turns(
         assert fake.dispatched and all(
             m.author.id != fake.bot_user.id for m in hook_messages(fake, world.general.id)
         )
-        turns = await bot.memory.all_turns(world.general.id)
+        turns = await bot.memory.turns.history(world.general.id)
         assert [(t.role, t.name, t.persona) for t in turns] == [
             ("assistant", "Sable", "Sable"),
             ("user", "bob", None),
             ("assistant", "Sable", "Sable"),
         ]
         webhook_ids = [m.id for m in hook_messages(fake, world.general.id)]
-        assert [await bot.memory.message_ids(t.id) for t in turns if t.role == "assistant"] == [
-            [i] for i in webhook_ids
-        ]
+        assert [
+            await bot.memory.turns.message_ids(t.id) for t in turns if t.role == "assistant"
+        ] == [[i] for i in webhook_ids]
 
         # in mention mode, replying to the persona's message addresses the bot
-        await bot.memory.update_channel(world.general.id, world.guild.id, mode="mention")
+        await bot.memory.places.update_channel(world.general.id, world.guild.id, mode="mention")
         await fake.user_message(
             world.general.id, world.alice, "Any leads?", reply_to=webhook_ids[-1]
         )
@@ -408,7 +408,7 @@ async def test_deleted_webhook_is_replaced_and_refused_names_fall_back(
         *_, reply = await settled(world, bot, 2)
         (second,) = hooks(fake)
         assert reply.content == "Back." and reply.webhook_id == second.id != first.id
-        assert await bot.memory.webhook(world.general.id) == (second.id, second.token)
+        assert await bot.memory.webhooks.get(world.general.id) == (second.id, second.token)
 
         fake.delete_webhook(second.id)  # ...and again while it runs
         text = await said(await command(world, "persona use", {"name": "Sable"}))
@@ -418,7 +418,7 @@ async def test_deleted_webhook_is_replaced_and_refused_names_fall_back(
         assert len(refused) == 1  # the greeting was tried on the old webhook, then the new one
         greeting = hook_messages(fake, world.general.id)[-1]
         assert greeting.webhook_id == third.id and greeting.username == "Sable"
-        assert (await bot.memory.all_turns(world.general.id))[-1].persona == "Sable"
+        assert (await bot.memory.turns.history(world.general.id))[-1].persona == "Sable"
 
         # Discord refuses webhook names containing "clyde": that persona speaks as the bot
         crab = FakeFile("crab.json", card_json(name="Clyde the Crab", first_mes="Snip!"))
@@ -445,7 +445,7 @@ async def test_import_json_and_png_cards(world: World, tmp_path: Path) -> None:
             await command(world, "persona import", {"card": FakeFile("nova.json", card_json())})
         )
         assert "Saved **Nova**" in text
-        stored = await bot.memory.get_persona(world.guild.id, "nova")
+        stored = await bot.memory.personas.get(world.guild.id, "nova")
         assert stored is not None and stored.created_by == world.alice.id
         assert parse_card(stored.card.encode()) == parse_card(card_json())
         assert stored.avatar is None
@@ -457,12 +457,12 @@ async def test_import_json_and_png_cards(world: World, tmp_path: Path) -> None:
             )
         )  # fmt: skip
         assert "Saved **Pixel**" in text
-        pixel = await bot.memory.get_persona(world.guild.id, "Pixel")
+        pixel = await bot.memory.personas.get(world.guild.id, "Pixel")
         assert pixel is not None and pixel.created_by == world.bob.id
         assert pixel.avatar is not None and pixel.avatar.startswith(b"\x89PNG")
         assert b"chara" not in pixel.avatar  # the picture is kept without the card text
         assert parse_card(pixel.card.encode()) == png_card
-        log = await bot.memory.audit_log(world.guild.id)
+        log = await bot.memory.audit.latest(world.guild.id)
         assert [(r.action, r.user_id, r.new) for r in log[:2]] == [
             ("persona.import", world.bob.id, "Pixel"),
             ("persona.import", world.alice.id, "Nova"),
@@ -481,7 +481,7 @@ async def test_import_json_and_png_cards(world: World, tmp_path: Path) -> None:
                           user=world.bob)
         )  # fmt: skip
         assert "already has **Nova**" in again
-        assert (await bot.memory.get_persona(world.guild.id, "Nova")).created_by == world.alice.id
+        assert (await bot.memory.personas.get(world.guild.id, "Nova")).created_by == world.alice.id
         clash = await said(
             await command(world, "persona import", {"card": FakeFile("g.json", card_json(name="Grumbold"))})
         )  # fmt: skip
@@ -509,9 +509,9 @@ async def test_bad_import_is_explained_and_nothing_stored(
             await command(world, "persona import", {"card": FakeFile(filename, data)})
         )
         assert text.startswith("Not imported:") and expected in text, text
-        assert await bot.memory.list_personas(world.guild.id) == []
+        assert await bot.memory.personas.in_guild(world.guild.id) == []
         assert not [
-            r for r in await bot.memory.audit_log(world.guild.id) if r.action == "persona.import"
+            r for r in await bot.memory.audit.latest(world.guild.id) if r.action == "persona.import"
         ]
 
 
@@ -520,18 +520,18 @@ async def test_imports_can_be_limited_to_managers(world: World, tmp_path: Path) 
     owner = fake.users[world.guild.owner_id]
     async with running_bot(fake, bot_settings(tmp_path, "x"), engine=ScriptedEngine(["ok"])) as bot:
         await said(await command(world, "admin persona imports", {"rule": "deny"}, user=owner))
-        assert (await bot.memory.guild(world.guild.id)).imports_allowed is False
+        assert (await bot.memory.places.guild(world.guild.id)).imports_allowed is False
         card = FakeFile("nova.json", card_json())
         denied = await said(await command(world, "persona import", {"card": card}, user=world.bob))
         assert "Manage Server" in denied
         denied = await command(world, "persona create", user=world.bob)
         assert "Manage Server" in await said(denied)
-        assert await bot.memory.list_personas(world.guild.id) == []
+        assert await bot.memory.personas.in_guild(world.guild.id) == []
         allowed = await said(
             await command(world, "persona import", {"card": card}, user=world.admin)
         )
         assert "Saved **Nova**" in allowed
-        (stored,) = await bot.memory.list_personas(world.guild.id)
+        (stored,) = await bot.memory.personas.in_guild(world.guild.id)
         assert stored.created_by == world.admin.id
 
 
@@ -547,7 +547,7 @@ async def test_create_edit_delete_and_who_may(world: World, tmp_path: Path) -> N
             Personality="loud", Scenario="On deck.", First_message="Arr, {{user}}!",
         )  # fmt: skip
         assert "Saved **Captain Brine**" in text
-        stored = await bot.memory.get_persona(world.guild.id, "Captain Brine")
+        stored = await bot.memory.personas.get(world.guild.id, "Captain Brine")
         assert stored is not None and stored.created_by == world.alice.id
         card = parse_card(stored.card.encode())
         assert (card.description, card.personality, card.first_mes) == (
@@ -562,7 +562,7 @@ async def test_create_edit_delete_and_who_may(world: World, tmp_path: Path) -> N
         assert brine.author.avatar is None
 
         # bob is neither the creator nor a manager: edit and delete are refused
-        before = await bot.memory.get_persona(world.guild.id, "Captain Brine")
+        before = await bot.memory.personas.get(world.guild.id, "Captain Brine")
         refused = await said(
             await command(world, "persona edit", {"name": "Captain Brine"}, user=world.bob)
         )
@@ -571,7 +571,7 @@ async def test_create_edit_delete_and_who_may(world: World, tmp_path: Path) -> N
             await command(world, "persona delete", {"name": "Captain Brine"}, user=world.bob)
         )
         assert "Only <@" in refused
-        assert await bot.memory.get_persona(world.guild.id, "Captain Brine") == before
+        assert await bot.memory.personas.get(world.guild.id, "Captain Brine") == before
         builtin = await said(await command(world, "persona edit", {"name": "Grumbold"}))
         assert "built in" in builtin
 
@@ -583,7 +583,7 @@ async def test_create_edit_delete_and_who_may(world: World, tmp_path: Path) -> N
         assert inputs["First message"]["value"] == "Arr, {{user}}!"
         text = await submit(world, editing, Description="{{char}} is a retired pirate who knits.")
         assert "Saved **Captain Brine**" in text
-        edited = await bot.memory.get_persona(world.guild.id, "Captain Brine")
+        edited = await bot.memory.personas.get(world.guild.id, "Captain Brine")
         assert edited is not None and edited.created_by == world.alice.id
         assert (
             parse_card(edited.card.encode()).description
@@ -603,9 +603,9 @@ async def test_create_edit_delete_and_who_may(world: World, tmp_path: Path) -> N
             editing = await command(world, "persona edit", {"name": "Captain Brine"})
             text = await submit(world, editing, Name=taken)
             assert text.startswith("Not saved"), text
-        names = sorted(p.name for p in await bot.memory.list_personas(world.guild.id))
+        names = sorted(p.name for p in await bot.memory.personas.in_guild(world.guild.id))
         assert names == ["Captain Brine", "Nova"]
-        nova = await bot.memory.get_persona(world.guild.id, "Nova")
+        nova = await bot.memory.personas.get(world.guild.id, "Nova")
         assert nova.created_by == world.bob.id and parse_card(nova.card.encode()) == parse_card(
             card_json()
         )
@@ -615,9 +615,9 @@ async def test_create_edit_delete_and_who_may(world: World, tmp_path: Path) -> N
         assert "Saved **Nova Prime**" in await submit(
             world, editing, world.admin, Name="Nova Prime"
         )
-        renamed = await bot.memory.get_persona(world.guild.id, "Nova Prime")
+        renamed = await bot.memory.personas.get(world.guild.id, "Nova Prime")
         assert renamed is not None and renamed.created_by == world.bob.id
-        assert await bot.memory.get_persona(world.guild.id, "Nova") is None
+        assert await bot.memory.personas.get(world.guild.id, "Nova") is None
         kept = parse_card(renamed.card.encode())
         assert kept.extensions == NOVA["data"]["extensions"] and kept.character_book is not None
 
@@ -632,8 +632,8 @@ async def test_create_edit_delete_and_who_may(world: World, tmp_path: Path) -> N
             await command(world, "persona delete", {"name": "Captain Brine"}, user=world.admin)
         )
         assert text == "Deleted **Captain Brine**."
-        assert await bot.memory.get_persona(world.guild.id, "Captain Brine") is None
-        log = await bot.memory.audit_log(world.guild.id)
+        assert await bot.memory.personas.get(world.guild.id, "Captain Brine") is None
+        log = await bot.memory.audit.latest(world.guild.id)
         assert (log[0].action, log[0].user_id, log[0].old) == (
             "persona.delete",
             world.admin.id,
@@ -667,7 +667,7 @@ async def test_export_is_a_card_v2_that_reimports_identically(world: World, tmp_
         await said(
             await command(world, "persona import", {"card": FakeFile("Nova.json", file.data)})
         )
-        stored = await bot.memory.get_persona(world.guild.id, "Nova")
+        stored = await bot.memory.personas.get(world.guild.id, "Nova")
         assert stored is not None and parse_card(stored.card.encode()) == parse_card(card_json())
         again = await command(world, "persona export", {"name": "Nova"})
         assert (await again.wait_response()).files[0].data == file.data
@@ -737,7 +737,7 @@ async def test_off_returns_to_the_plain_hermes_prompt(world: World, tmp_path: Pa
         assert "Sable is a black cat private eye" in engine.prompts[-1]
         text = await said(await command(world, "persona off"))
         assert text == "Back to the default persona in this channel."
-        assert (await bot.memory.channel(world.general.id)).persona is None
+        assert (await bot.memory.places.channel(world.general.id)).persona is None
         await mention(world, "What is 2 + 2?")
         *_, reply = await settled(world, bot, 3)
         prompt = engine.prompts[-1]
@@ -745,7 +745,7 @@ async def test_off_returns_to_the_plain_hermes_prompt(world: World, tmp_path: Pa
         assert "black cat private eye" not in prompt and "Sable's personality" not in prompt
         assert reply.author.id == fake.bot_user.id and reply.webhook_id is None
         assert reply.content == "Happy to help!"
-        log = await bot.memory.audit_log(world.guild.id)
+        log = await bot.memory.audit.latest(world.guild.id)
         assert (log[0].action, log[0].old, log[0].new) == ("persona.off", "Sable", None)
 
 
@@ -779,12 +779,12 @@ async def test_blocked_member_cannot_make_a_persona_speak(world: World, tmp_path
     async with running_bot(
         world.fake, bot_settings(tmp_path, "x"), engine=ScriptedEngine(["hi"])
     ) as bot:
-        await bot.memory.set_blocked(world.guild.id, "user", world.bob.id, True)
+        await bot.memory.places.set_blocked(world.guild.id, "user", world.bob.id, True)
         text = await said(await command(world, "persona use", {"name": "Grumbold"}, user=world.bob))
         assert "can't use my commands" in text
-        assert (await bot.memory.channel(world.general.id)).persona is None
+        assert (await bot.memory.places.channel(world.general.id)).persona is None
         assert not hook_messages(world.fake, world.general.id)
-        assert await bot.memory.all_turns(world.general.id) == []
+        assert await bot.memory.turns.history(world.general.id) == []
 
 
 async def test_reply_recovers_when_the_webhook_is_deleted_while_running(
@@ -801,8 +801,8 @@ async def test_reply_recovers_when_the_webhook_is_deleted_while_running(
         (second,) = hooks(fake)
         assert reply.content == "Hm." and reply.webhook_id == second.id != first.id
         assert reply.username == "Grumbold"
-        assert await bot.memory.webhook(world.general.id) == (second.id, second.token)
-        assert (await bot.memory.all_turns(world.general.id))[-1].content == "Hm."
+        assert await bot.memory.webhooks.get(world.general.id) == (second.id, second.token)
+        assert (await bot.memory.turns.history(world.general.id))[-1].content == "Hm."
 
 
 async def test_thread_takes_its_parents_persona_and_settings(world: World, tmp_path: Path) -> None:
@@ -810,8 +810,8 @@ async def test_thread_takes_its_parents_persona_and_settings(world: World, tmp_p
     engine = ScriptedEngine(["In the thread."])
     async with running_bot(fake, bot_settings(tmp_path, "x"), engine=engine) as bot:
         await said(await command(world, "persona use", {"name": "Sable"}))
-        chan = await bot.memory.channel(world.general.id)
-        await bot.memory.update_channel(
+        chan = await bot.memory.places.channel(world.general.id)
+        await bot.memory.places.update_channel(
             world.general.id, world.guild.id, settings={**chan.settings, "temperature": 0.25}
         )
         thread = fake.add_thread(world.general.id, "case file")
@@ -820,7 +820,7 @@ async def test_thread_takes_its_parents_persona_and_settings(world: World, tmp_p
         assert reply.username == "Sable" and reply.content == "In the thread."
         assert "Sable" in engine.prompts[-1] and engine.params[-1].temperature == 0.25
         # the thread keeps its own memory
-        assert [t.content for t in await bot.memory.all_turns(thread.id)] == [
+        assert [t.content for t in await bot.memory.turns.history(thread.id)] == [
             "Who did it?",
             "In the thread.",
         ]

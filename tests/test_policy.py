@@ -27,8 +27,8 @@ async def test_a_thread_takes_its_parents_mode_persona_and_settings(
     memory: Memory, settings_factory: Callable[..., Settings]
 ) -> None:
     settings = settings_factory(TEMPERATURE="0.3", TOP_K="40")
-    await memory.update_guild(GUILD, settings={"top_k": 10}, default_persona="Sable")
-    await memory.update_channel(
+    await memory.places.update_guild(GUILD, settings={"top_k": 10}, default_persona="Sable")
+    await memory.places.update_channel(
         CHANNEL, GUILD, mode="always", persona="Grumbold", settings={"temperature": 0.9}
     )
     thread = Place(THREAD, GUILD, parent_id=CHANNEL)
@@ -43,7 +43,7 @@ async def test_a_thread_takes_its_parents_mode_persona_and_settings(
     assert (applied.temperature, applied.top_k, applied.db_path) == (0.9, 10, settings.db_path)
 
     # the thread's own choices win over its parent's
-    await memory.update_channel(
+    await memory.places.update_channel(
         THREAD, GUILD, mode="mention", persona="Wren", settings={"temperature": 0.1}
     )
     policy = await resolve(memory, settings, thread)
@@ -74,8 +74,8 @@ async def test_access_blocked_users_and_roles_and_the_allow_list(
     settings = settings_factory()
     here, thread = Place(CHANNEL, GUILD), Place(THREAD, GUILD, parent_id=CHANNEL)
     alice, bob, carol = Asker(100), Asker(200), Asker(300, frozenset({7}))
-    await memory.set_blocked(GUILD, "user", bob.user_id, True)
-    await memory.set_blocked(GUILD, "role", 7, True)
+    await memory.places.set_blocked(GUILD, "user", bob.user_id, True)
+    await memory.places.set_blocked(GUILD, "role", 7, True)
 
     async def refusal(place: Place, asker: Asker) -> str | None:
         return (await resolve(memory, settings, place, asker)).refusal
@@ -83,13 +83,13 @@ async def test_access_blocked_users_and_roles_and_the_allow_list(
     assert [await refusal(here, a) for a in (alice, bob, carol)] == [None, BLOCKED, BLOCKED]
     assert (await resolve(memory, settings, here)).refusal is None  # no asker: no decision
 
-    await memory.update_guild(GUILD, channel_allowlist=[CHANNEL])
+    await memory.places.update_guild(GUILD, channel_allowlist=[CHANNEL])
     assert await refusal(here, alice) is None
     assert await refusal(thread, alice) is None  # a thread counts as its parent
     assert await refusal(Place(OTHER, GUILD), alice) == NOT_SERVED
     assert await refusal(Place(OTHER, GUILD), bob) == BLOCKED
 
     # commands that make the bot speak are also refused where it is switched off
-    await memory.update_channel(CHANNEL, GUILD, mode="off")
+    await memory.places.update_channel(CHANNEL, GUILD, mode="off")
     policy = await resolve(memory, settings, thread, alice)
     assert (policy.mode, policy.refusal, policy.refusal_to_speak()) == ("off", None, SWITCHED_OFF)

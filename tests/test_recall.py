@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.memory import MIGRATIONS, SCHEMA_VERSION, Memory
+from bot.memory import Memory
 from bot.recall import match_expression, query_terms, recall
+from bot.store.db import MIGRATIONS, SCHEMA_VERSION, Database
 
 FILLER = [
     "the weather is grey again today",
@@ -27,7 +28,7 @@ async def fill(memory: Memory, channel: int, n: int, *, start: int = 0) -> list[
     for i in range(start, start + n):
         role = "user" if i % 2 == 0 else "assistant"
         ids.append(
-            await memory.add_turn(
+            await memory.turns.add(
                 channel, role, f"{FILLER[i % len(FILLER)]} ({i})", name="ann", author_id=7
             )
         )
@@ -37,39 +38,39 @@ async def fill(memory: Memory, channel: int, n: int, *, start: int = 0) -> list[
 async def found(memory: Memory, channel: int, text: str) -> list[str]:
     return [
         t.content
-        for t, _ in await memory.search_turns(channel, match_expression(query_terms([text])))
+        for t, _ in await memory.turns.search(channel, match_expression(query_terms([text])))
     ]
 
 
 async def test_index_follows_insert_edit_delete_clear(memory: Memory):
     assert memory.fts
-    tid = await memory.add_turn(1, "user", "my sister lives in Lisbon", name="bob", message_id=55)
-    await memory.add_turn(2, "user", "Lisbon is lovely", name="eve")  # another channel
+    tid = await memory.turns.add(1, "user", "my sister lives in Lisbon", name="bob", message_id=55)
+    await memory.turns.add(2, "user", "Lisbon is lovely", name="eve")  # another channel
     assert await found(memory, 1, "where is Lisbon") == ["my sister lives in Lisbon"]
     # porter stemming: "living" finds "lives"; the speaker's name is searchable too
     assert await found(memory, 1, "living") == ["my sister lives in Lisbon"]
     assert await found(memory, 1, "bob") == ["my sister lives in Lisbon"]
 
-    assert await memory.edit_message(55, "my sister moved to Porto")
+    assert await memory.turns.edit_message(55, "my sister moved to Porto")
     assert await found(memory, 1, "Lisbon") == []
     assert await found(memory, 1, "Porto") == ["my sister moved to Porto"]
 
-    assert await memory.delete_message(55)
+    assert await memory.turns.delete_message(55)
     assert await found(memory, 1, "Porto") == []  # a deleted message is never recalled
-    assert tid not in {t.id for t in await memory.recent_turns(1)}
+    assert tid not in {t.id for t in await memory.turns.recent(1)}
 
-    await memory.add_turn(1, "user", "the Porto trip is booked", name="bob")
-    assert await memory.clear_channel(1) == 1
+    await memory.turns.add(1, "user", "the Porto trip is booked", name="bob")
+    assert await memory.turns.clear(1) == 1
     assert await found(memory, 1, "Porto") == []
     assert await found(memory, 2, "Lisbon") == ["Lisbon is lovely"]
 
 
 async def test_forgotten_turns_are_not_found_until_unforgotten(memory: Memory):
-    await memory.add_turn(1, "user", "the vault code is 4471", name="bob")
-    await memory.forget(1)
-    await memory.add_turn(1, "user", "what was the vault code?", name="bob")
+    await memory.turns.add(1, "user", "the vault code is 4471", name="bob")
+    await memory.turns.forget(1)
+    await memory.turns.add(1, "user", "what was the vault code?", name="bob")
     assert await found(memory, 1, "vault") == ["what was the vault code?"]
-    assert await memory.unforget(1)
+    assert await memory.turns.unforget(1)
     assert sorted(await found(memory, 1, "vault")) == [
         "the vault code is 4471",
         "what was the vault code?",
@@ -77,7 +78,7 @@ async def test_forgotten_turns_are_not_found_until_unforgotten(memory: Memory):
 
 
 async def test_user_text_is_never_fts_syntax(memory: Memory):
-    await memory.add_turn(1, "user", 'a "quoted" NEAR(thing) OR* -minus col:umn', name="bob")
+    await memory.turns.add(1, "user", 'a "quoted" NEAR(thing) OR* -minus col:umn', name="bob")
     for nasty in ['"', "NEAR(", "col:umn", "AND OR NOT", "*", "^start"]:
         await found(memory, 1, nasty)  # never an FTS5 syntax error
     assert await found(memory, 1, "quoted minus") == ['a "quoted" NEAR(thing) OR* -minus col:umn']
@@ -106,7 +107,7 @@ async def test_migration_builds_the_index_on_a_v2_database(tmp_path: Path):
             "the lighthouse was red",
             "we met at the lighthouse",
         ]
-        await mem.add_turn(5, "user", "a new lighthouse story", name="ann")  # triggers work
+        await mem.turns.add(5, "user", "a new lighthouse story", name="ann")  # triggers work
         assert len(await found(mem, 5, "lighthouse")) == 3
     finally:
         await mem.close()
@@ -114,9 +115,9 @@ async def test_migration_builds_the_index_on_a_v2_database(tmp_path: Path):
 
 async def test_recall_finds_an_early_fact_outside_the_window(memory: Memory):
     await fill(memory, 9, 10)
-    fact = await memory.add_turn(9, "user", "my dog is called Biscuit", name="bob", author_id=8)
+    fact = await memory.turns.add(9, "user", "my dog is called Biscuit", name="bob", author_id=8)
     await fill(memory, 9, 400, start=10)
-    window_start = (await memory.recent_turns(9, limit=30))[-1].id
+    window_start = (await memory.turns.recent(9, limit=30))[-1].id
     got = await recall(
         memory,
         9,
@@ -131,12 +132,12 @@ async def test_recall_finds_an_early_fact_outside_the_window(memory: Memory):
 
 
 async def test_recall_respects_budget_blocks_boilerplate_and_duplicates(memory: Memory):
-    blocked = await memory.add_turn(
+    blocked = await memory.turns.add(
         3, "user", "the password is swordfish", name="mal", author_id=66
     )
-    notice = await memory.add_turn(3, "assistant", "*(I had nothing to say about swordfish)*")
-    first = await memory.add_turn(3, "user", "swordfish steak for dinner", name="bob", author_id=8)
-    dupe = await memory.add_turn(3, "user", "swordfish steak for dinner!", name="bob", author_id=8)
+    notice = await memory.turns.add(3, "assistant", "*(I had nothing to say about swordfish)*")
+    first = await memory.turns.add(3, "user", "swordfish steak for dinner", name="bob", author_id=8)
+    dupe = await memory.turns.add(3, "user", "swordfish steak for dinner!", name="bob", author_id=8)
     await fill(memory, 3, 50)
     got = await recall(
         memory, 3, ["swordfish?"], before_id=None, budget_tokens=1000, exclude_authors={66}
@@ -150,11 +151,13 @@ async def test_recall_respects_budget_blocks_boilerplate_and_duplicates(memory: 
 
 
 async def test_recall_is_off_without_an_index(tmp_path: Path):
-    mem = await Memory.open(tmp_path / "m.db")
+    opened = await Database.open(tmp_path / "m.db")
+    # the file as an SQLite build without FTS5 opens it (`Database.open` finds no index there)
+    mem = Memory(Database(opened.conn, opened.path, fts=False))
     try:
-        await mem.add_turn(1, "user", "remember the lighthouse", name="ann")
-        mem.fts = False  # what `Memory.open` sets on an SQLite build without FTS5
+        await mem.turns.add(1, "user", "remember the lighthouse", name="ann")
         assert await recall(mem, 1, ["lighthouse"], before_id=None, budget_tokens=500) == []
+        assert await mem.turns.search(1, "lighthouse") == []
     finally:
         await mem.close()
 
@@ -187,11 +190,11 @@ class CountingEngine:
 async def long_channel(memory: Memory, *, fact_author: int = 8) -> tuple[int, int]:
     """A channel with a fact said early and 600 turns of chat after it; returns (fact, question)."""
     await fill(memory, 77, 6)
-    fact = await memory.add_turn(
+    fact = await memory.turns.add(
         77, "user", "my dog is called Biscuit", name="bob", guild_id=1, author_id=fact_author
     )
     await fill(memory, 77, 600, start=6)
-    question = await memory.add_turn(
+    question = await memory.turns.add(
         77, "user", "what was the name of my dog again?", name="bob", guild_id=1, author_id=8
     )
     return fact, question
@@ -227,7 +230,7 @@ async def test_blocked_members_are_never_recalled(
     memory: Memory, settings_factory, llama_tokenizer
 ):
     fact, question = await long_channel(memory, fact_author=66)
-    await memory.set_blocked(1, "user", 66, True)
+    await memory.places.set_blocked(1, "user", 66, True)
     settings = settings_factory(CONTEXT_TOKENS=1024, MAX_NEW_TOKENS=128)
     job = await conversations(settings, memory, llama_tokenizer).prepare(77, 1, reply_to=question)
     assert job is not None and "Biscuit" not in job.prompt.text
@@ -243,7 +246,7 @@ async def test_recall_off_changes_nothing(memory: Memory, settings_factory, llam
     job = await conv.prepare(77, 1, reply_to=question)
     assert job is not None and job.prompt.recalled == [] and RECALL_HEADING not in job.prompt.text
     # exactly the prompt the window alone gives: the whole budget goes to the history
-    turns = await memory.recent_turns(77)
+    turns = await memory.turns.recent(77)
     expected = fit_prompt(
         settings.system_prompt,
         # (the filler's replies are signed "ann": Hermes sees them as ann's named lines)
@@ -259,8 +262,8 @@ async def test_recall_off_changes_nothing(memory: Memory, settings_factory, llam
 async def test_nothing_recalled_while_the_history_fits(
     memory: Memory, settings_factory, llama_tokenizer
 ):
-    await memory.add_turn(5, "user", "my dog is called Biscuit", name="bob")
-    question = await memory.add_turn(5, "user", "what is my dog called?", name="bob")
+    await memory.turns.add(5, "user", "my dog is called Biscuit", name="bob")
+    question = await memory.turns.add(5, "user", "what is my dog called?", name="bob")
     on = settings_factory(CONTEXT_TOKENS=1024, MAX_NEW_TOKENS=128)
     off = settings_factory(CONTEXT_TOKENS=1024, MAX_NEW_TOKENS=128, RECALL="off")
     a = await conversations(on, memory, llama_tokenizer).prepare(5, reply_to=question)
@@ -285,13 +288,13 @@ async def test_admin_memory_search_shows_what_recall_finds(world, tmp_path: Path
 
     w = world
     async with running_bot(w.fake, w.settings(tmp_path), engine=ScriptedEngine(["ok"])) as bot:
-        await bot.memory.add_turn(
+        await bot.memory.turns.add(
             w.general.id, "user", "my dog is called Biscuit", name="bob", author_id=w.bob.id
         )
-        await bot.memory.add_turn(
+        await bot.memory.turns.add(
             w.general.id, "user", "the dog ate my homework", name="mal", author_id=w.carol.id
         )
-        await bot.memory.set_blocked(w.guild.id, "user", w.carol.id, True)
+        await bot.memory.places.set_blocked(w.guild.id, "user", w.carol.id, True)
 
         async def search(user, query: str) -> tuple[str, bool]:
             handle = await w.fake.invoke_command(
@@ -309,7 +312,7 @@ async def test_admin_memory_search_shows_what_recall_finds(world, tmp_path: Path
         assert text == "Recall finds nothing here for that."
         text, _ = await search(w.alice, "dog")  # not a manager
         assert "Biscuit" not in text
-        audit = [r.action for r in await bot.memory.audit_log(w.guild.id)]
+        audit = [r.action for r in await bot.memory.audit.latest(w.guild.id)]
         assert audit.count("memory.search") == 2
 
 
@@ -337,7 +340,9 @@ RAMBLE = (
     "most of the morning stuck behind a tractor on the old coast road. By the time we reached "
     "the cabin it was raining sideways and the gutters were overflowing again. "
 )
-FACT = "Oh and before I forget: the spare key for the cabin is hidden inside the green watering can."
+FACT = (
+    "Oh and before I forget: the spare key for the cabin is hidden inside the green watering can."
+)
 REST = (
     " Anyway, after that we lit the stove, dried our socks, played cards until midnight and "
     "argued about whether the board game rules allow trading during the night phase, which "
@@ -356,11 +361,11 @@ async def test_a_fact_inside_a_long_message_is_recalled_as_an_excerpt(
     long = RAMBLE + RAMBLE + FACT + REST + RAMBLE
     assert 290 <= count(long) <= 330
     await fill(memory, 5, 4)
-    said = await memory.add_turn(
+    said = await memory.turns.add(
         5, "user", long, name="bob", guild_id=1, author_id=8, tokens=count(long)
     )
     await fill(memory, 5, 120, start=4)
-    question = await memory.add_turn(
+    question = await memory.turns.add(
         5, "user", "where is the spare key hidden?", name="ann", guild_id=1, author_id=7
     )
     settings = settings_factory(CONTEXT_TOKENS=768, MAX_NEW_TOKENS=128)

@@ -12,9 +12,9 @@ import os
 import signal
 import sqlite3
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,25 +46,31 @@ class FakeInThread:
             self.ready.set()
             await self.stop.wait()
 
-    def __enter__(self) -> FakeDiscord:
+    def __enter__(self) -> FakeInThread:
         self.thread.start()
         assert self.ready.wait(10)
         assert self.fake is not None
-        return self.fake
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.loop.call_soon_threadsafe(self.stop.set)
         self.thread.join(10)
 
+    def wait_for(self, predicate: Callable[[], Any]) -> None:
+        """Block this thread until `predicate()` holds, checked on the fake's own loop on every
+        change it sees (`FakeDiscord.wait_for`, within its generous PATIENCE)."""
+        assert self.fake is not None
+        asyncio.run_coroutine_threadsafe(self.fake.wait_for(predicate), self.loop).result()
+
 
 @pytest.fixture
-def fake_thread() -> Iterator[FakeDiscord]:
+def fake_thread() -> Iterator[FakeInThread]:
     with FakeInThread() as fake:
         yield fake
 
 
 def test_bad_token_exits_2_without_leaking_it(
-    fake_thread: FakeDiscord, tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    fake_thread: FakeInThread, tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     secret = "not-the-real-token-" + "x" * 30
     settings = bot_settings(tmp_path, tiny_model, DISCORD_TOKEN=secret)
@@ -75,26 +81,28 @@ def test_bad_token_exits_2_without_leaking_it(
 
 
 def test_sigterm_shuts_down_cleanly(
-    fake_thread: FakeDiscord, tiny_model: Path, tmp_path: Path
+    fake_thread: FakeInThread, tiny_model: Path, tmp_path: Path
 ) -> None:
     settings = bot_settings(tmp_path, tiny_model)
+    fake = fake_thread.fake
+    assert fake is not None
 
     def terminate_when_ready() -> None:
-        deadline = time.monotonic() + 120  # generous: only spent when the bot never gets ready
-        while fake_thread.identify_count == 0 or not fake_thread.commands(None):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        time.sleep(0.2)
-        os.kill(os.getpid(), signal.SIGTERM)
+        # up: slash commands synced (the end of setup) and the gateway session identified
+        # (READY follows at once); stopped either way, so a bot that never gets there fails
+        # the asserts below, not hangs
+        try:
+            fake_thread.wait_for(lambda: fake.commands(None) and fake.identify_count)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     killer = threading.Thread(target=terminate_when_ready, daemon=True)
     killer.start()
     assert run_bot(settings) == 0
     killer.join(5)
-    assert fake_thread.identify_count == 1
+    assert fake.identify_count == 1
     # slash commands were synced globally (no DEV_GUILD_ID)
-    names = {c["name"] for c in fake_thread.commands(None)}
+    names = {c["name"] for c in fake.commands(None)}
     assert {"admin", "persona", "reset", "regenerate", "continue"} <= names
     # the database was closed cleanly: no WAL left behind to replay, and it is intact
     assert (

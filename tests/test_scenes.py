@@ -123,11 +123,11 @@ async def test_naming_two_of_three_gets_their_two_replies_in_order_with_their_ow
         later = await settled(w, bot, 4)
         assert [m.username for m in later[2:]] == ["MIRA", "Grumbold"]
         # a message naming nobody (mention mode, wake words off) is stored, not answered...
-        await w.fake.user_message(w.general.id, w.bob, "Sable? anyone?")
+        await w.fake.user_message(w.general.id, w.bob, "Sables? anyone?")
         # ...and one that @mentions the bot but names nobody gets one member, by the policy
         await w.fake.user_message(w.general.id, w.bob, f"{w.fake.bot_user.mention} and you?")
         assert len(await settled(w, bot, 5)) == 5 and len(engine.prompts) == 5
-        assert "bob: Sable? anyone?" in engine.prompts[-1]
+        assert "bob: Sables? anyone?" in engine.prompts[-1]
         mira = engine.prompts[2] if speaker(engine.prompts[2]) == "MIRA" else engine.prompts[3]
         grum = engine.prompts[2] if speaker(engine.prompts[2]) == "Grumbold" else engine.prompts[3]
         for line in ("Sable: Sable here.", "Grumbold: Grumbold here."):
@@ -140,7 +140,7 @@ async def test_naming_two_of_three_gets_their_two_replies_in_order_with_their_ow
         assert "alice: MIRA, Grumbold: thoughts?" in mira
 
         # memory records the speaking persona per turn; the export carries it
-        turns = await bot.memory.all_turns(w.general.id)
+        turns = await bot.memory.turns.history(w.general.id)
         said = [(t.persona, t.name, t.content) for t in turns if t.role == "assistant"][:4]
         assert said[:2] == [("Sable", "Sable", "Sable here."), ("Grumbold", "Grumbold", "Grumbold here.")]  # fmt: skip
         handle = await w.fake.invoke_command(w.general.id, w.admin, "admin memory export", {})
@@ -149,6 +149,30 @@ async def test_naming_two_of_three_gets_their_two_replies_in_order_with_their_ow
         files = data or handle.response.files
         rows = [json.loads(line) for line in files[0].data.decode().splitlines()]
         assert [r["persona"] for r in rows if r["role"] == "assistant"][:2] == ["Sable", "Grumbold"]
+
+
+async def test_naming_cast_members_addresses_them_in_a_mention_channel(
+    world: World, tmp_path: Path
+) -> None:
+    """Issue 23: no @mention and WAKE_WORDS off, yet naming two cast members (one in another
+    script's look-alike letters) gets both their replies, in the order named."""
+    w = world
+    engine = ScriptedEngine(lambda prompt: f"{speaker(prompt)} here.")
+    async with running_bot(w.fake, w.settings(tmp_path), engine=engine) as bot:
+        await cast_scene(w, CAST3)
+        await w.fake.user_message(w.general.id, w.alice, "Ѕable and grumbold, what do you think?")
+        posted = await settled(w, bot, 2)
+        assert [(m.username, m.content) for m in posted] == [
+            ("Sable", "Sable here."),
+            ("Grumbold", "Grumbold here."),
+        ]
+        assert len(engine.prompts) == 2  # MIRA was not named
+        # a message naming no one is stored, not answered: the next one named MIRA
+        await w.fake.user_message(w.general.id, w.bob, "nice weather for a mystery")
+        await w.fake.user_message(w.general.id, w.bob, "what about you, Mira?")
+        posted = await settled(w, bot, 3)
+        assert [m.username for m in posted] == ["Sable", "Grumbold", "MIRA"]
+        assert "bob: nice weather for a mystery" in engine.prompts[-1]
 
 
 class TogetherEngine(ScriptedEngine):
@@ -196,7 +220,7 @@ async def test_members_replies_are_generated_together_and_regenerate_keeps_the_s
         *_, last = await settled(w, bot, 3)
         assert last.username == "Grumbold" and last.id != posted[-1].id
         assert speaker(engine.prompts[-1]) == "Grumbold"
-        turns = [t for t in await bot.memory.all_turns(w.general.id) if t.role == "assistant"]
+        turns = [t for t in await bot.memory.turns.history(w.general.id) if t.role == "assistant"]
         assert [t.persona for t in turns] == ["MIRA", "Sable", "Grumbold"]
 
 
@@ -217,7 +241,7 @@ async def test_the_chain_limit_holds_in_an_always_channel(world: World, tmp_path
         for i in range(50):
             await w.fake.user_message(w.general.id, w.alice, f"The party waits ({i}).")
         posted = await settled(w, bot, 100, timeout=120)
-        humans = [t for t in await bot.memory.all_turns(w.general.id) if t.role == "user"]
+        humans = [t for t in await bot.memory.turns.history(w.general.id) if t.role == "user"]
         assert len(humans) == 50
         assert len(posted) <= 50 * (1 + bot.settings.scene_chain)
         assert len(posted) == 100  # every message: one pick, then one member answering it
@@ -257,7 +281,7 @@ async def test_scene_commands_mute_policy_scenario_and_limits(world: World, tmp_
         assert posted[-1].username == "Sable"
         assert "left the scene" in await command(w, "persona scene remove", {"name": "Sable"})
         await command(w, "persona scene clear")
-        assert (await bot.memory.scene(w.general.id)).members == []
+        assert (await bot.memory.scenes.get(w.general.id)).members == []
 
 
 # ---- wake words ---------------------------------------------------------------------------
@@ -356,7 +380,7 @@ async def test_swipes_three_alternatives_switching_who_may_and_a_restart(
         assert shows(w, reply) == ("First take.", "1/3")
         await click(w, reply, "next", w.alice)
         assert shows(w, reply) == ("Second take.", "2/3")
-        stored = await bot.memory.turn_for_message(reply.id)
+        stored = await bot.memory.turns.for_message(reply.id)
         assert stored is not None and stored.content == "Second take."
 
     # after a restart the buttons still work: the alternatives are in the database
@@ -424,7 +448,7 @@ async def test_a_scene_in_a_dm_speaks_with_bold_names_and_swipes_keep_them(
         await click(w, second, "new", w.alice)
         await w.fake.wait_for(lambda: shows(w, second)[1] == "2/2")
         assert shows(w, second)[0] == "**Sable:** Sable at your door."
-        stored = await bot.memory.turn_for_message(second.id)
+        stored = await bot.memory.turns.for_message(second.id)
         assert stored is not None and (stored.persona, stored.content) == (
             "Sable",
             "Sable at your door.",

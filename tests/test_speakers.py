@@ -203,7 +203,7 @@ async def test_look_alikes_through_discord(world: World, tmp_path: Path) -> None
     engine = ScriptedEngine(lambda prompt: "ok")
     settings = bot_settings(tmp_path, "scripted", CONTEXT_TOKENS="512")
     async with running_bot(fake, settings, engine=engine) as bot:
-        await bot.memory.update_channel(world.general.id, world.guild.id, mode="always")
+        await bot.memory.places.update_channel(world.general.id, world.guild.id, mode="always")
 
         async def say(author, text: str) -> None:
             n = len(engine.prompts)

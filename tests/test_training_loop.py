@@ -1,9 +1,10 @@
 """The training loop's numbers: the LR it logs, the FLOPs it counts, the steps a config makes, how a
 step's samples are split into micro-batches, and what it does when a step goes NaN.
 
-NaN/inf runs are real tiny runs. Two ways in, neither touches the trainer: the documented
-fault-injection knob `train.inject_nan_at` (a NaN loss at chosen steps), and a learning rate so
-large that the first update overflows the weights to inf.
+NaN/inf runs are real tiny runs, made to fail the ways a user's could, neither touching the
+trainer: a base model with garbage in the embedding rows of tokens that only some steps read (those
+steps' gradients overflow; which steps they are comes from the run's own data plan), and a
+learning rate so large that the first update overflows the weights to inf.
 """
 
 from __future__ import annotations
@@ -16,14 +17,21 @@ from typing import Any
 import pytest
 import torch
 
-from tests.training_helpers import DATA, TINY_MODEL, need_data, prepare, tiny_config_dict
+from tests.training_helpers import (
+    DATA,
+    TINY_MODEL,
+    llama_tokenizer,
+    need_data,
+    prepare,
+    tiny_config_dict,
+)
 from training.__main__ import main
 from training.checkpoint import checkpoint_dirs
 from training.config import config_from_dict, load_config
 from training.distributed import DistInfo
 from training.flops import matmul_params, step_flops
-from training.plan import DataPlan, steps_per_epoch, total_steps
-from training.tokenize import Example
+from training.plan import DataPlan, load_examples, steps_per_epoch, total_steps
+from training.tokenize import Encoder, Example
 from training.train import train
 
 CPU = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
@@ -132,19 +140,55 @@ def test_each_process_packs_its_samples_into_equal_counts_of_micro_batches() -> 
 # --- item 2: NaN/inf --------------------------------------------------------------------------------
 
 
+#: A finite value so large that the gradients of any step that reads it overflow: what garbage
+#: left in an embedding row (a vocabulary resized without initialising the new rows) looks like.
+GARBAGE = 3e38
+
+
+def step_tokens(cfg: Any) -> list[set[int]]:
+    """The token ids each optimizer step of `cfg` reads, from the trainer's own data plan."""
+    tc = cfg.train
+    examples, _ = load_examples(cfg, Encoder(llama_tokenizer()))
+    plan = DataPlan(examples, tc.global_batch_size, tc.seed)
+    steps = [plan.samples(step) for step in range(tc.max_steps)]
+    return [{t for i in samples for t in examples[i].input_ids} for samples in steps]
+
+
+def garbage_base(d: dict[str, Any], tmp_path: Path, bad_steps: set[int]) -> list[bool]:
+    """Point `d` at a base model whose embedding rows hold garbage for tokens that only the
+    0-based `bad_steps` read (of the steps that run before them); returns which steps read one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = config_from_dict(d)
+    prepare(cfg)
+    reads = step_tokens(cfg)
+    last = max(bad_steps)
+    clean = set().union(*(reads[i] for i in range(last + 1) if i not in bad_steps))
+    rows = {min(reads[i] - clean) for i in bad_steps}  # one token each bad step reads, alone
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**d["model"].pop("from_config")))
+    with torch.no_grad():
+        for row in rows:
+            base.model.embed_tokens.weight[row] = GARBAGE
+    base.save_pretrained(tmp_path / "base")
+    d["model"]["name_or_path"] = str(tmp_path / "base")
+    return [bool(rows & tokens) for tokens in reads]
+
+
 def test_a_nan_step_is_skipped_and_the_run_recovers(tmp_path: Path) -> None:
     d = tiny_config_dict(
         tmp_path, sources(), max_steps=6, save_every=2, export_dir=str(tmp_path / "hf")
     )
-    d["train"]["inject_nan_at"] = [3]
+    bad = garbage_base(d, tmp_path, {2})  # the third step reads a token with garbage in its row
+    assert bad == [False, False, True, False, False, False]
     cfg = config_from_dict(d)
-    prepare(cfg)
     result = train(cfg, info=CPU)
     entries = log_entries(tmp_path / "run")
-    assert [e["skipped"] for e in entries] == [False, False, True, False, False, False]
-    assert entries[2]["loss"] == "nan" and math.isnan(result.losses[2])
-    # the optimizer's moments were not poisoned: every later step is finite
-    assert all(math.isfinite(x) for i, x in enumerate(result.losses) if i != 2)
+    assert [e["skipped"] for e in entries] == bad
+    assert entries[2]["grad_norm"] in ("nan", "inf")
+    # the optimizer's moments were not poisoned: every other step is finite
+    assert all(math.isfinite(x) for x in result.losses)
+    assert all(isinstance(e["grad_norm"], float) for i, e in enumerate(entries) if i != 2)
     assert result.step == 6 and result.export_dir is not None
     assert finite_weights(tmp_path / "hf")
     names = [p.name for p in checkpoint_dirs(tmp_path / "run")]
@@ -168,12 +212,15 @@ def test_nan_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(
         keep_last=1,
         export_dir=str(tmp_path / "hf"),
     )
-    d["train"].update(inject_nan_at=[3, 4, 5], max_bad_steps=3)
+    d["train"]["max_bad_steps"] = 3
+    bad = garbage_base(d, tmp_path, {2, 3, 4})  # steps 3, 4 and 5 each read a garbage row
+    assert bad[:5] == [False, False, True, True, True]
     path = tmp_path / "nan.yaml"
     path.write_text(yaml.safe_dump(d))
-    prepare(config_from_dict(d))
+    capsys.readouterr()  # what making the base printed
     assert main(["train", "--config", str(path)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    # one line, besides the progress bar of loading the base model
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if "%|" not in ln]
     assert len(err) == 1 and "Traceback" not in err[0]
     assert err[0].startswith("hermes-train train: stopped at step 5: 3 steps in a row")
     assert "max_bad_steps=3" in err[0] and "step-00000002" in err[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,19 +119,20 @@ async def converse(
     return served
 
 
-async def bot_with_history(db: Path) -> tuple[dict[int, Served], int]:
-    """Two channels talked to through the bot: one with an imported persona, one plain."""
-    tok = llama_tokenizer()
+async def bot_with_history(db: Path, tok: Any = None) -> tuple[dict[int, Served], int]:
+    """Two channels talked to through the bot: one with an imported persona, one plain (with
+    `tok`'s prompt format: the Llama 2 tokenizer's Alpaca by default)."""
+    tok = tok or llama_tokenizer()
     settings = Settings()
     memory = await Memory.open(db)
     try:
         builtins, _ = load_builtin_personas()
         card = card_to_dict(card_from_dict(CARD))
-        await memory.save_persona(GUILD, "Lorekeeper", json.dumps(card), created_by=ALICE)
+        await memory.personas.save(GUILD, "Lorekeeper", json.dumps(card), created_by=ALICE)
         conv = Conversations(
             settings, memory, TokenizerEngine(tok), personas=PersonaLibrary(builtins, memory)
         )
-        await memory.update_channel(LORE_CHANNEL, GUILD, persona="Lorekeeper")
+        await memory.places.update_channel(LORE_CHANNEL, GUILD, persona="Lorekeeper")
         served = {
             LORE_CHANNEL: await converse(conv, LORE_CHANNEL, EXCHANGES),
             PLAIN_CHANNEL: await converse(conv, PLAIN_CHANNEL, PLAIN_EXCHANGES),
@@ -166,18 +168,38 @@ def mix(*sources: SourceConfig) -> DataConfig:
     return DataConfig(sources=list(sources), dedup=False, refusal_filter=False)
 
 
-async def test_served_equals_trained(tmp_path: Path) -> None:
-    """Byte for byte, and token for token, up to each reply: persona and plain channels."""
-    tok = llama_tokenizer()
+def served_tokenizer(kind: str, request: pytest.FixtureRequest) -> Any:
+    """The Llama 2 tokenizer (no template: Alpaca) or SmolLM2's (its ChatML chat template)."""
+    if kind == "alpaca":
+        return llama_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(request.getfixturevalue("smollm2_hf"))
+
+
+@pytest.mark.parametrize(
+    "kind", ["alpaca", pytest.param("chat_template", marks=pytest.mark.real_model)]
+)
+async def test_served_equals_trained(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """Byte for byte, and token for token, up to each reply: persona and plain channels, in
+    the format the bot picks for the tokenizer (Alpaca, or the model's chat template)."""
+    tok = served_tokenizer(kind, request)
     enc = Encoder(tok)
-    served, budget = await bot_with_history(tmp_path / "bot.db")
+    assert (enc.fmt.name if enc.fmt else "alpaca") == kind
+    served, budget = await bot_with_history(tmp_path / "bot.db", tok)
+
+    def reply_piece(reply: str) -> str:  # a trained reply as the served history shows it
+        return enc.fmt.reply_body(reply) if enc.fmt else neutralize(reply) + SEPARATOR
+
     records, report = build_mix(mix(memory_source(tmp_path / "bot.db", budget)), enc.measure)
     assert not report.failures()
 
     trained = trained_prompts(records)
     for channel, seen in served.items():
         for prompt, reply in zip(seen.prompts, seen.replies, strict=True):
-            body = neutralize(reply) + SEPARATOR
+            body = reply_piece(reply)
             assert trained[body] == [prompt]  # trained once, after exactly the served text
             assert "alice: " in prompt  # members' turns carry their names, as served
             if channel == LORE_CHANNEL:
@@ -190,7 +212,7 @@ async def test_served_equals_trained(tmp_path: Path) -> None:
     # token ids: the bot's engine feeds tokenizer(prompt) (BOS first); training has the same ids
     # before each target
     by_reply = {
-        neutralize(r) + SEPARATOR: p
+        reply_piece(r): p
         for s in served.values()
         for r, p in zip(s.replies, s.prompts, strict=True)
     }
@@ -202,6 +224,9 @@ async def test_served_equals_trained(tmp_path: Path) -> None:
             if target:
                 before = enc.encode_pieces(pieces[:i]).input_ids
                 assert before == ids[: len(before)] == tok(by_reply[piece]).input_ids
+                if enc.fmt is not None:  # the label ends with the end-of-turn token
+                    label = [x for x in enc.encode_pieces(pieces[: i + 1]).labels if x >= 0]
+                    assert label[-1] in enc.fmt.end_ids
                 checked += 1
     assert checked == 7
 
@@ -225,20 +250,20 @@ async def test_persona_post_history_splits_replies_plain_chat_stays_one_record(
 async def memory_with_forget(db: Path) -> tuple[Memory, list[int]]:
     memory = await Memory.open(db)
     ids = [
-        await memory.add_turn(LORE_CHANNEL, "user", "secret plan", name="alice", author_id=ALICE),
-        await memory.add_turn(LORE_CHANNEL, "assistant", "I will keep it."),
+        await memory.turns.add(LORE_CHANNEL, "user", "secret plan", name="alice", author_id=ALICE),
+        await memory.turns.add(LORE_CHANNEL, "assistant", "I will keep it."),
     ]
-    await memory.forget(LORE_CHANNEL, GUILD)
+    await memory.turns.forget(LORE_CHANNEL, GUILD)
     ids += [
-        await memory.add_turn(
+        await memory.turns.add(
             LORE_CHANNEL, "user", "hi, I am alice; ask <@222>", name="alice", author_id=ALICE
         ),
-        await memory.add_turn(LORE_CHANNEL, "assistant", "Hello alice."),
-        await memory.add_turn(LORE_CHANNEL, "user", "and bob here", name="bob", author_id=BOB),
-        await memory.add_turn(LORE_CHANNEL, "assistant", "Hello bob, friend of Alice."),
+        await memory.turns.add(LORE_CHANNEL, "assistant", "Hello alice."),
+        await memory.turns.add(LORE_CHANNEL, "user", "and bob here", name="bob", author_id=BOB),
+        await memory.turns.add(LORE_CHANNEL, "assistant", "Hello bob, friend of Alice."),
     ]
-    await memory.add_turn(9999, "user", "another channel", name="carol", author_id=333)
-    await memory.add_turn(9999, "assistant", "not named, not read")
+    await memory.turns.add(9999, "user", "another channel", name="carol", author_id=333)
+    await memory.turns.add(9999, "assistant", "not named, not read")
     return memory, ids
 
 
@@ -319,9 +344,9 @@ async def test_long_channel_becomes_windows_that_fit(
     memory = await Memory.open(tmp_path / "bot.db")
     replies = []
     for i in range(30):
-        await memory.add_turn(LORE_CHANNEL, "user", f"question {i}: " + "why? " * 20, name="ann")
+        await memory.turns.add(LORE_CHANNEL, "user", f"question {i}: " + "why? " * 20, name="ann")
         replies.append(f"answer {i}: " + "because. " * 20)
-        await memory.add_turn(LORE_CHANNEL, "assistant", replies[-1], persona=persona)
+        await memory.turns.add(LORE_CHANNEL, "assistant", replies[-1], persona=persona)
     await memory.close()
     src = SourceConfig(
         name="m", path=str(tmp_path / "bot.db"), format="hermes-memory", channels=[LORE_CHANNEL]

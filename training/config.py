@@ -138,9 +138,6 @@ class TrainSettings:
     # A step whose loss or gradient norm is NaN/inf is skipped (no optimizer update; the schedule
     # and the data move on) and counted; this many in a row stop the run with an error.
     max_bad_steps: int = 3
-    # Testing only (fault injection): 1-based optimizer steps whose loss is made NaN, to exercise
-    # the skip/stop path in a real run. Leave empty.
-    inject_nan_at: list[int] = field(default_factory=list)
     precision: str = "bf16"  # "bf16" (fp32 master weights, bf16 compute) or "fp32"
     seed: int = 42
     save_every: int = 200  # optimizer steps between checkpoints (0: only the last one)

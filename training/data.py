@@ -395,7 +395,7 @@ class ChatStyle:
                 stats.error("persona", str(exc))
                 return None
             budget = src.prompt_budget or ctx.max_length
-            count = TokenCounter(functools.lru_cache(maxsize=1 << 16)(ctx.count))
+            count = TokenCounter(functools.lru_cache(maxsize=1 << 16)(ctx.count), ctx.fmt)
             style.server = persona_server(style.persona, count, budget)
         return style
 
@@ -612,9 +612,16 @@ def build_mix(
     `count` is the tokenizer's plain token count, which the bot's prompt builders use to fit
     persona prompts; by default it is taken from `measure`'s encoder (`Encoder.measure`).
     """
+    encoder = getattr(measure, "__self__", None)
     if count is None:
-        count = getattr(getattr(measure, "__self__", None), "count_tokens", None)
-    ctx = LoadContext(count=count, measure=measure, max_length=cfg.max_length, seed=cfg.seed)
+        count = getattr(encoder, "count_tokens", None)
+    ctx = LoadContext(
+        count=count,
+        measure=measure,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        fmt=getattr(encoder, "fmt", None),
+    )
     report = Report()
     rng = random.Random(cfg.seed)
     seen: set[str] = set()

@@ -50,8 +50,14 @@ def model_from_state_dict(cfg: Config, state: dict[str, torch.Tensor], dtype: to
 
 
 def generation_config(cfg: Config, tokenizer: Any) -> Any:
-    """The base model's generation defaults (if any) with this tokenizer's BOS/EOS/pad."""
+    """The base model's generation defaults (if any) with this tokenizer's BOS/EOS/pad.
+
+    With a chat template the EOS list also holds the template's end-of-turn token (Llama-3's
+    `<|eot_id|>` is not its EOS), the token training taught the model to end a reply with, so
+    any server that reads generation_config.json stops there."""
     from transformers import GenerationConfig
+
+    from bot.prompt_template import TemplateError, choose_format
 
     gen = None
     if cfg.model.name_or_path:
@@ -62,6 +68,12 @@ def generation_config(cfg: Config, tokenizer: Any) -> Any:
     gen = gen or GenerationConfig()
     gen.bos_token_id = tokenizer.bos_token_id
     gen.eos_token_id = tokenizer.eos_token_id
+    try:
+        ends = choose_format("auto", tokenizer).end_ids
+    except TemplateError:
+        ends = ()
+    if [i for i in ends if i != tokenizer.eos_token_id]:
+        gen.eos_token_id = list(dict.fromkeys([tokenizer.eos_token_id, *ends]))
     gen.pad_token_id = pad_id_for(tokenizer)
     return gen
 

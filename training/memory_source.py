@@ -30,10 +30,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bot.cards import CardError
-from bot.memory import Memory, MemoryError_, StoredTurn
+from bot.memory import Memory
 from bot.personas import Persona, PersonaLibrary
 from bot.prompt import TokenCounter, Turn
 from bot.settings import Settings
+from bot.store.db import UnusableDatabaseError
+from bot.store.turns import StoredTurn
 from training.config import SourceConfig
 from training.records import LoadContext, Message, Record, SourceStats
 from training.served import Server, persona_server, persona_table, plain_server, served_examples
@@ -48,9 +50,10 @@ WINDOW_MARGIN = 16
 T = TypeVar("T")
 
 
-def default_system_prompt() -> str:
-    """The bot's default SYSTEM_PROMPT (what a channel without a persona is served)."""
-    return next(f.default for f in dataclasses.fields(Settings) if f.name == "system_prompt")
+def default_system_prompt(templated: bool = False) -> str:
+    """The bot's default system text (what a channel without a persona is served): SYSTEM_PROMPT,
+    or in a chat template TEMPLATE_SYSTEM_PROMPT (`Settings.system_text`)."""
+    return Settings().system_text(templated)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -142,7 +145,7 @@ def read_export(
 
 def check_bot_database(path: Path) -> None:
     """Refuse an SQLite file that is not the bot's: opening it as Memory would add the bot's
-    tables to it. Read-only; raises MemoryError_."""
+    tables to it. Read-only; raises UnusableDatabaseError."""
     try:
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:
@@ -151,9 +154,9 @@ def check_bot_database(path: Path) -> None:
         finally:
             db.close()
     except sqlite3.Error as exc:
-        raise MemoryError_(str(exc)) from None
+        raise UnusableDatabaseError(str(exc)) from None
     if not version or "turns" not in tables:
-        raise MemoryError_("an SQLite file, but not the bot's database (no turns table)")
+        raise UnusableDatabaseError("an SQLite file, but not the bot's database (no turns table)")
 
 
 async def read_db(path: Path, src: SourceConfig, cards: Any) -> tuple[Stored, int]:
@@ -165,8 +168,8 @@ async def read_db(path: Path, src: SourceConfig, cards: Any) -> tuple[Stored, in
         turns: dict[int, list[StoredTurn]] = {}
         forgotten = 0
         for channel in src.channels:
-            floor = (await memory.channel(channel)).forget_before
-            stored = await memory.all_turns(channel)
+            floor = (await memory.places.channel(channel)).forget_before
+            stored = await memory.turns.history(channel)
             turns[channel] = [t for t in stored if t.id > floor]
             forgotten += len(stored) - len(turns[channel])
         wanted = {(t.guild_id, t.persona) for ts in turns.values() for t in ts if t.persona}
@@ -292,7 +295,7 @@ def load_memory(src: SourceConfig, stats: SourceStats, ctx: LoadContext) -> Iter
             if read is None:
                 return
             stored = read
-    except (OSError, UnicodeDecodeError, MemoryError_) as exc:
+    except (OSError, UnicodeDecodeError, UnusableDatabaseError) as exc:
         stats.error(str(path), f"cannot read: {exc}")
         return
     for channel, turns in stored.turns.items():
@@ -305,9 +308,9 @@ def _records(
     src: SourceConfig, stats: SourceStats, ctx: LoadContext, stored: Stored
 ) -> Iterator[Record]:
     assert ctx.count is not None
-    count = TokenCounter(functools.lru_cache(maxsize=1 << 16)(ctx.count))  # each turn, once
+    count = TokenCounter(functools.lru_cache(maxsize=1 << 16)(ctx.count), ctx.fmt)  # each turn once
     budget = src.prompt_budget or ctx.max_length
-    plain = plain_server(src.system or default_system_prompt(), count, budget)
+    plain = plain_server(src.system or default_system_prompt(ctx.fmt is not None), count, budget)
     servers: dict[tuple[int | None, str], Server] = {}
     missing: Counter[str] = Counter()
     for key, persona in stored.personas.items():

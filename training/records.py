@@ -144,6 +144,9 @@ class LoadContext:
     measure: Callable[[Record], tuple[int, int]] | None = None
     max_length: int = 4096
     seed: int = 42
+    #: the prompt format the bot picks for this tokenizer (`bot.prompt_template.choose_format`);
+    #: None is Alpaca
+    fmt: Any = None
 
 
 #: A record's (prompt tokens, target tokens).

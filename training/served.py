@@ -8,7 +8,8 @@ as training examples: a reply whose prompt extends the text so far joins the cur
 one more target), and one whose prompt does not (a persona's post-history block sits after the
 history, new lore is triggered) starts a new example. Either way the text before each target is
 byte for byte the prompt the bot sends for that reply, and the target is the reply as the bot's
-history shows it (`neutralize`d, then a blank line).
+history shows it (`neutralize`d, then a blank line; in a chat template, the defused reply and
+its end-of-turn token: the format the counter carries, `TokenCounter.fmt`).
 """
 
 from __future__ import annotations
@@ -85,8 +86,10 @@ def served_examples(
             continue
         before = [replace(t) for t in turns[:i]]  # the builder names the persona's turns
         current = before.pop() if before[-1].role == "user" else None
-        prompt = server(before[::-1], current).text
-        body = neutralize(turn.content.strip()) + SEPARATOR
+        served = server(before[::-1], current)
+        prompt = served.text
+        fmt = served.fmt
+        body = fmt.reply_body(turn.content) if fmt else neutralize(turn.content.strip()) + SEPARATOR
         if pieces and prompt.startswith(text):
             pieces.append((prompt[len(text) :], False))
         else:

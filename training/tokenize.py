@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.prompt import SEPARATOR, Turn, chat_segments, format_single, render_system
+from bot.prompt_template import adds_bos, choose_format
 from training.data import Record
 
 log = logging.getLogger(__name__)
@@ -54,15 +55,18 @@ class Example:
         return sum(1 for x in self.labels[1:] if x != IGNORE_INDEX)
 
 
-def pieces_for(record: Record) -> list[tuple[str, bool]]:
+def pieces_for(record: Record, fmt: Any = None) -> list[tuple[str, bool]]:
     """The record as (text, is_target) pieces, built by the bot's prompt module.
 
     A chat is `chat_segments(system, turns)`, names included, which is the bot's prompt up to
     each reply (`fit_prompt` with nothing left out); Input blocks (tool turns) go between the
-    turns as `render_system` renders them.
+    turns as `render_system` renders them. `fmt`: a chat template format
+    (`bot.prompt_template.TemplateFormat`) renders the same chat in the model's template.
     """
     if record.segments is not None:
         return list(record.segments)
+    if fmt is not None and fmt.templated:
+        return _template_pieces(record, fmt)
     if record.conversation is None:
         return [(format_single(record.instruction, record.input), False), (record.output, True)]
     pieces: list[tuple[str, bool]] = []
@@ -81,6 +85,31 @@ def pieces_for(record: Record) -> list[tuple[str, bool]]:
     return pieces
 
 
+def _template_pieces(record: Record, fmt: Any) -> list[tuple[str, bool]]:
+    """`pieces_for` in a chat template: a single-turn record is a user message (instruction,
+    then its input) answered by one reply; a chat's tool turns are system messages."""
+    if record.conversation is None:
+        ask = "\n\n".join(filter(None, [record.instruction, record.input]))
+        return [
+            *fmt.chat_segments("", [Turn("user", ask)]),
+            (fmt.reply_body(record.output), True),
+        ]
+    pieces: list[tuple[str, bool]] = []
+    if head := fmt.head(record.system):
+        pieces.append((head, False))
+    run: list[Turn] = []
+    for m in [*record.conversation, None]:
+        if m is not None and m.role != "input":
+            run.append(Turn(role=m.role, content=m.content, name=m.name))
+            continue
+        if run:
+            pieces += fmt.chat_segments("", run, open_response=False)[1:]  # [0]: the opening
+            run = []
+        if m is not None and (block := fmt.system_block(m.content)):
+            pieces.append((block, False))
+    return pieces
+
+
 def pad_id_for(tokenizer: Any) -> int:
     """A pad id that is not EOS: the tokenizer's pad, else UNK, else 0 (Llama 2 has no pad)."""
     eos = tokenizer.eos_token_id
@@ -91,21 +120,32 @@ def pad_id_for(tokenizer: Any) -> int:
 
 
 class Encoder:
-    """Tokenises records into `Example`s for one tokenizer."""
+    """Tokenises records into `Example`s for one tokenizer, in the prompt format the bot picks
+    for it (`prompt_format`, as PROMPT_FORMAT: `auto` is its chat template when it has one).
 
-    def __init__(self, tokenizer: Any) -> None:
+    In a chat template the prompt pieces hold the template's control tokens (untrusted text in
+    them is defused), so they are tokenised with special tokens recognised; a target is the
+    reply and the end-of-turn token, which is what the model must learn to emit to stop."""
+
+    def __init__(self, tokenizer: Any, prompt_format: str = "auto") -> None:
         self.tok = tokenizer
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; the model could never learn to stop")
+        fmt = choose_format("alpaca" if prompt_format == "server" else prompt_format, tokenizer)
+        self.fmt: Any = fmt if fmt.templated else None
         self.bos: int | None = tokenizer.bos_token_id
+        if self.fmt is not None and not adds_bos(tokenizer):
+            self.bos = None  # ChatML on a tokenizer without BOS: the template's text is all
         self.eos: int = tokenizer.eos_token_id
         self.pad: int = pad_id_for(tokenizer)
         self._anchor = self._ids("\n")
         self._warned = False
 
     def _ids(self, text: str) -> list[int]:
-        # split_special_tokens: a literal "</s>" in the data is text, not an EOS.
-        return list(self.tok(text, add_special_tokens=False, split_special_tokens=True).input_ids)
+        # split_special_tokens: a literal "</s>" in the data is text, not an EOS (Alpaca; in a
+        # template the wrappers' control tokens are meant and the data's were defused).
+        split = self.fmt is None
+        return list(self.tok(text, add_special_tokens=False, split_special_tokens=split).input_ids)
 
     def piece_ids(self, text: str, *, at_start: bool) -> list[int]:
         """Ids of `text` as they appear in the whole string: at its start, or after a newline."""
@@ -126,6 +166,14 @@ class Encoder:
         for i, (text, target) in enumerate(pieces):
             at_start = i == 0
             last = i == len(pieces) - 1
+            if target and self.fmt is not None:  # reply + end of turn learnt, what follows not
+                end = len(text.rstrip()) if text.endswith(self.fmt.reply_end) else len(text)
+                body_ids = self.piece_ids(text[:end], at_start=at_start)
+                # the tail follows the end-of-turn token, a control token: tokenised alone
+                tail = self.piece_ids(text[end:], at_start=True) if text[end:] else []
+                ids += body_ids + tail
+                labels += body_ids + [IGNORE_INDEX] * len(tail)
+                continue
             if not target:
                 piece = self.piece_ids(text, at_start=at_start)
                 ids += piece
@@ -149,7 +197,7 @@ class Encoder:
         return len(self.tok(text, add_special_tokens=False).input_ids)
 
     def encode(self, record: Record) -> Example:
-        return self.encode_pieces(pieces_for(record))
+        return self.encode_pieces(pieces_for(record, self.fmt))
 
     def measure(self, record: Record) -> tuple[int, int]:
         """(tokens, target tokens): what `training.data.build_mix` needs for lengths and report."""

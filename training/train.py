@@ -271,7 +271,6 @@ def train_step(run: Run) -> StepStats:
     cfg, info, plan = run.cfg, run.info, run.plan
     t0 = time.perf_counter()
     n_targets = plan.step_targets(run.step)  # of the whole step: every micro-batch, every rank
-    poison = math.nan if run.step + 1 in cfg.train.inject_nan_at else 1.0  # fault injection
     loss_sum = torch.zeros((), device=info.device)
     real = syncs = 0
     micro = plan.micro_batches(run.step, info.rank, info.world)
@@ -283,8 +282,8 @@ def train_step(run: Run) -> StepStats:
             syncs += 1
         loss, n_real = micro_loss(run, samples)
         # FSDP averages gradients over ranks; * world makes it the step's token-weighted sum.
-        (loss * poison * (info.world / max(1, n_targets))).backward()
-        loss_sum += loss.detach() * poison
+        (loss * (info.world / max(1, n_targets))).backward()
+        loss_sum += loss.detach()
         real += n_real
     # clip the whole step's gradient (the norm is over every shard, so every rank agrees)
     grad_norm = float(full(torch.nn.utils.clip_grad_norm_(run.params, cfg.train.max_grad_norm)))

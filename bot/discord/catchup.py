@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bot.memory import StoredTurn
+from bot.store.turns import StoredTurn
 
 #: Discord's epoch (2015-01-01T00:00:00Z) in milliseconds: snowflakes count from it.
 DISCORD_EPOCH_MS = 1_420_070_400_000

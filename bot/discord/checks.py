@@ -2,7 +2,8 @@
 
 Part of the Discord layer. `is_manager` is the one "Manage Server, or a user in OWNER_IDS"
 rule and `require_manager` its check (the whole `/admin` group runs it); `serves_here` and
-`speaks_here` are `app_commands` checks on the channel policy (`bot.policy`). A check that
+`speaks_here` are `app_commands` checks on the channel policy (`bot.policy`); `audit` writes
+what a command changed to the server's audit log. A check that
 refuses raises `Refused`, whose message the bot's app-command error handler sends privately,
 once for every command.
 """
@@ -69,6 +70,27 @@ async def require_manager(interaction: discord.Interaction) -> bool:
     if not is_manager(interaction):
         raise Refused(NOT_MANAGER)
     return True
+
+
+async def audit(
+    interaction: discord.Interaction,
+    action: str,
+    old: object = None,
+    new: object = None,
+    channel_id: int | None = None,
+) -> None:
+    """Write what `interaction`'s user changed to the server's audit log (`/admin audit`):
+    the one way commands audit. Nothing outside a server: the log is kept per server."""
+    if interaction.guild_id is None:
+        return
+    await cast("HermesBot", interaction.client).memory.audit.write(
+        interaction.user.id,
+        action,
+        guild_id=interaction.guild_id,
+        channel_id=channel_id or interaction.channel_id,
+        old=old,
+        new=new,
+    )
 
 
 async def _policy_refusal(interaction: discord.Interaction, *, speaks: bool) -> bool:

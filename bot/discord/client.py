@@ -25,7 +25,7 @@ from bot.discord.checks import Refused
 from bot.discord.posting import say_privately
 from bot.discord.swipes import SwipeButton, Swipes
 from bot.discord.webhooks import Webhooks
-from bot.engine import Engine, EngineError, make_engine
+from bot.engine import Engine, EngineError, EngineFactory, make_engine
 from bot.memory import Memory
 from bot.personas import PersonaLibrary, load_builtin_personas
 from bot.settings import Settings
@@ -75,9 +75,13 @@ class HermesBot(commands.AutoShardedBot):
         settings: Settings,
         *,
         engine: Engine | None = None,
+        engine_factory: EngineFactory = make_engine,
         cogs: tuple[str, ...] = COGS,
         **options: Any,
     ) -> None:
+        """`engine`: the engine to start with (default: `engine_factory(settings)`);
+        `engine_factory`: builds an engine for settings and a model name, for that first one
+        and for each `/admin model reload`."""
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents(),
@@ -88,7 +92,8 @@ class HermesBot(commands.AutoShardedBot):
         )
         self.settings = settings
         #: the engine until `setup_hook` hands it to the conversations, which then hold it
-        self._engine: Engine | None = engine or make_engine(settings)
+        self.make_engine = engine_factory
+        self._engine: Engine | None = engine or engine_factory(settings)
         self.cog_names = cogs
         self.started_at = time.time()
         self.reply_tasks: set[asyncio.Task[None]] = set()

@@ -106,8 +106,8 @@ class Swipes:
         `reply_to` is the turn the reply answered (its prompt is rebuilt from there), and
         `asked_turn` the human message that led to it: its author may swipe."""
         memory = self.bot.memory
-        asked = await memory.turn(asked_turn) if asked_turn is not None else None
-        await memory.start_swipes(
+        asked = await memory.turns.get(asked_turn) if asked_turn is not None else None
+        await memory.swipes.start(
             turn_id,
             text,
             self.bot.conv.counter(text.strip()),
@@ -121,8 +121,8 @@ class Swipes:
 
     async def click(self, interaction: discord.Interaction, action: str, turn_id: int) -> None:
         memory = self.bot.memory
-        state = await memory.swipes(turn_id)
-        turn = await memory.turn(turn_id)
+        state = await memory.swipes.get(turn_id)
+        turn = await memory.turns.get(turn_id)
         channel = interaction.channel
         if state is None or turn is None or channel is None:
             await interaction.response.send_message(GONE, ephemeral=True)
@@ -134,13 +134,13 @@ class Swipes:
         if (refusal := policy.refusal_to_speak()) is not None:
             await interaction.response.send_message(refusal, ephemeral=True)
             return
-        if await memory.later_user_turn(turn.channel_id, turn_id):
+        if await memory.turns.user_spoke_after(turn.channel_id, turn_id):
             await interaction.response.send_message(SETTLED, ephemeral=True)
             return
         identity = await self.bot.webhooks.identity(channel, turn.persona, interaction.guild_id)
         if action in ("prev", "next"):
             idx = state.shown + (1 if action == "next" else -1)
-            text = await memory.show_swipe(turn_id, idx)
+            text = await memory.swipes.show(turn_id, idx)
             if text is None:
                 await interaction.response.defer()
                 return
@@ -159,7 +159,7 @@ class Swipes:
             await interaction.followup.send(NOTHING_NEW, ephemeral=True)
             return
         text = one_message(identity.prefix, text)
-        idx = await memory.add_swipe(turn_id, text, self.bot.conv.counter(text.strip()))
+        idx = await memory.swipes.add(turn_id, text, self.bot.conv.counter(text.strip()))
         await interaction.edit_original_response(
             content=identity.prefix + text,
             view=swipe_view(turn_id, idx, idx + 1),

@@ -82,7 +82,7 @@ class Webhooks:
 
     async def load(self) -> None:
         """Read the ids of the webhooks the bot made before this run."""
-        self.ids = await self.memory.webhook_ids()
+        self.ids = await self.memory.webhooks.ids()
 
     async def identity(
         self,
@@ -146,11 +146,11 @@ class Webhooks:
         parent_id = getattr(parent, "id", None)
         if parent_id is not None:
             self._hooks.pop(parent_id, None)
-            await self.memory.forget_webhook(parent_id)
+            await self.memory.webhooks.forget(parent_id)
 
     async def delete_messages(self, channel: discord.abc.Messageable, ids: list[int]) -> None:
         """Remove a reply's Discord messages, through our webhook if a persona posted them."""
-        hook = await self.memory.webhook(channel.id) if hasattr(channel, "id") else None
+        hook = await self.memory.webhooks.get(channel.id) if hasattr(channel, "id") else None
         for message_id in ids:
             try:
                 if hook is not None:
@@ -183,7 +183,7 @@ class Webhooks:
 
     async def _stored(self, parent_id: int) -> discord.Webhook | None:
         """The webhook stored for the channel, if it still exists (checked once a run)."""
-        stored = await self.memory.webhook(parent_id)
+        stored = await self.memory.webhooks.get(parent_id)
         if stored is None:
             return None
         hook = discord.Webhook.partial(stored[0], stored[1], client=self.client)
@@ -191,7 +191,7 @@ class Webhooks:
             await hook.fetch(prefer_auth=False)
         except discord.NotFound:
             log.info("webhook %s of channel %s is gone; making another", hook.id, parent_id)
-            await self.memory.forget_webhook(parent_id)
+            await self.memory.webhooks.forget(parent_id)
             return None
         except discord.HTTPException as exc:
             log.info("could not check webhook %s (%s); using it anyway", hook.id, exc)
@@ -212,7 +212,7 @@ class Webhooks:
             log.info("no webhook in channel %s (%s); personas speak as the bot", parent.id, exc)
             return None
         assert hook.token is not None
-        await self.memory.save_webhook(parent.id, hook.id, hook.token)
+        await self.memory.webhooks.save(parent.id, hook.id, hook.token)
         self._hooks[parent.id] = hook
         self._faces[hook.id] = None  # a new webhook shows the default picture
         self.ids.add(hook.id)

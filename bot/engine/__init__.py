@@ -31,7 +31,7 @@ from bot.engine.base import (
     first_line,
     params_from_settings,
 )
-from bot.engine.factory import make_engine
+from bot.engine.factory import EngineFactory, make_engine
 from bot.engine.interface import Engine
 from bot.engine.loading import LoadPlan, eos_ids, load_model, load_tokenizer, plan_load
 from bot.engine.local import LocalEngine
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Engine",
     "EngineError",
+    "EngineFactory",
     "EngineInfo",
     "EngineRequest",
     "FinishHook",

@@ -29,6 +29,9 @@ class GenerationParams:
     repetition_penalty: float = 1.1
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    #: token ids that end the reply besides the model's EOS: the chat template's end-of-turn
+    #: token (`<|im_end|>`, `<|eot_id|>`), from `bot.prompt_template.TemplateFormat.end_ids`
+    stop_ids: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)

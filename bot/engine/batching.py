@@ -183,7 +183,8 @@ class Batcher:
         req.generator = generator
         req.decoder = IncrementalDecoder(self.tokenizer)
         req.history = history.to(self.device)
-        req.eos = frozenset(eos_ids(self.tokenizer, self.model))  # read per request: may change
+        # read per request (may change); the template's end-of-turn ids come with it
+        req.eos = frozenset([*eos_ids(self.tokenizer, self.model), *p.stop_ids])
 
     # ---- prefill ---------------------------------------------------------------------------
 

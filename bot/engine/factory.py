@@ -7,9 +7,15 @@ streaming code loaded.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from bot.engine.interface import Engine
+
+
+class EngineFactory(Protocol):
+    """What builds an engine: `make_engine`, or whatever a caller hands the bot instead."""
+
+    def __call__(self, settings: Any, *, model: str | None = None) -> Engine: ...
 
 
 def make_engine(settings: Any, *, model: str | None = None) -> Engine:

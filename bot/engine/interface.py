@@ -7,6 +7,8 @@ know which engine they hold.
 
 from __future__ import annotations
 
+from typing import Any
+
 from bot.engine.base import EngineInfo, FinishHook, GenerationParams
 from bot.engine.request import EngineRequest
 
@@ -20,6 +22,11 @@ class Engine:
     """
 
     info: EngineInfo
+    #: the model's tokenizer once started (None for engines without one): the prompt format is
+    #: read from it (`bot.prompt_template.choose_format`)
+    tokenizer: Any = None
+    #: `generate` accepts `messages=` (role messages for a server that applies its own template)
+    takes_messages: bool = False
 
     @property
     def finish_hooks(self) -> list[FinishHook]:

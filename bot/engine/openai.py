@@ -1,8 +1,10 @@
 """The engine for an OpenAI-compatible server (vLLM, `transformers serve`, ...): how to scale out.
 
-The bot sends the same Alpaca prompt it would feed a local model to `/v1/completions` (never the
-chat endpoint: Hermes is Alpaca-formatted, and a chat template would wrap the prompt a second
-time) and streams the answer back as server-sent events. Token counting for history fitting
+The bot sends the same prompt text it would feed a local model (Alpaca, or the model's chat
+template rendered by the bot: `PROMPT_FORMAT`) to `/v1/completions`, so the server never wraps it
+a second time, and streams the answer back as server-sent events. With `PROMPT_FORMAT=server` it
+sends the defused role messages to `/v1/chat/completions` instead and the server applies its own
+template (llama.cpp's `llama-server`, Ollama). Token counting for history fitting
 stays local, so only the tokenizer files are needed on the bot's machine.
 
 Failures: connection errors, timeouts, 429 and 5xx are retried with exponential backoff while no
@@ -32,7 +34,7 @@ import aiohttp
 from bot.engine.base import EngineError, EngineInfo, GenerationParams, first_line
 from bot.engine.interface import Engine
 from bot.engine.loading import load_tokenizer
-from bot.engine.request import EngineRequest
+from bot.engine.request import EngineRequest, RequestState
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,10 @@ async def sse_events(content: aiohttp.StreamReader) -> AsyncIterator[str]:
 
 
 class OpenAIEngine(Engine):
-    """Streams Alpaca completions from an OpenAI-compatible `/v1/completions` endpoint."""
+    """Streams completions from an OpenAI-compatible `/v1/completions` endpoint (or, given role
+    messages, from `/v1/chat/completions`)."""
+
+    takes_messages = True
 
     def __init__(
         self,
@@ -150,17 +155,22 @@ class OpenAIEngine(Engine):
     @property
     def queue_length(self) -> int:
         """Requests the server has not started answering yet."""
-        return sum(1 for gen in self._tasks.values() if gen.stats.started_at is None)
+        return sum(1 for gen in self._tasks.values() if gen.state is RequestState.QUEUED)
 
     # ---- requests ----------------------------------------------------------------------------
 
     def generate(
-        self, prompt: str, params: GenerationParams, *, cache_key: str | None = None
+        self,
+        prompt: str,
+        params: GenerationParams,
+        *,
+        cache_key: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
     ) -> EngineRequest:
         if self._session is None:
             raise EngineError("the engine is not started")
         loop = asyncio.get_running_loop()
-        gen = EngineRequest(prompt, params, cache_key, self.finish_hooks)
+        gen = EngineRequest(prompt, params, cache_key, self.finish_hooks, messages=messages)
         task = loop.create_task(self._serve(gen))
         gen.cancelled = _CancelEvent(lambda: _call_soon(loop, task.cancel))
         self._tasks[task] = gen
@@ -168,11 +178,19 @@ class OpenAIEngine(Engine):
         return gen
 
     def body(self, gen: EngineRequest) -> dict[str, Any]:
-        """The request: the Alpaca prompt verbatim and the reply's sampling parameters."""
+        """The request: the prompt verbatim (or the role messages) and the sampling parameters.
+
+        Messages ending with an assistant message continue it (vLLM's `continue_final_message`;
+        llama.cpp's server prefills a final assistant message by itself)."""
         p = gen.params
-        body: dict[str, Any] = {
-            "model": self.model,
-            "prompt": gen.prompt,
+        body: dict[str, Any] = {"model": self.model}
+        if gen.messages is not None:
+            body["messages"] = gen.messages
+            if gen.messages and gen.messages[-1]["role"] == "assistant":
+                body.update(continue_final_message=True, add_generation_prompt=False)
+        else:
+            body["prompt"] = gen.prompt
+        body |= {
             "max_tokens": p.max_new_tokens,
             "temperature": p.temperature,
             "top_p": p.top_p if p.temperature > 0 else 1.0,
@@ -229,8 +247,9 @@ class OpenAIEngine(Engine):
             # The channel rides along as a header so a load balancer can keep a channel on one
             # replica, where its prefix is cached (nginx: `hash $http_x_hermes_channel`).
             headers = {"X-Hermes-Channel": gen.cache_key} if gen.cache_key else None
+            path = "/chat/completions" if gen.messages is not None else "/completions"
             async with self._session.post(
-                f"{self.base_url}/completions", json=self.body(gen), headers=headers
+                f"{self.base_url}{path}", json=self.body(gen), headers=headers
             ) as resp:
                 resp_ref.append(resp)
                 if resp.status == 200:
@@ -291,6 +310,7 @@ async def read_completion(
     """
     if gen.stats.started_at is None:
         gen.stats.started_at = time.perf_counter()
+    gen.state = RequestState.DECODING  # the server answers: the prompt is in (one state for both)
     finish: str | None = None
     async for data in sse_events(resp.content):
         if data.strip() == "[DONE]":
@@ -301,7 +321,8 @@ async def read_completion(
             raise Retryable(f"error in stream: {_message(event['error'])}")
         record_usage(gen, event.get("usage"))
         for choice in event.get("choices") or []:
-            if not take_text(gen, choice.get("text") or "", progress):
+            text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+            if not take_text(gen, text, progress):
                 resp.close()  # hang up: the server stops generating
                 return "stop"
             finish = choice.get("finish_reason") or finish

@@ -9,7 +9,8 @@ the batcher prefills and decodes it (its token ids, KV and sampling state live h
         \\__________\\__________\\____> CANCELLED   (the caller stopped it)
 
 A request can end from any state (a prompt the tokenizer rejects ends while QUEUED; one that
-hits EOS on its first token never decodes). The OpenAI engine uses only the stream half.
+hits EOS on its first token never decodes). The OpenAI engine uses the stream half, and moves a
+request from QUEUED to DECODING when the server starts answering it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class EngineRequest:
     #: the engine's live list of finish hooks: a hook added later still sees this reply
     hooks: Sequence[FinishHook] = ()
     _: KW_ONLY
+    #: PROMPT_FORMAT=server: the role messages, sent instead of `prompt` (OpenAI chat endpoint)
+    messages: list[dict[str, str]] | None = None
     state: RequestState = RequestState.QUEUED
     stats: ReplyStats = field(default_factory=ReplyStats)
     text: str = ""  # what the caller has read so far

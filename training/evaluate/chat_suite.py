@@ -274,17 +274,25 @@ class ChatOptions:
     device_map: str = "auto"
     max_batch_tokens: int = 8192
     progress: bool = True
+    env_file: str | None = ".env"  # the bot's settings file (the environment wins over it)
 
 
 def bot_settings(opts: ChatOptions) -> Any:
-    """The bot's default settings, with the evaluation's dtype, device map and reply length."""
-    from bot.settings import Settings
+    """The bot's settings, read as the bot reads them (the environment over `opts.env_file`,
+    ENGINE included), with the evaluation's dtype, device map and reply length."""
+    from bot.settings import load_settings
 
-    base = Settings()
+    base = load_settings(env_file=opts.env_file)
     changes: dict[str, Any] = {"dtype": opts.dtype, "device_map": opts.device_map}
     if opts.max_new_tokens is not None:
         changes["max_new_tokens"] = opts.max_new_tokens
     return replace(base, **changes)
+
+
+def remote(settings: Any) -> bool:
+    """Whether the model is served by an OpenAI-compatible server (ENGINE=openai): then the
+    loss, which needs the weights, is not measured; the replies are, through that server."""
+    return bool(settings.engine == "openai")
 
 
 def load_model(path: str, opts: ChatOptions) -> Any:
@@ -302,30 +310,18 @@ def load_model(path: str, opts: ChatOptions) -> Any:
 
 
 def evaluate_model(path: str, val: Sequence[Record], opts: ChatOptions) -> dict[str, Any]:
-    """Loss and generation figures for one model folder on the validation records."""
-    from bot.engine import load_tokenizer, make_engine, params_from_settings
+    """Loss and generation figures for one model on the validation records: a model folder,
+    or with ENGINE=openai the model's name on the server (replies only, see `remote`)."""
+    from bot.engine import make_engine, params_from_settings
 
-    encoder = Encoder(load_tokenizer(path))
-    loss_records = list(val[: opts.max_examples])
-    examples = [encoder.encode(r) for r in loss_records]
-    model = load_model(path, opts)
-    total, count = reply_nll(
-        model,
-        examples,
-        max_batch_tokens=opts.max_batch_tokens,
-        pad_id=encoder.pad,
-        progress=opts.progress,
-    )
-    del model
-    _free_memory()
-    out: dict[str, Any] = {
-        "loss": total / count if count else None,
-        "perplexity": math.exp(total / count) if count else None,
-        "examples": len(examples),
-        "target_tokens": count,
-    }
+    settings = bot_settings(opts)
+    if remote(settings):
+        settings = replace(settings, openai_model=path)
+        out: dict[str, Any] = {"engine": f"openai ({settings.openai_base_url})"}
+        out |= {"loss": None, "perplexity": None, "examples": None, "target_tokens": None}
+    else:
+        out = {"engine": "local", **_loss(path, val, opts)}
     if opts.samples > 0:
-        settings = bot_settings(opts)
         params = params_from_settings(settings, seed=opts.seed)
         prompts = [served_prompt(r) for r in val[: opts.samples]]
         engine = make_engine(settings, model=path)
@@ -347,6 +343,30 @@ def evaluate_model(path: str, val: Sequence[Record], opts: ChatOptions) -> dict[
         del engine
         _free_memory()
     return out
+
+
+def _loss(path: str, val: Sequence[Record], opts: ChatOptions) -> dict[str, Any]:
+    """The loss on reply tokens of the model folder at `path` (its weights, loaded here)."""
+    from bot.engine import load_tokenizer
+
+    encoder = Encoder(load_tokenizer(path))
+    examples = [encoder.encode(r) for r in val[: opts.max_examples]]
+    model = load_model(path, opts)
+    total, count = reply_nll(
+        model,
+        examples,
+        max_batch_tokens=opts.max_batch_tokens,
+        pad_id=encoder.pad,
+        progress=opts.progress,
+    )
+    del model
+    _free_memory()
+    return {
+        "loss": total / count if count else None,
+        "perplexity": math.exp(total / count) if count else None,
+        "examples": len(examples),
+        "target_tokens": count,
+    }
 
 
 def run_chat_suite(

@@ -50,6 +50,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "when --tasks is given)",
     )
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument(
+        "--env-file",
+        default=".env",
+        help="the bot's settings file (default .env; the environment wins over it): with "
+        "ENGINE=openai every suite runs against that server, --model naming the served model",
+    )
     h = p.add_argument_group("benchmark suites (lm-evaluation-harness)")
     h.add_argument("--tasks", help="also run these harness tasks, comma-separated")
     h.add_argument(
@@ -127,7 +133,13 @@ def check_model(model: str) -> None:
 
 def cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
     """Run the selected suites; 0 when anything ran, 1 when nothing could."""
+    from bot.settings import load_settings
+    from training.evaluate.harness import Remote
     from training.evaluate.tables import benchmark_table, chat_table, model_labels, write_json
+
+    server = Remote.from_settings(load_settings(env_file=args.env_file))
+    if server is not None:
+        _notice(f"ENGINE=openai: the models are the ones {server.base_url} serves")
 
     suites, chat = selected(args)
     if chat and not args.data:
@@ -135,7 +147,7 @@ def cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
             raise ValueError("the chat suite needs --data: a `prepare` output folder")
         _notice("chat: skipped, it needs --data (a `prepare` output folder)")
         chat = False
-    for model in args.models:
+    for model in args.models if server is None else ():
         check_model(model)
     out = Path(args.out)
     labels = model_labels(args.models)
@@ -158,6 +170,7 @@ def cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
             dtype=args.dtype,
             limit=args.limit,
             include_paths=tuple(args.include_path),
+            remote=server,
         )
         results = run_suites(args.models, suites, opts, notice=_notice)
         for suite in suites:
@@ -189,6 +202,7 @@ def cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
             dtype=args.dtype,
             device_map=args.device_map,
             progress=not args.no_progress,
+            env_file=args.env_file,
         )
         records = read_prepared(records_path(args.data))
         figures, settings = run_chat_suite(args.models, records, copts, notice=_notice)

@@ -1,7 +1,10 @@
 """Benchmark suites through EleutherAI's lm-evaluation-harness (`lm_eval.simple_evaluate`).
 
 Each model folder is loaded once with the harness's Hugging Face backend (`HFLM`, batch size
-`auto` by default) and every requested suite runs on it. Tasks are built one by one before any
+`auto` by default) and every requested suite runs on it. With the bot's ENGINE=openai (`Remote`)
+the model is the one an OpenAI-compatible server serves instead, through the harness's
+`local-completions` backend: log-likelihoods come from the server's `echo` + `logprobs`
+(vLLM and llama.cpp's server give them), tokenized with the bot's TOKENIZER. Tasks are built one by one before any
 model loads: a task whose dataset cannot be fetched (no hub, a typo in a name) gets one line
 saying so and the rest go on. Scores come back as plain `TaskScore`s for `tables`.
 
@@ -55,6 +58,21 @@ class SuiteResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Remote:
+    """An OpenAI-compatible server, as the bot's settings name it (ENGINE=openai)."""
+
+    base_url: str  # OPENAI_BASE_URL, ending in /v1
+    api_key: str = ""
+    tokenizer: str = ""  # TOKENIZER: the served model's tokenizer (default: the model name)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Remote | None:
+        if settings.engine != "openai":
+            return None
+        return cls(settings.openai_base_url, settings.openai_api_key, settings.tokenizer)
+
+
+@dataclass(frozen=True, slots=True)
 class HarnessOptions:
     batch_size: str = "auto"  # "auto" or a number
     max_batch_size: int = 64
@@ -63,6 +81,7 @@ class HarnessOptions:
     limit: float | None = None  # examples per task, for quick looks only
     include_paths: tuple[str, ...] = ()
     bootstrap_iters: int = 100000
+    remote: Remote | None = None  # ENGINE=openai: the server, instead of loading the model
 
 
 def require_lm_eval() -> None:
@@ -119,7 +138,10 @@ def resolved_dtype(dtype: str) -> str:
 
 
 def make_lm(model: str, opts: HarnessOptions) -> Any:
-    """The harness's Hugging Face backend on a local folder (or hub id)."""
+    """The harness's Hugging Face backend on a local folder (or hub id); with `opts.remote`,
+    its `local-completions` backend on the model the server serves under that name."""
+    if opts.remote is not None:
+        return remote_lm(model, opts.remote, opts)
     from lm_eval.models.huggingface import HFLM
 
     batch: int | str = opts.batch_size if opts.batch_size == "auto" else int(opts.batch_size)
@@ -130,6 +152,39 @@ def make_lm(model: str, opts: HarnessOptions) -> Any:
         batch_size=batch,
         max_batch_size=opts.max_batch_size,
     )
+
+
+def remote_lm(model: str, server: Remote, opts: HarnessOptions) -> Any:
+    """lm-eval's OpenAI-compatible completions backend, with the bot's server and key."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    class Completions(LocalCompletionsAPI):  # type: ignore[misc]
+        @property
+        def api_key(self) -> str:  # the harness reads OPENAI_API_KEY; the bot's setting wins
+            return server.api_key
+
+    batch = 1 if opts.batch_size == "auto" else int(opts.batch_size)
+    try:
+        return Completions(
+            base_url=f"{server.base_url.rstrip('/')}/completions",
+            model=model,
+            tokenizer=server.tokenizer or model,
+            tokenizer_backend="huggingface",
+            tokenized_requests=True,
+            batch_size=batch,
+            max_retries=3,
+        )
+    except ModuleNotFoundError as exc:  # lm-eval without its `api` extra
+        raise HarnessMissing(
+            f"{first_line(exc)}: pip install 'hermes-discord[eval]' (it brings lm-eval[api])"
+        ) from None
+
+
+def backend_settings(opts: HarnessOptions) -> dict[str, Any]:
+    """What `results.json` says about the backend and where it ran."""
+    if opts.remote is not None:
+        return {"backend": "openai-completions", "base_url": opts.remote.base_url}
+    return {"backend": "hf", "device": opts.device or default_device()}
 
 
 def parse_results(raw: dict[str, Any], task: str) -> TaskScore:
@@ -187,12 +242,11 @@ def run_suites(
             result.unavailable = {t: unavailable[t] for t in suite.tasks if t in unavailable}
             result.settings = {
                 "harness": "lm-evaluation-harness " + _lm_eval_version(),
-                "backend": "hf",
+                **backend_settings(opts),
                 "num_fewshot": suite.num_fewshot,
                 "batch_size": opts.batch_size,
                 "max_batch_size": opts.max_batch_size,
-                "device": opts.device or default_device(),
-                "dtype": resolved_dtype(opts.dtype),
+                "dtype": resolved_dtype(opts.dtype) if opts.remote is None else None,
                 "limit": opts.limit,
                 "tasks": list(suite.tasks),
             }
