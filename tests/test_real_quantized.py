@@ -125,3 +125,36 @@ def test_qlora_on_the_cpu_lowers_the_loss_and_its_export_serves(smollm2_hf: Path
 
     text, _reason = asyncio.run(serve())
     assert "leg" in text.lower(), text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+async def test_smollm2_quantized_answers_in_the_console_and_on_discord(
+    smollm2_hf: Path, quantization: str, world, tmp_path: Path
+):
+    """The bot's own paths (PROMPT_FORMAT=auto renders SmolLM2's chat template): the console
+    with piped input, then a mention on the fake Discord."""
+    import io
+
+    from bot.console import run_console
+    from tests.bot_harness import bot_settings, running_bot
+    from tests.test_chat import bot_messages, mention
+
+    settings = bot_settings(
+        tmp_path, smollm2_hf, QUANTIZATION=quantization, DTYPE="auto", DEVICE_MAP="auto",
+        MAX_NEW_TOKENS="24", REPLY_TIMEOUT="1800",  # a loaded CI machine is slow, not wrong
+    )
+    out = io.StringIO()
+    code = await run_console(
+        settings, LocalEngine(smollm2_hf, quantization=quantization),
+        stdin=io.StringIO(SPIDER + "\n"), stdout=out,
+    )
+    assert code == 0 and says_eight(out.getvalue()), out.getvalue()
+
+    async with running_bot(world.fake, settings) as bot:
+        assert bot.engine.info.quantization == quantization
+        await mention(world, SPIDER)
+        await world.fake.wait_for(lambda: bot_messages(world.fake, world.general.id), timeout=1800)
+        await world.fake.wait_for(lambda: bot.conv.pending == 0, timeout=1800)
+        reply = bot_messages(world.fake, world.general.id)[-1]
+        assert says_eight(reply.content), reply.content
