@@ -192,8 +192,10 @@ class Conversations:
         persona: str | None = None,
         name: str = "",
         answers: int | None = None,
+        replacing: int | None = None,
     ) -> int:
-        """Store the bot's turn; `answers`: the user turn it answers, no longer owed a reply."""
+        """Store the bot's turn; `answers`: the user turn it answers, no longer owed a reply;
+        `replacing`: the reply it replaces, deleted in the same transaction."""
         ids = message_ids or []
         return await self.memory.turns.add(
             channel_id,
@@ -206,7 +208,41 @@ class Conversations:
             persona=persona,
             tokens=self.counter(content.strip()),
             answers=answers,
+            replacing=replacing,
         )
+
+    async def replace_reply(
+        self,
+        old: StoredTurn,
+        content: str,
+        *,
+        message_ids: list[int],
+        persona: str | None,
+        name: str,
+        answers: int | None = None,
+    ) -> int:
+        """A regenerated reply takes the place of `old` (one transaction: no moment without
+        either); returns the new turn's id."""
+        return await self.record_assistant(
+            old.channel_id,
+            content,
+            guild_id=old.guild_id,
+            message_ids=message_ids,
+            persona=persona,
+            name=name,
+            answers=answers,
+            replacing=old.id,
+        )
+
+    async def extend_reply(self, last: StoredTurn, addition: str, message_ids: list[int]) -> str:
+        """/continue: `addition` joins the end of reply `last`, whose new messages are linked to
+        it; its swipe alternatives end (they no longer match what is shown). The new text."""
+        joiner = "" if addition[:1] in ",.;:!?)" else " "
+        extended = last.content + joiner + addition
+        await self.memory.turns.update(last.id, extended, self.counter(extended))
+        await self.memory.turns.link_messages(last.id, message_ids)
+        await self.memory.swipes.end(last.id)
+        return extended
 
     async def edit(self, message_id: int, content: str) -> bool:
         return await self.memory.turns.edit_message(

@@ -27,7 +27,12 @@ from tests.fake_discord import DEFAULT_TOKEN, FakeDiscord, start_client, stop_cl
 
 
 def bot_settings(tmp_path: Path, model: Path | str, **env: str) -> Settings:
-    values = {
+    return load_settings(env=bot_env(tmp_path, model, **env), env_file=None)
+
+
+def bot_env(tmp_path: Path, model: Path | str, **env: str) -> dict[str, str]:
+    """The environment `bot_settings` reads: also what a bot in its own process is given."""
+    return {
         "DISCORD_TOKEN": DEFAULT_TOKEN,
         "MODEL": str(model),
         "DB_PATH": str(tmp_path / "bot.db"),
@@ -42,7 +47,6 @@ def bot_settings(tmp_path: Path, model: Path | str, **env: str) -> Settings:
         "REPLY_TIMEOUT": "30",
         **env,
     }
-    return load_settings(env=values, env_file=None)
 
 
 @contextlib.asynccontextmanager

@@ -137,3 +137,34 @@ def test_what_counts_as_text():
     assert not is_text(A("cat.png", "image/png"))
     assert not is_text(A("song.mp3", None))
     assert fenced("a.md", "``` inside") == "[attached: a.md]\n````md\n``` inside\n````"
+
+
+async def test_a_slow_attachment_keeps_its_place_in_the_channel(
+    world: World, tmp_path: Path
+) -> None:
+    """A channel's messages are taken in the order they were sent: while the first one's
+    attachment downloads, the next message (no attachment) waits, and is stored and answered
+    after it."""
+    w = world
+    engine = ScriptedEngine(["read it", "and the next"])
+    download = asyncio.Event()
+    async with running_bot(w.fake, w.settings(tmp_path), engine=engine) as bot:
+        w.fake.on_request("GET", r"(/media)?/attachments/.+", lambda _r: download.wait())
+        first = await ask(w, "see the file", [FakeFile.text("notes.txt", "the notes")])
+        second = await w.fake.user_message(
+            w.general.id, w.bob, f"{w.fake.bot_user.mention} me next"
+        )
+        await w.fake.wait_for(lambda: w.fake.downloads, message="the download started")
+        # a message sent after both, elsewhere, is answered while the download is held
+        await w.fake.user_message(w.other.id, w.bob, f"{w.fake.bot_user.mention} elsewhere")
+        await w.fake.wait_for(
+            lambda: any(
+                m.author.id == w.fake.bot_user.id for m in w.fake.channel_messages(w.other.id)
+            )
+        )
+        assert await bot.memory.turns.for_message(second.id) is None  # it waits its turn
+        download.set()
+        await replied(w, bot, 2)
+        turns = [t for t in await bot.memory.turns.history(w.general.id) if t.role == "user"]
+        assert [t.message_id for t in turns] == [first.id, second.id]
+        assert "the notes" in turns[0].content

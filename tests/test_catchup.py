@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import re
+import signal
 import sqlite3
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,13 +26,16 @@ import pytest
 
 from bot.discord.catchup import Claims, history_floor, owed_replies, snowflake_at, snowflake_time
 from bot.discord.client import HermesBot
+from bot.discord.replying import Outcome, OwedReply
 from bot.engine import EngineRequest
 from bot.memory import Memory
-from bot.settings import Settings
+from bot.settings import Settings, load_settings
 from bot.store.db import MIGRATIONS, SCHEMA_VERSION, ensure_owed_replies
+from bot.store.owed import ReplyPost
 from bot.store.turns import StoredTurn
-from tests.bot_harness import ScriptedEngine, bot_settings
+from tests.bot_harness import ScriptedEngine, bot_env, bot_settings
 from tests.fake_discord import (
+    EXECUTE_WEBHOOK,
     GET_MESSAGES,
     PATIENCE,
     FakeChannel,
@@ -116,6 +123,11 @@ def replies_to(fake: FakeDiscord, channel_ids: list[int]) -> dict[int, list[Fake
             if m.author.id == fake.bot_user.id and m.reference_id is not None:
                 out.setdefault(m.reference_id, []).append(m)
     return out
+
+
+def hook_messages(fake: FakeDiscord, channel_id: int) -> list[FakeMessage]:
+    """What personas posted through the bot's webhooks in a channel."""
+    return [m for m in fake.channel_messages(channel_id) if m.webhook_id is not None]
 
 
 def bot_messages(fake: FakeDiscord, channel_ids: list[int]) -> list[FakeMessage]:
@@ -436,3 +448,134 @@ def test_claims_take_a_message_once_and_forget_the_oldest() -> None:
     claims.release(1)
     assert claims.claim(1) and claims.claim(2) and claims.claim(3)
     assert 1 not in claims and 3 in claims
+
+
+# ---- a reply posted just before a kill -------------------------------------------------------
+
+
+async def test_sigkill_after_a_persona_reply_is_posted_leaves_exactly_one_reply(
+    world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The known defect: a persona's reply goes out through a webhook (which cannot reply to
+    the message it answers), and the process is killed before it stores the reply. After the
+    restart catch-up finds the post the killed run recorded, adopts the reply already in the
+    channel as the answer, and posts nothing more."""
+    fake = world.fake
+    env = bot_env(tmp_path, "x")
+    settings = load_settings(env=env, env_file=None)
+    memory = await Memory.open(settings.db_path)
+    try:
+        await memory.places.update_channel(
+            world.general.id, world.guild.id, mode="always", persona="Sable"
+        )
+    finally:
+        await memory.close()
+    root = Path(__file__).resolve().parents[1]
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.bot_process",
+        fake.api_base,
+        fake.gateway_url,
+        "The name's Sable.",
+        cwd=root,
+        env={**os.environ, **env, "PYTHONPATH": str(root)},
+    )
+    try:
+        await fake.wait_for(
+            lambda: any(event == "GUILD_CREATE" for event, _ in fake.dispatched),
+            message="the bot process connected",
+        )
+        killed: list[int] = []
+
+        def kill(_request: object) -> None:  # the post reaches Discord; its answer never returns
+            os.kill(child.pid, signal.SIGKILL)
+            killed.append(child.pid)
+
+        fake.on_request(*EXECUTE_WEBHOOK, kill)
+        question = await fake.user_message(world.general.id, world.bob, "Who are you?")
+        assert await asyncio.wait_for(child.wait(), PATIENCE) == -signal.SIGKILL
+        assert killed
+        (posted,) = hook_messages(fake, world.general.id)
+        assert posted.content == "The name's Sable." and posted.username == "Sable"
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+
+    caplog.set_level(logging.INFO, logger="bot.discord.catchup")
+    engine = ScriptedEngine(["Still Sable."])
+    async with Runs(fake, settings) as runs:
+        bot, _ = await runs.start(engine)
+        await fake.wait_for(
+            lambda: any("catch-up:" in r.getMessage() for r in caplog.records),
+            message="catch-up's summary",
+        )
+        (summary,) = [r.getMessage() for r in caplog.records if "catch-up:" in r.getMessage()]
+        assert "0 owed replies queued, 1 found already posted" in summary
+        assert not await bot.memory.owed.awaiting()
+        turns = await bot.memory.turns.history(world.general.id)
+        assert [(t.role, t.content, t.persona) for t in turns] == [
+            ("user", "Who are you?", None),
+            ("assistant", "The name's Sable.", "Sable"),
+        ]
+        assert turns[0].message_id == question.id
+        assert await bot.memory.turns.message_ids(turns[1].id) == [posted.id]
+
+        # the next message is answered as usual, and sees the adopted reply in its prompt
+        await fake.user_message(world.general.id, world.bob, "And now?")
+        await fake.wait_for(lambda: len(hook_messages(fake, world.general.id)) == 2)
+        assert [m.content for m in hook_messages(fake, world.general.id)] == [
+            "The name's Sable.",
+            "Still Sable.",
+        ]
+        assert len(engine.prompts) == 1 and "The name's Sable." in engine.prompts[0]
+
+
+async def test_an_owed_reply_settles_once_and_its_post_is_recorded_until_then(
+    tmp_path: Path,
+) -> None:
+    memory = await Memory.open(tmp_path / "owed.db")
+    try:
+        first = await memory.turns.add(5, "user", "q1", name="ann", message_id=50, awaiting=True)
+        second = await memory.turns.add(5, "user", "q2", name="bob", message_id=51, awaiting=True)
+        owed = OwedReply(memory.owed, first, 50)
+        await owed.posting("Sable")
+        assert await memory.owed.posts() == {first: ReplyPost(first, "Sable", None)}
+        await owed.posted(60)
+        await owed.posted(61)  # only the first message's id is kept
+        assert await memory.owed.posts() == {first: ReplyPost(first, "Sable", 60)}
+        # storing the reply settles it, and the record of its post goes with it
+        await memory.turns.add(5, "assistant", "a1", message_id=60, answers=first)
+        owed.stored()
+        assert owed.outcome is Outcome.ANSWERED and not await memory.owed.posts()
+        assert await owed.settle(Outcome.FAILED) is False  # settled once: nothing changes
+        assert owed.outcome is Outcome.ANSWERED
+
+        other = OwedReply(memory.owed, second, 51)
+        await other.posting(None)
+        assert await other.settle(Outcome.GIVEN_UP) is True
+        assert await other.settle(Outcome.CANCELLED) is False
+        assert other.outcome is Outcome.GIVEN_UP
+        assert not await memory.owed.awaiting() and not await memory.owed.posts()
+    finally:
+        await memory.close()
+
+
+async def test_v6_adds_the_reply_posts_to_a_v5_file(tmp_path: Path) -> None:
+    path = tmp_path / "v5.db"
+    memory = await Memory.open(path)
+    await memory.close()
+    con = sqlite3.connect(path)
+    con.execute("DROP TABLE reply_posts")
+    con.execute("PRAGMA user_version=5")
+    con.commit()
+    con.close()
+    memory = await Memory.open(path)
+    try:
+        assert (await memory.db.execute_fetchall("PRAGMA user_version"))[0][0] == SCHEMA_VERSION
+        turn = await memory.turns.add(1, "user", "q", message_id=5, awaiting=True)
+        await memory.owed.posting(turn, None)
+        assert list(await memory.owed.posts()) == [turn]
+    finally:
+        await memory.close()

@@ -3,7 +3,6 @@ characters, and the characters speaking for themselves through the bot's webhook
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
@@ -345,19 +344,24 @@ async def test_own_webhook_posts_are_not_triggers_but_persona_turns(
     world: World, tmp_path: Path
 ) -> None:
     fake = world.fake
-    engine = ScriptedEngine(["The name's Sable.", "Case closed."])
+    engine = ScriptedEngine(["The name's Sable.", "Still here.", "Case closed."])
     async with running_bot(fake, bot_settings(tmp_path, "scripted"), engine=engine) as bot:
         await bot.memory.places.update_channel(world.general.id, world.guild.id, mode="always")
         await said(await command(world, "persona use", {"name": "Sable"}))
         await fake.user_message(world.general.id, world.bob, "Who are you?")
         await settled(world, bot, 2)
-        await asyncio.sleep(0.3)  # the webhook posts' MESSAGE_CREATEs have been dispatched
-        assert len(engine.prompts) == 1  # only bob's message was answered: no loop
+        # the webhook posts' MESSAGE_CREATEs were dispatched before bob's next message: once
+        # that is answered, the bot has seen them (a channel's messages are taken in order)
+        await fake.user_message(world.general.id, world.bob, "Anything else?")
+        await settled(world, bot, 3)
+        assert len(engine.prompts) == 2  # only bob's messages were answered: no loop
         assert fake.dispatched and all(
             m.author.id != fake.bot_user.id for m in hook_messages(fake, world.general.id)
         )
         turns = await bot.memory.turns.history(world.general.id)
         assert [(t.role, t.name, t.persona) for t in turns] == [
+            ("assistant", "Sable", "Sable"),
+            ("user", "bob", None),
             ("assistant", "Sable", "Sable"),
             ("user", "bob", None),
             ("assistant", "Sable", "Sable"),
@@ -372,8 +376,8 @@ async def test_own_webhook_posts_are_not_triggers_but_persona_turns(
         await fake.user_message(
             world.general.id, world.alice, "Any leads?", reply_to=webhook_ids[-1]
         )
-        posted = await settled(world, bot, 3)
-        assert posted[-1].content == "Case closed." and len(engine.prompts) == 2
+        posted = await settled(world, bot, 4)
+        assert posted[-1].content == "Case closed." and len(engine.prompts) == 3
         assert "bob: Who are you?" in engine.prompts[-1]
         assert "### Response:\nThe name's Sable.\n\n" in engine.prompts[-1]
 

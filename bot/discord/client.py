@@ -21,8 +21,11 @@ from discord.ext import commands
 
 from bot import metrics
 from bot.conversation import Conversations
+from bot.discord.catchup import CatchUp
 from bot.discord.checks import Refused
+from bot.discord.ingest import Ingest
 from bot.discord.posting import say_privately
+from bot.discord.replying import Replier
 from bot.discord.swipes import SwipeButton, Swipes
 from bot.discord.webhooks import Webhooks
 from bot.engine import Engine, EngineError, EngineFactory, make_engine
@@ -60,8 +63,11 @@ class HermesBot(commands.AutoShardedBot):
     """Carries the shared core for the cogs; every attribute below is set before a cog loads.
 
     `settings`, `memory`, `personas`, `conv` (the conversations, which hold the engine; `engine`
-    reads and swaps it there), `webhooks` (persona identities), `swipes` (alternative replies),
-    and `metrics` when enabled.
+    reads and swaps it there), and the Discord layer's shared parts: `webhooks` (persona
+    identities), `swipes` (alternative replies), `ingest` (message events into stored turns),
+    `replies` (the reply runner), `catch_up` (what was missed while away); `metrics` when
+    enabled. Cogs reach each other's work only through these. `options` go to discord.py's
+    `AutoShardedBot`.
     """
 
     memory: Memory
@@ -69,6 +75,9 @@ class HermesBot(commands.AutoShardedBot):
     conv: Conversations
     webhooks: Webhooks
     swipes: Swipes
+    ingest: Ingest
+    replies: Replier
+    catch_up: CatchUp
 
     def __init__(
         self,
@@ -76,7 +85,6 @@ class HermesBot(commands.AutoShardedBot):
         *,
         engine: Engine | None = None,
         engine_factory: EngineFactory = make_engine,
-        cogs: tuple[str, ...] = COGS,
         **options: Any,
     ) -> None:
         """`engine`: the engine to start with (default: `engine_factory(settings)`);
@@ -94,7 +102,6 @@ class HermesBot(commands.AutoShardedBot):
         #: the engine until `setup_hook` hands it to the conversations, which then hold it
         self.make_engine = engine_factory
         self._engine: Engine | None = engine or engine_factory(settings)
-        self.cog_names = cogs
         self.started_at = time.time()
         self.reply_tasks: set[asyncio.Task[None]] = set()
         #: Replies still waiting for their channel's turn (a subset of `reply_tasks`).
@@ -129,10 +136,13 @@ class HermesBot(commands.AutoShardedBot):
         self.webhooks = Webhooks(self, self.memory, self.personas)
         await self.webhooks.load()
         self.swipes = Swipes(self)
+        self.replies = Replier(self)
+        self.ingest = Ingest(self)
+        self.catch_up = CatchUp(self)
         self.add_dynamic_items(SwipeButton)  # swipe buttons work on replies from earlier runs
         self.metrics = metrics.setup(self.settings, lambda: self.engine)
         self.engine_ready.set()
-        for name in self.cog_names:
+        for name in COGS:
             try:
                 await self.load_extension(name)
             except commands.ExtensionNotFound:

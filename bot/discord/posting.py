@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import aiohttp
 import discord
@@ -155,6 +155,24 @@ class Identity:
     avatar_url: str | None = None
     prefix: str = ""  # e.g. "**Aria:** " when a persona must speak through the bot's own account
     thread: discord.abc.Snowflake | None = None
+
+
+class Target(Protocol):
+    """Where a generated reply is shown: `ReplyStream` (new messages), or a swiped message."""
+
+    messages: list[discord.Message]
+    text: str
+
+    async def update(self, text: str) -> None: ...
+    async def finish(self, text: str) -> list[discord.Message]: ...
+
+
+@runtime_checkable
+class Alternative(Target, Protocol):
+    """A target that shows a swipe's alternative: `fit` is the text it will show (stored
+    before it is shown)."""
+
+    def fit(self, text: str) -> str: ...
 
 
 @dataclass

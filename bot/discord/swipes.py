@@ -11,7 +11,6 @@ in SQLite, so buttons keep working after a restart.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import re
@@ -19,13 +18,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 import discord
 
-from bot.conversation import EMPTY_NOTICE, Busy
+from bot.conversation import Busy
 from bot.discord.checks import is_manager, policy_for
 from bot.discord.posting import LIMIT, NO_PINGS
-from bot.scenes import load_scene, member_context
 
 if TYPE_CHECKING:
     from bot.discord.client import HermesBot
+    from bot.store.scenes import SwipeStore
 
 log = logging.getLogger(__name__)
 
@@ -154,53 +153,52 @@ class Swipes:
             await interaction.response.defer()
             return
         await interaction.response.defer()
-        text = await self._alternative(interaction, turn.channel_id, turn_id, state.reply_to, turn)
-        if text is None:
+        target = SwipedMessage(interaction, identity.prefix, turn_id, memory.swipes)
+        try:
+            result = await self.bot.replies.alternative(
+                channel,  # type: ignore[arg-type]
+                interaction.guild_id,
+                turn,
+                state.reply_to,
+                target,
+                seed=random.randrange(1 << 30),
+            )
+        except Busy:
+            result = None
+        if result is None or not result.ok or result.empty or not target.messages:
             await interaction.followup.send(NOTHING_NEW, ephemeral=True)
-            return
-        text = one_message(identity.prefix, text)
-        idx = await memory.swipes.add(turn_id, text, self.bot.conv.counter(text.strip()))
-        await interaction.edit_original_response(
-            content=identity.prefix + text,
-            view=swipe_view(turn_id, idx, idx + 1),
+
+
+class SwipedMessage:
+    """Where a swipe's new alternative is shown: the swiped message, edited in place through
+    the interaction, cut to one message, with the buttons counting it (a `replying.Target`)."""
+
+    def __init__(
+        self, interaction: discord.Interaction, prefix: str, turn_id: int, swipes: SwipeStore
+    ) -> None:
+        self.interaction = interaction
+        self.prefix = prefix
+        self.turn_id = turn_id
+        self.swipes = swipes
+        self.messages: list[discord.Message] = []
+        self.text = ""
+
+    async def update(self, text: str) -> None:
+        """Alternatives are shown complete, never growing."""
+
+    def fit(self, text: str) -> str:
+        """What is shown (and stored): `text` cut to one message after the persona's name."""
+        return one_message(self.prefix, text)
+
+    async def finish(self, text: str) -> list[discord.Message]:
+        """Show the stored alternative, the newest of the turn's."""
+        self.text = self.fit(text)
+        state = await self.swipes.get(self.turn_id)
+        total = len(state.alternatives) if state else 1
+        message = await self.interaction.edit_original_response(
+            content=self.prefix + self.text,
+            view=swipe_view(self.turn_id, total - 1, total),
             allowed_mentions=NO_PINGS,
         )
-
-    async def _alternative(
-        self,
-        interaction: discord.Interaction,
-        channel_id: int,
-        turn_id: int,
-        reply_to: int | None,
-        turn: Any,
-    ) -> str | None:
-        """A new version of the reply: the same prompt (without the reply), a new seed."""
-        bot = self.bot
-        conv = bot.conv
-        channel = interaction.channel
-        parent = channel.parent_id if isinstance(channel, discord.Thread) else None
-        scene = await load_scene(bot.memory, bot.personas, channel_id, interaction.guild_id)
-        others, roster = member_context(scene, turn.persona or "")
-        try:
-            async with conv.slot(channel_id):
-                job = await conv.prepare(
-                    channel_id,
-                    interaction.guild_id,
-                    reply_to=reply_to,
-                    persona=turn.persona,
-                    overrides={"seed": random.randrange(1 << 30)},
-                    parent_id=parent,
-                    cast=others,
-                    scene=roster,
-                    skip=turn_id,
-                )
-                if job is None:
-                    return None
-                async with asyncio.timeout(bot.settings.reply_timeout):
-                    text = await conv.complete(job)
-        except Busy:
-            return None
-        except Exception:
-            log.exception("swipe failed in channel %s", channel_id)
-            return None
-        return None if not text or text == EMPTY_NOTICE else text
+        self.messages = [message]
+        return self.messages

@@ -206,9 +206,23 @@ CREATE TABLE IF NOT EXISTS swipe_turns (
 """
 
 
+# v6: a reply being posted to an owed turn (`bot.store.owed.OwedReplies.posting`). The row exists
+# from just before the reply's first message is sent until the owed turn is settled; the message
+# id is filled in once Discord returns it. After a crash (SIGKILL between the post and storing
+# the reply) catch-up finds the row and adopts the reply already in the channel instead of
+# posting a second one. IF NOT EXISTS: independent of every other version but v1.
+_V6 = """
+CREATE TABLE IF NOT EXISTS reply_posts (
+    turn_id     INTEGER PRIMARY KEY REFERENCES turns (id) ON DELETE CASCADE,
+    persona     TEXT,
+    message_id  INTEGER
+);
+"""
+
+
 Migration = str | Callable[[aiosqlite.Connection], Awaitable[Any]]
 #: Version n is `MIGRATIONS[n - 1]`: a statement list, or a function run inside the transaction.
-MIGRATIONS: list[Migration] = [_V1, _V2, ensure_fts, ensure_owed_replies, _V5]
+MIGRATIONS: list[Migration] = [_V1, _V2, ensure_fts, ensure_owed_replies, _V5, _V6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -9,19 +9,66 @@ the messages it missed while it was away.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from bot.store.db import Store
 from bot.store.turns import TURN_COLUMNS, StoredTurn
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyPost:
+    """A reply whose posting started while its turn was owed (see `OwedReplies.posting`)."""
+
+    turn_id: int
+    persona: str | None
+    message_id: int | None  # the reply's first Discord message, once Discord returned it
 
 
 class OwedReplies(Store):
     """Which user turns still wait for the bot's reply; settling one happens exactly once."""
 
     async def mark_answered(self, turn_id: int) -> bool:
-        """The reply to `turn_id` has started to show (or was settled otherwise): it is no
-        longer owed. Returns whether it was still awaiting, so only one caller answers it."""
+        """`turn_id` is settled (answered, failed, given up): it is no longer owed. Returns
+        whether it was still awaiting, so only one caller settles it. Called by the reply
+        runner's handle (`bot.discord.replying.OwedReply`) and by `TurnStore.add(answers=...)`."""
         return await self.db.changed(
-            [("UPDATE turns SET awaiting = 0 WHERE id = ? AND awaiting = 1", (turn_id,))]
+            [
+                ("UPDATE turns SET awaiting = 0 WHERE id = ? AND awaiting = 1", (turn_id,)),
+                ("DELETE FROM reply_posts WHERE turn_id = ?", (turn_id,)),
+            ]
         )
+
+    async def posting(self, turn_id: int, persona: str | None) -> None:
+        """A reply to owed `turn_id` is about to be sent: written before the first message
+        goes out, so a process killed after the post leaves a trace for catch-up."""
+        await self.db.run(
+            [
+                (
+                    "INSERT OR IGNORE INTO reply_posts (turn_id, persona) VALUES (?, ?)",
+                    (turn_id, persona),
+                )
+            ]
+        )
+
+    async def posted(self, turn_id: int, message_id: int) -> None:
+        """Discord returned the reply's first message: its id, kept until the turn settles."""
+        await self.db.run(
+            [
+                (
+                    "UPDATE reply_posts SET message_id = ? WHERE turn_id = ? AND message_id IS NULL",
+                    (message_id, turn_id),
+                )
+            ]
+        )
+
+    async def posts(self) -> dict[int, ReplyPost]:
+        """The replies that started to post to turns still owed, by turn id (a process stopped
+        between sending a reply and storing it)."""
+        rows = await self.db.all(
+            "SELECT p.turn_id, p.persona, p.message_id FROM reply_posts p "
+            "JOIN turns t ON t.id = p.turn_id WHERE t.awaiting = 1"
+        )
+        return {row[0]: ReplyPost(*row) for row in rows}
 
     async def awaiting(self) -> list[StoredTurn]:
         """Every user turn still owed a reply, in every channel, oldest first."""

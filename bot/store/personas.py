@@ -1,7 +1,7 @@
 """Personas a server imported (Character Card V2 JSON and an avatar), and the webhooks the bot
 owns (one per channel, through which personas speak under their own name and picture).
 
-`bot.personas.PersonaLibrary` reads the stored cards next to the shipped ones; `bot.webhooks`
+`bot.personas.PersonaLibrary` reads the stored cards next to the shipped ones; `bot.discord.webhooks`
 creates, reuses and forgets the webhooks.
 """
 

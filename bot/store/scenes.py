@@ -1,7 +1,7 @@
 """Scenes (several personas seated in one channel) and swipes (the alternative replies of one
 turn, the one shown being the one memory keeps).
 
-`bot.scenes` picks who speaks from a `SceneState`; `bot.swipes` draws the buttons.
+`bot.scenes` picks who speaks from a `SceneState`; `bot.discord.swipes` draws the buttons.
 """
 
 from __future__ import annotations

@@ -88,16 +88,21 @@ class TurnStore(Store):
         created_at: float | None = None,
         awaiting: bool = False,
         answers: int | None = None,
+        replacing: int | None = None,
     ) -> int:
         """Store one turn (and every Discord message id it spans) in one transaction.
 
         `awaiting`: a user turn the bot owes a reply; `answers`: the user turn this reply
-        answers, which stops awaiting in the same transaction (see `bot.store.owed`).
+        answers, which stops awaiting in the same transaction (see `bot.store.owed`);
+        `replacing`: a turn deleted in the same transaction (a regenerated reply).
         """
         ids = [m for m in (message_id, *extra_message_ids) if m is not None]
         async with self.db.transaction() as conn:
+            if replacing is not None:
+                await conn.execute("DELETE FROM turns WHERE id = ?", (replacing,))
             if answers is not None:
                 await conn.execute("UPDATE turns SET awaiting = 0 WHERE id = ?", (answers,))
+                await conn.execute("DELETE FROM reply_posts WHERE turn_id = ?", (answers,))
             cur = await conn.execute(
                 "INSERT INTO turns (channel_id, guild_id, message_id, author_id, name, role, "
                 "persona, content, tokens, created_at, awaiting) VALUES (?,?,?,?,?,?,?,?,?,?,?)",

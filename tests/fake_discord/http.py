@@ -127,8 +127,9 @@ class HttpMixin:
         after: int = 0,
     ) -> RequestHook:
         """Run ``action(recorded_request)`` (awaited when it returns an awaitable) just before
-        the route handles each of the next ``times`` matching REST calls, after letting
-        ``after`` of them pass.  Patterns as in :meth:`inject`.  Deterministic staging of
+        the route handles each of the next ``times`` matching REST calls (attachment downloads
+        too, by their path), after letting ``after`` of them pass.  Patterns as in
+        :meth:`inject`.  Deterministic staging of
         races, e.g. the user deletes a message while the bot is posting its reply::
 
             fake.on_request(*SEND_MESSAGE, lambda r: fake.delete_message(question))
@@ -328,6 +329,7 @@ class HttpMixin:
                     status=injection.status, text=f"{injection.status}: {reason}"
                 )
             else:
+                await self._run_hooks(request.method, request.path, record)
                 response = self._attachment_response(request)
             record.status = response.status
             return response
