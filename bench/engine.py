@@ -18,6 +18,14 @@
 - Q: QUANTIZATION none / 8bit / 4bit (bitsandbytes; the CPU too) on the same model in one run:
   load time, footprint, one-stream and 8-channel tokens/s, as ratios against none (`--only q`,
   `--quant`; the same table as `hermes-bot bench --quant none,8bit,4bit`).
+- P6 (`--only 6`, with `--model FILE.gguf`): ENGINE=llamacpp batched (MAX_BATCH=channels) and
+  one request at a time beside each `--server URL` (any OpenAI-compatible server: llama.cpp's
+  `llama-server`, `python -m llama_cpp.server`, vLLM, Ollama), same prompts, greedy, fixed
+  lengths (`bot/bench_compare.py`). Targets against llama-server (`--parallel 8`, 2 threads):
+  single-stream decode >= 0.9x, 8-channel aggregate >= 1.0x, mean TTFT <= 1.0x.
+
+    python bench/engine.py --only 6 --model SmolLM2-135M-Instruct.Q4_1.gguf --llama-threads 2 \
+        --tokenizer ~/.cache/hermes-discord/smollm2/hf --server http://127.0.0.1:8080/v1
 
     python bench/engine.py                      # CPU, a small random Llama (hidden 256, 4 layers)
     python bench/engine.py --model /models/Nous-Hermes-llama-2-7b --device cuda   # GPU, 7B
@@ -44,7 +52,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bot.benchmark import SYSTEM, chatter, history, next_message  # noqa: E402
+from bot.benchmark import SYSTEM, chatter, history, next_message, stories  # noqa: E402
 from bot.engine import (  # noqa: E402
     Engine,
     EngineInfo,
@@ -425,6 +433,37 @@ async def pq(model: Path, args: argparse.Namespace, label: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+async def p6(args: argparse.Namespace) -> None:
+    """ENGINE=llamacpp batched and one at a time beside each --server (bot/bench_compare.py)."""
+    from bot import bench_compare
+    from bot.engine.llamacpp import LlamaCppEngine
+    from bot.engine.openai import OpenAIEngine
+
+    if not args.model or not args.model.endswith(".gguf"):
+        sys.exit("P6 needs --model FILE.gguf")
+    n = args.channels
+
+    def llama(batch: int) -> LlamaCppEngine:
+        return LlamaCppEngine(args.model, threads=args.llama_threads, max_batch=batch,
+                              context_tokens=2048)  # fmt: skip
+
+    columns: list[tuple[str, Any]] = [
+        (f"llamacpp batched x{n}", llama(n)),
+        ("llamacpp one at a time", llama(1)),
+    ]
+    tokenizer = args.tokenizer or str(Path(args.model).parent / "hf")
+    for url in args.server:
+        columns.append((url, OpenAIEngine(base_url=url, model="model", tokenizer=tokenizer)))
+    print(
+        f"P6 engines side by side: {Path(args.model).name}, llama.cpp threads {args.llama_threads}"
+    )
+    found = await bench_compare.compare(
+        columns, stories, tokens=args.p6_tokens, channels=n, rounds=args.rounds
+    )
+    base = 2 if args.server else 1
+    print(bench_compare.table(found, tokens=args.p6_tokens, channels=n, baseline=base))
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", help="model folder; default: build a small random Llama")
@@ -464,7 +503,20 @@ async def main() -> None:
         "engine's worker and HF generate must not run two spinning OpenMP pools), torch's own "
         "default on a GPU; 0: torch's default everywhere",
     )
+    ap.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="P6: an OpenAI-compatible server (base URL with /v1) as a column; repeatable",
+    )
+    ap.add_argument("--tokenizer", help="P6: tokenizer folder for the servers' token counts")
+    ap.add_argument("--llama-threads", type=int, default=2, help="P6: llama.cpp THREADS")
+    ap.add_argument("--p6-tokens", type=int, default=64, help="P6: reply tokens per request")
     args = ap.parse_args()
+    if args.only == "6":
+        await p6(args)
+        return
 
     import torch
 

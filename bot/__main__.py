@@ -140,6 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         help="compare quantizations on the same model in one run, e.g. none,8bit,4bit: load "
         "time, footprint, one-stream and MAX_BATCH-channel tokens/s (bot/bench_quant.py)",
     )
+    bench.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="also measure this OpenAI-compatible server (base URL with /v1), a column beside "
+        "the engine; repeatable",
+    )
+    bench.add_argument("--rounds", type=int, default=3, help="rounds of the side-by-side table")
     sub.add_parser("env-example", help="print .env.example")
     sub.add_parser("settings-table", help="print the README settings table")
     args = parser.parse_args(argv)
@@ -171,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                 settings, args.quant, model=args.model, as_json=args.json, tokens=args.tokens
             )
         return bench_main(
-            settings, model=args.model, as_json=args.json, tokens=args.tokens, trials=args.trials
-        )
+            settings, model=args.model, as_json=args.json, tokens=args.tokens, trials=args.trials,
+            servers=args.server, rounds=args.rounds,
+        )  # fmt: skip
     return cmd_doctor(settings, args)
 
 

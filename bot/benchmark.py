@@ -104,6 +104,18 @@ def history(count: Callable[[str], int], target_tokens: int, seed: int = 0) -> l
     return turns
 
 
+#: The last message of each side-by-side conversation: a reply that runs to the fixed length.
+STORY = "Write a long story about a dragon who learns to bake bread. Make it very detailed."
+
+
+def stories(count: Callable[[str], int], n: int) -> list[str]:
+    """`n` different ~200-token conversations, each ending with a request for a long story."""
+    return [
+        render_chat(SYSTEM, [*history(count, 180, seed=300 + c), Turn("user", STORY, "alice")])
+        for c in range(n)
+    ]
+
+
 def next_message(prompt: str, reply: str, k: int) -> str:
     """`prompt` (ending in an open response) with `reply` and one more user message appended."""
     return f"{prompt}{reply}\n\n### Instruction:\nUser{k}: {chatter(k, 12)}\n\n{RESPONSE}"
@@ -470,8 +482,33 @@ async def _measure(
     )
 
 
-def main(settings: Any, *, model: str | None, as_json: bool, tokens: int, trials: int) -> int:
-    """The `hermes-bot bench` command: prints the table (or JSON); returns the exit status."""
+def main(
+    settings: Any,
+    *,
+    model: str | None,
+    as_json: bool,
+    tokens: int,
+    trials: int,
+    servers: list[str] | None = None,
+    rounds: int = 3,
+) -> int:
+    """The `hermes-bot bench` command: prints the table (or JSON); returns the exit status.
+
+    With `--server URL`s, or an engine other than `local` (llamacpp), it prints the engines
+    side by side instead (`bot.bench_compare`): the same prompts through each."""
+    from bot.engine_choice import choose_engine
+
+    kind = choose_engine(settings, model)[0]
+    if kind == "openai":
+        print(
+            "hermes-bot: hermes-bot bench measures the local engine (ENGINE=local or llamacpp); "
+            "to measure a server beside it: hermes-bot bench --server URL",
+            file=sys.stderr,
+        )
+        return 1
+    if servers or kind != "local":
+        return compare_main(settings, model=model, servers=servers or [], tokens=tokens,
+                            rounds=rounds)  # fmt: skip
     try:
         report = asyncio.run(run_bench(settings, model=model, reply_tokens=tokens, trials=trials))
     except EngineError as exc:
@@ -481,4 +518,34 @@ def main(settings: Any, *, model: str | None, as_json: bool, tokens: int, trials
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(report.table())
+    return 0
+
+
+def compare_main(
+    settings: Any, *, model: str | None, servers: list[str], tokens: int, rounds: int
+) -> int:
+    """`hermes-bot bench` side by side: MODEL on its engine, then each server, one table."""
+    from bot import bench_compare
+    from bot.engine.openai import OpenAIEngine
+
+    name = model or settings.model
+    engine = make_engine(settings, model=model)
+    tokenizer = settings.tokenizer or name
+    columns: list[tuple[str, Any]] = [(f"{engine.info.engine} (this bot)", engine)]
+    for url in servers:
+        server = OpenAIEngine(
+            base_url=url, model=settings.openai_model or name, tokenizer=tokenizer
+        )
+        columns.append((url, server))
+    try:
+        found = asyncio.run(
+            bench_compare.compare(
+                columns, stories, tokens=tokens, channels=settings.max_batch, rounds=rounds
+            )
+        )
+    except EngineError as exc:
+        print(f"hermes-bot: {exc}", file=sys.stderr)
+        return 1
+    base = 1 if servers else 0
+    print(bench_compare.table(found, tokens=tokens, channels=settings.max_batch, baseline=base))
     return 0

@@ -13,6 +13,7 @@ import socket
 import time
 
 from bot.engine import Engine, EngineError, GenerationParams, make_engine
+from bot.engine_choice import choose_engine
 from bot.memory import Memory
 from bot.model_source import ModelSourceError, resolve_engine_sources
 from bot.personas import load_builtin_personas
@@ -76,11 +77,12 @@ async def check_database(settings: Settings, report: Report) -> None:
 
 async def check_model(settings: Settings, model: str | None, report: Report) -> None:
     name = model or settings.model
-    if settings.engine == "openai":
+    kind = choose_engine(settings, name)[0]
+    if kind == "openai":
         served = settings.openai_model or name
         print(f"model: {served} on {settings.openai_base_url} (engine openai)")
     else:
-        print(f"model: {name} (engine local)")
+        print(f"model: {name} (engine {kind})")
     engine: Engine | None = None
     try:
         settings, model = resolve_engine_sources(settings, model)
@@ -91,14 +93,19 @@ async def check_model(settings: Settings, model: str | None, report: Report) -> 
         print(
             f"  loaded in {time.perf_counter() - start:.1f}s: {info.describe()}"
         )
+        for note in info.notes:  # why this engine; which settings reach a server
+            print(f"  {note}")
         fmt = choose_format(settings.prompt_format, engine.tokenizer)
         print(f"  prompt format: {fmt.describe()}")
         begin = time.perf_counter()
+        # The same stops and cleaning as a reply in a channel: what it shows is what would post.
         gen = engine.generate(
             fmt.render_chat("", [Turn("user", "Say hello.")]),
-            GenerationParams(max_new_tokens=8, temperature=0.0, stop_ids=fmt.end_ids),
+            GenerationParams(
+                max_new_tokens=8, temperature=0.0, stop=tuple(fmt.stops()), stop_ids=fmt.end_ids
+            ),
         )
-        text = await gen.text_all()
+        text = fmt.clean(await gen.text_all())
         print(f"  test reply in {time.perf_counter() - begin:.2f}s: {text.strip()[:60]!r}")
     except (ModelSourceError, EngineError, TemplateError) as exc:
         report.problem(str(exc))

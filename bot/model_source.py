@@ -142,8 +142,16 @@ def resolve_engine_sources(settings: Any, model: str | None = None) -> tuple[Any
     OpenAI-compatible engine only the tokenizer, and its server keeps the model's name (a hub id
     resolved to a cached folder must not become OPENAI_MODEL). Raises ModelSourceError.
     """
+    from bot.engine_choice import choose_engine
+
     name = model or settings.model
-    if settings.engine == "openai":
+    kind = choose_engine(settings, name)[0]
+    if kind == "llamacpp":  # a .gguf file, read by llama.cpp itself
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ModelSourceError(f"cannot load the model {name!r}: no file {path.absolute()}")
+        return settings, str(path)
+    if kind == "openai":
         tokenizer = resolve_model_source(settings.tokenizer or name, "tokenizer")
         served = settings.openai_model or name
         return replace(settings, tokenizer=tokenizer, openai_model=served), name

@@ -566,10 +566,54 @@ def clean_reply(text: str, other_names: Iterable[str] = (), bot_name: str = "") 
             text = text[:pos]
             break
         pos = m.end()
-    return text.strip()
+    return drop_fragment(text.strip(), keys)
 
 
 _BREAKS_OR_END = re.compile(rf"{_BREAKS.pattern}|\Z")
+_HEADER_WORDS = ("instruction", "input", "response")
+# The end of a reply that is the start of a header a stop cut through: after a line start or a
+# space, quote/emphasis marks, a run of `#` and perhaps the first letters of a header word.
+_HEADER_TAIL = re.compile(r"(?:^|(?<=\s))[>*_~`\s]*[#\uff03\ufe5f]+[ \t]*(?P<word>\w*)[ \t:]*$")
+_MARKS_ONLY = re.compile(r"(?:^|(?<=\n))[>*_~`#\s]+$")
+
+
+def drop_fragment(text: str, keys: tuple[str, ...] = ()) -> str:
+    """`text` without a trailing fragment of a block header or a speaker label.
+
+    A stop string can match inside a longer header (`### Instruction` inside the model's
+    `#### Instruction:` leaves `#`), and a reply cut at its length limit can end in half a
+    header (`### Instr`) or a dangling `Name` of a participant (`keys`, from `speaker_keys`)
+    on its own line. Such a tail is what the stop was about to remove, never part of the
+    answer: dropped, repeatedly, and the rest trimmed. A hashtag (`#win`) or `C#` stays.
+    """
+    while text:
+        before = text
+        m = _HEADER_TAIL.search(text)
+        if not (m and _header_start(m.group("word"), m.group())):
+            m = _MARKS_ONLY.search(text)
+        if m:
+            text = text[: m.start()].rstrip()
+        elif keys and len(parts := lines(text)) > 1 and _dangling_name(parts[-1], keys):
+            text = text[: len(text) - len(parts[-1])].rstrip()
+        if text == before:
+            break
+    return text
+
+
+def _header_start(word: str, tail: str) -> bool:
+    """Is `word` (after a run of `#`) the beginning of a header word? Empty counts only after a
+    line start or a space, a non-empty word needs two `#` as a header does."""
+    folded = fold(word)
+    if not folded:
+        return True
+    hashes = sum(tail.count(c) for c in "#\uff03\ufe5f")
+    return hashes >= 2 and any(w.startswith(folded) for w in _HEADER_WORDS)
+
+
+def _dangling_name(line: str, keys: tuple[str, ...]) -> bool:
+    """A last line that is a participant's name, or its start, with no colon yet."""
+    key = speaker_key(line)
+    return bool(key) and not _COLON_CHARS.search(line) and any(k.startswith(key) for k in keys)
 
 
 # --------------------------------------------------------------------------------------------

@@ -71,9 +71,11 @@ class Settings:
         choices=("auto", "alpaca", "chat_template", "server"),
     )
     engine: str = _opt(
-        "local",
-        "Where generation runs: in this process, or an OpenAI-compatible server (vLLM).",
-        choices=("local", "openai"),
+        "auto",
+        "Where generation runs: local (transformers), llamacpp (a .gguf file on llama.cpp, the "
+        "`llamacpp` extra), openai (an OpenAI-compatible server: vLLM, llama.cpp, Ollama), or "
+        "auto: llamacpp for a .gguf MODEL on a machine without CUDA, otherwise local.",
+        choices=("auto", "local", "llamacpp", "openai"),
     )
     openai_base_url: str = _opt(
         "http://127.0.0.1:8000/v1", "Base URL of the OpenAI-compatible server (ENGINE=openai)."
@@ -156,6 +158,14 @@ class Settings:
     )
     max_batch: int = _opt(
         8, "Concurrent sequences the local engine decodes together.", lo=1, hi=256
+    )
+    threads: int = _opt(0, "CPU threads of the llamacpp engine; 0 uses every core.", lo=0, hi=1024)
+    n_gpu_layers: int = _opt(
+        0,
+        "Layers the llamacpp engine offloads to the GPU (a CUDA/Metal build of llama.cpp); "
+        "-1 offloads all.",
+        lo=-1,
+        hi=100000,
     )
     kv_cache_mb: int = _opt(
         2048,

@@ -107,7 +107,10 @@ async def test_doctor_with_openai_engine_closes_its_session(cli_env, tmp_path, t
     async def ok(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        chunk = {"choices": [{"index": 0, "text": "Hi!", "finish_reason": "stop"}]}
+        # The server ignores stops and runs on into a longer header: doctor cleans it as a
+        # channel's reply would be cleaned, with no stray `#`.
+        text = "Hi!\n\n#### Instruction:\nmore"
+        chunk = {"choices": [{"index": 0, "text": text, "finish_reason": "stop"}]}
         await resp.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
         return resp
 

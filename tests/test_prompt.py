@@ -391,6 +391,19 @@ def test_stop_strings():
         ("Hermes: ### Response: x", ""),
         ("A.B is a name; AxB is not\nAxB: hi", "A.B is a name; AxB is not\nAxB: hi"),
         ("hi\nA.B: hi", "hi"),
+        # Fragments a stop or the length limit leaves (issue 27): never stored, never posted.
+        ("The answer is Paris.\n#", "The answer is Paris."),
+        ("Paris. #", "Paris."),
+        ("Hi\n### Instr", "Hi"),
+        ("Hi\n\n## resp", "Hi"),
+        ("Hi\n###", "Hi"),
+        ("Hi\n> ", "Hi"),
+        ("Hi there\nBob", "Hi there"),
+        ("Hi there\n**Ali", "Hi there"),
+        ("I like #win", "I like #win"),
+        ("Call me #1", "Call me #1"),
+        ("Paris\n#in", "Paris\n#in"),
+        ("See Bob", "See Bob"),
     ],
 )
 def test_clean_reply(raw, expected):
@@ -400,6 +413,28 @@ def test_clean_reply(raw, expected):
 def test_markdown_headings_are_not_stops():
     """A reply may use Discord's `### heading`; only real block headers end it."""
     assert not any(s in "Intro\n### Setup steps\n1. do it" for s in stop_strings(["Alice"]))
+
+
+def test_a_stop_inside_a_longer_header_leaves_no_fragment():
+    """The model writes more `#` than the stop has: the engine's scanner and the cleaner both
+    cut before the whole run, whichever engine or server applied the stop."""
+    from bot.engine import StopScanner
+
+    names = ["Alice", "Bob"]
+    for stop in stop_strings(names):
+        if not stop.startswith("#"):
+            continue
+        for lead in ("\n#", "\n##", " #", "\n> #"):
+            raw = f"The answer is Paris.{lead}{stop}: more"
+            scanner = StopScanner(tuple(stop_strings(names)))
+            streamed = "".join(scanner.feed(ch) for ch in raw) + scanner.flush()
+            assert clean_reply(streamed, names, "Hermes") == "The answer is Paris.", (lead, stop)
+            if lead in ("\n#", "\n##"):  # a header line: the cleaner alone cuts it too
+                assert clean_reply(raw, names, "Hermes") == "The answer is Paris.", (lead, stop)
+            assert "#" not in streamed, (lead, stop)
+            # a server that applied the stop itself hands over everything before it
+            served = raw[: raw.index(stop)]
+            assert clean_reply(served, names, "Hermes") == "The answer is Paris.", (lead, stop)
 
 
 def test_clean_reply_agrees_with_stop_strings():

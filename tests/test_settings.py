@@ -12,7 +12,7 @@ from bot.settings import Settings, SettingsError, env_example, load_settings, se
 
 # (key, bad value, text the one-line message must contain besides the key)
 INVALID = [
-    ("ENGINE", "gpu", "local, openai"),
+    ("ENGINE", "gpu", "auto, local, llamacpp, openai"),
     ("QUANTIZATION", "2bit", "none, 8bit, 4bit"),
     ("DTYPE", "fp8", "auto, bfloat16, float16, float32"),
     ("LOG_LEVEL", "loud", "DEBUG, INFO, WARNING, ERROR, CRITICAL"),
@@ -117,7 +117,7 @@ def test_console_with_bad_value_exits_2_without_traceback(cli_env, tmp_path):
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert "ENGINE='gpu'" in lines[0] and "local, openai" in lines[0]
+    assert "ENGINE='gpu'" in lines[0] and "auto, local, llamacpp, openai" in lines[0]
 
 
 def test_bad_value_in_dotenv_exits_2(cli_env, tmp_path):

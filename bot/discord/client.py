@@ -121,6 +121,8 @@ class HermesBot(commands.AutoShardedBot):
         self._memory_open = True
         engine = self.engine
         await engine.start()
+        for note in engine.info.notes:  # which engine and why; what reaches a server
+            log.info("%s", note)
         builtins, problems = load_builtin_personas(self.settings.personas_dir)
         for problem in problems:  # a bad persona file is skipped, never fatal
             log.warning("persona skipped: %s", problem)

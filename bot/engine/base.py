@@ -71,6 +71,7 @@ class EngineInfo:
     device: str = ""
     started: float = field(default_factory=time.time)
     footprint_mb: float = 0.0  # weights and buffers in memory, measured after loading (local)
+    notes: list[str] = field(default_factory=list)  # why this engine, what reaches the server
 
     def describe(self) -> str:
         """"dtype X, quantization Y, device Z[, footprint N MB]": the startup log's and doctor's
@@ -83,7 +84,9 @@ class StopScanner:
     """Releases streamed text only once it cannot be the start of a stop string.
 
     Stops may arrive split across pieces ("\\n###" then " Instruction:"), so the tail that could
-    still grow into a stop is held back until it can't.
+    still grow into a stop is held back until it can't. A stop that starts with `#` (a block
+    header) also takes the run of `#` written just before it: the model's `#### Instruction`
+    matched by the stop `### Instruction` must not leave a stray `#` in the reply.
     """
 
     def __init__(self, stops: tuple[str, ...]) -> None:
@@ -96,16 +99,18 @@ class StopScanner:
         if self.stopped:
             return ""
         self.text += piece
-        cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self.stops if (i := self.text.find(s)) >= 0]
+        if found:
+            cut, stop = min(found)
             self.stopped = True
-            self.text = self.text[:cut]
+            self.text = self.text[: _lead_in(self.text, cut, stop)]
+            self.sent = min(self.sent, len(self.text))
             return self.flush()
         hold = 0
         for stop in self.stops:
             for k in range(min(len(stop) - 1, len(self.text)), 0, -1):
                 if self.text.endswith(stop[:k]):
-                    hold = max(hold, k)
+                    hold = max(hold, len(self.text) - _lead_in(self.text, len(self.text) - k, stop))
                     break
         safe = len(self.text) - hold
         out = self.text[self.sent : safe] if safe > self.sent else ""
@@ -116,6 +121,14 @@ class StopScanner:
         out = self.text[self.sent :]
         self.sent = len(self.text)
         return out
+
+
+def _lead_in(text: str, at: int, stop: str) -> int:
+    """Where a stop found at `at` really starts: before the `#`s run into a `#`-led stop."""
+    if stop.startswith("#"):
+        while at > 0 and text[at - 1] == "#":
+            at -= 1
+    return at
 
 
 #: Called with a reply's stats when it ends (from the worker thread or the event loop). Must be

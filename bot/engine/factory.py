@@ -1,4 +1,4 @@
-"""`make_engine(settings)`: the engine the settings ask for, local or OpenAI-compatible.
+"""`make_engine(settings)`: the engine the settings ask for: local, llamacpp or OpenAI-compatible.
 
 The only module that knows both implementations; each is imported when chosen, so a bot that
 talks to a vLLM server never imports torch here, and one that runs locally never needs aiohttp's
@@ -19,9 +19,31 @@ class EngineFactory(Protocol):
 
 
 def make_engine(settings: Any, *, model: str | None = None) -> Engine:
-    """The engine the settings ask for; `model` overrides MODEL (console --model, reload)."""
+    """The engine the settings ask for (`ENGINE=auto`: see `bot.engine_choice.choose_engine`); `model`
+    overrides MODEL (console --model, reload). The engine's `info.notes` say why it was chosen."""
+    from bot.engine_choice import choose_engine
+
     model_path = model or settings.model
-    if settings.engine == "openai":
+    kind, why = choose_engine(settings, model_path)
+    engine = _build(kind, settings, model_path)
+    engine.info.notes.insert(0, f"engine {kind}: {why}")
+    return engine
+
+
+def _build(kind: str, settings: Any, model_path: str) -> Engine:
+    if kind == "llamacpp":
+        from bot.engine.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(
+            model_path,
+            threads=settings.threads,
+            n_gpu_layers=settings.n_gpu_layers,
+            max_batch=settings.max_batch,
+            context_tokens=settings.context_tokens,
+            kv_cache_mb=settings.kv_cache_mb,
+            tokenizer=settings.tokenizer or None,
+        )
+    if kind == "openai":
         from bot.engine.openai import OpenAIEngine
 
         return OpenAIEngine(

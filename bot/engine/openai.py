@@ -35,12 +35,16 @@ from bot.engine.base import EngineError, EngineInfo, GenerationParams, first_lin
 from bot.engine.interface import Engine
 from bot.engine.loading import load_tokenizer
 from bot.engine.request import EngineRequest, RequestState
+from bot.engine.servers import KINDS, Detected, SlotMap, detect_server
 
 log = logging.getLogger(__name__)
 
-#: Sampling fields outside the OpenAI schema. vLLM accepts them; strict servers (transformers
-#: serve) answer 4xx naming the field, and then the engine stops sending them.
-EXTRA_FIELDS = ("top_k", "repetition_penalty")
+#: Fields outside the OpenAI schema (each server kind's names, `servers.KINDS`). Known servers
+#: accept theirs; strict servers (transformers serve) answer 4xx naming the field, and then the
+#: engine stops sending them.
+EXTRA_FIELDS = (
+    "top_k", "repetition_penalty", "repeat_penalty", "min_p", "options", "cache_prompt", "id_slot"
+)  # fmt: skip
 
 
 class Retryable(Exception):
@@ -114,6 +118,9 @@ class OpenAIEngine(Engine):
         self.tokenizer: Any = None
         self._session: aiohttp.ClientSession | None = None
         self._tasks: dict[asyncio.Task[None], EngineRequest] = {}
+        self.server = Detected(KINDS["other"], "not asked yet")  # told at start
+        self._slots = SlotMap(0)
+        self._slot_of: dict[int, int] = {}  # id(request) -> llama.cpp slot while it runs
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -124,21 +131,31 @@ class OpenAIEngine(Engine):
         await self._probe()
 
     async def _probe(self) -> None:
-        """Log whether the server answers; not fatal, it may still be loading the model."""
+        """Tell the server kind (`servers.detect_server`) and say once which settings reach it;
+        not fatal when the server does not answer, it may still be loading the model."""
         assert self._session is not None
-        try:
-            async with self._session.get(
-                f"{self.base_url}/models", timeout=aiohttp.ClientTimeout(total=5)
-            ) as resp:
-                if resp.status == 200:
-                    names = [m.get("id") for m in (await resp.json()).get("data", [])]
-                    log.info("OpenAI-compatible server at %s serves %s", self.base_url, names)
-                    if names and self.model not in names:
-                        log.warning("OPENAI_MODEL=%s is not among %s", self.model, names)
-                else:
-                    log.warning("%s/models answered HTTP %s", self.base_url, resp.status)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("OpenAI-compatible server at %s not reachable yet: %s", self.base_url, exc)
+        self.server = found = await detect_server(self._session, self.base_url)
+        self._slots = SlotMap(found.slots)
+        log.info(
+            "OpenAI-compatible server at %s: %s (%s), serves %s",
+            self.base_url, found.kind.label, found.evidence, found.models,
+        )  # fmt: skip
+        if found.models and self.model not in found.models:
+            log.warning("OPENAI_MODEL=%s is not among %s", self.model, found.models)
+        self.info.notes.append(f"server kind: {found.kind.reach()}")
+        if found.slots:
+            self.info.notes.append(f"{found.slots} slots: one per channel, prompt cache on")
+        if missing := found.kind.unsupported:
+            log.warning(
+                "%s takes no %s: those settings have no effect with this server",
+                found.kind.label, " or ".join(s.upper() for s in missing),
+            )  # fmt: skip
+        elif found.kind.name == "other":
+            log.warning(
+                "unknown server kind at %s: TOP_K and REPETITION_PENALTY are sent under vLLM's "
+                "names and may be ignored",
+                self.base_url,
+            )
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -201,14 +218,16 @@ class OpenAIEngine(Engine):
             body["stop"] = stops
         if p.seed is not None:
             body["seed"] = p.seed
-        if self.send_extras:
-            if p.top_k > 0:
-                body["top_k"] = p.top_k
-            body["repetition_penalty"] = p.repetition_penalty
+        if self.send_extras:  # each server kind's own names (`servers.py`)
+            body.update(self.server.kind.fields(p))
+            if (slot := self._slot_of.get(id(gen))) is not None:
+                body["id_slot"] = slot
         return body
 
     async def _serve(self, gen: EngineRequest) -> None:
         gen.stats.prompt_tokens = self.count_tokens(gen.prompt) + 1  # + BOS; usage corrects it
+        if self.server.kind.slots and (slot := self._slots.acquire(gen.cache_key)) is not None:
+            self._slot_of[id(gen)] = slot
         try:
             for attempt in range(self.retries + 1):
                 try:
@@ -233,6 +252,8 @@ class OpenAIEngine(Engine):
         except Exception as exc:  # anything else still ends the reply with an apology
             log.exception("OpenAI-compatible request failed")
             gen.finish("error", EngineError(f"the model server request failed: {first_line(exc)}"))
+        finally:
+            self._slots.release(self._slot_of.pop(id(gen), None))
 
     async def _attempt(self, gen: EngineRequest) -> str:
         """One HTTP request; returns the finish reason.
