@@ -256,3 +256,23 @@ def test_hub_kernel_lookup_stays_local(hub: tuple[str, list[str]], tmp_path: Pat
     )
     assert "local only:" in done.stdout, done.stdout + done.stderr
     assert seen == []
+
+
+# ---- the bench's comparison --------------------------------------------------------------
+
+
+async def test_bench_compares_quantizations_on_one_model(quant_model: Path, settings_factory):
+    from bot.bench_quant import compare, parse_quants, table_lines
+
+    settings = settings_factory(MODEL=str(quant_model), DTYPE="float32", DEVICE_MAP="none")
+    rows = await compare(settings, parse_quants("none,8bit,4bit"), channels=2, reply_tokens=4)
+    assert [r.quantization for r in rows] == ["none", "8bit", "4bit"]
+    assert all(not r.skipped and r.load_s > 0 and r.one_stream_tps > 0 for r in rows)
+    assert all(r.channels == 2 and r.channels_tps > 0 for r in rows)
+    none, eight, four = (r.footprint_mb for r in rows)
+    assert four < eight < none  # the Linear weights shrink
+    lines = list(table_lines(rows, "tiny"))
+    assert "ratios against none" in lines[0] and "2 channels tok/s" in lines[1]
+    assert lines[2].startswith("none") and "(1.00x)" in lines[2]
+    with pytest.raises(ValueError, match="--quant '3bit'"):
+        parse_quants("3bit")
