@@ -9,7 +9,8 @@
 ARG BASE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
 FROM ${BASE}
 
-# cuda: the default torch wheels plus the `gpu` extra (bitsandbytes); cpu: torch from the CPU index.
+# cuda: the default torch wheels; cpu: torch from the CPU index. Both get the `quant` extra
+# (bitsandbytes: QUANTIZATION=4bit|8bit on the GPU or the CPU).
 ARG TORCH=cuda
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -41,7 +42,7 @@ COPY training ./training
 COPY personas ./personas
 
 # hadolint ignore=DL3013
-RUN if [ "$TORCH" = "cpu" ]; then pip install .; else pip install ".[gpu]"; fi
+RUN pip install ".[quant]"
 
 RUN useradd --create-home --uid 10001 --user-group hermes \
     && mkdir -p /app/data \

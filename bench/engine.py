@@ -18,6 +18,9 @@
 - P3: the bot's own work between a message event and the engine submit (store the turn, read
   memory, fit the prompt) in a channel with 2,000 stored turns, with the real Llama 2 tokenizer.
   Target p50 <= 5 ms.
+- Q: QUANTIZATION none / 8bit / 4bit (bitsandbytes; the CPU too) on the same model in one run:
+  load time, footprint, one-stream and 8-channel tokens/s, as ratios against none (`--only q`,
+  `--quant`; the same table as `hermes-bot bench --quant none,8bit,4bit`).
 - P6 (`--only 6`, with `--model FILE.gguf`): ENGINE=llamacpp batched (MAX_BATCH=channels) and
   one request at a time beside each `--server URL` (any OpenAI-compatible server: llama.cpp's
   `llama-server`, `python -m llama_cpp.server`, vLLM, Ollama), same prompts, greedy, fixed
@@ -460,6 +463,25 @@ async def p3(args: argparse.Namespace) -> float | None:
             await memory.close()
 
 
+async def pq(model: Path, args: argparse.Namespace, label: str) -> None:
+    """Q: `--quant` (none,8bit,4bit) on the same model, one after the other in this process:
+    load time, footprint, one stream and `--channels` at once, as ratios against the first
+    (`bot.bench_quant`, what `hermes-bot bench --quant` prints)."""
+    from bot.bench_quant import compare, parse_quants, table_lines
+    from bot.settings import load_settings
+
+    env = {"MODEL": str(model), "MAX_BATCH": str(args.channels), "KV_CACHE_MB": "0"}
+    if args.device == "cpu":
+        env |= {"DTYPE": "float32", "DEVICE_MAP": "none"}
+    else:
+        env |= {"DTYPE": "auto", "DEVICE_MAP": args.device}
+    settings = load_settings(env=env, env_file=None)
+    rows = await compare(
+        settings, parse_quants(args.quant), channels=args.channels, reply_tokens=args.q_tokens
+    )
+    print("Q " + "\n  ".join(table_lines(rows, label)))
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -524,8 +546,12 @@ async def main() -> None:
     ap.add_argument(
         "--only",
         default="1234",
-        help="which of P1, P2, P3, P4, P5 and S (single stream) to run, e.g. 13 or 12s",
+        help="which of P1, P2, P3, P4, P5, Q and S (single stream) to run, e.g. 13, q or 12s",
     )
+    ap.add_argument(
+        "--quant", default="none,8bit,4bit", help="Q: quantizations compared, the first is the base"
+    )
+    ap.add_argument("--q-tokens", type=int, default=64, help="Q: reply tokens per request")
     ap.add_argument(
         "--no-peer", dest="peer", action="store_false", help="skip HF generate beside P1"
     )
@@ -619,6 +645,8 @@ async def main() -> None:
             print(
                 f"P4 throughput ours / static = {thr:.2f}x, mean latency ours / static = {lat:.2f}x"
             )
+        if "q" in args.only:
+            await pq(model, args, label)
         if not gpu:
             print("GPU: not run (no --device cuda); the 7B GPU figures need a GPU and the weights")
 

@@ -13,6 +13,10 @@ so a partial run is still useful; a step that overruns its limit is killed and t
   p1p2     bench/engine.py P1 (with the HF generate peer) and P2 on CUDA at that size
   4bit     QUANTIZATION=4bit: load through the bot's engine, one reply; memory and tokens/s
   8bit     the same with QUANTIZATION=8bit
+  quant    bench/engine.py Q: none / 8bit / 4bit on that model in one run (load, footprint,
+           one stream and 8 channels tokens/s); the same table the README shows for the CPU
+  qlora    QLoRA (lora.load_in_4bit) on that model through training.model.build_model: 3
+           AdamW steps on the device, the loss of each and the peak memory
   bench    `hermes-bot bench --json` on the model; single-stream tokens/s against the
            memory-bandwidth roofline (weight bytes / measured device copy bandwidth)
   mfu      bench/training_data.py --size 1b --seq-len 4096: train-step tokens/s and MFU
@@ -96,6 +100,8 @@ LIMITS: dict[str, float] = {
     "p1p2": 150,
     "4bit": 60,
     "8bit": 60,
+    "quant": 240,
+    "qlora": 120,
     "bench": 90,
     "mfu": 75,
     "packed": 30,
@@ -249,11 +255,50 @@ def quant_reply(model: Path, quantization: str) -> str:
         mem = torch.cuda.max_memory_allocated() / 2**30
         s = gen.stats
         return (
-            f"{quantization}: loaded in {load:.1f}s, peak {mem:.2f} GiB, "
+            f"{quantization}: loaded in {load:.1f}s, footprint {engine.info.footprint_mb:,.0f} "
+            f"MB, peak {mem:.2f} GiB, "
             f"{s.new_tokens} tokens at {s.tokens_per_s:.1f} tokens/s ({s.finish_reason})"
         )
 
     return asyncio.run(go())
+
+
+def qlora_steps(model: Path, device: str, tokenizer: Path) -> str:
+    """QLoRA as the trainer builds it (NF4 base, LoRA on q/k/v/o) on `model`: 3 AdamW steps on
+    one repeated random row; the loss must fall."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from training.config import config_from_dict
+    from training.distributed import DistInfo
+    from training.model import build_model
+
+    cfg = config_from_dict(
+        {
+            "model": {"name_or_path": str(model), "tokenizer": str(tokenizer),
+                      "attn_implementation": "sdpa", "gradient_checkpointing": True},
+            "lora": {"enabled": True, "load_in_4bit": True, "r": 16, "alpha": 16,
+                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+            "data": {"prepared_dir": "/tmp/unused", "sources": [{"name": "x", "path": "x.json"}]},
+            "train": {"output_dir": "/tmp/unused", "lr": 1e-3},
+        }
+    )  # fmt: skip
+    dev = torch.device(device)
+    model_ = build_model(cfg, DistInfo(0, 1, 0, dev))
+    opt = torch.optim.AdamW([p for p in model_.parameters() if p.requires_grad], lr=1e-3)
+    top = min(1000, model_.config.vocab_size)
+    ids = torch.randint(3, top, (1, 256), generator=torch.Generator().manual_seed(0)).to(dev)
+    losses = []
+    for _ in range(3):
+        loss = model_(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    if not losses[-1] < losses[0]:
+        raise RuntimeError(f"QLoRA loss did not fall: {losses}")
+    mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else 0.0
+    return f"QLoRA 3 steps, loss {' -> '.join(f'{x:.3f}' for x in losses)}, peak {mem:.2f} GiB"
 
 
 def copy_bandwidth(device: str, mib: int = 1024) -> float:
@@ -496,6 +541,8 @@ def internal(args: argparse.Namespace) -> int:
         res = build_model(work / f"model-{args.size}", args.size, args.device, Path(args.tokenizer))
     elif args.internal in ("4bit", "8bit"):
         res = quant_reply(work / f"model-{args.size}", args.internal)
+    elif args.internal == "qlora":
+        res = qlora_steps(work / f"model-{args.size}", args.device, Path(args.tokenizer))
     elif args.internal == "roofline":
         res = roofline(json.loads(Path(args.report).read_text()), args.device)
     elif args.internal == "packed":
@@ -632,6 +679,11 @@ def steps(args: argparse.Namespace, env: dict[str, str], site: Path) -> list[tup
         o.seconds = time.perf_counter() - t0
         return o
 
+    def quant() -> Outcome:
+        cmd = [py, "bench/engine.py", "--model", str(model), "--device", args.device]
+        cmd += ["--only", "q", "--q-tokens", "64"]
+        return run_step("quant", cmd, lim["quant"], env, grep(r"^\s*(none|8bit|4bit) "))
+
     def mfu() -> Outcome:
         cmd = [py, "bench/training_data.py", "--size", "1b", "--seq-len", "4096", "--steps", "3"]
         return run_step("mfu", cmd, lim["mfu"], env, grep(r"MFU", r"tokens/s"))
@@ -648,6 +700,8 @@ def steps(args: argparse.Namespace, env: dict[str, str], site: Path) -> list[tup
         ("p1p2", p1p2),
         ("4bit", needs_cuda("4bit", lambda: internal_step("4bit"))),
         ("8bit", needs_cuda("8bit", lambda: internal_step("8bit"))),
+        ("quant", needs_cuda("quant", quant)),
+        ("qlora", needs_cuda("qlora", lambda: internal_step("qlora", "--tokenizer", args.tokenizer))),
         ("bench", bench),
         ("mfu", needs_cuda("mfu", mfu)),
         ("packed", lambda: internal_step("packed")),

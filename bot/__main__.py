@@ -152,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--tokens", type=int, default=128, help="reply tokens per request")
     bench.add_argument("--trials", type=int, default=3, help="messages timed for first token")
     bench.add_argument(
+        "--quant",
+        help="compare quantizations on the same model in one run, e.g. none,8bit,4bit: load "
+        "time, footprint, one-stream and MAX_BATCH-channel tokens/s (bot/bench_quant.py)",
+    )
+    bench.add_argument(
         "--server",
         action="append",
         default=[],
@@ -191,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from bot.benchmark import main as bench_main
 
+        if args.quant:
+            from bot.bench_quant import main as quant_main
+
+            return quant_main(
+                settings, args.quant, model=args.model, as_json=args.json, tokens=args.tokens
+            )
         return bench_main(
             settings, model=args.model, as_json=args.json, tokens=args.tokens, trials=args.trials,
             servers=args.server, rounds=args.rounds,

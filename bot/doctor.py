@@ -91,8 +91,7 @@ async def check_model(settings: Settings, model: str | None, report: Report) -> 
         await engine.start()
         info = engine.info
         print(
-            f"  loaded in {time.perf_counter() - start:.1f}s: dtype {info.dtype or '-'}, "
-            f"quantization {info.quantization}, device {info.device}"
+            f"  loaded in {time.perf_counter() - start:.1f}s: {info.describe()}"
         )
         for note in info.notes:  # why this engine; which settings reach a server
             print(f"  {note}")

@@ -84,12 +84,14 @@ class Settings:
     openai_model: str = _opt("", "Model name on that server; defaults to MODEL.")
     quantization: str = _opt(
         "none",
-        "Load the local model quantised with bitsandbytes (needs CUDA and the `gpu` extra).",
+        "Load the local model quantised with bitsandbytes (the `quant` extra): on CUDA, and on the "
+        "CPU through its CPU backend; 4bit is NF4 with double quantization computing in DTYPE.",
         choices=("none", "8bit", "4bit"),
     )
     dtype: str = _opt(
         "auto",
-        "Weights dtype: auto picks bfloat16/float16 on CUDA and float32 on CPU.",
+        "Weights dtype: auto picks bfloat16/float16 on CUDA and float32 on CPU (bfloat16 for "
+        "4bit where the CPU has native bf16).",
         choices=("auto", "bfloat16", "float16", "float32"),
     )
     device_map: str = _opt(

@@ -132,9 +132,16 @@ def fragment_free(text: str) -> bool:
     return not text.rstrip().endswith(("#", "### Instr", "### Resp"))
 
 
+@pytest.mark.parametrize("prompt_format", ["chat_template", "server"])
 async def test_the_bot_through_llama_cpp_python_server(
-    world: World, tmp_path: Path, recorder: tuple[Recorder, str], smollm2_hf: Path
+    world: World,
+    tmp_path: Path,
+    recorder: tuple[Recorder, str],
+    smollm2_hf: Path,
+    prompt_format: str,
 ) -> None:
+    """chat_template: the bot renders SmolLM2's template and sends text to /v1/completions;
+    server: role messages to /v1/chat/completions, the server applies the template."""
     rec, url = recorder
     settings = bot_settings(
         tmp_path,
@@ -144,6 +151,7 @@ async def test_the_bot_through_llama_cpp_python_server(
         OPENAI_MODEL="smollm2",
         TOKENIZER=str(smollm2_hf),
         REPETITION_PENALTY="1.3",
+        PROMPT_FORMAT=prompt_format,
         MAX_NEW_TOKENS="32",
         CONTEXT_TOKENS="2048",
         REPLY_TIMEOUT="300",
@@ -168,11 +176,14 @@ async def test_the_bot_through_llama_cpp_python_server(
             await fake.wait_for(lambda: bot.conv.pending == 0 and not bot.reply_tasks, timeout=300)
         posted = bot_posts()
         assert len(posted) == 2 and all(m.content.strip() for m in posted)
-        stored = [t for t in await bot.memory.all_turns(world.general.id) if t.role == "assistant"]
+        stored = [
+            t for t in await bot.memory.turns.history(world.general.id) if t.role == "assistant"
+        ]
         assert [t.content for t in stored] == [m.content for m in posted]  # stored = posted
         assert all(fragment_free(t.content) for t in stored), [t.content for t in stored]
     sent = rec.completions()
     assert len(sent) >= 2
+    assert all(("messages" in b) == (prompt_format == "server") for b in sent)
     for body in sent:  # the penalty reached the server under its own name, as set
         assert body["repeat_penalty"] == 1.3 and "repetition_penalty" not in body
         assert body["temperature"] == 0.0

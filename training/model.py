@@ -8,6 +8,7 @@ merged into) use this module; it imports neither of them.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,22 +45,14 @@ def load_base_model(
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
     else:
         kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
-        if quantize:
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
-            )
-            kwargs["device_map"] = {"": device.index if device and device.type == "cuda" else 0}
         name = str(cfg.model.name_or_path)
         if quantize and is_gguf(name):
             raise ValueError(
                 f"lora.load_in_4bit needs a model folder, not {name}: run `hermes-bot convert "
                 f"{name} FOLDER/` and train from the folder"
             )
+        if quantize:
+            kwargs.update(_qlora_kwargs(name, dtype, device))
         model = hub.load("model", name, AutoModelForCausalLM.from_pretrained, **kwargs)
         if is_gguf(name):  # a plain model: trainable, saveable, no GGUF quantizer attached
             model = plain_model(model)
@@ -148,17 +141,48 @@ def shard_model(model: Any, cfg: Config, info: DistInfo) -> Any:
     return model
 
 
+def _qlora_kwargs(name: str, dtype: torch.dtype, device: torch.device | None) -> dict[str, Any]:
+    """`from_pretrained` kwargs for QLoRA's base: NF4 with double quantization computing in
+    `dtype`, placed on the training device (a GPU, or the CPU through bitsandbytes' CPU backend).
+    A local folder's leftover GGUF `quantization_config` is dropped (`config_for_quantizing`)."""
+    from bot.engine.quantize import bnb_config, config_for_quantizing, import_bitsandbytes
+
+    import_bitsandbytes()  # the first import keeps bitsandbytes' hub-kernel lookup local
+    kwargs: dict[str, Any] = {"quantization_config": bnb_config("4bit", dtype)}
+    if device is not None and device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+    elif device is None and torch.cuda.is_available():
+        kwargs["device_map"] = {"": 0}
+    else:
+        kwargs["device_map"] = {"": "cpu"}
+    path = Path(name).expanduser()
+    if path.is_dir() and (config := config_for_quantizing(str(path))) is not None:
+        kwargs["config"] = config
+    return kwargs
+
+
+def qlora_dtype(device: torch.device) -> torch.dtype:
+    """The compute dtype of QLoRA's 4-bit base: bf16 on a GPU and on CPUs with native bf16,
+    else fp32 (emulated bf16 on the CPU is slower than fp32)."""
+    from bot.engine.quantize import cpu_has_bf16
+
+    return torch.bfloat16 if device.type != "cpu" or cpu_has_bf16() else torch.float32
+
+
 def check_setup(cfg: Config, info: DistInfo) -> None:
     """Refuse what cannot run here before any tokenizer, data or weights are fetched."""
     if cfg.lora.enabled and info.world > 1:
         raise ValueError("LoRA/QLoRA runs are single-GPU here; use full fine-tuning with FSDP")
     if cfg.lora.load_in_4bit:
-        if info.device.type != "cuda":
-            raise ValueError("lora.load_in_4bit (QLoRA) needs a CUDA GPU, and none was found")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError(
-                "lora.load_in_4bit (QLoRA) needs bitsandbytes: pip install 'hermes-discord[gpu]'"
+        from bot.engine.quantize import QuantizationError, check_device
+
+        try:
+            check_device(
+                "4bit", info.device.type, setting="lora.load_in_4bit (QLoRA)",
+                instead="set lora.load_in_4bit: false (plain LoRA)",
             )
+        except QuantizationError as exc:
+            raise ValueError(str(exc)) from None
 
 
 def build_model(cfg: Config, info: DistInfo) -> Any:
@@ -167,7 +191,7 @@ def build_model(cfg: Config, info: DistInfo) -> Any:
     quantize = cfg.lora.load_in_4bit
     model = load_base_model(
         cfg,
-        dtype=torch.bfloat16 if quantize else torch.float32,
+        dtype=qlora_dtype(info.device) if quantize else torch.float32,
         quantize=quantize,
         device=info.device,
     )

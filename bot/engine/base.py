@@ -70,7 +70,14 @@ class EngineInfo:
     quantization: str = "none"
     device: str = ""
     started: float = field(default_factory=time.time)
+    footprint_mb: float = 0.0  # weights and buffers in memory, measured after loading (local)
     notes: list[str] = field(default_factory=list)  # why this engine, what reaches the server
+
+    def describe(self) -> str:
+        """"dtype X, quantization Y, device Z[, footprint N MB]": the startup log's and doctor's
+        line about the loaded model."""
+        line = f"dtype {self.dtype or '-'}, quantization {self.quantization}, device {self.device}"
+        return line + (f", footprint {self.footprint_mb:.0f} MB" if self.footprint_mb else "")
 
 
 class StopScanner:

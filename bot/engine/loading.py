@@ -1,7 +1,7 @@
 """How the local engine loads a model: dtype, device map and quantization, then the weights.
 
 `plan_load` decides the `from_pretrained` arguments apart from loading, so the rules (bf16 where
-the GPU has it, bitsandbytes only on CUDA, ...) are tested without a model; `load_model` and
+the GPU has it, bitsandbytes where it has a backend, ...) are tested without a model; `load_model` and
 `load_tokenizer` turn loading failures into one-line `EngineError`s. torch and transformers are
 imported inside the functions, so importing the package stays cheap. A `.gguf` file (MODEL or
 TOKENIZER) goes through `bot/gguf.py` in the `load_gguf_*_checked` functions.
@@ -13,6 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.engine.base import EngineError, first_line
+from bot.engine.quantize import (
+    QUANTIZATIONS,
+    QuantizationError,
+    bnb_config,
+    check_device,
+    config_for_quantizing,
+    cpu_has_bf16,
+)
 from bot.gguf import is_gguf
 
 
@@ -37,9 +45,10 @@ def plan_load(
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    if dtype == "auto":  # bf16 where the GPU has it (Ampere+), fp16 on older GPUs, fp32 on CPU
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        dtype = ("bfloat16" if bf16 else "float16") if cuda else "float32"
+    if quantization not in QUANTIZATIONS:
+        raise EngineError(f"QUANTIZATION={quantization!r} is not valid; use none, 8bit or 4bit")
+    if dtype == "auto":
+        dtype = _auto_dtype(cuda, quantization)
     if dtype not in ("bfloat16", "float16", "float32"):
         raise EngineError(f"DTYPE={dtype!r} is not valid; use auto, bfloat16, float16 or float32")
     dm: str | None = None if device_map in ("", "none") else device_map
@@ -49,34 +58,37 @@ def plan_load(
         raise EngineError(f"DEVICE_MAP={device_map} asks for a GPU, but CUDA is not available")
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "low_cpu_mem_usage": True}
     if quantization != "none":
-        if quantization not in ("4bit", "8bit"):
-            raise EngineError(f"QUANTIZATION={quantization!r} is not valid; use none, 8bit or 4bit")
-        if not cuda:
-            raise EngineError(
-                f"QUANTIZATION={quantization} needs a CUDA GPU (bitsandbytes), and none was found; "
-                "set QUANTIZATION=none to run on the CPU"
-            )
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise EngineError(
-                f"QUANTIZATION={quantization} needs bitsandbytes: pip install 'hermes-discord[gpu]'"
-            ) from None
-        from transformers import BitsAndBytesConfig
-
-        if quantization == "4bit":
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=getattr(torch, dtype),
-            )
-        else:
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        dm = dm or "auto"
+        dm = _plan_quantized(quantization, dtype, dm, cuda, kwargs)
     if dm is not None:
         kwargs["device_map"] = dm
     return LoadPlan(dtype, dm, quantization, kwargs)
+
+
+def _auto_dtype(cuda: bool, quantization: str) -> str:
+    """DTYPE=auto: bf16 where the GPU has it (Ampere+), fp16 on older GPUs; on the CPU fp32,
+    except 4-bit compute in bf16 where the CPU has native bf16 (AVX512-BF16)."""
+    import torch
+
+    if cuda:
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return "bfloat16" if bf16 else "float16"
+    return "bfloat16" if quantization == "4bit" and cpu_has_bf16() else "float32"
+
+
+def _plan_quantized(
+    quantization: str, dtype: str, dm: str | None, cuda: bool, kwargs: dict[str, Any]
+) -> str:
+    """Add bitsandbytes' config to `kwargs` if bitsandbytes can run on the device the weights go
+    to (CUDA when there is one and DEVICE_MAP does not say cpu, else the CPU); the device map."""
+    import torch
+
+    device = "cuda" if cuda and not (dm or "").startswith("cpu") else "cpu"
+    try:
+        check_device(quantization, device)
+    except QuantizationError as exc:
+        raise EngineError(str(exc)) from None
+    kwargs["quantization_config"] = bnb_config(quantization, getattr(torch, dtype))
+    return dm or ("auto" if device == "cuda" else "cpu")
 
 
 def checked_source(path: str, what: str) -> str:
@@ -109,12 +121,26 @@ def load_model(path: str, plan: LoadPlan) -> Any:
     source = checked_source(path, "model")
     if is_gguf(source):
         return load_gguf_model_checked(source, plan)
+    kwargs = dict(plan.kwargs)
+    if "quantization_config" in kwargs:
+        kwargs.update(_config_to_quantize(source, path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **plan.kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise EngineError(f"cannot load the model {path!r}: {first_line(exc)}") from None
     model.eval()
     return model
+
+
+def _config_to_quantize(source: str, path: str) -> dict[str, Any]:
+    """`from_pretrained` kwargs for a bitsandbytes load (`quantize.config_for_quantizing`)."""
+    try:
+        config = config_for_quantizing(source)
+    except QuantizationError as exc:
+        raise EngineError(f"the model {path!r}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"cannot load the model {path!r}: {first_line(exc)}") from None
+    return {} if config is None else {"config": config}
 
 
 def load_gguf_tokenizer_checked(source: str) -> Any:

@@ -9,8 +9,10 @@ Loading is `loading.py`'s; torch and transformers are imported only when the eng
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,10 @@ from bot.engine.base import EngineError, EngineInfo, GenerationParams
 from bot.engine.batching import Batcher
 from bot.engine.interface import Engine
 from bot.engine.loading import checked_source, load_model, load_tokenizer, plan_load
+from bot.engine.quantize import footprint_mb
 from bot.engine.request import EngineRequest
+
+log = logging.getLogger(__name__)
 
 
 class LocalEngine(Engine):
@@ -50,8 +55,15 @@ class LocalEngine(Engine):
         self._worker: threading.Thread | None = None
 
     async def start(self) -> None:
+        begin = time.perf_counter()
         self.model, self.tokenizer = await asyncio.to_thread(self._load)
         self.info.device = str(self._device())
+        self.info.dtype = self.plan.dtype
+        self.info.footprint_mb = footprint_mb(self.model)
+        log.info(
+            "model %s loaded in %.1fs: %s",
+            self.model_path, time.perf_counter() - begin, self.info.describe(),
+        )
         self.batcher = Batcher(
             self.model,
             self.tokenizer,
