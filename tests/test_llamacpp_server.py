@@ -62,7 +62,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -
                 break
             if time.monotonic() > deadline:
                 pytest.fail(f"llama_cpp.server did not come up: {log.read_text()[-2000:]}")
-            time.sleep(0.3)
+            time.sleep(0.1)
         yield url
     finally:
         proc.terminate()
