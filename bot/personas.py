@@ -28,16 +28,8 @@ from bot.cards import (
     normalize_newlines,
     parse_card,
 )
-from bot.prompt import (
-    FittedPrompt,
-    TokenCounter,
-    Turn,
-    clean_name,
-    cut_middle,
-    defuse_turn,
-    fit_prompt,
-    other_speakers,
-)
+from bot.prompt import Turn, clean_name, defuse_turn, other_speakers
+from bot.prompt_window import FittedPrompt, TokenCounter, cut_middle, fit_prompt
 
 #: The persona a channel gets when nobody chose one.
 DEFAULT_PERSONA = "Hermes"

@@ -383,7 +383,7 @@ class ChatStyle:
         style = cls(src, ctx.seed)
         if src.persona:
             from bot.cards import CardError
-            from bot.prompt import TokenCounter
+            from bot.prompt_window import TokenCounter
             from training.served import find_persona, persona_server
 
             if ctx.count is None:
