@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bot.cards import CardError, parse_card
+from bot.card_files import parse_card
+from bot.cards import CardError
 from bot.personas import (
     Persona,
     PersonaTable,
