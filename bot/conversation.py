@@ -34,21 +34,9 @@ from bot.personas import (
     persona_key,
 )
 from bot.policy import Place, resolve
-from bot.prompt import (
-    BLOCK_MARGIN,
-    INPUT,
-    RECALL_HEADING,
-    SEPARATOR,
-    FittedPrompt,
-    TokenCounter,
-    Turn,
-    fit_prompt,
-    other_speakers,
-    recall_line,
-    seen_by,
-    with_recall,
-)
+from bot.prompt import INPUT, RECALL_HEADING, SEPARATOR, Turn, other_speakers, recall_line, seen_by
 from bot.prompt_template import ALPACA, AlpacaFormat, TemplateError, TemplateFormat, choose_format
+from bot.prompt_window import BLOCK_MARGIN, FittedPrompt, TokenCounter, fit_prompt, with_recall
 from bot.recall import recall, recall_tokens
 from bot.settings import Settings
 from bot.speakers import KnownNames, Member

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from bot.card_files import parse_card
 from bot.cards import (
     BookEntry,
     Card,
@@ -26,18 +27,9 @@ from bot.cards import (
     CharacterBook,
     card_from_fields,
     normalize_newlines,
-    parse_card,
 )
-from bot.prompt import (
-    FittedPrompt,
-    TokenCounter,
-    Turn,
-    clean_name,
-    cut_middle,
-    defuse_turn,
-    fit_prompt,
-    other_speakers,
-)
+from bot.prompt import Turn, clean_name, defuse_turn, other_speakers
+from bot.prompt_window import FittedPrompt, TokenCounter, cut_middle, fit_prompt
 
 #: The persona a channel gets when nobody chose one.
 DEFAULT_PERSONA = "Hermes"

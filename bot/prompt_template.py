@@ -33,7 +33,6 @@ from typing import Any
 
 from bot.prompt import (
     SEPARATOR,
-    FittedPrompt,
     Turn,
     chat_segments,
     clean_name,
@@ -49,6 +48,7 @@ from bot.prompt import (
     render_turn,
     stop_strings,
 )
+from bot.prompt_window import FittedPrompt
 
 log = logging.getLogger(__name__)
 

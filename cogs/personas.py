@@ -17,7 +17,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cards import MAX_CARD_BYTES, Card, CardError, export_card, export_png, parse_card
+from bot.card_files import MAX_CARD_BYTES, export_png, parse_card
+from bot.cards import Card, CardError, export_card
 from bot.discord.answering import answers_at_once, say_privately
 from bot.discord.checks import audit, is_manager, speaks_here
 from bot.discord.webhooks import NAME_MAX, avatar_bytes, avatar_url

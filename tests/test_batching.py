@@ -17,7 +17,8 @@ import torch
 from bot.engine import GenerationParams, LocalEngine, ReplyStats, load_tokenizer
 from bot.engine.decode import IncrementalDecoder
 from bot.engine.kv_cache import CachedPrefix, PrefixCache, common_prefix, kv_bytes_per_token
-from bot.prompt import RESPONSE, TokenCounter, Turn, fit_prompt, format_single, render_chat
+from bot.prompt import RESPONSE, Turn, format_single, render_chat
+from bot.prompt_window import TokenCounter, fit_prompt
 
 GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
 #: Greedy with the bot's default repetition penalty: exercises per-row histories in a batch.

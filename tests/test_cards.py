@@ -11,20 +11,15 @@ import zlib
 import pytest
 from PIL import Image
 
-from bot.cards import (
+from bot.card_files import (
     MAX_CARD_BYTES,
     MAX_TEXT_BYTES,
     PNG_SIGNATURE,
-    BookEntry,
-    Card,
-    CardError,
-    CharacterBook,
-    card_to_dict,
-    export_card,
     export_png,
     iter_png_chunks,
     parse_card,
 )
+from bot.cards import BookEntry, Card, CardError, CharacterBook, card_to_dict, export_card
 
 # --------------------------------------------------------------------------------------------
 # Helpers: PNG files built the way card tools build them

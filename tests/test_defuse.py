@@ -26,7 +26,6 @@ from bot.memory import Memory
 from bot.personas import Persona, PersonaLibrary, build_persona_prompt, load_builtin_personas
 from bot.prompt import (
     HEADER_STOPS,
-    TokenCounter,
     Turn,
     clean_name,
     clean_reply,
@@ -39,6 +38,7 @@ from bot.prompt import (
     starts_as_speaker,
     stop_strings,
 )
+from bot.prompt_window import TokenCounter
 from bot.settings import Settings
 from tests.bot_harness import ScriptedEngine
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from bot.cards import export_png, parse_card
+from bot.card_files import export_png, parse_card
 from bot.personas import fill, load_builtin_personas
 from tests.bot_harness import ScriptedEngine, bot_settings, running_bot
 from tests.fake_discord import (

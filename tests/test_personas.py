@@ -22,7 +22,8 @@ from bot.personas import (
     select_lore,
     split_examples,
 )
-from bot.prompt import RESPONSE, TokenCounter, Turn, clean_reply, other_speakers, stop_strings
+from bot.prompt import RESPONSE, Turn, clean_reply, other_speakers, stop_strings
+from bot.prompt_window import TokenCounter
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT.parent / "shared" / "fixtures" / "llama2-tokenizer"

@@ -8,21 +8,18 @@ import re
 import pytest
 
 from bot.prompt import (
-    BLOCK_MARGIN,
     HEADER_STOPS,
     RESPONSE,
-    TokenCounter,
     Turn,
     chat_segments,
     clean_reply,
-    cut_middle,
-    fit_prompt,
     format_single,
     neutralize,
     render_chat,
     render_system,
     stop_strings,
 )
+from bot.prompt_window import BLOCK_MARGIN, TokenCounter, cut_middle, fit_prompt
 
 SYSTEM = "You are Hermes, a helpful assistant."
 

@@ -17,7 +17,7 @@ import pytest
 from bot.conversation import Conversations
 from bot.engine import Engine, EngineError, EngineInfo
 from bot.memory import Memory
-from bot.prompt import TokenCounter, Turn, fit_prompt, fold, render_chat, with_recall
+from bot.prompt import Turn, fold, render_chat
 from bot.prompt_template import (
     ALPACA,
     TemplateError,
@@ -25,6 +25,7 @@ from bot.prompt_template import (
     choose_format,
     defuse_markers,
 )
+from bot.prompt_window import TokenCounter, fit_prompt, with_recall
 from bot.settings import Settings
 from tests.chat_templates import llama3_tokenizer, mistral_tokenizer
 from tests.conftest import LLAMA_TOKENIZER

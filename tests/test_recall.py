@@ -238,7 +238,8 @@ async def test_blocked_members_are_never_recalled(
 
 
 async def test_recall_off_changes_nothing(memory: Memory, settings_factory, llama_tokenizer):
-    from bot.prompt import RECALL_HEADING, TokenCounter, fit_prompt, seen_by
+    from bot.prompt import RECALL_HEADING, seen_by
+    from bot.prompt_window import TokenCounter, fit_prompt
 
     fact, question = await long_channel(memory)
     settings = settings_factory(CONTEXT_TOKENS=1024, MAX_NEW_TOKENS=128, RECALL="off")

@@ -15,10 +15,10 @@ from training.data import (
     Record,
     SourceStats,
     build_mix,
-    load_source,
     read_prepared,
     write_prepared,
 )
+from training.sources import load_source
 
 
 def words(rec: Record) -> tuple[int, int]:

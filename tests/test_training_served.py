@@ -22,7 +22,8 @@ from bot.conversation import Conversations
 from bot.engine import Engine, EngineInfo
 from bot.memory import Memory
 from bot.personas import PersonaLibrary, build_persona_prompt, load_builtin_personas
-from bot.prompt import SEPARATOR, TokenCounter, Turn, fit_prompt, neutralize
+from bot.prompt import SEPARATOR, Turn, neutralize
+from bot.prompt_window import TokenCounter, fit_prompt
 from bot.settings import Settings
 from tests.training_helpers import DATA, llama_tokenizer, need_data
 from training.config import DataConfig, SourceConfig

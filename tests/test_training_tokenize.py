@@ -9,7 +9,8 @@ import pytest
 from bot.prompt import Turn, format_single, neutralize, render_chat
 from tests.training_helpers import DATA, REAL_FILES, llama_tokenizer, need_data
 from training.config import SourceConfig
-from training.data import Message, Record, SourceStats, load_source
+from training.data import Message, Record, SourceStats
+from training.sources import load_source
 from training.tokenize import IGNORE_INDEX, Encoder, pad_id_for, pieces_for
 
 

@@ -103,7 +103,7 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
 
 def data_sources(specs: list[str]) -> list[dict[str, Any]]:
     """`--data PATH[:FORMAT]` values -> `data.sources` entries (named after the file)."""
-    from training.data import FORMATS
+    from training.source_formats import FORMATS
 
     sources: list[dict[str, Any]] = []
     for spec in specs:

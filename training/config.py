@@ -82,7 +82,7 @@ class SourceConfig:
     hf: str | None = None  # a `datasets.load_dataset` name, for machines with internet
     hf_config: str | None = None
     split: str = "train"
-    format: str = "auto"  # see training.data.FORMATS
+    format: str = "auto"  # see training.source_formats.FORMATS
     weight: float = 1.0  # <1 samples that share, >1 repeats the source (upsampling)
     limit: int | None = None  # at most this many records after weighting
     system: str = ""  # system text for this source's multi-turn records

@@ -32,7 +32,8 @@ from typing import Any, TypeVar
 from bot.cards import CardError
 from bot.memory import Memory
 from bot.personas import Persona, PersonaLibrary
-from bot.prompt import TokenCounter, Turn
+from bot.prompt import Turn
+from bot.prompt_window import TokenCounter
 from bot.settings import Settings
 from bot.store.db import UnusableDatabaseError
 from bot.store.turns import StoredTurn

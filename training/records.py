@@ -1,8 +1,8 @@
 """The records `prepare` reads, normalises and writes: one training example, one source's tally.
 
-Apart from `training.data` (which reads and mixes sources) so that a source reader living in its
-own module (`training.memory_source`) can build records without importing the reader that
-dispatches to it.
+Apart from `training.sources` (which reads sources) and `training.data` (which mixes them) so
+that a source reader living in its own module (`training.memory_source`) can build records
+without importing the reader that dispatches to it.
 """
 
 from __future__ import annotations

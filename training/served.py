@@ -1,12 +1,12 @@
 """Chats laid out for training exactly as the bot serves them, built by the bot's own functions.
 
 For every reply of a conversation this asks the bot's prompt builder for the prompt the bot
-sends for that reply: `bot.prompt.fit_prompt` with the system text for the plain assistant, or
-`bot.personas.build_persona_prompt` for a persona (system prompt, definitions, triggered lore,
-example dialogue, the named history, post-history instructions). The replies are then laid out
-as training examples: a reply whose prompt extends the text so far joins the current example (as
-one more target), and one whose prompt does not (a persona's post-history block sits after the
-history, new lore is triggered) starts a new example. Either way the text before each target is
+sends for that reply: `bot.prompt_window.fit_prompt` with the system text for the plain
+assistant, or `bot.personas.build_persona_prompt` for a persona (system prompt, definitions,
+triggered lore, example dialogue, the named history, post-history instructions). The replies are
+then laid out as training examples: a reply whose prompt extends the text so far joins the
+current example (as one more target), and one whose prompt does not (a persona's post-history
+block sits after the history, new lore is triggered) starts a new example. Either way the text before each target is
 byte for byte the prompt the bot sends for that reply, and the target is the reply as the bot's
 history shows it (`neutralize`d, then a blank line; in a chat template, the defused reply and
 its end-of-turn token: the format the counter carries, `TokenCounter.fmt`).
@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bot.cards import CardError, parse_card
+from bot.card_files import parse_card
+from bot.cards import CardError
 from bot.personas import (
     Persona,
     PersonaTable,
@@ -26,7 +27,8 @@ from bot.personas import (
     load_builtin_personas,
     load_persona_file,
 )
-from bot.prompt import SEPARATOR, FittedPrompt, TokenCounter, Turn, fit_prompt, neutralize
+from bot.prompt import SEPARATOR, Turn, neutralize
+from bot.prompt_window import FittedPrompt, TokenCounter, fit_prompt
 
 #: The prompt for one reply: (history newest first, the message answered or None) -> prompt.
 Server = Callable[[list[Turn], Turn | None], FittedPrompt]
