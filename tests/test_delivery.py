@@ -14,9 +14,15 @@ from typing import Any
 import pytest
 
 from bot.discord.answering import AT_ONCE
-from bot.engine import Engine
+from bot.engine import Engine, EngineRequest
 from tests.bot_harness import ScriptedEngine, running_bot
-from tests.fake_discord import FakeDiscord, FakeFile, InteractionHandle, RecordedRequest
+from tests.fake_discord import (
+    FakeDiscord,
+    FakeFile,
+    FakeMessage,
+    InteractionHandle,
+    RecordedRequest,
+)
 from tests.world import World
 
 pytestmark = pytest.mark.slow
@@ -142,5 +148,71 @@ async def test_every_slash_command_is_acknowledged_before_it_answers(
             )
 
 
-def _requests(fake: FakeDiscord, method: str, fragment: str) -> list[RecordedRequest]:
-    return [r for r in fake.requests if r.method == method and fragment in r.path]
+# ---- streaming and swipe buttons -------------------------------------------------------------
+
+
+class Paced(ScriptedEngine):
+    """Streams each reply's first `head` characters, then waits for `more` before the rest: the
+    test sees a reply half-shown for as long as it needs, with no sleep to outlast."""
+
+    def __init__(self, script: Any, head: int = 6) -> None:
+        super().__init__(script)
+        self.head = head
+        self.more = asyncio.Event()
+
+    async def _feed(self, gen: EngineRequest, reply: str | BaseException) -> None:
+        assert isinstance(reply, str)
+        gen.stats.started_at = gen.stats.queued_at
+        gen.stats.new_tokens += 1
+        gen.emit(reply[: self.head])
+        await self.more.wait()
+        gen.stats.new_tokens += 1
+        gen.emit(reply[self.head :])
+        gen.finish("eos")
+
+
+def requests(fake: FakeDiscord, method: str, path: str) -> list[RecordedRequest]:
+    return [r for r in fake.requests if r.method == method and r.path == path]
+
+
+def buttons(message: FakeMessage) -> list[str]:
+    return [item["custom_id"] for row in message.components for item in row["components"]]
+
+
+async def test_swipe_buttons_come_with_the_final_edit(world: World, tmp_path: Path) -> None:
+    """A streamed reply is one send and one edit: the final text and its swipe buttons
+    together (no edit of their own), and the buttons work."""
+    w = world
+    engine = Paced(["Hello there, my friend.", "A second thought."])
+    settings = w.settings(tmp_path, STREAM_INTERVAL="60")  # no streaming edit in between
+    async with running_bot(w.fake, settings, engine=engine) as bot:
+        await w.fake.user_message(w.general.id, w.alice, f"{w.fake.bot_user.mention} hi")
+        first = await w.fake.wait_for(lambda: bot_posts(w.fake, w.general.id))
+        reply = first[0]
+        assert reply.content == "Hello" and not reply.components  # half-shown, no buttons yet
+        engine.more.set()
+        await w.fake.wait_for(lambda: reply.components and bot.conv.pending == 0)
+        path = f"/channels/{w.general.id}/messages"
+        (send,) = requests(w.fake, "POST", path)
+        (edit,) = requests(w.fake, "PATCH", f"{path}/{reply.id}")
+        assert not send.json.get("components")
+        assert edit.json["content"] == "Hello there, my friend." and edit.json["components"]
+        assert reply.content == "Hello there, my friend."
+        assert len(buttons(reply)) == 4
+
+        # the buttons find their reply from the message they are on
+        assert "swipe:new" in buttons(reply)
+        await (await w.fake.click_button(reply, "swipe:new", w.alice)).wait_response()
+        await w.fake.wait_for(lambda: reply.content == "A second thought.")
+        stored = await bot.memory.turns.for_message(reply.id)
+        assert stored is not None and stored.content == "A second thought."
+
+
+def bot_posts(fake: FakeDiscord, channel_id: int) -> list[FakeMessage]:
+    """What the bot or its personas posted in a channel (not command answers)."""
+    return [
+        m
+        for m in fake.channel_messages(channel_id)
+        if (m.author.id == fake.bot_user.id or m.webhook_id is not None)
+        and m.interaction_metadata is None
+    ]
