@@ -346,15 +346,6 @@ async def post(
     return await stream.finish(text)
 
 
-async def say_privately(interaction: discord.Interaction, text: str, **kwargs: Any) -> None:
-    """An ephemeral answer, or a follow-up once the interaction was answered; never pings."""
-    kwargs.setdefault("allowed_mentions", NO_PINGS)
-    if interaction.response.is_done():
-        await interaction.followup.send(text, ephemeral=True, **kwargs)
-    else:
-        await interaction.response.send_message(text, ephemeral=True, **kwargs)
-
-
 async def typing_while(channel: discord.abc.Messageable, until: asyncio.Event) -> None:
     """Keep the typing indicator on until `until` is set (Discord drops it after ~10 s)."""
     try:

@@ -119,6 +119,7 @@ def load_model(path: str, plan: LoadPlan) -> Any:
     from transformers import AutoModelForCausalLM
 
     source = checked_source(path, "model")
+    _quiet_progress()
     if is_gguf(source):
         return load_gguf_model_checked(source, plan)
     kwargs = dict(plan.kwargs)
@@ -130,6 +131,17 @@ def load_model(path: str, plan: LoadPlan) -> Any:
         raise EngineError(f"cannot load the model {path!r}: {first_line(exc)}") from None
     model.eval()
     return model
+
+
+def _quiet_progress() -> None:
+    """No "Loading weights" progress bar unless a person watches stderr: piped into a log file or
+    the console's transcript it is a wall of carriage returns; the startup line says the load time."""
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
 
 
 def _config_to_quantize(source: str, path: str) -> dict[str, Any]:

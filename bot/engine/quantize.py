@@ -41,6 +41,9 @@ _OPS = {
 
 #: The hub-kernel notice bitsandbytes logs when the fused CPU kernel is not to be had.
 _HUB_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
+#: Where LLM.int8() warns, on every forward of every layer, that fp32/bf16 activations are cast to
+#: fp16 for its matmul: what 8-bit always does, so it is said once at debug level instead.
+_INT8_CAST_LOGGER = "bitsandbytes.autograd._functions"
 
 
 class QuantizationError(Exception):
@@ -55,6 +58,21 @@ class _HubNotice(logging.Filter):
             log.debug("bitsandbytes: fused CPU 4-bit kernel not in the local cache; using its own")
             return False
         return True
+
+
+class _CastNotice(logging.Filter):
+    """Keeps bitsandbytes' per-forward "MatMul8bitLt: inputs will be cast" warning out of the log
+    (a reply would print it once per layer); the first one becomes a debug line."""
+
+    said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "inputs will be cast" not in record.getMessage():
+            return True
+        if not self.said:
+            self.said = True
+            log.debug("bitsandbytes 8-bit: %s", record.getMessage())
+        return False
 
 
 @contextlib.contextmanager
@@ -93,6 +111,9 @@ def import_bitsandbytes() -> Any:
     with hub_kernels_local_only():
         import bitsandbytes
 
+    cast_logger = logging.getLogger(_INT8_CAST_LOGGER)
+    if not any(isinstance(f, _CastNotice) for f in cast_logger.filters):
+        cast_logger.addFilter(_CastNotice())
     return bitsandbytes
 
 
