@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Literal, cast
 import discord
 from discord import app_commands
 
+from bot.discord.answering import say_privately
 from bot.discord.checks import audit, speaks_here
-from bot.discord.posting import say_privately
 from bot.personas import persona_key
 
 if TYPE_CHECKING:

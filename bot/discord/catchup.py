@@ -27,8 +27,8 @@ import aiohttp
 import discord
 
 from bot.discord.checks import policy_for
+from bot.discord.owing import Outcome, OwedReply
 from bot.discord.posting import describe_failure
-from bot.discord.replying import Outcome, OwedReply
 from bot.scenes import load_scene
 from bot.store.owed import ReplyPost
 from bot.store.turns import StoredTurn

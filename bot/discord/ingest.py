@@ -25,7 +25,7 @@ import discord
 from bot.discord.attachments import message_text
 from bot.discord.catchup import Claims
 from bot.discord.checks import policy_for
-from bot.discord.replying import OwedReply
+from bot.discord.owing import OwedReply
 from bot.discord.threads import open_thread
 from bot.policy import ChannelPolicy
 from bot.scenes import Scene, SceneMember, load_scene, mentions_any, speakers_for
