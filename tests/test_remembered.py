@@ -35,6 +35,10 @@ async def ask(w: World, bot: Any, user: FakeUser, text: str) -> FakeMessage:
 
 async def private_answer(handle: InteractionHandle) -> str:
     response = await handle.wait_response(PATIENCE)
+    if response.type == 5:  # deferred ("thinking…"): the placeholder becomes the answer
+        message = await handle.wait_message(PATIENCE)
+        assert message.ephemeral, message
+        return message.content
     assert response.ephemeral, response
     return response.content or ""
 
@@ -65,7 +69,10 @@ def modal_text(handle: InteractionHandle) -> tuple[str, str]:
 async def export_rows(w: World) -> list[dict[str, Any]]:
     handle = await w.fake.invoke_command(w.general.id, w.admin, "admin memory export", {})
     response = await handle.wait_response(PATIENCE)
-    (attachment,) = response.files
+    if response.type == 5:
+        (attachment,) = (await handle.wait_message(PATIENCE)).attachments
+    else:
+        (attachment,) = response.files
     return [json.loads(line) for line in attachment.data.decode().splitlines()]
 
 

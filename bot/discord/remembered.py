@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, cast
 import discord
 
 from bot.discord.checks import audit, is_manager
-from bot.discord.posting import say_privately
+from bot.discord.answering import say_privately
 from bot.store.turns import StoredTurn
 
 if TYPE_CHECKING:
