@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, cast
 
 import discord
 
-from bot.discord.checks import audit, is_manager
 from bot.discord.answering import say_privately
+from bot.discord.checks import audit, is_manager
 from bot.store.turns import StoredTurn
 
 if TYPE_CHECKING:
