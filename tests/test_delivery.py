@@ -23,6 +23,7 @@ from tests.fake_discord import (
     InteractionHandle,
     RecordedRequest,
 )
+from tests.test_scenes import speaker
 from tests.world import World
 
 pytestmark = pytest.mark.slow
@@ -163,8 +164,9 @@ class Paced(ScriptedEngine):
     async def _feed(self, gen: EngineRequest, reply: str | BaseException) -> None:
         assert isinstance(reply, str)
         gen.stats.started_at = gen.stats.queued_at
-        gen.stats.new_tokens += 1
-        gen.emit(reply[: self.head])
+        for char in reply[: self.head]:  # a piece at a time, as a model writes
+            gen.stats.new_tokens += 1
+            gen.emit(char)
         await self.more.wait()
         gen.stats.new_tokens += 1
         gen.emit(reply[self.head :])
@@ -189,7 +191,7 @@ async def test_swipe_buttons_come_with_the_final_edit(world: World, tmp_path: Pa
         await w.fake.user_message(w.general.id, w.alice, f"{w.fake.bot_user.mention} hi")
         first = await w.fake.wait_for(lambda: bot_posts(w.fake, w.general.id))
         reply = first[0]
-        assert reply.content == "Hello" and not reply.components  # half-shown, no buttons yet
+        assert reply.content == "Hello"[: len(reply.content)] and not reply.components  # growing
         engine.more.set()
         await w.fake.wait_for(lambda: reply.components and bot.conv.pending == 0)
         path = f"/channels/{w.general.id}/messages"
@@ -216,3 +218,85 @@ def bot_posts(fake: FakeDiscord, channel_id: int) -> list[FakeMessage]:
         if (m.author.id == fake.bot_user.id or m.webhook_id is not None)
         and m.interaction_metadata is None
     ]
+
+
+# ---- scenes: streamed in turn, followed by threads -------------------------------------------
+
+
+def webhook_posts(fake: FakeDiscord, channel_id: int) -> list[FakeMessage]:
+    return [m for m in fake.channel_messages(channel_id) if m.webhook_id is not None]
+
+
+async def cast(w: World, channel_id: int, *names: str) -> None:
+    for name in names:
+        handle = await w.fake.invoke_command(
+            channel_id, w.alice, "persona scene add", {"name": name}
+        )
+        assert "joins the scene" in (await handle.wait_message()).content
+
+
+async def test_scene_replies_stream_in_turn(world: World, tmp_path: Path) -> None:
+    """Two named members: the first one's reply is shown while it is still being written, the
+    second starts once the first is done."""
+    w = world
+    engine = Paced(lambda prompt: f"{speaker(prompt)} here, at your service.")
+    async with running_bot(w.fake, w.settings(tmp_path), engine=engine) as bot:
+        await cast(w, w.general.id, "Grumbold", "Sable")
+        await w.fake.user_message(w.general.id, w.alice, "Sable and Grumbold, a word?")
+        shown = await w.fake.wait_for(lambda: webhook_posts(w.fake, w.general.id))
+        await w.fake.wait_for(lambda: len(engine.prompts) == 2)  # both are being written
+        (sable,) = shown  # Grumbold waits for his turn
+        assert sable.username == "Sable" and sable.content == "Sable"[: len(sable.content)]
+        engine.more.set()
+        await w.fake.wait_for(
+            lambda: len(webhook_posts(w.fake, w.general.id)) == 2 and bot.conv.pending == 0
+        )
+        first, second = webhook_posts(w.fake, w.general.id)
+        assert (first.id, first.content) == (sable.id, "Sable here, at your service.")
+        assert (second.username, second.content) == ("Grumbold", "Grumbold here, at your service.")
+        # Sable's reply grew in place, her buttons came with her final edit, and all of it
+        # went out before Grumbold's first message
+        app = f"/webhooks/{w.fake.application_id}/"
+        by_id = {str(first.id): "Sable", str(second.id): "Grumbold"}
+        calls = [  # (who, send or edit, with buttons) of every persona webhook call, in order
+            (r.json["username"] if r.method == "POST" else by_id[r.path.rsplit("/", 1)[1]],
+             r.method, bool(r.json.get("components")))
+            for r in w.fake.requests
+            if r.path.startswith("/webhooks/") and not r.path.startswith(app)
+            and (r.method, "/messages/" in r.path) in (("POST", False), ("PATCH", True))
+        ]  # fmt: skip
+        sable_calls = [c for c in calls if c[0] == "Sable"]
+        assert calls[: len(sable_calls)] == sable_calls and calls[len(sable_calls)][0] == "Grumbold"
+        assert sable_calls[0] == ("Sable", "POST", False) and len(sable_calls) > 2
+        assert sable_calls[-1] == ("Sable", "PATCH", True)
+        assert not any(buttons for *_, buttons in sable_calls[:-1])
+        assert second.components and first.components
+
+
+async def test_a_thread_follows_its_channels_scene_unless_it_has_its_own(
+    world: World, tmp_path: Path
+) -> None:
+    w = world
+    engine = ScriptedEngine(lambda prompt: f"{speaker(prompt)} answers.")
+    async with running_bot(w.fake, w.settings(tmp_path), engine=engine) as bot:
+        await cast(w, w.general.id, "Grumbold", "Sable")
+        side = w.fake.add_thread(w.general.id, "side room")
+        own = w.fake.add_thread(w.general.id, "MIRA's room")
+        await cast(w, own.id, "MIRA")
+
+        # the thread has no cast: its channel's speaks there, named as in the channel
+        await w.fake.user_message(side.id, w.alice, "Sable, what do you see?")
+        await w.fake.wait_for(lambda: webhook_posts(w.fake, side.id) and bot.conv.pending == 0)
+        (reply,) = webhook_posts(w.fake, side.id)
+        assert (reply.username, reply.content) == ("Sable", "Sable answers.")
+        assert "- Grumbold: " in engine.prompts[-1]  # the roster is the channel's cast
+        listing = await w.fake.invoke_command(side.id, w.alice, "persona scene list")
+        assert "**Sable**" in (await listing.wait_message()).content
+
+        # a thread with a cast of its own: only that cast answers there
+        await w.fake.user_message(own.id, w.alice, "Sable and MIRA, hello")
+        await w.fake.wait_for(lambda: webhook_posts(w.fake, own.id) and bot.conv.pending == 0)
+        assert [(m.username, m.content) for m in webhook_posts(w.fake, own.id)] == [
+            ("MIRA", "MIRA answers.")
+        ]
+        assert not webhook_posts(w.fake, w.general.id)  # nothing was said in the channel

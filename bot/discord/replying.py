@@ -29,7 +29,7 @@ import aiohttp
 import discord
 
 from bot.conversation import EMPTY_NOTICE, Busy, ReplyJob
-from bot.discord.checks import place_of
+from bot.discord.checks import place_of, scene_at
 from bot.discord.owing import Outcome, OwedReply
 from bot.discord.posting import (
     Alternative,
@@ -42,7 +42,7 @@ from bot.discord.posting import (
 )
 from bot.discord.swipes import swipe_view
 from bot.personas import persona_key
-from bot.scenes import Scene, SceneMember, chained, load_scene, member_context
+from bot.scenes import Scene, SceneMember, chained, member_context
 from bot.store.turns import StoredTurn
 
 if TYPE_CHECKING:
@@ -90,12 +90,12 @@ class Reply:
     #: the reply regenerated, continued or swiped (left out of the prompt, except continue)
     old: StoredTurn | None = None
     overrides: dict[str, Any] | None = None
-    #: show it growing; otherwise post it complete (scene members, continue, swipes)
+    #: show it growing; otherwise post it complete (continue, swipes)
     stream: bool = True
     #: keep the typing indicator on while generating
     typing: bool = True
-    #: a scene member's run posts after `after` is set (the member before it is done), and
-    #: sets `done` when it is done itself
+    #: a scene member's run shows its reply (growing from what it has so far) once `after` is
+    #: set (the member before it is done), and sets `done` when it is done itself
     after: asyncio.Event | None = None
     done: asyncio.Event | None = None
     #: where the text goes instead of new messages (a swipe edits the swiped message)
@@ -155,10 +155,15 @@ class Replier:
                 await reply.owed.posting(job.persona)
             async with asyncio.timeout(settings.reply_timeout):
                 if reply.stream:
+                    # one piece behind: the last piece comes with `finish`, in the final edit
+                    # that carries the buttons too, never in an edit of its own before it
+                    held: str | None = None
                     async for partial in bot.conv.stream(job):
-                        shown.set()
-                        await target.update(partial)
-                        await self._posted(reply, target)
+                        if held and (reply.after is None or reply.after.is_set()):  # its turn
+                            shown.set()
+                            await target.update(held)
+                            await self._posted(reply, target)
+                        held = partial
                 else:
                     await bot.conv.complete(job)
             shown.set()
@@ -232,7 +237,7 @@ class Replier:
         cast: list[str] = []
         roster = ""
         if persona is not None:  # a scene member sees the rest of the cast and the roster
-            scene = await load_scene(self.bot.memory, self.bot.personas, channel.id, reply.guild_id)
+            scene = await scene_at(self.bot, channel, reply.guild_id)
             cast, roster = member_context(scene, persona)
         job = await self.bot.conv.prepare(
             channel.id,
@@ -396,7 +401,7 @@ class Replier:
         reference: Trigger | None,
     ) -> list[tuple[SceneMember, str]]:
         """The members' replies, generated together (separate requests the engine batches) and
-        posted in order under each member's own name; the caller holds the channel's slot.
+        streamed in order under each member's own name; the caller holds the channel's slot.
         The first round answers the member's message, a chained one the latest turn."""
         replies: list[tuple[SceneMember, Reply]] = []
         before: asyncio.Event | None = None
@@ -414,9 +419,8 @@ class Replier:
                 settles=False,
                 reference=reference,
                 asked=owed.turn_id,
-                stream=False,
                 typing=False,
-                after=before,  # posted in order: each once the one before it is done
+                after=before,  # shown in order: each once the one before it is done
                 done=done,
             )
             replies.append((member, reply))
