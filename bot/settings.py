@@ -259,6 +259,21 @@ class Settings:
         tunable=True,
     )
 
+    allow_bots: tuple[int, ...] = _opt(
+        (),
+        "Comma-separated user ids of other bots (or webhooks) the bot talks to as it does to "
+        "members; empty (or none): it ignores every bot. Its own posts and persona webhooks "
+        "are never answered.",
+        tunable=True,
+    )
+    bot_chain: int = _opt(
+        3,
+        "Most replies the bot gives to ALLOW_BOTS bots in a channel per human message there, so "
+        "two bots cannot answer each other forever (0: it stores what they say, never answers).",
+        lo=0,
+        hi=50,
+    )
+
     def system_text(self, templated: bool) -> str:
         """The plain assistant's system text: SYSTEM_PROMPT, or, in a chat template while
         SYSTEM_PROMPT is left at its default, TEMPLATE_SYSTEM_PROMPT."""
