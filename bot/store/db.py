@@ -220,9 +220,29 @@ CREATE TABLE IF NOT EXISTS reply_posts (
 """
 
 
+async def ensure_turn_flags(db: aiosqlite.Connection) -> None:
+    """v7: two marks on a turn. `hidden`: left out of prompts, recall and the training export
+    but kept (the "Hide from the bot" message command, out-of-character lines); `stopped`: a
+    reply whose generation a member stopped with its ⏹ button, stored as far as it got.
+    Idempotent (columns added only when missing), so it depends on no other version but v1."""
+    cur = await db.execute("PRAGMA table_info(turns)")
+    have = {row[1] for row in await cur.fetchall()}
+    for column in ("hidden", "stopped"):
+        if column not in have:
+            await db.execute(f"ALTER TABLE turns ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+
+
 Migration = str | Callable[[aiosqlite.Connection], Awaitable[Any]]
 #: Version n is `MIGRATIONS[n - 1]`: a statement list, or a function run inside the transaction.
-MIGRATIONS: list[Migration] = [_V1, _V2, ensure_fts, ensure_owed_replies, _V5, _V6]
+MIGRATIONS: list[Migration] = [
+    _V1,
+    _V2,
+    ensure_fts,
+    ensure_owed_replies,
+    _V5,
+    _V6,
+    ensure_turn_flags,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
