@@ -16,6 +16,7 @@ import aiosqlite
 
 from bot.store.audit import AuditLog
 from bot.store.db import Database
+from bot.store.images import ImageStore
 from bot.store.owed import OwedReplies
 from bot.store.personas import PersonaStore, WebhookStore
 from bot.store.places import PlaceStore
@@ -36,6 +37,7 @@ class Memory:
         self.scenes = SceneStore(database)
         self.swipes = SwipeStore(database)
         self.audit = AuditLog(database)
+        self.images = ImageStore(database)
 
     @classmethod
     async def open(cls, path: str | Path) -> Memory:

@@ -202,6 +202,18 @@ class Settings:
         lo=0,
         hi=1024,
     )
+    vision: bool = _opt(
+        False,
+        "Send image attachments (PNG, JPEG, WebP, GIF) to the model as image parts of the "
+        "member's message, for a vision model: needs ENGINE=openai with PROMPT_FORMAT=server "
+        "(the chat endpoint carries images); otherwise images are only named.",
+    )
+    image_kb: int = _opt(
+        2048,
+        "Largest image (KB) VISION sends to the model; larger ones are only named.",
+        lo=1,
+        hi=20480,
+    )
     personas_dir: Path = _opt(
         Path(""), "Folder of persona YAML files; empty uses the shipped personas/."
     )

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import discord
 
-from bot.discord.attachments import message_text
+from bot.discord.attachments import message_images, message_text
 from bot.discord.catchup import Claims
 from bot.discord.checks import policy_for, scene_at
 from bot.discord.owing import OwedReply
@@ -239,6 +239,10 @@ class Ingest:
             aliases=(message.author.global_name, message.author.name),
             hidden=ooc,
         )
+        if bot.settings.vision and message.attachments:  # for a vision model to see
+            images = await message_images(message.attachments, bot.settings.image_kb)
+            if images:
+                await memory.images.add(turn_id, images)
         if message.id in self.overtaken:  # edited or deleted while we were storing it
             if (late := self.overtaken.pop(message.id)) is None:
                 await memory.turns.delete(turn_id)

@@ -253,6 +253,19 @@ async def threads_mode(db: aiosqlite.Connection) -> None:
     await db.execute("ALTER TABLE channels_v8 RENAME TO channels")
 
 
+# v9: images members attached, kept for a vision model (`bot.store.images`, VISION). They go
+# with their turn. IF NOT EXISTS: independent of every other version but v1.
+_V9 = """
+CREATE TABLE IF NOT EXISTS turn_images (
+    turn_id  INTEGER NOT NULL REFERENCES turns (id) ON DELETE CASCADE,
+    idx      INTEGER NOT NULL,
+    mime     TEXT NOT NULL,
+    data     BLOB NOT NULL,
+    PRIMARY KEY (turn_id, idx)
+);
+"""
+
+
 Migration = str | Callable[[aiosqlite.Connection], Awaitable[Any]]
 #: Version n is `MIGRATIONS[n - 1]`: a statement list, or a function run inside the transaction.
 MIGRATIONS: list[Migration] = [
@@ -264,6 +277,7 @@ MIGRATIONS: list[Migration] = [
     _V6,
     ensure_turn_flags,
     threads_mode,
+    _V9,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
