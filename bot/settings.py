@@ -286,6 +286,39 @@ class Settings:
         hi=50,
     )
 
+    idle_minutes: float = _opt(
+        0.0,
+        "Unprompted replies: after human talk, this many minutes of silence give the bot one "
+        "chance (IDLE_CHANCE) to speak by itself; 0 (the default) never.",
+        lo=0.0,
+        hi=10080.0,
+        tunable=True,
+    )
+    idle_chance: float = _opt(
+        0.5,
+        "The probability that a channel's chance for an unprompted reply is taken.",
+        lo=0.0,
+        hi=1.0,
+        tunable=True,
+    )
+    idle_per_hour: int = _opt(1, "Most unprompted replies per channel in any hour.", lo=0, hi=60)
+    idle_per_day: int = _opt(4, "Most unprompted replies per channel in any day.", lo=0, hi=1440)
+    idle_quiet_from: int = _opt(
+        0,
+        "Quiet hours for unprompted replies start at this UTC hour (0-23); equal to "
+        "IDLE_QUIET_TO: no quiet hours.",
+        lo=0,
+        hi=23,
+        tunable=True,
+    )
+    idle_quiet_to: int = _opt(
+        0,
+        "Quiet hours end at this UTC hour (not included; they may wrap midnight: 22 to 7).",
+        lo=0,
+        hi=23,
+        tunable=True,
+    )
+
     def system_text(self, templated: bool) -> str:
         """The plain assistant's system text: SYSTEM_PROMPT, or, in a chat template while
         SYSTEM_PROMPT is left at its default, TEMPLATE_SYSTEM_PROMPT."""

@@ -166,6 +166,8 @@ class Ingest:
         bot's reply to it is already in the channel (it stopped before storing that), so it is
         stored but not owed.
         """
+        if live:
+            self.bot.idle.saw(message.channel.id)  # any message ends a silence
         if self.is_ours(message):
             return None  # the bot's own posts are stored by the runner that posts them
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
@@ -195,6 +197,8 @@ class Ingest:
             return None  # another bot (or webhook) nobody listed in ALLOW_BOTS: not even stored
         if not from_bot:
             self.bot_replies.pop(message.channel.id, None)  # a human spoke: bots may be answered
+            if live:  # human talk: a silence after it may bring an unprompted reply
+                bot.idle.heard(message.channel.id, float(policy.settings.values["idle_minutes"]))
         if await memory.turns.for_message(message.id) is not None:
             return None  # a dispatch seen twice (e.g. replayed after a reconnect)
         text = await message_text(message, bot.user, bot.settings.attachment_kb)
