@@ -69,6 +69,17 @@ class ReplyJob:
     text: str = ""
     stats: ReplyStats | None = None
     notes: list[str] = field(default_factory=list)
+    #: the engine request generating it now (None before and between attempts)
+    request: EngineRequest | None = None
+    #: a member stopped it (`stop`): what was written so far is the reply
+    stopped: bool = False
+
+    def stop(self) -> None:
+        """Stop generating: the engine drops the request at its next step (one decode step at
+        most), and the text written so far becomes the reply (`stream` ends with it)."""
+        self.stopped = True
+        if self.request is not None:
+            self.request.cancel()
 
 
 def reopen_last_reply(prompt: FittedPrompt, fmt: AlpacaFormat | TemplateFormat = ALPACA) -> bool:
@@ -184,9 +195,11 @@ class Conversations:
         name: str = "",
         answers: int | None = None,
         replacing: int | None = None,
+        stopped: bool = False,
     ) -> int:
         """Store the bot's turn; `answers`: the user turn it answers, no longer owed a reply;
-        `replacing`: the reply it replaces, deleted in the same transaction."""
+        `replacing`: the reply it replaces, deleted in the same transaction; `stopped`: a
+        member stopped it half-way."""
         ids = message_ids or []
         return await self.memory.turns.add(
             channel_id,
@@ -200,6 +213,7 @@ class Conversations:
             tokens=self.counter(content.strip()),
             answers=answers,
             replacing=replacing,
+            stopped=stopped,
         )
 
     async def replace_reply(
@@ -211,6 +225,7 @@ class Conversations:
         persona: str | None,
         name: str,
         answers: int | None = None,
+        stopped: bool = False,
     ) -> int:
         """A regenerated reply takes the place of `old` (one transaction: no moment without
         either); returns the new turn's id."""
@@ -223,14 +238,18 @@ class Conversations:
             name=name,
             answers=answers,
             replacing=old.id,
+            stopped=stopped,
         )
 
     async def extend_reply(self, last: StoredTurn, addition: str, message_ids: list[int]) -> str:
         """/continue: `addition` joins the end of reply `last`, whose new messages are linked to
-        it; its swipe alternatives end (they no longer match what is shown). The new text."""
+        it; its swipe alternatives end (they no longer match what is shown), and a reply that
+        was stopped half-way is no longer marked so. The new text."""
         joiner = "" if addition[:1] in ",.;:!?)" else " "
         extended = last.content + joiner + addition
         await self.memory.turns.update(last.id, extended, self.counter(extended))
+        if last.stopped:
+            await self.memory.turns.mark(last.id, stopped=False)
         await self.memory.turns.link_messages(last.id, message_ids)
         await self.memory.swipes.end(last.id)
         return extended
@@ -504,9 +523,11 @@ class Conversations:
         """Yield the cleaned reply as it grows; `job.text` holds the final text afterwards.
 
         An empty result gets one retry with a fresh seed, then a short notice, never an empty
-        message.
+        message. A reply stopped (`ReplyJob.stop`) ends with what it has, never retried.
         """
         for attempt in range(2):
+            if job.stopped:
+                break
             params = (
                 job.params
                 if attempt == 0
@@ -522,6 +543,9 @@ class Conversations:
                 job.prompt.text, params, cache_key=job.cache_key or str(job.channel_id), **extra
             )
             job.stats = gen.stats
+            job.request = gen
+            if job.stopped:  # stopped before this attempt started
+                gen.cancel()
             shown = ""
             async for _ in gen:
                 text = self.fmt.clean(gen.text, job.other_names, job.bot_name)
@@ -529,6 +553,7 @@ class Conversations:
                     shown = text
                     yield text
             self.recent.append(gen.stats)
+            job.request = None
             job.text = self.fmt.clean(gen.text, job.other_names, job.bot_name)
             if job.text:
                 return

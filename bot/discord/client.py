@@ -26,6 +26,7 @@ from bot.discord.catchup import CatchUp
 from bot.discord.checks import Refused
 from bot.discord.ingest import Ingest
 from bot.discord.replying import Replier
+from bot.discord.stopping import StopButton
 from bot.discord.swipes import SwipeButton, Swipes
 from bot.discord.webhooks import Webhooks
 from bot.engine import Engine, EngineError, EngineFactory, make_engine
@@ -145,7 +146,8 @@ class HermesBot(commands.AutoShardedBot):
         self.replies = Replier(self)
         self.ingest = Ingest(self)
         self.catch_up = CatchUp(self)
-        self.add_dynamic_items(SwipeButton)  # swipe buttons work on replies from earlier runs
+        # swipe and ⏹ buttons are answered on replies from earlier runs too
+        self.add_dynamic_items(SwipeButton, StopButton)
         self.metrics = metrics.setup(self.settings, lambda: self.engine)
         self.engine_ready.set()
         for name in COGS:
