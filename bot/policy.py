@@ -25,6 +25,13 @@ NOT_SERVED = "I'm not serving this channel."
 SWITCHED_OFF = "I'm switched off in this channel."
 NO_ALLOWED_ROLE = "Sorry, only members with one of the roles this server allows may talk to me."
 
+#: A channel's modes, the one list (`/admin channel`, the store's CHECK since schema v7):
+#: off: never answers, stores nothing; mention: answers when addressed (mentioned, replied to,
+#: named by wake words); always: every message; threads: as mention, but an addressed message
+#: opens a public thread and the conversation goes on there (a thread of a `threads` channel
+#: answers every message: it is that conversation).
+MODES: tuple[str, ...] = ("off", "mention", "always", "threads")
+
 
 @dataclass(frozen=True, slots=True)
 class Place:
@@ -60,7 +67,7 @@ class Effective:
 class ChannelPolicy:
     """How the bot behaves in one channel, for one asker."""
 
-    mode: str  # off | mention | always
+    mode: str  # one of MODES; in a thread, `threads` reads as `always`
     persona: str | None  # the persona's name; None: the default assistant
     settings: Effective
     refusal: str | None = None  # why the asker may not use the bot here; None: allowed
@@ -106,7 +113,10 @@ def _mode(
 ) -> str:
     if place.direct:
         return "always" if settings.allow_dms else "off"
-    return channel.mode or (parent.mode if parent else None) or "mention"
+    mode = channel.mode or (parent.mode if parent else None) or "mention"
+    if mode == "threads" and place.parent_id is not None:
+        return "always"  # a thread of a `threads` channel is its conversation
+    return mode
 
 
 async def _refusal(

@@ -49,7 +49,7 @@ class Chat(commands.Cog):
         if taken.speakers and taken.scene is not None:
             await bot.replies.answer_scene(message, taken.owed, taken.scene, taken.speakers)
         else:
-            await bot.replies.answer(message, taken.owed)
+            await bot.replies.answer(message, taken.owed, taken.channel)
 
     @commands.Cog.listener()
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:

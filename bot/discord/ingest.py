@@ -27,6 +27,7 @@ from bot.discord.attachments import message_text
 from bot.discord.catchup import Claims
 from bot.discord.checks import policy_for, scene_at
 from bot.discord.owing import OwedReply
+from bot.discord.threads import open_thread
 from bot.policy import ChannelPolicy, out_of_character
 from bot.scenes import Scene, SceneMember, mentions_any, speakers_for
 
@@ -45,6 +46,9 @@ class ToAnswer:
     owed: OwedReply
     scene: Scene | None = None
     speakers: list[SceneMember] = field(default_factory=list)
+    #: where the reply goes when not the message's channel: the thread it opened
+    #: (`bot.discord.threads`, a `threads` channel)
+    channel: discord.Thread | None = None
 
 
 class Ingest:
@@ -194,8 +198,12 @@ class Ingest:
                 await message.add_reaction("⏳")
         if owed and live:
             bot.replies.answering.add(message.id)  # before it is stored: catch-up must not take it
+        thread: discord.Thread | None = None
+        if owed and live and policy.mode == "threads" and not scene and message.guild:
+            # the conversation moves to a thread: the message is its first turn
+            thread = await open_thread(message, text)
         turn_id = await bot.conv.record_user(
-            message.channel.id,
+            thread.id if thread is not None else message.channel.id,
             text,
             name=message.author.display_name,
             author_id=message.author.id,
@@ -213,7 +221,7 @@ class Ingest:
             await bot.conv.edit(message.id, late)
         if not owed:
             return None
-        return ToAnswer(OwedReply(memory.owed, turn_id, message.id), scene, speakers)
+        return ToAnswer(OwedReply(memory.owed, turn_id, message.id), scene, speakers, thread)
 
     async def pick_speakers(
         self, scene: Scene, said: str, replied_to: str | None, guild_id: int | None

@@ -232,6 +232,27 @@ async def ensure_turn_flags(db: aiosqlite.Connection) -> None:
             await db.execute(f"ALTER TABLE turns ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
 
 
+async def threads_mode(db: aiosqlite.Connection) -> None:
+    """v8: a channel mode `threads` (`bot.policy.MODES`): v1's CHECK on `channels.mode` named
+    only off, mention and always. SQLite cannot alter a CHECK, so the table is rebuilt from its
+    own stored definition with the new list: columns added since v1 (by any version) are kept
+    as they are, and nothing references `channels`, so dropping the old table is safe."""
+    row = await (
+        await db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'channels'")
+    ).fetchone()
+    assert row is not None
+    old_check = "mode IN ('off', 'mention', 'always')"
+    sql = str(row[0])
+    if old_check not in sql:
+        return  # already rebuilt
+    new_sql = sql.replace(old_check, "mode IN ('off', 'mention', 'always', 'threads')", 1)
+    new_sql = new_sql.replace("CREATE TABLE channels", "CREATE TABLE channels_v8", 1)
+    await db.execute(new_sql)
+    await db.execute("INSERT INTO channels_v8 SELECT * FROM channels")
+    await db.execute("DROP TABLE channels")
+    await db.execute("ALTER TABLE channels_v8 RENAME TO channels")
+
+
 Migration = str | Callable[[aiosqlite.Connection], Awaitable[Any]]
 #: Version n is `MIGRATIONS[n - 1]`: a statement list, or a function run inside the transaction.
 MIGRATIONS: list[Migration] = [
@@ -242,6 +263,7 @@ MIGRATIONS: list[Migration] = [
     _V5,
     _V6,
     ensure_turn_flags,
+    threads_mode,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
