@@ -34,7 +34,18 @@ from bot.personas import (
     persona_key,
 )
 from bot.policy import Place, resolve
-from bot.prompt import INPUT, RECALL_HEADING, SEPARATOR, Turn, other_speakers, recall_line, seen_by
+from bot.prompt import (
+    INPUT,
+    NO_CONTEXT,
+    RECALL_HEADING,
+    SEPARATOR,
+    Context,
+    Turn,
+    other_speakers,
+    recall_line,
+    seen_by,
+)
+from bot.prompt_context import channel_notes, prompt_context
 from bot.prompt_template import ALPACA, AlpacaFormat, TemplateError, TemplateFormat, choose_format
 from bot.prompt_window import BLOCK_MARGIN, FittedPrompt, TokenCounter, fit_prompt, with_recall
 from bot.recall import recall, recall_tokens
@@ -299,8 +310,20 @@ class Conversations:
         known = await self.known_names(channel_id, guild_id, reserved)
         history = known.shown(seen_by(history, bot_name))
         current = known.shown([current])[0] if current is not None else None
+        candidates = [*([current] if current is not None else []), *history]
+        context = await prompt_context(
+            self.memory, settings, self.counter, channel_id, guild_id, candidates
+        )
+        notes = await channel_notes(self.memory, channel_id, self.counter, settings.notes_tokens)
         prompt = self._fit(
-            chosen, history, current, budget, (channel_id, bot_name), scene, known.names()
+            chosen,
+            history,
+            current,
+            budget,
+            (channel_id, bot_name),
+            "\n\n".join(filter(None, [scene, notes])),
+            known.names(),
+            context,
         )
         if recall_budget and prompt.older:
             prompt = await self._recall(
@@ -366,10 +389,12 @@ class Conversations:
         slot: tuple[int, str],
         scene: str = "",
         known: Sequence[str] = (),
+        context: Context = NO_CONTEXT,
     ) -> FittedPrompt:
         """The prompt text fitted to `budget`, starting where the last one did when it can
         (remembered per channel and speaker: `slot`); `known` are the names no line of
-        untrusted text may start as (`KnownNames.names`)."""
+        untrusted text may start as (`KnownNames.names`); `scene` ends the system text (a
+        scene's roster, the channel's notes); `context` the blocks after the history."""
         hint = self._start_hint.get(slot)
         slack = self.settings.fit_slack
         if chosen is not None:
@@ -385,6 +410,7 @@ class Conversations:
                 slack=slack,
                 scene=scene,
                 known=known,
+                context=context,
             )
         else:
             prompt = fit_prompt(
@@ -396,6 +422,7 @@ class Conversations:
                 start_hint=hint,
                 slack=slack,
                 speakers=[self.bot_name, *known],
+                context=context,
             )
         self._start_hint[slot] = prompt.start_id
         return prompt

@@ -45,7 +45,7 @@ discord.VoiceClient.warn_dave = False
 #: restarts on failure (the systemd unit, Docker's restart policy) tries again later.
 EXIT_UNREACHABLE = 75
 
-COGS = ("cogs.chat", "cogs.personas", "cogs.admin")
+COGS = ("cogs.chat", "cogs.personas", "cogs.admin", "cogs.notes", "cogs.help")
 
 
 def intents() -> discord.Intents:

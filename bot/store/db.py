@@ -220,9 +220,39 @@ CREATE TABLE IF NOT EXISTS reply_posts (
 """
 
 
+# v7: what the prompt holds besides the turns (`bot.store.notes`): a channel's notes, its rolling
+# summary with the range of turns it covers, and members' own cards (`/me describe`, one per
+# member and server, or DM channel). IF NOT EXISTS: independent of every other version.
+_V7 = """
+CREATE TABLE IF NOT EXISTS notes (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel_id  INTEGER NOT NULL,
+    guild_id    INTEGER,
+    author_id   INTEGER,
+    text        TEXT NOT NULL,
+    created_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS notes_by_channel ON notes (channel_id, id);
+CREATE TABLE IF NOT EXISTS summaries (
+    channel_id  INTEGER PRIMARY KEY,
+    text        TEXT NOT NULL,
+    first_id    INTEGER NOT NULL,
+    last_id     INTEGER NOT NULL,
+    updated_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS member_cards (
+    place_id    INTEGER NOT NULL,
+    user_id     INTEGER NOT NULL,
+    text        TEXT NOT NULL,
+    updated_at  REAL NOT NULL,
+    PRIMARY KEY (place_id, user_id)
+);
+"""
+
+
 Migration = str | Callable[[aiosqlite.Connection], Awaitable[Any]]
 #: Version n is `MIGRATIONS[n - 1]`: a statement list, or a function run inside the transaction.
-MIGRATIONS: list[Migration] = [_V1, _V2, ensure_fts, ensure_owed_replies, _V5, _V6]
+MIGRATIONS: list[Migration] = [_V1, _V2, ensure_fts, ensure_owed_replies, _V5, _V6, _V7]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -198,6 +198,8 @@ class TurnStore(Store):
                     "UPDATE channels SET forget_before = 0, forget_undo = NULL WHERE channel_id = ?",
                     (channel_id,),
                 ),
+                # the summary of those turns goes with them
+                ("DELETE FROM summaries WHERE channel_id = ?", (channel_id,)),
             ]
         )
         return int(n)
@@ -373,7 +375,8 @@ class TurnStore(Store):
         return row[0] if row else 0
 
     async def forget(self, channel_id: int, guild_id: int | None = None) -> int:
-        """Hide everything stored so far from future prompts; nothing is deleted."""
+        """Hide everything stored so far from future prompts; no turn is deleted, the
+        channel's rolling summary is (`/reset` starts afresh)."""
         (top,) = await self.db.one(
             "SELECT COALESCE(MAX(id), 0) FROM turns WHERE channel_id = ?", (channel_id,)
         )
@@ -389,6 +392,9 @@ class TurnStore(Store):
                     "updated_at = ? WHERE channel_id = ?",
                     (top, time.time(), channel_id),
                 ),
+                # a fresh start: the summary of what was said so far goes too (it is rewritten
+                # from the turns if they are unforgotten and scroll out again)
+                ("DELETE FROM summaries WHERE channel_id = ?", (channel_id,)),
             ]
         )
         return int(top)
