@@ -1,8 +1,8 @@
 """The channel policy: for one channel, its mode, persona, generation settings and access rule.
 
 The one place that decides how a channel behaves. A thread has its own memory but takes its
-parent channel's mode, persona and settings unless it has its own: that inheritance is done here
-only. The access rule (blocked users and roles, a server's channel allow-list, where a thread
+parent channel's mode, persona, settings and scene unless it has its own: that inheritance is
+done here only. The access rule (blocked users and roles, a server's channel allow-list, where a thread
 counts as its parent) is here too, so messages and commands follow the same rules.
 
 Nothing here knows discord.py: the Discord layer describes the channel as a `Place` and the
@@ -127,3 +127,12 @@ async def resolve(
         settings=effective_settings(settings, guild, channel, parent),
         refusal=await _refusal(memory, guild, place, asker) if asker else None,
     )
+
+
+async def scene_channel(memory: Memory, place: Place) -> int:
+    """The channel whose scene speaks at `place`: its own cast, else a thread's parent's
+    (a thread follows its parent's scene as it follows its mode and persona)."""
+    if place.parent_id is None or (await memory.scenes.get(place.channel_id)).members:
+        return place.channel_id
+    parent = await memory.scenes.get(place.parent_id)
+    return place.parent_id if parent.members else place.channel_id

@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from bot.textfold import (
     BREAKS,
@@ -400,26 +401,9 @@ def chat_segments(
     return pieces
 
 
-def render_chat(
-    system: str,
-    turns: Sequence[Turn],
-    *,
-    open_response: bool = True,
-    post_history: str = "",
-    recall: str = "",
-    speakers: Iterable[str] = (),
-    context: Context = NO_CONTEXT,
-) -> str:
-    pieces = chat_segments(
-        system,
-        turns,
-        open_response=open_response,
-        post_history=post_history,
-        recall=recall,
-        speakers=speakers,
-        context=context,
-    )
-    return "".join(text for text, _ in pieces)
+def render_chat(system: str, turns: Sequence[Turn], **options: Any) -> str:
+    """The prompt text: `chat_segments`' pieces joined (the same keyword options)."""
+    return "".join(text for text, _ in chat_segments(system, turns, **options))
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.discord.answering import say_privately
 from bot.discord.checks import audit, is_owner, policy_for, require_manager
-from bot.discord.posting import say_privately
 from bot.engine import first_line
 from bot.metrics import summary
 from bot.recall import recall, recall_tokens
@@ -204,10 +204,8 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         # Every stored turn goes, forgotten ones too (stats would count only the visible ones).
         stored = len(await self.memory.turns.history(interaction.channel_id))
         view = ConfirmClear(interaction.user.id, timeout=self.bot.settings.confirm_timeout)
-        await interaction.response.send_message(
-            f"Delete all {stored} stored turns of this channel for good?",
-            view=view,
-            ephemeral=True,
+        await say_privately(
+            interaction, f"Delete all {stored} stored turns of this channel for good?", view=view
         )
         await view.wait()
         if not view.confirmed:
@@ -413,7 +411,6 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             )
             return
         async with self._reloading:
-            await interaction.response.defer(ephemeral=True, thinking=True)
             old = conv.engine
             target = model or old.info.model
             new = None

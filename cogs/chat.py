@@ -20,6 +20,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.conversation import Busy
+from bot.discord.answering import say_privately
 from bot.discord.checks import audit, is_manager, serves_here, speaks_here
 from bot.discord.replying import APOLOGY, BUSY
 from bot.store.turns import StoredTurn
@@ -77,16 +78,12 @@ class Chat(commands.Cog):
         if interaction.guild_id is not None:
             guild = await memory.places.guild(interaction.guild_id)
             if not (guild.reset_allowed or is_manager(interaction)):
-                await interaction.response.send_message(
-                    "An admin has not allowed /reset in this server.", ephemeral=True
-                )
+                await say_privately(interaction, "An admin has not allowed /reset in this server.")
                 return
         old = (await memory.places.channel(channel_id)).forget_before
         new = await memory.turns.forget(channel_id, interaction.guild_id)
         await audit(interaction, "reset", old, new, channel_id)
-        await interaction.response.send_message(
-            "Done: I forgot our conversation here.", ephemeral=True
-        )
+        await say_privately(interaction, "Done: I forgot our conversation here.")
 
     @contextlib.asynccontextmanager
     async def _last_reply(
@@ -94,29 +91,29 @@ class Chat(commands.Cog):
     ) -> AsyncIterator[StoredTurn | None]:
         """Hold the channel and yield the bot's last reply there, or None once answered.
 
-        Defers (generation outlasts Discord's 3 s), waits for the channel's turn, and reads the
-        reply again then: a /regenerate or /reset that ran while this one waited may have
-        replaced or hidden it. (The `speaks_here` check has already let the member in.)
+        Waits for the channel's turn (the command was deferred: generation outlasts Discord's
+        3 s), and reads the reply again then: a /regenerate or /reset that ran while this one
+        waited may have replaced or hidden it. (The `speaks_here` check has already let the
+        member in.)
         """
         channel = interaction.channel
         assert channel is not None
         nothing = f"I have no reply here to {verb}."
         memory = self.bot.memory
         if await memory.turns.last_assistant(channel.id) is None:
-            await interaction.response.send_message(nothing, ephemeral=True)
+            await say_privately(interaction, nothing)
             yield None
             return
-        await interaction.response.defer(ephemeral=True, thinking=True)
         async with contextlib.AsyncExitStack() as stack:
             try:
                 await stack.enter_async_context(self.bot.conv.slot(channel.id))
             except Busy:
-                await interaction.followup.send(BUSY, ephemeral=True)
+                await say_privately(interaction, BUSY)
                 yield None
                 return
             last = await memory.turns.last_assistant(channel.id)
             if last is None:
-                await interaction.followup.send(nothing, ephemeral=True)
+                await say_privately(interaction, nothing)
             yield last
 
     @app_commands.command(name="regenerate", description="Replace my last reply here")
@@ -127,9 +124,8 @@ class Chat(commands.Cog):
             if last is None or channel is None:
                 return
             done = await self.bot.replies.regenerate(channel, interaction.guild_id, last)  # type: ignore[arg-type]
-        await interaction.followup.send(
-            "Regenerated." if done else f"{APOLOGY} (My previous reply stays.)",
-            ephemeral=True,
+        await say_privately(
+            interaction, "Regenerated." if done else f"{APOLOGY} (My previous reply stays.)"
         )
 
     @app_commands.command(name="continue", description="Make my last reply longer")
@@ -148,7 +144,7 @@ class Chat(commands.Cog):
             answer = "I had nothing to add."
         else:
             answer = "Continued."
-        await interaction.followup.send(answer, ephemeral=True)
+        await say_privately(interaction, answer)
 
 
 async def setup(bot: HermesBot) -> None:

@@ -8,9 +8,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.discord.answering import say_privately
 from bot.discord.checks import is_manager
 from bot.discord.help import help_text
-from bot.discord.posting import say_privately
 
 if TYPE_CHECKING:
     from bot.discord.client import HermesBot

@@ -14,8 +14,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.discord.answering import say_privately
 from bot.discord.checks import audit, edits_here, serves_here
-from bot.discord.posting import say_privately
 from bot.prompt import one_line
 from bot.prompt_context import notes_that_fit, place_of_cards
 from bot.store.notes import CARD_MAX_CHARS, NOTE_MAX_CHARS, NOTES_MAX

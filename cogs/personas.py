@@ -19,8 +19,8 @@ from discord.ext import commands
 
 from bot.card_files import MAX_CARD_BYTES, export_png, parse_card
 from bot.cards import Card, CardError, export_card
+from bot.discord.answering import answers_at_once, say_privately
 from bot.discord.checks import audit, is_manager, speaks_here
-from bot.discord.posting import say_privately
 from bot.discord.webhooks import NAME_MAX, avatar_bytes, avatar_url
 from bot.personas import DEFAULT_PERSONA, Persona, fill, persona_key
 from cogs.scenes import SceneCommands
@@ -227,7 +227,6 @@ class Personas(
                 interaction, f"There is no persona called {name!r}. Try `/persona list`."
             )
             return
-        await interaction.response.defer(ephemeral=True, thinking=True)
         old = (await self.memory.places.channel(channel.id)).persona
         await self.memory.places.update_channel(
             channel.id, interaction.guild_id, persona=persona.name
@@ -281,7 +280,6 @@ class Personas(
                 f"Not imported: the file is {card.size / 2**20:.1f} MB; cards may be at most 2 MB.",
             )
             return
-        await interaction.response.defer(ephemeral=True, thinking=True)
         try:
             parsed = parse_card(await card.read(), card.filename)
         except CardError as exc:
@@ -355,6 +353,7 @@ class Personas(
             interaction, f"Saved **{card.name}**. Use it with `/persona use {card.name}`."
         )
 
+    @answers_at_once  # its answer is the form
     @app_commands.command(name="create", description="Write a new persona")
     @app_commands.guild_only()
     async def create(self, interaction: discord.Interaction) -> None:
@@ -369,6 +368,7 @@ class Personas(
             return  # timed out
         await self._store(modal.interaction, modal.result)
 
+    @answers_at_once  # its answer is the form
     @app_commands.command(name="edit", description="Edit one of this server's personas")
     @app_commands.guild_only()
     @app_commands.autocomplete(name=name_autocomplete)

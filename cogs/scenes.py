@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Literal, cast
 import discord
 from discord import app_commands
 
-from bot.discord.checks import audit, speaks_here
-from bot.discord.posting import say_privately
+from bot.discord.answering import say_privately
+from bot.discord.checks import audit, scene_at, speaks_here
 from bot.personas import persona_key
 
 if TYPE_CHECKING:
@@ -111,14 +111,18 @@ class SceneCommands(app_commands.Group):
 
     @app_commands.command(name="list", description="Who is in this channel's scene")
     async def list_(self, interaction: discord.Interaction) -> None:
-        assert interaction.channel_id is not None
-        scene = await _bot(interaction).memory.scenes.get(interaction.channel_id)
+        assert interaction.channel is not None
+        scene = (await scene_at(_bot(interaction), interaction.channel, interaction.guild_id)).state
         if not scene.members:
             await say_privately(
                 interaction, "No scene here. Add personas with `/persona scene add`."
             )
             return
         lines = []
+        if scene.channel_id != interaction.channel.id:  # a thread following its channel's
+            lines.append(
+                f"(the scene of <#{scene.channel_id}>; adding here starts this thread's own)"
+            )
         for m in scene.members:
             extra = []
             if m.nicknames:

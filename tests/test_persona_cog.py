@@ -301,9 +301,9 @@ async def test_url_avatar_streaming_edits_and_threads(world: World, tmp_path: Pa
 
         # /persona show uses the URL as the thumbnail
         shown = await command(world, "persona show", {"name": "Vela"})
-        response = await shown.wait_response()
+        response = await shown.wait_message()  # the deferred answer
         assert response.embeds[0]["thumbnail"]["url"] == "https://example.com/vela.png"
-        assert not response.files
+        assert not response.attachments
 
 
 async def test_fallback_to_bold_names_without_webhooks_and_in_dms(
@@ -654,9 +654,9 @@ async def test_export_is_a_card_v2_that_reimports_identically(world: World, tmp_
             await command(world, "persona import", {"card": FakeFile("nova.json", card_json())})
         )
         exporting = await command(world, "persona export", {"name": "nova"})
-        response = await exporting.wait_response()
-        assert response.type == 4 and "Character Card V2" in (response.content or "")
-        (file,) = response.files
+        response = await exporting.wait_message()  # the deferred answer
+        assert "Character Card V2" in response.content and response.ephemeral
+        (file,) = response.attachments
         assert file.filename == "Nova.json"
         exported = json.loads(file.data)
         assert exported["spec"] == "chara_card_v2" and exported["spec_version"] == "2.0"
@@ -674,11 +674,11 @@ async def test_export_is_a_card_v2_that_reimports_identically(world: World, tmp_
         stored = await bot.memory.personas.get(world.guild.id, "Nova")
         assert stored is not None and parse_card(stored.card.encode()) == parse_card(card_json())
         again = await command(world, "persona export", {"name": "Nova"})
-        assert (await again.wait_response()).files[0].data == file.data
+        assert (await again.wait_message()).attachments[0].data == file.data
 
         # built-ins export too
         grumbold = await command(world, "persona export", {"name": "Grumbold"})
-        (file,) = (await grumbold.wait_response()).files
+        (file,) = (await grumbold.wait_message()).attachments
         assert parse_card(file.data) == GRUMBOLD.card
 
 
@@ -697,17 +697,17 @@ async def test_list_show_and_autocomplete(world: World, tmp_path: Path) -> None:
         assert "In this channel: **Nova**" in await said(await command(world, "persona list"))
 
         shown = await command(world, "persona show", {"name": "grumbold"})
-        response = await shown.wait_response()
+        response = await shown.wait_message()  # the deferred answer
         (embed,) = response.embeds
         assert embed["title"] == "Grumbold" and "dwarven blacksmith" in embed["description"]
         assert embed["thumbnail"]["url"] == "attachment://avatar.png"
-        (avatar,) = response.files
+        (avatar,) = response.attachments
         assert avatar.filename == "avatar.png"
         assert avatar.data == Path(GRUMBOLD.card.avatar).read_bytes()  # type: ignore[arg-type]
         fields = {f["name"]: f["value"] for f in embed["fields"]}
         assert "grumpy" in fields["Personality"] and "you has walked" in fields["Scenario"]
 
-        nova = await (await command(world, "persona show", {"name": "Nova"})).wait_response()
+        nova = await (await command(world, "persona show", {"name": "Nova"})).wait_message()
         assert (
             nova.embeds[0]["description"]
             == "Nova is the starship Meridian's AI and loves bad space puns."
@@ -840,9 +840,9 @@ async def test_export_as_png_puts_the_card_in_the_personas_picture(
         png = export_png(card, image)
         await said(await command(world, "persona import", {"card": FakeFile("p.png", png)}))
         exporting = await command(world, "persona export", {"name": "Pixel", "format": "png"})
-        response = await exporting.wait_response()
-        assert "Character Card V2 PNG" in (response.content or "")
-        (file,) = response.files
+        response = await exporting.wait_message()  # the deferred answer
+        assert "Character Card V2 PNG" in response.content
+        (file,) = response.attachments
         assert file.filename == "Pixel.png" and file.data.startswith(b"\x89PNG")
         assert parse_card(file.data, "Pixel.png") == card  # SillyTavern reads the same card
         with Image.open(io.BytesIO(file.data)) as im:  # and it is still the persona's picture
@@ -854,7 +854,7 @@ async def test_export_as_png_puts_the_card_in_the_personas_picture(
         )
         plain = await (
             await command(world, "persona export", {"name": "Nova", "format": "png"})
-        ).wait_response()
-        assert "no picture" in (plain.content or "")
-        (file,) = plain.files
+        ).wait_message()
+        assert "no picture" in plain.content
+        (file,) = plain.attachments
         assert file.filename == "Nova.json" and parse_card(file.data) == parse_card(card_json())

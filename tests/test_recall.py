@@ -301,8 +301,8 @@ async def test_admin_memory_search_shows_what_recall_finds(world, tmp_path: Path
             handle = await w.fake.invoke_command(
                 w.general.id, user, "admin memory search", {"query": query}
             )
-            response = await handle.wait_response(10)
-            return response.content or "", response.ephemeral
+            response = await handle.wait_message(10)  # the deferred answer
+            return response.content, response.ephemeral
 
         text, private = await search(w.admin, "what's my dog's name?")
         assert (

@@ -144,9 +144,7 @@ async def test_naming_two_of_three_gets_their_two_replies_in_order_with_their_ow
         said = [(t.persona, t.name, t.content) for t in turns if t.role == "assistant"][:4]
         assert said[:2] == [("Sable", "Sable", "Sable here."), ("Grumbold", "Grumbold", "Grumbold here.")]  # fmt: skip
         handle = await w.fake.invoke_command(w.general.id, w.admin, "admin memory export", {})
-        await handle.wait_response(10)
-        data = (await handle.wait_message(10)).attachments if handle.response.type == 5 else []
-        files = data or handle.response.files
+        files = (await handle.wait_message(10)).attachments  # the deferred answer
         rows = [json.loads(line) for line in files[0].data.decode().splitlines()]
         assert [r["persona"] for r in rows if r["role"] == "assistant"][:2] == ["Sable", "Grumbold"]
 
@@ -236,7 +234,7 @@ async def test_the_chain_limit_holds_in_an_always_channel(world: World, tmp_path
 
     async with running_bot(w.fake, w.settings(tmp_path), engine=ScriptedEngine(script)) as bot:
         handle = await w.fake.invoke_command(w.general.id, w.admin, "admin channel", {"mode": "always"})  # fmt: skip
-        await handle.wait_response(10)
+        await answer(handle, 10)  # answered (after its defer): the mode is stored
         await cast_scene(w, cast)
         for i in range(50):
             await w.fake.user_message(w.general.id, w.alice, f"The party waits ({i}).")
@@ -264,7 +262,7 @@ async def test_scene_commands_mute_policy_scenario_and_limits(world: World, tmp_
         await command(w, "persona scene scenario", {"text": "A storm traps everyone inside."})
         # list policy in an always channel: Grumbold (Sable is muted, and skipped)
         handle = await w.fake.invoke_command(w.general.id, w.admin, "admin channel", {"mode": "always"})  # fmt: skip
-        await handle.wait_response(10)
+        await answer(handle, 10)  # answered (after its defer): the mode is stored
         await w.fake.user_message(w.general.id, w.alice, "Anyone there?")
         await w.fake.user_message(w.general.id, w.alice, "Sable, you too?")  # muted: not her
         await w.fake.user_message(w.general.id, w.bob, "Hello?")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -141,3 +142,32 @@ def test_tool_turns_are_input_blocks_and_names_are_on_user_turns() -> None:
     ex = enc.encode(record)
     assert ex.input_ids == tok(text.removesuffix("\n\n")).input_ids + [enc.eos]
     assert [decode(tok, s) for s in enc.target_spans(ex)] == ["It is 18 °C.</s>", "Any time.</s>"]
+
+
+def test_template_pieces_keep_every_turn_without_an_opening(tmp_path: Path) -> None:
+    """In a chat template with no opening text (Llama 3), each run of turns between tool turns is
+    rendered whole: the first member turn of a run is not taken for the template's opening."""
+    from bot.prompt_template import TemplateFormat
+    from tests.chat_templates import llama3_tokenizer
+
+    fmt = TemplateFormat(llama3_tokenizer(tmp_path / "llama3"))
+    assert fmt.head("") == ""  # the case this test is about
+    chat = [
+        Message("user", "Weather in Paris?", "alice"),
+        Message("assistant", "Let me look."),
+        Message("input", '{"temp_c": 18}', "observation"),
+        Message("user", "And now?", "alice"),
+        Message("assistant", "It is 18 °C."),
+    ]
+    record = Record("tools", conversation=chat, system="You are Hermes.")
+    text = "".join(t for t, _ in pieces_for(record, fmt))
+    turns = [Turn(m.role, m.content, m.name) for m in chat if m.role != "input"]
+    before, after = turns[:2], turns[2:]
+    assert text == "".join(
+        [
+            *(t for t, _ in fmt.chat_segments("You are Hermes.", before, open_response=False)),
+            fmt.system_block('{"temp_c": 18}'),
+            *(t for t, _ in fmt.chat_segments("", after, open_response=False)),
+        ]
+    )
+    assert "Weather in Paris?" in text and "And now?" in text

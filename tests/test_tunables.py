@@ -108,7 +108,7 @@ async def test_env_and_admin_settings_set_accept_and_refuse_the_same_values(
                         "admin settings set",
                         {"name": name, "value": raw, "scope": "channel"},
                     )
-                    text = (await handle.wait_response(10)).content or ""
+                    text = (await handle.wait_message(10)).content  # the deferred answer
                     stored = (await bot.memory.places.channel(channel.id)).settings.get(name)
                     if env is None:
                         assert "Not changed" in text, (name, raw, text)

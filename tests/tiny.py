@@ -40,8 +40,16 @@ def make_tokenizer(folder: Path, vocab_size: int = 384) -> None:
     fast.save_pretrained(folder)
 
 
-def make_model(folder: Path, *, seed: int = 0, vocab_size: int = 384, hidden: int = 32,
-               layers: int = 2, heads: int = 4, max_positions: int = 4096) -> Path:
+def make_model(
+    folder: Path,
+    *,
+    seed: int = 0,
+    vocab_size: int = 384,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    max_positions: int = 4096,
+) -> Path:
     """Save a randomly initialised tiny Llama plus its tokenizer into `folder`."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM

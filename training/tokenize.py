@@ -30,8 +30,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from bot.prompt import SEPARATOR, Turn, chat_segments, format_single, render_system
-from bot.prompt_template import adds_bos, choose_format
+from bot.prompt import SEPARATOR, Turn, format_single
+from bot.prompt_template import ALPACA, adds_bos, choose_format
 from training.data import Record
 
 log = logging.getLogger(__name__)
@@ -61,34 +61,16 @@ def pieces_for(record: Record, fmt: Any = None) -> list[tuple[str, bool]]:
     A chat is `chat_segments(system, turns)`, names included, which is the bot's prompt up to
     each reply (`fit_prompt` with nothing left out); Input blocks (tool turns) go between the
     turns as `render_system` renders them. `fmt`: a chat template format
-    (`bot.prompt_template.TemplateFormat`) renders the same chat in the model's template.
+    (`bot.prompt_template.TemplateFormat`) renders the same chat in the model's template, where
+    a single-turn record is a user message (instruction, then its input) answered by one reply
+    and a chat's tool turns are system messages.
     """
     if record.segments is not None:
         return list(record.segments)
-    if fmt is not None and fmt.templated:
-        return _template_pieces(record, fmt)
+    fmt = fmt if fmt is not None and fmt.templated else ALPACA
     if record.conversation is None:
-        return [(format_single(record.instruction, record.input), False), (record.output, True)]
-    pieces: list[tuple[str, bool]] = []
-    if head := render_system(record.system):
-        pieces.append((head, False))
-    run: list[Turn] = []
-    for m in [*record.conversation, None]:
-        if m is not None and m.role != "input":
-            run.append(Turn(role=m.role, content=m.content, name=m.name))
-            continue
-        if run:
-            pieces += chat_segments("", run, open_response=False)
-            run = []
-        if m is not None and (block := render_system(m.content)):
-            pieces.append((block, False))
-    return pieces
-
-
-def _template_pieces(record: Record, fmt: Any) -> list[tuple[str, bool]]:
-    """`pieces_for` in a chat template: a single-turn record is a user message (instruction,
-    then its input) answered by one reply; a chat's tool turns are system messages."""
-    if record.conversation is None:
+        if not fmt.templated:
+            return [(format_single(record.instruction, record.input), False), (record.output, True)]
         ask = "\n\n".join(filter(None, [record.instruction, record.input]))
         return [
             *fmt.chat_segments("", [Turn("user", ask)]),
@@ -97,13 +79,14 @@ def _template_pieces(record: Record, fmt: Any) -> list[tuple[str, bool]]:
     pieces: list[tuple[str, bool]] = []
     if head := fmt.head(record.system):
         pieces.append((head, False))
+    opening = 1 if fmt.head("") else 0  # a run's segments start with the template's opening
     run: list[Turn] = []
     for m in [*record.conversation, None]:
         if m is not None and m.role != "input":
             run.append(Turn(role=m.role, content=m.content, name=m.name))
             continue
         if run:
-            pieces += fmt.chat_segments("", run, open_response=False)[1:]  # [0]: the opening
+            pieces += fmt.chat_segments("", run, open_response=False)[opening:]
             run = []
         if m is not None and (block := fmt.system_block(m.content)):
             pieces.append((block, False))

@@ -26,10 +26,9 @@ from typing import TYPE_CHECKING
 import aiohttp
 import discord
 
-from bot.discord.checks import policy_for
+from bot.discord.checks import policy_for, scene_at
+from bot.discord.owing import Outcome, OwedReply
 from bot.discord.posting import describe_failure
-from bot.discord.replying import Outcome, OwedReply
-from bot.scenes import load_scene
 from bot.store.owed import ReplyPost
 from bot.store.turns import StoredTurn
 
@@ -200,7 +199,7 @@ class CatchUp:
     ) -> None:
         """Answer a stored turn still owed a reply, as it would have been answered live."""
         bot = self.bot
-        scene = await load_scene(bot.memory, bot.personas, turn.channel_id, turn.guild_id)
+        scene = await scene_at(bot, trigger.channel, turn.guild_id)
         if scene:
             speakers = await bot.ingest.pick_speakers(scene, turn.content, None, turn.guild_id)
             if not speakers:  # the scene gives nobody the word

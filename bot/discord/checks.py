@@ -3,7 +3,8 @@
 Part of the Discord layer. `is_manager` is the one "Manage Server, or a user in OWNER_IDS"
 rule and `require_manager` its check (the whole `/admin` group runs it); `serves_here`,
 `speaks_here` and `edits_here` are `app_commands` checks on the channel policy (`bot.policy`),
-the last one letting managers through as well; `audit` writes
+the last one letting managers through as well; `scene_at` the scene in force in a channel (a
+thread's parent's, unless it has its own); `audit` writes
 what a command changed to the server's audit log. A check that
 refuses raises `Refused`, whose message the bot's app-command error handler sends privately,
 once for every command.
@@ -16,7 +17,8 @@ from typing import TYPE_CHECKING, cast
 import discord
 from discord import app_commands
 
-from bot.policy import Asker, ChannelPolicy, Place, resolve
+from bot.policy import Asker, ChannelPolicy, Place, resolve, scene_channel
+from bot.scenes import Scene, load_scene
 
 if TYPE_CHECKING:
     from bot.discord.client import HermesBot
@@ -51,6 +53,13 @@ async def policy_for(
     """The channel policy at `channel`; with `user`, whether they may use the bot there."""
     asker = asker_of(user) if user is not None else None
     return await resolve(bot.memory, bot.settings, place_of(channel, guild_id), asker)
+
+
+async def scene_at(bot: HermesBot, channel: discord.abc.Snowflake, guild_id: int | None) -> Scene:
+    """The scene in force in `channel`: its own cast, else a thread's parent's
+    (`bot.policy.scene_channel`); empty where there is none."""
+    where = await scene_channel(bot.memory, place_of(channel, guild_id))
+    return await load_scene(bot.memory, bot.personas, where, guild_id)
 
 
 def is_owner(interaction: discord.Interaction) -> bool:

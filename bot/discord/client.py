@@ -21,10 +21,10 @@ from discord.ext import commands
 
 from bot import metrics
 from bot.conversation import Conversations
+from bot.discord.answering import DeferringTree, say_privately
 from bot.discord.catchup import CatchUp
 from bot.discord.checks import Refused
 from bot.discord.ingest import Ingest
-from bot.discord.posting import say_privately
 from bot.discord.replying import Replier
 from bot.discord.swipes import SwipeButton, Swipes
 from bot.discord.webhooks import Webhooks
@@ -44,6 +44,9 @@ discord.VoiceClient.warn_dave = False
 #: Exit status when Discord cannot be reached at start (EX_TEMPFAIL): a service manager that
 #: restarts on failure (the systemd unit, Docker's restart policy) tries again later.
 EXIT_UNREACHABLE = 75
+
+#: What a member is told when a check other than ours (e.g. `guild_only`) refuses a command.
+NOT_ALLOWED = "You can't use that command here."
 
 COGS = ("cogs.chat", "cogs.personas", "cogs.admin", "cogs.notes", "cogs.help")
 
@@ -95,6 +98,7 @@ class HermesBot(commands.AutoShardedBot):
             intents=intents(),
             allowed_mentions=discord.AllowedMentions.none(),
             help_command=None,
+            tree_cls=DeferringTree,  # every command is acknowledged before it runs
             shard_count=settings.shard_count or None,
             **options,
         )
@@ -204,12 +208,14 @@ class HermesBot(commands.AutoShardedBot):
     async def on_app_command_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError
     ) -> None:
-        """A refused check gets its one line, privately; anything else a short private apology."""
-        if isinstance(error, Refused):
-            with contextlib.suppress(discord.HTTPException):
-                await say_privately(interaction, str(error))
-            return
+        """A refused check gets its one line, privately; anything else a short private apology.
+
+        Every command was deferred (`DeferringTree`), so each ends with an answer: a placeholder
+        left "thinking…" would never go away."""
         if isinstance(error, app_commands.CheckFailure):
+            reason = str(error) if isinstance(error, Refused) else NOT_ALLOWED
+            with contextlib.suppress(discord.HTTPException):
+                await say_privately(interaction, reason)
             return
         name = interaction.command.qualified_name if interaction.command else "?"
         log.error("command /%s failed in channel %s", name, interaction.channel_id, exc_info=error)

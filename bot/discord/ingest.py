@@ -24,10 +24,10 @@ import discord
 
 from bot.discord.attachments import message_text
 from bot.discord.catchup import Claims
-from bot.discord.checks import policy_for
-from bot.discord.replying import OwedReply
+from bot.discord.checks import policy_for, scene_at
+from bot.discord.owing import OwedReply
 from bot.policy import ChannelPolicy
-from bot.scenes import Scene, SceneMember, load_scene, mentions_any, speakers_for
+from bot.scenes import Scene, SceneMember, mentions_any, speakers_for
 
 if TYPE_CHECKING:
     from bot.discord.client import HermesBot
@@ -175,7 +175,7 @@ class Ingest:
         scene: Scene | None = None
         speakers: list[SceneMember] = []
         if not replied:
-            scene = await load_scene(memory, bot.personas, message.channel.id, guild_id)
+            scene = await scene_at(bot, message.channel, guild_id)
             said = message.clean_content  # names count in what was written, not in attachments
             # naming cast members addresses them in any mode but off; WAKE_WORDS is for the rest
             named = bool(scene) and bool(scene.named(said))

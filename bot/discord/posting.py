@@ -184,6 +184,8 @@ class ReplyStream:
     cannot be edited keeps what it shows, and the rest of the reply continues in new messages,
     so the messages together always read as the whole reply. A reply to a message deleted in
     the meantime is posted without the reference (Discord's `fail_if_not_exists=False`).
+    `final_view` (the swipe buttons) goes out with the final send or edit when the reply ends
+    as one message, never in an edit of its own; `view_shown` says whether it did.
     """
 
     channel: discord.abc.Messageable
@@ -195,6 +197,10 @@ class ReplyStream:
     #: the identity to use instead (a fresh webhook, or the bot's own account).
     recover: Callable[[], Awaitable[Identity]] | None = None
     deadline: float | None = None
+    #: Buttons for the final message of a one-message reply (see `view_shown`).
+    final_view: discord.ui.View | None = None
+    #: Whether `final_view` went out with the final text.
+    view_shown: bool = False
     #: The reply text (without the identity prefix) the messages show now.
     text: str = ""
     _shown: list[str] = field(default_factory=list)
@@ -211,28 +217,32 @@ class ReplyStream:
         if self.deadline is None:
             self.deadline = time.monotonic() + RETRY_BUDGET
 
-    async def _send(self, content: str) -> discord.Message:
+    async def _send(self, content: str, view: discord.ui.View | None = None) -> discord.Message:
         nonce = random.randrange(1, 1 << 62)  # the same for every retry of this message
         try:
-            return await self._retry("send", lambda: self._send_as(content, nonce))
+            return await self._retry("send", lambda: self._send_as(content, nonce, view))
         except discord.NotFound:
             if self.identity.webhook is None or self.recover is None or self.messages:
                 raise
             recover, self.recover = self.recover, None
             self.identity = await recover()
-            return await self._retry("send", lambda: self._send_as(content, nonce))
+            return await self._retry("send", lambda: self._send_as(content, nonce, view))
 
     def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> Awaitable[T]:
         assert self.deadline is not None
         return retrying(what, call, self.deadline)
 
-    async def _send_as(self, content: str, nonce: int) -> discord.Message:
+    async def _send_as(
+        self, content: str, nonce: int, view: discord.ui.View | None
+    ) -> discord.Message:
         ident = self.identity
+        extra: dict[str, Any] = {"view": view} if view is not None else {}
         if ident.webhook is not None:
             kwargs: dict[str, Any] = {
                 "username": ident.username,
                 "wait": True,
                 "allowed_mentions": NO_PINGS,
+                **extra,
             }
             if ident.avatar_url:
                 kwargs["avatar_url"] = ident.avatar_url
@@ -246,21 +256,24 @@ class ReplyStream:
                 mention_author=False,
                 allowed_mentions=NO_PINGS,
                 nonce=nonce,
+                **extra,
             )
-        return await self.channel.send(content, allowed_mentions=NO_PINGS, nonce=nonce)
+        return await self.channel.send(content, allowed_mentions=NO_PINGS, nonce=nonce, **extra)
 
-    async def _edit(self, message: discord.Message, content: str) -> None:
+    async def _edit(
+        self, message: discord.Message, content: str, view: discord.ui.View | None = None
+    ) -> None:
         ident = self.identity
+        kwargs: dict[str, Any] = {"content": content, "allowed_mentions": NO_PINGS}
+        if view is not None:
+            kwargs["view"] = view
         if ident.webhook is not None:
-            kwargs: dict[str, Any] = {"content": content, "allowed_mentions": NO_PINGS}
             if ident.thread is not None:
                 kwargs["thread"] = ident.thread
             webhook = ident.webhook
             await self._retry("edit", lambda: webhook.edit_message(message.id, **kwargs))
         else:
-            await self._retry(
-                "edit", lambda: message.edit(content=content, allowed_mentions=NO_PINGS)
-            )
+            await self._retry("edit", lambda: message.edit(**kwargs))
 
     def _chunks(self, full: str) -> list[str]:
         rest = full[self._base :]
@@ -308,18 +321,21 @@ class ReplyStream:
             if not chunks:
                 return
         live = self._live_from
+        # the buttons ride on the final text of a reply that is one message
+        view = self.final_view if final and live == 0 and len(chunks) == 1 else None
         for i, chunk in enumerate(chunks):
             at = live + i
             if at < len(self.messages):
-                if self._shown[at] != chunk:
+                if self._shown[at] != chunk or view is not None:
                     try:
-                        await self._edit(self.messages[at], chunk)
+                        await self._edit(self.messages[at], chunk, view)
                     except (discord.HTTPException, aiohttp.ClientError) as exc:
                         raise _Uneditable from exc
                     self._shown[at] = chunk
             else:
-                self.messages.append(await self._send(chunk))
+                self.messages.append(await self._send(chunk, view))
                 self._shown.append(chunk)
+        self.view_shown = view is not None
         if final:
             keep = live + len(chunks)
             for message in self.messages[keep:]:  # the final text got shorter
@@ -344,15 +360,6 @@ async def post(
     """Post a complete text (notices, greetings) with the same splitting, ping and retry rules."""
     stream = ReplyStream(channel, reference, identity or Identity(), interval=0, deadline=deadline)
     return await stream.finish(text)
-
-
-async def say_privately(interaction: discord.Interaction, text: str, **kwargs: Any) -> None:
-    """An ephemeral answer, or a follow-up once the interaction was answered; never pings."""
-    kwargs.setdefault("allowed_mentions", NO_PINGS)
-    if interaction.response.is_done():
-        await interaction.followup.send(text, ephemeral=True, **kwargs)
-    else:
-        await interaction.response.send_message(text, ephemeral=True, **kwargs)
 
 
 async def typing_while(channel: discord.abc.Messageable, until: asyncio.Event) -> None:

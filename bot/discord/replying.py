@@ -29,7 +29,8 @@ import aiohttp
 import discord
 
 from bot.conversation import EMPTY_NOTICE, Busy, ReplyJob
-from bot.discord.checks import place_of
+from bot.discord.checks import place_of, scene_at
+from bot.discord.owing import Outcome, OwedReply
 from bot.discord.posting import (
     Alternative,
     Identity,
@@ -39,9 +40,9 @@ from bot.discord.posting import (
     post,
     typing_while,
 )
+from bot.discord.swipes import swipe_view
 from bot.personas import persona_key
-from bot.scenes import Scene, SceneMember, chained, load_scene, member_context
-from bot.store.owed import OwedReplies
+from bot.scenes import Scene, SceneMember, chained, member_context
 from bot.store.turns import StoredTurn
 
 if TYPE_CHECKING:
@@ -56,63 +57,6 @@ TIMEOUT = "Sorry, that took too long and I gave up. Please try again."
 #: Anything that can show a message in a Discord channel (a text channel, thread or DM).
 Channel = discord.abc.Messageable
 Trigger = discord.Message | discord.PartialMessage
-
-
-class Outcome(enum.Enum):
-    """How an owed reply settled."""
-
-    ANSWERED = "answered"  # a reply (or the part shown before a failure) reached the channel
-    FAILED = "failed"  # the reply failed and the member was told so
-    GIVEN_UP = "given up"  # not answered on purpose: too old, channel off, busy, nobody's turn
-    CANCELLED = "cancelled"  # the message was deleted before its reply was made
-
-
-class OwedReply:
-    """A member's stored message the bot owes a reply: a handle that settles exactly once.
-
-    Made by ingest (a live message) or catch-up (a turn still owed after a restart); settled
-    by the runner or, for replies catch-up gives up on or adopts, by catch-up through `settle`.
-    Storing the reply's turn settles it in the same transaction (`TurnStore.add(answers=...)`).
-    A process that stops while the reply still waits for its channel leaves it unsettled on
-    purpose: it stays owed in the store and the next start answers it.
-    """
-
-    def __init__(self, store: OwedReplies, turn_id: int, message_id: int | None) -> None:
-        self.store = store
-        self.turn_id = turn_id
-        self.message_id = message_id  # the member's Discord message
-        self.outcome: Outcome | None = None
-        self._posting = False
-        self._posted: int | None = None
-
-    @property
-    def settled(self) -> bool:
-        return self.outcome is not None
-
-    async def posting(self, persona: str | None) -> None:
-        """Record, before the reply's first message is sent, that a post is starting."""
-        if not self.settled and not self._posting:
-            self._posting = True
-            await self.store.posting(self.turn_id, persona)
-
-    async def posted(self, message_id: int) -> None:
-        """Record the reply's first message id as soon as Discord returned it."""
-        if not self.settled and self._posting and self._posted is None:
-            self._posted = message_id
-            await self.store.posted(self.turn_id, message_id)
-
-    def stored(self) -> None:
-        """The reply's turn was stored with `answers=turn_id`: the store settled it."""
-        if self.outcome is None:
-            self.outcome = Outcome.ANSWERED
-
-    async def settle(self, outcome: Outcome) -> bool:
-        """Settle once; a second call changes nothing. Whether this call settled it."""
-        if self.outcome is not None:
-            return False
-        self.outcome = outcome
-        await self.store.mark_answered(self.turn_id)
-        return True
 
 
 class Keep(enum.Enum):
@@ -146,12 +90,12 @@ class Reply:
     #: the reply regenerated, continued or swiped (left out of the prompt, except continue)
     old: StoredTurn | None = None
     overrides: dict[str, Any] | None = None
-    #: show it growing; otherwise post it complete (scene members, continue, swipes)
+    #: show it growing; otherwise post it complete (continue, swipes)
     stream: bool = True
     #: keep the typing indicator on while generating
     typing: bool = True
-    #: a scene member's run posts after `after` is set (the member before it is done), and
-    #: sets `done` when it is done itself
+    #: a scene member's run shows its reply (growing from what it has so far) once `after` is
+    #: set (the member before it is done), and sets `done` when it is done itself
     after: asyncio.Event | None = None
     done: asyncio.Event | None = None
     #: where the text goes instead of new messages (a swipe edits the swiped message)
@@ -211,10 +155,15 @@ class Replier:
                 await reply.owed.posting(job.persona)
             async with asyncio.timeout(settings.reply_timeout):
                 if reply.stream:
+                    # one piece behind: the last piece comes with `finish`, in the final edit
+                    # that carries the buttons too, never in an edit of its own before it
+                    held: str | None = None
                     async for partial in bot.conv.stream(job):
-                        shown.set()
-                        await target.update(partial)
-                        await self._posted(reply, target)
+                        if held and (reply.after is None or reply.after.is_set()):  # its turn
+                            shown.set()
+                            await target.update(held)
+                            await self._posted(reply, target)
+                        held = partial
                 else:
                     await bot.conv.complete(job)
             shown.set()
@@ -233,10 +182,17 @@ class Replier:
                 return result
             if job.notes and reply.keep in (Keep.NEW, Keep.REPLACE):
                 text = f"{text}\n-# {' '.join(job.notes)}"
+            stream = target if isinstance(target, ReplyStream) else None
+            if stream and reply.keep in (Keep.NEW, Keep.REPLACE) and not job.notes:
+                # swipe buttons go with the final text, if it is one message and stored
+                stream.final_view = swipe_view() if job.text != EMPTY_NOTICE else None
             result.messages = await target.finish(text)
             await self._posted(reply, target)
             if job.text != EMPTY_NOTICE:
-                result.turn_id = await self._store(reply, job, result.messages, job.text)
+                offered = stream is not None and stream.view_shown
+                result.turn_id = await self._store(
+                    reply, job, result.messages, job.text, swipes=offered
+                )
             elif reply.keep is Keep.REPLACE and reply.old is not None:
                 await self.bot.memory.turns.delete(reply.old.id)  # its messages go, and it too
             elif reply.owed is not None and reply.settles:
@@ -281,7 +237,7 @@ class Replier:
         cast: list[str] = []
         roster = ""
         if persona is not None:  # a scene member sees the rest of the cast and the roster
-            scene = await load_scene(self.bot.memory, self.bot.personas, channel.id, reply.guild_id)
+            scene = await scene_at(self.bot, channel, reply.guild_id)
             cast, roster = member_context(scene, persona)
         job = await self.bot.conv.prepare(
             channel.id,
@@ -327,10 +283,10 @@ class Replier:
         messages: list[discord.Message],
         text: str,
         *,
-        swipes: bool = True,
+        swipes: bool = False,
     ) -> int | None:
-        """Store what the run showed, as its `Keep` says; offer swipes on a new one-message
-        reply. The turn's id (None for an alternative)."""
+        """Store what the run showed, as its `Keep` says; with `swipes` (its buttons went out
+        with it) keep its first alternative. The turn's id (None for an alternative)."""
         conv = self.bot.conv
         ids = [m.id for m in messages]
         old = reply.old
@@ -362,8 +318,8 @@ class Replier:
             )
         if reply.owed is not None and answers == reply.owed.turn_id:
             reply.owed.stored()
-        if swipes and len(messages) == 1 and not job.notes:
-            await self.bot.swipes.attach(messages[0], turn, text, job.reply_to, reply.asked)
+        if swipes:
+            await self.bot.swipes.start(turn, text, job.reply_to, reply.asked)
         return turn
 
     async def _keep_shown(self, reply: Reply, job: ReplyJob | None, target: Target | None) -> None:
@@ -374,7 +330,7 @@ class Replier:
             return
         kept = replace(reply, keep=Keep.NEW) if reply.keep is Keep.REPLACE else reply
         try:  # a new turn beside the old one when a regenerate stopped half-way; no swipes
-            await self._store(kept, job, target.messages, target.text, swipes=False)
+            await self._store(kept, job, target.messages, target.text)
         except Exception:  # the store is closing (shutdown): nothing more to save
             log.warning("could not store the partial reply in channel %s", reply.channel.id)
 
@@ -443,7 +399,7 @@ class Replier:
         reference: Trigger | None,
     ) -> list[tuple[SceneMember, str]]:
         """The members' replies, generated together (separate requests the engine batches) and
-        posted in order under each member's own name; the caller holds the channel's slot.
+        streamed in order under each member's own name; the caller holds the channel's slot.
         The first round answers the member's message, a chained one the latest turn."""
         replies: list[tuple[SceneMember, Reply]] = []
         before: asyncio.Event | None = None
@@ -461,9 +417,8 @@ class Replier:
                 settles=False,
                 reference=reference,
                 asked=owed.turn_id,
-                stream=False,
                 typing=False,
-                after=before,  # posted in order: each once the one before it is done
+                after=before,  # shown in order: each once the one before it is done
                 done=done,
             )
             replies.append((member, reply))

@@ -5,8 +5,11 @@ sit ◀, a counter ("2/3"), ▶ and 🔁. 🔁 generates another alternative wit
 it; ◀ ▶ move between the alternatives. The turn's stored text is always the alternative shown,
 so the one shown when the conversation moves on is what memory keeps; after that (or after a
 `/continue` extended it) the reply is settled. Only the member whose message was answered (or a
-manager, `bot.discord.checks.is_manager`) may swipe, where the channel policy lets them use the bot. The buttons are `DynamicItem`s whose custom ids name the turn, and the alternatives live
-in SQLite, so buttons keep working after a restart.
+manager, `bot.discord.checks.is_manager`) may swipe, where the channel policy lets them use the
+bot. The buttons are `DynamicItem`s; a click finds its turn from the message it is on (buttons
+from earlier versions name the turn in their custom id), and the alternatives live in SQLite, so
+buttons keep working after a restart. Because the buttons need no id, they go out with the
+reply's final send or edit (`posting.ReplyStream.final_view`), not in an edit of their own.
 """
 
 from __future__ import annotations
@@ -39,16 +42,19 @@ _LABELS = {"prev": "◀", "next": "▶", "new": "🔁"}
 
 class SwipeButton(
     discord.ui.DynamicItem[discord.ui.Button[Any]],
-    template=r"swipe:(?P<action>prev|next|new|count):(?P<turn>[0-9]+)",
+    template=r"swipe:(?P<action>prev|next|new|count)(?::(?P<turn>[0-9]+))?",
 ):
-    """One of a reply's swipe buttons; the custom id carries the action and the turn id."""
+    """One of a reply's swipe buttons; the custom id carries the action (and, on buttons from
+    earlier versions, the turn id; a click otherwise finds the turn from its message)."""
 
-    def __init__(self, action: str, turn_id: int, label: str = "", disabled: bool = False) -> None:
+    def __init__(
+        self, action: str, turn_id: int | None = None, label: str = "", disabled: bool = False
+    ) -> None:
         super().__init__(
             discord.ui.Button(
                 style=_STYLE,
                 label=label or _LABELS.get(action, "·"),
-                custom_id=f"swipe:{action}:{turn_id}",
+                custom_id=f"swipe:{action}" + (f":{turn_id}" if turn_id is not None else ""),
                 disabled=disabled,
             )
         )
@@ -63,20 +69,28 @@ class SwipeButton(
         match: re.Match[str],
         /,
     ) -> SwipeButton:
-        return cls(match["action"], int(match["turn"]), item.label or "")
+        turn = int(match["turn"]) if match["turn"] else None
+        return cls(match["action"], turn, item.label or "")
 
     async def callback(self, interaction: discord.Interaction) -> None:
         bot = cast("HermesBot", interaction.client)
-        await bot.swipes.click(interaction, self.action, self.turn_id)
+        turn_id = self.turn_id
+        if turn_id is None and interaction.message is not None:
+            turn = await bot.memory.turns.for_message(interaction.message.id)
+            turn_id = turn.id if turn is not None else None
+        if turn_id is None:
+            await interaction.response.send_message(GONE, ephemeral=True)
+            return
+        await bot.swipes.click(interaction, self.action, turn_id)
 
 
-def swipe_view(turn_id: int, shown: int, total: int) -> discord.ui.View:
+def swipe_view(shown: int = 0, total: int = 1) -> discord.ui.View:
     """The buttons under a reply showing alternative `shown` (0-based) of `total`."""
     view = discord.ui.View(timeout=None)
-    view.add_item(SwipeButton("prev", turn_id, disabled=shown <= 0))
-    view.add_item(SwipeButton("count", turn_id, f"{shown + 1}/{total}", disabled=True))
-    view.add_item(SwipeButton("next", turn_id, disabled=shown >= total - 1))
-    view.add_item(SwipeButton("new", turn_id))
+    view.add_item(SwipeButton("prev", disabled=shown <= 0))
+    view.add_item(SwipeButton("count", label=f"{shown + 1}/{total}", disabled=True))
+    view.add_item(SwipeButton("next", disabled=shown >= total - 1))
+    view.add_item(SwipeButton("new"))
     return view
 
 
@@ -92,15 +106,11 @@ class Swipes:
     def __init__(self, bot: HermesBot) -> None:
         self.bot = bot
 
-    async def attach(
-        self,
-        message: discord.Message,
-        turn_id: int,
-        text: str,
-        reply_to: int | None,
-        asked_turn: int | None,
+    async def start(
+        self, turn_id: int, text: str, reply_to: int | None, asked_turn: int | None
     ) -> None:
-        """Offer swipes under a reply posted as one message (`text`: its stored text).
+        """Keep the first alternative of a reply shown with `swipe_view()` (`text`: its stored
+        text); the buttons went out with the reply itself.
 
         `reply_to` is the turn the reply answered (its prompt is rebuilt from there), and
         `asked_turn` the human message that led to it: its author may swipe."""
@@ -113,10 +123,6 @@ class Swipes:
             reply_to=reply_to,
             requester=asked.author_id if asked else None,
         )
-        try:
-            await message.edit(view=swipe_view(turn_id, 0, 1), allowed_mentions=NO_PINGS)
-        except discord.HTTPException as exc:
-            log.info("could not add swipe buttons to message %s: %s", message.id, exc)
 
     async def click(self, interaction: discord.Interaction, action: str, turn_id: int) -> None:
         memory = self.bot.memory
@@ -145,7 +151,7 @@ class Swipes:
                 return
             await interaction.response.edit_message(
                 content=identity.prefix + text,
-                view=swipe_view(turn_id, idx, len(state.alternatives)),
+                view=swipe_view(idx, len(state.alternatives)),
                 allowed_mentions=NO_PINGS,
             )
             return
@@ -197,7 +203,7 @@ class SwipedMessage:
         total = len(state.alternatives) if state else 1
         message = await self.interaction.edit_original_response(
             content=self.prefix + self.text,
-            view=swipe_view(self.turn_id, total - 1, total),
+            view=swipe_view(total - 1, total),
             allowed_mentions=NO_PINGS,
         )
         self.messages = [message]
