@@ -123,6 +123,13 @@ class Conversations:
         self._locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._start_hint: dict[tuple[int, str], int | None] = {}
         self.pending = 0
+        #: `idle` while no reply waits for its channel or is being written, else `busy`: work
+        #: that must never delay a reply (the rolling summary) runs only while idle
+        self.idle, self.busy = asyncio.Event(), asyncio.Event()
+        self.idle.set()
+        #: called with (channel id, guild id, prompt, the channel's settings) for every prompt
+        #: built; `bot.summaries` watches where windows start through it
+        self.prompt_hooks: list[Callable[[int, int | None, FittedPrompt, Settings], None]] = []
         self.recent: deque[ReplyStats] = deque(maxlen=50)  # for /admin model status
         self.members = members
         #: member id -> names, per server (or DM channel): read from memory once, then kept
@@ -260,11 +267,16 @@ class Conversations:
         if self.pending >= self.settings.queue_size:
             raise Busy
         self.pending += 1
+        self.idle.clear()
+        self.busy.set()
         try:
             async with self._locks[channel_id]:
                 yield
         finally:
             self.pending -= 1
+            if not self.pending:
+                self.busy.clear()
+                self.idle.set()
 
     # ---- building ---------------------------------------------------------------------------
 
@@ -329,6 +341,8 @@ class Conversations:
             prompt = await self._recall(
                 channel_id, guild_id, prompt, recall_budget, bot_name, known
             )
+        for hook in self.prompt_hooks:
+            hook(channel_id, guild_id, prompt, settings)
         if continue_last and not reopen_last_reply(prompt, self.fmt):
             return None
         names = self._other_names(prompt, cast, known, bot_name)

@@ -327,6 +327,16 @@ def notes_text(notes: Sequence[str]) -> str:
     return neutralize("\n".join([NOTES_HEADING, *(f"- {n}" for n in kept)]))
 
 
+def transcript_text(turns: Sequence[Turn]) -> str:
+    """Turns as the summarizer reads them (`bot.summaries`): one `Name: text` line each, the
+    text folded onto its line and defused, so no turn can start a line as another speaker."""
+    rows = []
+    for turn in turns:
+        name = clean_name(turn.name)
+        rows.append(f"{name}: {one_line(turn.content)}" if name else one_line(turn.content))
+    return neutralize("\n".join(rows))
+
+
 def context_texts(
     context: Context, turns: Sequence[Turn] | None, speakers: Iterable[str]
 ) -> tuple[str, str, str]:

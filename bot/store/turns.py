@@ -317,6 +317,25 @@ class TurnStore(Store):
         )
         return row[0] if row and row[0] else ""
 
+    async def between(self, channel_id: int, after_id: int, before_id: int) -> list[StoredTurn]:
+        """The channel's turns with `after_id` < id < `before_id`, oldest first (what the
+        rolling summary has not covered yet, `bot.summaries`)."""
+        rows = await self.db.all(
+            f"SELECT {TURN_COLUMNS} FROM turns WHERE channel_id = ? AND id > ? AND id < ? "
+            "ORDER BY id",
+            (channel_id, after_id, before_id),
+        )
+        return [StoredTurn(*row) for row in rows]
+
+    async def span(self, channel_id: int) -> tuple[int, int] | None:
+        """The ids of the channel's oldest and newest visible turns (None without any)."""
+        floor = await self.watermark(channel_id)
+        row = await self.db.one(
+            "SELECT MIN(id), MAX(id) FROM turns WHERE channel_id = ? AND id > ?",
+            (channel_id, floor),
+        )
+        return (row[0], row[1]) if row and row[0] is not None else None
+
     async def history(self, channel_id: int) -> list[StoredTurn]:
         """Every stored turn of a channel, oldest first, forgotten ones included (for export)."""
         rows = await self.db.all(
