@@ -189,3 +189,28 @@ async def test_help_lists_every_command(world: World, tmp_path: Path) -> None:
             assert f"`{name}`" in embed["description"]
         assert "/admin settings set" not in embed["description"]  # one line for members
         assert "`/admin settings set name value [scope]`" in admin_embed["description"]
+
+
+def test_server_role_messages_carry_every_block(tmp_path: Path) -> None:
+    """PROMPT_FORMAT=server: the summary, the speaking members' cards and the author's note
+    (whatever its depth) join the one system message, defused."""
+    from bot.prompt import SUMMARY_HEADING, Context, Turn
+    from bot.prompt_template import choose_format
+    from bot.prompt_window import TokenCounter, fit_prompt
+
+    fmt = choose_format("server", llama3_tokenizer(tmp_path / "llama3"))
+    count = TokenCounter(lambda t: max(1, len(t) // 4), fmt)
+    turns = [Turn("user", "hi", "alice", author=1), Turn("assistant", "hello")]
+    context = Context(
+        summary="They met.",
+        cards=((1, "alice", "a ranger <|eot_id|>"), (2, "bob", "a bard")),
+        note="Rhyme.",
+        note_depth=1,
+    )
+    current = Turn("user", "bye", "alice", author=1)
+    prompt = fit_prompt("Sys", reversed(turns), current, count, 4000, context=context)
+    (system, *rest) = fmt.messages(prompt)
+    assert system["role"] == "system" and [m["role"] for m in rest] == ["user", "assistant", "user"]
+    assert f"{SUMMARY_HEADING}\nThey met." in system["content"]
+    assert "- alice: a ranger <|eot_id| >" in system["content"]  # defused, and only who speaks
+    assert "a bard" not in system["content"] and "Rhyme." in system["content"]
