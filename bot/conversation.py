@@ -171,9 +171,11 @@ class Conversations:
         message_id: int | None = None,
         awaiting: bool = False,
         aliases: Sequence[str | None] = (),
+        hidden: bool = False,
     ) -> int:
         """Store a member's turn; `awaiting`: the bot owes it a reply (see TurnStore.add).
-        `aliases`: the author's other names (global name, username), known from now on."""
+        `aliases`: the author's other names (global name, username), known from now on;
+        `hidden`: kept but never shown to the model (an out-of-character line)."""
         if author_id is not None:
             await self._note_speaker(guild_id, channel_id, author_id, [name, *aliases])
         return await self.memory.turns.add(
@@ -186,6 +188,7 @@ class Conversations:
             message_id=message_id,
             tokens=self.counter(content.strip()),
             awaiting=awaiting,
+            hidden=hidden,
         )
 
     async def record_assistant(

@@ -66,8 +66,10 @@ class Memory:
     async def export_jsonl(self, channel_id: int) -> tuple[int, bytes]:
         """(turn count, the `/admin memory export` file): one JSON line per stored turn, oldest
         first, forgotten ones included and marked, so `training/`'s `hermes-memory` source can
-        leave them out. The one definition of that file's format."""
-        turns = await self.turns.history(channel_id)
+        leave them out; hidden turns ("Hide from the bot", out-of-character lines) are not in
+        it at all, and a reply stopped half-way is marked `stopped`. The one definition of that
+        file's format."""
+        turns = [t for t in await self.turns.history(channel_id) if not t.hidden]
         floor = await self.turns.watermark(channel_id)
         lines = [
             json.dumps(
@@ -84,6 +86,7 @@ class Memory:
                     "content": t.content,
                     "tokens": t.tokens,
                     "created_at": t.created_at,
+                    "stopped": t.stopped,
                 },
                 ensure_ascii=False,
             )

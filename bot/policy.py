@@ -2,8 +2,10 @@
 
 The one place that decides how a channel behaves. A thread has its own memory but takes its
 parent channel's mode, persona, settings and scene unless it has its own: that inheritance is
-done here only. The access rule (blocked users and roles, a server's channel allow-list, where a thread
-counts as its parent) is here too, so messages and commands follow the same rules.
+done here only. The access rule (blocked users and roles, a server's channel allow-list, the
+ALLOWED_ROLES a member needs, where a thread counts as its parent) is here too, so messages and
+commands follow the same rules, and so is the roleplay convention that an out-of-character line
+(`out_of_character`) is stored hidden and not answered.
 
 Nothing here knows discord.py: the Discord layer describes the channel as a `Place` and the
 member as an `Asker`; the console and the tests can do the same.
@@ -21,6 +23,14 @@ from bot.store.places import ChannelState, GuildState
 BLOCKED = "Sorry, you can't use my commands in this server."
 NOT_SERVED = "I'm not serving this channel."
 SWITCHED_OFF = "I'm switched off in this channel."
+NO_ALLOWED_ROLE = "Sorry, only members with one of the roles this server allows may talk to me."
+
+#: A channel's modes, the one list (`/admin channel`, the store's CHECK since schema v7):
+#: off: never answers, stores nothing; mention: answers when addressed (mentioned, replied to,
+#: named by wake words); always: every message; threads: as mention, but an addressed message
+#: opens a public thread and the conversation goes on there (a thread of a `threads` channel
+#: answers every message: it is that conversation).
+MODES: tuple[str, ...] = ("off", "mention", "always", "threads")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +67,7 @@ class Effective:
 class ChannelPolicy:
     """How the bot behaves in one channel, for one asker."""
 
-    mode: str  # off | mention | always
+    mode: str  # one of MODES; in a thread, `threads` reads as `always`
     persona: str | None  # the persona's name; None: the default assistant
     settings: Effective
     refusal: str | None = None  # why the asker may not use the bot here; None: allowed
@@ -82,9 +92,20 @@ def effective_settings(
         ("channel", channel.settings),
     ):
         for name, value in overrides.items():
-            if name in TUNABLE:
+            if name in TUNABLE:  # a list of ids comes back from JSON as a list
+                value = tuple(value) if isinstance(value, list) else value
                 values[name], source[name] = value, scope
     return Effective(values, source)
+
+
+def out_of_character(text: str, prefixes: str) -> bool:
+    """Whether `text` is an out-of-character line: it starts with one of the comma-separated
+    `prefixes` (OOC_PREFIXES, e.g. "((,//,OOC:"), in any case, after leading blanks; "none"
+    (an empty setting cannot be written in `.env` or Discord) means no line is."""
+    if prefixes.strip().casefold() == "none":
+        return False
+    start = text.lstrip().casefold()
+    return any(start.startswith(p.strip().casefold()) for p in prefixes.split(",") if p.strip())
 
 
 def _mode(
@@ -92,11 +113,14 @@ def _mode(
 ) -> str:
     if place.direct:
         return "always" if settings.allow_dms else "off"
-    return channel.mode or (parent.mode if parent else None) or "mention"
+    mode = channel.mode or (parent.mode if parent else None) or "mention"
+    if mode == "threads" and place.parent_id is not None:
+        return "always"  # a thread of a `threads` channel is its conversation
+    return mode
 
 
 async def _refusal(
-    memory: Memory, guild: GuildState | None, place: Place, asker: Asker
+    memory: Memory, guild: GuildState | None, place: Place, asker: Asker, effective: Effective
 ) -> str | None:
     if guild is None:
         return None
@@ -106,6 +130,9 @@ async def _refusal(
     here = {place.channel_id, place.parent_id}
     if guild.channel_allowlist and not here & set(guild.channel_allowlist):
         return NOT_SERVED
+    allowed = set(effective.values.get("allowed_roles") or ())
+    if allowed and not asker.role_ids & allowed:
+        return NO_ALLOWED_ROLE
     return None
 
 
@@ -121,11 +148,12 @@ async def resolve(
         or (parent.persona if parent else None)
         or (guild.default_persona if guild else None)
     )
+    effective = effective_settings(settings, guild, channel, parent)
     return ChannelPolicy(
         mode=_mode(settings, place, channel, parent),
         persona=persona,
-        settings=effective_settings(settings, guild, channel, parent),
-        refusal=await _refusal(memory, guild, place, asker) if asker else None,
+        settings=effective,
+        refusal=await _refusal(memory, guild, place, asker, effective) if asker else None,
     )
 
 

@@ -284,6 +284,20 @@ class Settings:
         tunable=True,
     )
 
+    ooc_prefixes: str = _opt(
+        "((,//,OOC:",
+        "Comma-separated prefixes of out-of-character lines (any case): such a message is stored "
+        "hidden from the bot and not answered; none turns this off (at most 100 characters).",
+        hi=100,
+        tunable=True,
+    )
+    allowed_roles: tuple[int, ...] = _opt(
+        (),
+        "Comma-separated role ids: only members with one of these roles may talk to the bot "
+        "(the others are ignored, their messages not stored); empty (or none) lets everyone.",
+        tunable=True,
+    )
+
     def system_text(self, templated: bool) -> str:
         """The plain assistant's system text: SYSTEM_PROMPT, or, in a chat template while
         SYSTEM_PROMPT is left at its default, TEMPLATE_SYSTEM_PROMPT."""
@@ -336,7 +350,9 @@ def _parse(f: Any, raw: str) -> Any:
             return lowered in ("1", "true", "yes", "on")
         elif typ == "Path":
             return Path(raw).expanduser()
-        elif typ == "tuple[int, ...]":
+        elif typ == "tuple[int, ...]":  # "none" empties it where an empty text can't be given
+            if raw.lower() == "none":
+                return ()
             return tuple(int(part) for part in raw.replace(" ", "").split(",") if part)
         else:
             value = raw
@@ -393,6 +409,8 @@ def tunable_label(name: str) -> str:
     f = _FIELDS[name]
     if f.type == "bool":
         return "on/off"
+    if f.type == "tuple[int, ...]":
+        return "ids, comma-separated"
     lo, hi = tunable_range(name)
     if f.type == "str":
         return f"text, up to {hi:g} characters" if hi is not None else "text"
@@ -413,6 +431,8 @@ def check_tunable(name: str, raw: str) -> float | int | bool | str:
     except _WrongKind:
         if f.type == "bool":
             raise ValueError(f"{name} must be on or off (got {raw})") from None
+        if f.type == "tuple[int, ...]":
+            raise ValueError(f"{name} must be {_KINDS[f.type]} (got {raw})") from None
         raise ValueError(f"{name} must be {_KINDS[f.type]} from {lo:g} to {hi:g}") from None
     except _OutOfRange:
         if f.type == "str":

@@ -22,6 +22,7 @@ from bot.discord.answering import say_privately
 from bot.discord.checks import audit, is_owner, policy_for, require_manager
 from bot.engine import first_line
 from bot.metrics import summary
+from bot.policy import MODES
 from bot.recall import recall, recall_tokens
 from bot.settings import TUNABLE, check_tunable, tunable_label
 from bot.summaries import SUMMARY_MAX_CHARS, describe, replace_summary
@@ -92,13 +93,15 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
 
     @app_commands.command(name="channel", description="When the bot answers in a channel")
     @app_commands.describe(
-        mode="off: never; mention: when mentioned or replied to; always: every message",
+        mode="off: never; mention: when mentioned or replied to; always: every message; "
+        "threads: a thread per conversation",
         channel="defaults to this channel",
     )
+    @app_commands.choices(mode=[app_commands.Choice(name=m, value=m) for m in MODES])
     async def channel(
         self,
         interaction: discord.Interaction,
-        mode: Literal["off", "mention", "always"],
+        mode: str,
         channel: Channelish | None = None,
     ) -> None:
         target = channel.id if channel else interaction.channel_id

@@ -1,5 +1,6 @@
-"""Talking to the bot: the chat listeners and the user commands `/reset`, `/regenerate` and
-`/continue`.
+"""Talking to the bot: the chat listeners, the user commands `/reset`, `/regenerate` and
+`/continue`, and the message commands "Hide from the bot" and "Edit remembered text"
+(`bot.discord.remembered`).
 
 Only declarations: each listener hands its event to the Discord layer and is done. A message
 goes to ingest (`bot.discord.ingest`: the channel policy decides whether it is stored and
@@ -20,7 +21,8 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.conversation import Busy
-from bot.discord.answering import say_privately
+from bot.discord import remembered
+from bot.discord.answering import answers_at_once, say_privately
 from bot.discord.checks import audit, is_manager, serves_here, speaks_here
 from bot.discord.replying import APOLOGY, BUSY
 from bot.store.turns import StoredTurn
@@ -47,7 +49,7 @@ class Chat(commands.Cog):
         if taken.speakers and taken.scene is not None:
             await bot.replies.answer_scene(message, taken.owed, taken.scene, taken.speakers)
         else:
-            await bot.replies.answer(message, taken.owed)
+            await bot.replies.answer(message, taken.owed, taken.channel)
 
     @commands.Cog.listener()
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
@@ -147,5 +149,20 @@ class Chat(commands.Cog):
         await say_privately(interaction, answer)
 
 
+@app_commands.context_menu(name="Hide from the bot")
+@serves_here
+async def hide_from_bot(interaction: discord.Interaction, message: discord.Message) -> None:
+    await remembered.hide(interaction, message)
+
+
+@answers_at_once  # its answer is a form
+@app_commands.context_menu(name="Edit remembered text")
+@serves_here
+async def edit_remembered(interaction: discord.Interaction, message: discord.Message) -> None:
+    await remembered.open_editor(interaction, message)
+
+
 async def setup(bot: HermesBot) -> None:
     await bot.add_cog(Chat(bot))
+    bot.tree.add_command(hide_from_bot)
+    bot.tree.add_command(edit_remembered)

@@ -441,8 +441,10 @@ async def test_memory_stats_export_and_an_unanswered_clear(world: World, tmp_pat
         (attachment,) = got.files
         assert attachment.filename == f"memory-{w.general.id}.jsonl"
         rows = [json.loads(line) for line in attachment.data.decode().splitlines()]
-        # every stored field of each turn, and whether forget hid it
-        assert rows == [{**dataclasses.asdict(t), "forgotten": False} for t in turns]
+        # every stored field of each turn but `hidden` (hidden ones are left out), and
+        # whether forget hid it
+        fields = [{**dataclasses.asdict(t), "forgotten": False} for t in turns]
+        assert rows == [{k: v for k, v in f.items() if k != "hidden"} for f in fields]
         assert {r["channel_id"] for r in rows} == {w.general.id}
         assert [r["content"] for r in rows] == [
             "hello",

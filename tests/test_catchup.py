@@ -294,6 +294,56 @@ async def test_catch_up_reads_only_the_newest_messages_up_to_the_cap(
         await assert_each_answered_once(fake, bot, asked + missed[-3:], ids)
 
 
+async def test_a_mention_in_a_new_channel_and_a_first_dm_sent_while_down_are_answered(
+    world: World, tmp_path: Path
+) -> None:
+    """Catch-up reads more than the channels memory knows: a server channel the bot never
+    stored anything from, where it was mentioned while down, and the DM of a member it knows
+    from a server. A mention older than CATCHUP_MINUTES is not answered (it would have been
+    answered before the newer one of its channel), and a new channel where nobody asked for
+    the bot is not read into memory."""
+    fake = world.fake
+    settings = bot_settings(tmp_path, "x")
+    async with Runs(fake, settings) as runs:
+        bot, task = await runs.start(ScriptedEngine(answer))
+        asked = await ask(fake, world.general, world.bob, 0)  # the bot knows bob from a server
+        await fake.wait_for(lambda: len(bot_messages(fake, [world.general.id])) == 1)
+        assert not await bot.memory.turns.history(world.other.id)  # #other is new to it
+        await runs.stop(bot, task)
+
+        before = datetime.now(UTC) - timedelta(minutes=settings.catchup_minutes + 15)
+        mention = fake.bot_user.mention
+        stale = await fake.user_message(
+            world.other.id, world.alice, f"{mention} old q90", at=before
+        )
+        await fake.user_message(world.other.id, world.carol, "just chatting")
+        fresh = await ask(fake, world.other, world.alice, 1)
+        dm = fake.dm_channel(world.bob)
+        direct = await fake.user_message(dm.id, world.bob, "a private question q2")
+        quiet = fake.add_channel(world.guild.id, "quiet")
+        await fake.user_message(quiet.id, world.alice, "nothing for the bot here")
+        assert all(m.delivered == 0 for m in (stale, fresh, direct))
+
+        bot, task = await runs.start(ScriptedEngine(answer))
+        ids = [world.other.id, dm.id]
+        await fake.wait_for(
+            lambda: len(bot_messages(fake, ids)) == 2 and bot.conv.pending == 0
+            and not bot.reply_tasks
+        )  # fmt: skip
+        replies = replies_to(fake, ids)
+        assert [m.content for m in replies[fresh.id]] == ["answer to q1"]
+        assert [m.content for m in replies[direct.id]] == ["answer to q2"]
+        assert stale.id not in replies and len(bot_messages(fake, ids)) == 2
+        stored = await bot.memory.turns.history(world.other.id)
+        assert [t.content for t in stored if t.role == "user"][:2] == [
+            "just chatting",
+            "question q1",
+        ]
+        assert not await bot.memory.turns.history(quiet.id)
+        assert not await bot.memory.owed.awaiting()
+        assert asked.id in replies_to(fake, [world.general.id])
+
+
 async def test_off_channel_and_already_replied_messages_are_not_answered(
     world: World, tmp_path: Path
 ) -> None:

@@ -328,3 +328,39 @@ async def test_every_earlier_version_migrates_and_every_store_works(tmp_path: Pa
         assert [(r.action, r.new) for r in await mem.audit.latest(3)] == [("test", '{"ok": true}')]
     finally:
         await mem.close()
+
+
+async def test_threads_mode_migration_keeps_channel_rows_and_accepts_every_mode(tmp_path: Path):
+    """The version that added `threads` rebuilt `channels` (a CHECK cannot be altered): rows of
+    the version before it survive whole, every mode of `bot.policy.MODES` is accepted after it,
+    and a mode outside the list is still refused by the file itself."""
+    from bot.policy import MODES
+    from bot.store.db import threads_mode
+
+    version = MIGRATIONS.index(threads_mode)  # the file as the version before it left it
+    path = tmp_path / "before_threads.db"
+    await build_at(path, version)
+    con = sqlite3.connect(path)
+    con.execute(
+        "INSERT INTO channels (channel_id, guild_id, mode, persona, forget_before, settings) "
+        "VALUES (4, 3, 'always', 'Sable', 7, '{\"temperature\": 0.2}')"
+    )
+    con.commit()
+    con.close()
+    mem = await Memory.open(path)
+    try:
+        kept = await mem.places.channel(4)
+        assert (kept.mode, kept.persona, kept.forget_before, kept.settings) == (
+            "always", "Sable", 7, {"temperature": 0.2}
+        )  # fmt: skip
+        for i, mode in enumerate(MODES):
+            await mem.places.update_channel(10 + i, 3, mode=mode)
+            assert (await mem.places.channel(10 + i)).mode == mode
+    finally:
+        await mem.close()
+    con = sqlite3.connect(path)
+    try:
+        with pytest.raises(sqlite3.IntegrityError):
+            con.execute("INSERT INTO channels (channel_id, mode) VALUES (99, 'sometimes')")
+    finally:
+        con.close()

@@ -38,3 +38,16 @@ async def test_catch_up_reads(memory: Memory):
     assert await memory.owed.newest_message_id(5) == 54
     assert await memory.owed.newest_message_id(5, window=0) is None
     assert await memory.owed.known_channels() == [(5, None), (7, 2), (9, 3)]
+
+
+async def test_recent_speakers_are_the_server_members_to_look_for_in_dms(memory: Memory):
+    """Newest first, each once, at most `limit`; not the bot, not those who DMed lately."""
+    assert await memory.owed.recent_speakers(10) == []
+    for author in (11, 12, 13, 11):
+        await memory.turns.add(5, "user", "hi", guild_id=2, author_id=author)
+    await memory.turns.add(5, "assistant", "hello", guild_id=2)
+    await memory.turns.add(6, "user", "psst", author_id=13)  # a DM: read as a known channel
+    assert await memory.owed.recent_speakers(10) == [11, 12]
+    assert await memory.owed.recent_speakers(1) == [11]
+    # only the newest turns are looked at: 13's DM and 11's last message
+    assert await memory.owed.recent_speakers(10, scan=2) == [11]

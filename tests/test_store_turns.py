@@ -229,7 +229,32 @@ async def test_export_marks_forgotten_turns(memory: Memory):
         (old[1], True),
         (new, False),
     ]
-    # every stored field of each turn, and whether forget hid it
+    # every stored field of each turn but `hidden` (hidden turns are not exported at all),
+    # and whether forget hid it
     turns = await memory.turns.history(8)
-    assert rows == [{**dataclasses.asdict(t), "forgotten": t.id in old} for t in turns]
+    fields = [{**dataclasses.asdict(t), "forgotten": t.id in old} for t in turns]
+    assert rows == [{k: v for k, v in f.items() if k != "hidden"} for f in fields]
     assert await memory.export_jsonl(9) == (0, b"")  # an empty channel: an empty file
+
+
+async def test_a_hidden_turn_is_kept_but_left_out_of_reads_search_and_export(memory: Memory):
+    ask = await memory.turns.add(12, "user", "the dragon hoards teacups", name="Ann")
+    reply = await memory.turns.add(12, "assistant", "teacups, of course", stopped=True)
+    later = await memory.turns.add(12, "user", "ok", name="Ann")
+    assert (await memory.turns.get(reply)).stopped is True  # type: ignore[union-attr]
+    assert await memory.turns.mark(reply, hidden=True) is True
+    assert await memory.turns.mark(10**9, hidden=True) is False  # no such turn
+    assert [t.id for t in await memory.turns.history(12)] == [ask, reply, later]  # kept
+    assert [t.id for t in await memory.turns.recent(12)] == [later, ask]
+    assert await memory.turns.last_assistant(12) is None
+    if memory.fts:
+        hits = await memory.turns.search(12, "teacups")
+        assert [(t.id, before) for t, before in hits] == [(ask, None)]
+    count, data = await memory.export_jsonl(12)
+    rows = [json.loads(line) for line in data.decode().splitlines()]
+    assert count == 2 and [r["id"] for r in rows] == [ask, later]
+    # a hidden member's line does not count as someone speaking after a reply
+    await memory.turns.mark(reply, hidden=False, stopped=False)
+    await memory.turns.mark(later, hidden=True)
+    assert await memory.turns.user_spoke_after(12, reply) is False
+    assert (await memory.turns.last_assistant(12)).stopped is False  # type: ignore[union-attr]

@@ -41,6 +41,15 @@ def is_text(name: str) -> bool:
     return Settings.__dataclass_fields__[name].type == "str"
 
 
+def is_ids(name: str) -> bool:
+    return Settings.__dataclass_fields__[name].type == "tuple[int, ...]"
+
+
+#: A list of ids: accepted spellings, then texts that are not one.
+IDS_IN = ["123,456", " 7 , 8 ", "9", "1,,2", "None"]
+IDS_OUT = ["x", "1,x", "1.5", "@role"]
+
+
 #: A switch's words: each accepted spelling, then texts that are not a switch.
 SWITCH_IN = ["on", "off", "true", "false", "yes", "no", "1", "0", " ON "]
 SWITCH_OUT = ["maybe", "2", "-1", "onn", "nan"]
@@ -50,6 +59,8 @@ def candidates(name: str) -> list[str]:
     """Texts on and around the edges of `name`'s range, and texts that are not its kind."""
     if is_bool(name):
         return SWITCH_IN + SWITCH_OUT
+    if is_ids(name):
+        return IDS_IN + IDS_OUT
     if is_text(name):  # text: its length is its range
         hi = int(tunable_range(name)[1])
         return ["hey, oi", "x" * hi, "x" * (hi + 1), " Quill "]
@@ -114,11 +125,17 @@ async def test_env_and_admin_settings_set_accept_and_refuse_the_same_values(
                         assert "Not changed" in text, (name, raw, text)
                     else:
                         assert f"`{name}` is now" in text, (name, raw, text)
+                        if is_ids(name):  # kept as a JSON list, read back as the tuple
+                            stored = tuple(stored)
                         assert stored == env and type(stored) is type(env), (name, raw, stored)
                     await bot.memory.places.update_channel(channel.id, guild.id, settings={})
                 if is_bool(name):
                     assert [by_env(name, t) for t in SWITCH_IN] == [True, False] * 4 + [True]
                     assert [by_env(name, t) for t in SWITCH_OUT] == [None] * len(SWITCH_OUT)
+                    continue
+                if is_ids(name):
+                    assert [by_env(name, t) for t in IDS_IN] == [(123, 456), (7, 8), (9,), (1, 2), ()]
+                    assert [by_env(name, t) for t in IDS_OUT] == [None] * len(IDS_OUT)
                     continue
                 if is_text(name):
                     hi = int(tunable_range(name)[1])

@@ -3,8 +3,9 @@
 Reads either a `/admin memory export` file (JSONL, one stored turn a line) or the bot's SQLite
 file itself (`path:` pointing at it, read through `bot.memory.Memory`), and only the channels
 named in `channels:` (nothing is read by default). Turns hidden by `/admin memory forget` are left
-out. Members' names and `<@id>` mentions are replaced by pseudonyms unless the source sets
-`pseudonymise: false`.
+out, and so are turns hidden from the bot ("Hide from the bot", out-of-character lines; an
+export leaves those out itself). Members' names and `<@id>` mentions are replaced by pseudonyms
+unless the source sets `pseudonymise: false`.
 
 Each channel's remaining turns are cut into windows that fit `data.max_length` (a window ends
 after a reply), and each window is laid out by `training.served` with the prompt the bot builds
@@ -171,7 +172,7 @@ async def read_db(path: Path, src: SourceConfig, cards: Any) -> tuple[Stored, in
         for channel in src.channels:
             floor = (await memory.places.channel(channel)).forget_before
             stored = await memory.turns.history(channel)
-            turns[channel] = [t for t in stored if t.id > floor]
+            turns[channel] = [t for t in stored if t.id > floor and not t.hidden]
             forgotten += len(stored) - len(turns[channel])
         wanted = {(t.guild_id, t.persona) for ts in turns.values() for t in ts if t.persona}
         personas = {key: await library.get(key[1], key[0]) for key in wanted}

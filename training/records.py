@@ -115,7 +115,7 @@ class SourceStats:
     errors: list[str] = field(default_factory=list)  # whole file/source unreadable or empty
     optional: bool = False  # errors skip the source instead of failing `prepare`
     skipped_turns: Counter[str] = field(default_factory=Counter)  # unknown speaker -> turns
-    forgotten: int = 0  # hermes-memory: turns hidden by /admin memory forget, left out
+    forgotten: int = 0  # hermes-memory: turns forgotten or hidden from the bot, left out
 
     def problem(self, position: str, reason: str) -> None:
         """A malformed record: counted, listed (the first few) and skipped."""

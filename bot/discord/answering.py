@@ -29,13 +29,13 @@ AT_ONCE = "answers_at_once"
 #: The `Interaction.extras` key set once a deferred placeholder was edited into an answer.
 _EDITED = "answered_placeholder"
 
-C = TypeVar("C", bound=app_commands.Command[Any, ..., Any])
+C = TypeVar("C", bound=app_commands.Command[Any, ..., Any] | app_commands.ContextMenu)
 
 
 def answers_at_once(command: C) -> C:
     """Mark a command whose first response is the answer itself (a form): not deferred.
 
-    Apply it above `@app_commands.command(...)`."""
+    Apply it above `@app_commands.command(...)` (or `context_menu`)."""
     command.extras[AT_ONCE] = True
     return command
 

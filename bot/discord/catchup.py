@@ -3,7 +3,9 @@
 When the bot starts, and whenever the gateway gives it a new session (a resumed one replays
 what it missed; a new one does not), it reads back each served channel's recent history,
 stores what memory lacks and answers what was addressed to it, oldest first, through the normal
-queue. Replies owed from before a stop (stored `awaiting` turns, see `bot.store.owed`) are
+queue. Channels memory does not know yet are read too when they had a message inside the
+window: server channels and threads the bot can read, taken in where it was mentioned, and the
+DMs of members it knows from a server (a bot cannot list its DM channels). Replies owed from before a stop (stored `awaiting` turns, see `bot.store.owed`) are
 answered the same way. The rules come first, plain functions of ids and times: how far back to
 read, which owed replies are still worth giving, and the in-process claims that keep two paths
 (a live event and catch-up) from answering one message twice. `CatchUp` is the Discord side: it
@@ -19,7 +21,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -147,17 +149,15 @@ class CatchUp:
         now = time.time()
         read = 0
         orphans: dict[int, list[discord.Message]] = {}
-        for channel_id, guild_id in await memory.owed.known_channels():
-            channel = await self._channel(channel_id)
-            if channel is None:
-                continue
+        known = await memory.owed.known_channels()
+        async for channel, guild_id, new in self._places(known, now, minutes):
             if (await policy_for(bot, channel, guild_id)).mode == "off":
                 continue
             try:
-                read += await self._read_back(channel, guild_id, now, minutes, orphans)
+                read += await self._read_back(channel, guild_id, now, minutes, orphans, new=new)
             except (discord.HTTPException, aiohttp.ClientError) as exc:
                 # one channel's history out of reach must not keep the others from catching up
-                log.warning("catch-up skipped channel %s: %s", channel_id, describe_failure(exc))
+                log.warning("catch-up skipped channel %s: %s", channel.id, describe_failure(exc))  # type: ignore[attr-defined]
         owed = owed_replies(await memory.owed.awaiting(), now, minutes)
         for turn in owed.expired:
             await OwedReply(memory.owed, turn.id, turn.message_id).settle(Outcome.GIVEN_UP)
@@ -257,6 +257,45 @@ class CatchUp:
         owed.stored()
         return True
 
+    async def _places(
+        self, known: list[tuple[int, int | None]], now: float, minutes: float
+    ) -> AsyncIterator[tuple[discord.abc.Messageable, int | None, bool]]:
+        """Where to read back, as (channel, guild id, new): the channels memory knows, then
+        (`new`) the ones it does not that had a message inside the window: every server
+        channel and thread the bot can read, and the DMs of members who spoke lately (a bot
+        cannot list its DM channels; `OwedReplies.recent_speakers`, at most CATCHUP_MESSAGES
+        of them)."""
+        bot = self.bot
+        seen = {channel_id for channel_id, _ in known}
+        for channel_id, guild_id in known:
+            channel = await self._channel(channel_id)
+            if channel is not None:
+                yield channel, guild_id, False
+        floor = snowflake_at(now - minutes * 60)
+        for guild in bot.guilds:
+            me = guild.me
+            if me is None:
+                continue
+            for place in [*guild.text_channels, *guild.voice_channels, *guild.threads]:
+                last = place.last_message_id
+                if place.id in seen or last is None or last <= floor:
+                    continue
+                perms = place.permissions_for(me)
+                if perms.read_messages and perms.read_message_history:
+                    seen.add(place.id)
+                    yield place, guild.id, True
+        for user_id in await bot.memory.owed.recent_speakers(bot.settings.catchup_messages):
+            try:  # the raw channel: discord.py's DMChannel drops its last message id
+                data = await bot.http.start_private_message(user_id)
+                last = int(data.get("last_message_id") or 0)
+                if int(data["id"]) in seen or last <= floor:
+                    continue
+                dm = await bot.create_dm(discord.Object(user_id))
+            except discord.HTTPException:
+                continue  # gone, or not reachable by DM
+            seen.add(dm.id)
+            yield dm, None, True
+
     async def _channel(self, channel_id: int) -> discord.abc.Messageable | None:
         bot = self.bot
         channel = bot.get_channel(channel_id)
@@ -274,10 +313,14 @@ class CatchUp:
         now: float,
         minutes: float,
         orphans: dict[int, list[discord.Message]],
+        *,
+        new: bool = False,
     ) -> int:
         """Store the messages `channel` got since the newest one memory holds (within the
         window and the cap); returns how many were new. The bot's own posts that memory lacks
-        go to `orphans`: replies posted just before a stop, adopted by `_adopt`."""
+        go to `orphans`: replies posted just before a stop, adopted by `_adopt`. A `new`
+        channel (none of it stored) is taken in only when it asked for the bot meanwhile: a
+        mention in a server channel, any message in a DM."""
         bot = self.bot
         ingest = bot.ingest
         newest = await bot.memory.owed.newest_message_id(channel.id)  # type: ignore[attr-defined]
@@ -294,6 +337,8 @@ class CatchUp:
             )
         ]
         missed.reverse()
+        if new and not any(self._calls(m) for m in missed):
+            return 0
         # A message the bot already replied to (it stopped before storing that) is not owed.
         replied = {
             m.reference.message_id
@@ -316,6 +361,13 @@ class CatchUp:
                 message.author = member
             await ingest.take(message, live=False, replied=message.id in replied)
         return len(missed)
+
+    def _calls(self, message: discord.Message) -> bool:
+        """A member's message that asks for the bot: any DM, or a mention of it."""
+        if self.bot.ingest.is_ours(message) or message.author.bot:
+            return False
+        me = self.bot.user
+        return message.guild is None or (me is not None and me in message.mentions)
 
     async def _member(self, message: discord.Message) -> discord.Member | None:
         guild = message.guild

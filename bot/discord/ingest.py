@@ -1,8 +1,9 @@
 """Ingest: Discord message events become stored turns, and the ones to answer become owed replies.
 
 The one path for live events and for messages catch-up reads back (`Ingest.take`): it applies
-the channel policy (mode, access, scenes: naming a cast member addresses it in any mode but
-`off`, wake words, the per-member cooldown), reads attachments in, stores the member's turn
+the channel policy (mode, access and ALLOWED_ROLES, scenes: naming a cast member addresses it
+in any mode but `off`, wake words, the per-member cooldown, out-of-character lines stored hidden
+and never answered), reads attachments in, stores the member's turn
 and, when the bot should answer, hands back an `OwedReply` for the runner (`bot.discord.replying`). Messages of one channel are taken in the
 order Discord sent them (one at a time per channel), so a later message's turn never lands
 before an earlier one's and anything decided about a message is settled before the next one
@@ -26,7 +27,8 @@ from bot.discord.attachments import message_text
 from bot.discord.catchup import Claims
 from bot.discord.checks import policy_for, scene_at
 from bot.discord.owing import OwedReply
-from bot.policy import ChannelPolicy
+from bot.discord.threads import open_thread
+from bot.policy import ChannelPolicy, out_of_character
 from bot.scenes import Scene, SceneMember, mentions_any, speakers_for
 
 if TYPE_CHECKING:
@@ -44,6 +46,9 @@ class ToAnswer:
     owed: OwedReply
     scene: Scene | None = None
     speakers: list[SceneMember] = field(default_factory=list)
+    #: where the reply goes when not the message's channel: the thread it opened
+    #: (`bot.discord.threads`, a `threads` channel)
+    channel: discord.Thread | None = None
 
 
 class Ingest:
@@ -174,7 +179,9 @@ class Ingest:
         owed = False
         scene: Scene | None = None
         speakers: list[SceneMember] = []
-        if not replied:
+        # an out-of-character line is kept, hidden from the bot, and never answered
+        ooc = out_of_character(text, str(policy.settings.values.get("ooc_prefixes") or ""))
+        if not replied and not ooc:
             scene = await scene_at(bot, message.channel, guild_id)
             said = message.clean_content  # names count in what was written, not in attachments
             # naming cast members addresses them in any mode but off; WAKE_WORDS is for the rest
@@ -191,8 +198,12 @@ class Ingest:
                 await message.add_reaction("⏳")
         if owed and live:
             bot.replies.answering.add(message.id)  # before it is stored: catch-up must not take it
+        thread: discord.Thread | None = None
+        if owed and live and policy.mode == "threads" and not scene and message.guild:
+            # the conversation moves to a thread: the message is its first turn
+            thread = await open_thread(message, text)
         turn_id = await bot.conv.record_user(
-            message.channel.id,
+            thread.id if thread is not None else message.channel.id,
             text,
             name=message.author.display_name,
             author_id=message.author.id,
@@ -200,6 +211,7 @@ class Ingest:
             message_id=message.id,
             awaiting=owed,
             aliases=(message.author.global_name, message.author.name),
+            hidden=ooc,
         )
         if message.id in self.overtaken:  # edited or deleted while we were storing it
             if (late := self.overtaken.pop(message.id)) is None:
@@ -209,7 +221,7 @@ class Ingest:
             await bot.conv.edit(message.id, late)
         if not owed:
             return None
-        return ToAnswer(OwedReply(memory.owed, turn_id, message.id), scene, speakers)
+        return ToAnswer(OwedReply(memory.owed, turn_id, message.id), scene, speakers, thread)
 
     async def pick_speakers(
         self, scene: Scene, said: str, replied_to: str | None, guild_id: int | None

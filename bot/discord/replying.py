@@ -336,12 +336,14 @@ class Replier:
 
     # ---- a member's message -----------------------------------------------------------------
 
-    async def answer(self, trigger: Trigger, owed: OwedReply) -> None:
+    async def answer(self, trigger: Trigger, owed: OwedReply, where: Channel | None = None) -> None:
         """Reply to `trigger`, or in a channel with a scene let its cast answer (`answer_scene`
         picks who). Waits for the channel's turn first; while it waits, a shutdown cancels it
-        at once and the reply stays owed, for catch-up to give after the restart."""
-        channel = trigger.channel
+        at once and the reply stays owed, for catch-up to give after the restart. `where`: the
+        thread opened for it (`bot.discord.threads`), where the reply goes, not as a reply."""
+        channel = where or trigger.channel
         guild_id = trigger.guild.id if trigger.guild else None
+        reference = trigger if where is None else None
         try:
             async with self.queued(channel.id, trigger.id):
                 result = await self.run(
@@ -350,17 +352,17 @@ class Replier:
                         guild_id,
                         reply_to=owed.turn_id,
                         owed=owed,
-                        reference=trigger,
+                        reference=reference,
                         asked=owed.turn_id,
                     )
                 )
                 if result.failure == "":
                     await owed.settle(Outcome.CANCELLED)
                 elif result.failure is not None:
-                    await self.notify(channel, result.failure, trigger, owed)
+                    await self.notify(channel, result.failure, reference, owed)
         except Busy:
             await owed.settle(Outcome.GIVEN_UP)
-            await post(channel, BUSY, reference=trigger)
+            await post(channel, BUSY, reference=reference)
 
     async def answer_scene(
         self, trigger: Trigger, owed: OwedReply, scene: Scene, speakers: list[SceneMember]

@@ -220,10 +220,43 @@ CREATE TABLE IF NOT EXISTS reply_posts (
 """
 
 
-# v7: what the prompt holds besides the turns (`bot.store.notes`): a channel's notes, its rolling
+async def ensure_turn_flags(db: aiosqlite.Connection) -> None:
+    """v7: two marks on a turn. `hidden`: left out of prompts, recall and the training export
+    but kept (the "Hide from the bot" message command, out-of-character lines); `stopped`: a
+    reply whose generation a member stopped with its ⏹ button, stored as far as it got.
+    Idempotent (columns added only when missing), so it depends on no other version but v1."""
+    cur = await db.execute("PRAGMA table_info(turns)")
+    have = {row[1] for row in await cur.fetchall()}
+    for column in ("hidden", "stopped"):
+        if column not in have:
+            await db.execute(f"ALTER TABLE turns ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+
+
+async def threads_mode(db: aiosqlite.Connection) -> None:
+    """v8: a channel mode `threads` (`bot.policy.MODES`): v1's CHECK on `channels.mode` named
+    only off, mention and always. SQLite cannot alter a CHECK, so the table is rebuilt from its
+    own stored definition with the new list: columns added since v1 (by any version) are kept
+    as they are, and nothing references `channels`, so dropping the old table is safe."""
+    row = await (
+        await db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'channels'")
+    ).fetchone()
+    assert row is not None
+    old_check = "mode IN ('off', 'mention', 'always')"
+    sql = str(row[0])
+    if old_check not in sql:
+        return  # already rebuilt
+    new_sql = sql.replace(old_check, "mode IN ('off', 'mention', 'always', 'threads')", 1)
+    new_sql = new_sql.replace("CREATE TABLE channels", "CREATE TABLE channels_v8", 1)
+    await db.execute(new_sql)
+    await db.execute("INSERT INTO channels_v8 SELECT * FROM channels")
+    await db.execute("DROP TABLE channels")
+    await db.execute("ALTER TABLE channels_v8 RENAME TO channels")
+
+
+# v9: what the prompt holds besides the turns (`bot.store.notes`): a channel's notes, its rolling
 # summary with the range of turns it covers, and members' own cards (`/me describe`, one per
 # member and server, or DM channel). IF NOT EXISTS: independent of every other version.
-_V7 = """
+_V9 = """
 CREATE TABLE IF NOT EXISTS notes (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     channel_id  INTEGER NOT NULL,
@@ -252,7 +285,17 @@ CREATE TABLE IF NOT EXISTS member_cards (
 
 Migration = str | Callable[[aiosqlite.Connection], Awaitable[Any]]
 #: Version n is `MIGRATIONS[n - 1]`: a statement list, or a function run inside the transaction.
-MIGRATIONS: list[Migration] = [_V1, _V2, ensure_fts, ensure_owed_replies, _V5, _V6, _V7]
+MIGRATIONS: list[Migration] = [
+    _V1,
+    _V2,
+    ensure_fts,
+    ensure_owed_replies,
+    _V5,
+    _V6,
+    ensure_turn_flags,
+    threads_mode,
+    _V9,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -90,6 +90,21 @@ class OwedReplies(Store):
         )
         return row[0] if row and row[0] is not None else None
 
+    async def recent_speakers(self, limit: int, *, scan: int = 10_000) -> list[int]:
+        """Members who spoke in a server lately (among the newest `scan` turns), newest first,
+        at most `limit`, leaving out those who DMed the bot lately too: whose
+        DMs catch-up opens to look for messages sent while it was away (a bot cannot list its
+        DM channels, and a DM channel it already knows is read with the known channels)."""
+        rows = await self.db.all(
+            "WITH recent AS (SELECT author_id, guild_id, id FROM turns "
+            "WHERE role = 'user' AND author_id IS NOT NULL ORDER BY id DESC LIMIT ?) "
+            "SELECT author_id FROM recent WHERE guild_id IS NOT NULL AND author_id NOT IN "
+            "(SELECT author_id FROM recent WHERE guild_id IS NULL) "
+            "GROUP BY author_id ORDER BY MAX(id) DESC LIMIT ?",
+            (scan, limit),
+        )
+        return [r[0] for r in rows]
+
     async def known_channels(self) -> list[tuple[int, int | None]]:
         """(channel id, guild id) of every channel the bot has stored turns in or has settings
         for, whatever their mode (the caller applies the channel policy).

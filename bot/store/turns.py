@@ -4,6 +4,9 @@ A turn is one speaker's message; a reply split over several Discord messages is 
 each of its message ids maps to it, so an edit or a deletion of any chunk reaches the whole turn.
 Forgetting (`/admin memory forget`, `/reset`) only moves a channel's watermark: turns at or below
 it are hidden from prompts, recall and stats, never deleted (`/admin memory clear` deletes).
+One turn can be left out the same way: a `hidden` turn ("Hide from the bot", an
+out-of-character line) stays stored but is never read for a prompt, recall or the export.
+A `stopped` reply is one a member stopped half-way with its ⏹ button.
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ class StoredTurn:
     content: str
     tokens: int | None
     created_at: float
+    #: left out of prompts, recall and the training export, but kept
+    hidden: bool = False
+    #: a reply a member stopped while it was being written (what was shown is stored)
+    stopped: bool = False
+
+    def __post_init__(self) -> None:
+        self.hidden, self.stopped = bool(self.hidden), bool(self.stopped)
 
     def to_turn(self) -> Turn:
         return Turn(
@@ -50,7 +60,7 @@ class StoredTurn:
 #: The columns of `StoredTurn`, in its field order.
 TURN_COLUMNS = (
     "id, channel_id, guild_id, message_id, author_id, name, role, persona, content, tokens, "
-    "created_at"
+    "created_at, hidden, stopped"
 )
 
 
@@ -89,12 +99,15 @@ class TurnStore(Store):
         awaiting: bool = False,
         answers: int | None = None,
         replacing: int | None = None,
+        hidden: bool = False,
+        stopped: bool = False,
     ) -> int:
         """Store one turn (and every Discord message id it spans) in one transaction.
 
         `awaiting`: a user turn the bot owes a reply; `answers`: the user turn this reply
         answers, which stops awaiting in the same transaction (see `bot.store.owed`);
-        `replacing`: a turn deleted in the same transaction (a regenerated reply).
+        `replacing`: a turn deleted in the same transaction (a regenerated reply); `hidden`
+        and `stopped`: the turn's marks (see the module docstring).
         """
         ids = [m for m in (message_id, *extra_message_ids) if m is not None]
         async with self.db.transaction() as conn:
@@ -105,7 +118,8 @@ class TurnStore(Store):
                 await conn.execute("DELETE FROM reply_posts WHERE turn_id = ?", (answers,))
             cur = await conn.execute(
                 "INSERT INTO turns (channel_id, guild_id, message_id, author_id, name, role, "
-                "persona, content, tokens, created_at, awaiting) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "persona, content, tokens, created_at, awaiting, hidden, stopped) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     channel_id,
                     guild_id,
@@ -118,6 +132,8 @@ class TurnStore(Store):
                     tokens,
                     created_at or time.time(),
                     int(awaiting),
+                    int(hidden),
+                    int(stopped),
                 ),
             )
             turn_id = int(cur.lastrowid or 0)
@@ -165,6 +181,18 @@ class TurnStore(Store):
                 )
             )
         await self.db.run(stmts)
+
+    async def mark(
+        self, turn_id: int, *, hidden: bool | None = None, stopped: bool | None = None
+    ) -> bool:
+        """Set or clear a turn's `hidden` / `stopped` marks; whether the turn exists."""
+        sets = {k: int(v) for k, v in (("hidden", hidden), ("stopped", stopped)) if v is not None}
+        if not sets:
+            return await self.get(turn_id) is not None
+        assign = ", ".join(f"{column} = ?" for column in sets)
+        return await self.db.changed(
+            [(f"UPDATE turns SET {assign} WHERE id = ?", (*sets.values(), turn_id))]
+        )
 
     async def edit_message(self, message_id: int, content: str, tokens: int | None = None) -> bool:
         """A Discord message was edited: its stored turn follows. Returns whether one existed."""
@@ -234,7 +262,7 @@ class TurnStore(Store):
         token_budget: int | None = None,
         include_forgotten: bool = False,
     ) -> list[StoredTurn]:
-        """The channel's turns newest first, after the forget watermark.
+        """The channel's visible turns newest first: after the forget watermark, not hidden.
 
         Reads page by page through the (channel_id, id) index and stops as soon as `limit` rows
         or `token_budget` cached tokens are reached, so a long channel costs what the window
@@ -249,7 +277,7 @@ class TurnStore(Store):
             if page <= 0:
                 break
             sql = (
-                f"SELECT {TURN_COLUMNS} FROM turns WHERE channel_id = ? AND id > ?"
+                f"SELECT {TURN_COLUMNS} FROM turns WHERE channel_id = ? AND id > ? AND hidden = 0"
                 + (" AND id < ?" if before is not None else "")
                 + " ORDER BY id DESC LIMIT ?"
             )
@@ -275,7 +303,8 @@ class TurnStore(Store):
         """The channel's turns matching an FTS5 `match` expression, best BM25 score first, each
         with the turn just before it (its context; None for the channel's first turn).
 
-        Only turns after the forget watermark and (when given) before `before_id` are searched,
+        Only turns after the forget watermark, not hidden, and (when given) before `before_id`
+        are searched,
         so forgotten turns and the ones already in the prompt are never found. A hit on the
         message text weighs twice one on the speaker's name. Two queries whatever the hit
         count: this runs before every reply in a long channel. Empty when the index is off.
@@ -285,9 +314,9 @@ class TurnStore(Store):
         floor = "COALESCE((SELECT forget_before FROM channels WHERE channel_id = ?1), 0)"
         rows = await self.db.all(
             f"SELECT {prefixed_columns('t')}, (SELECT MAX(p.id) FROM turns p "
-            f"WHERE p.channel_id = ?1 AND p.id < t.id AND p.id > {floor}) FROM turns_fts "
-            "JOIN turns t ON t.id = turns_fts.rowid WHERE turns_fts MATCH ?2 "
-            f"AND t.channel_id = ?1 AND t.id > {floor} AND t.id < ?3 "
+            f"WHERE p.channel_id = ?1 AND p.id < t.id AND p.id > {floor} AND p.hidden = 0) "
+            "FROM turns_fts JOIN turns t ON t.id = turns_fts.rowid WHERE turns_fts MATCH ?2 "
+            f"AND t.channel_id = ?1 AND t.id > {floor} AND t.id < ?3 AND t.hidden = 0 "
             "ORDER BY bm25(turns_fts, 0.5, 1.0) LIMIT ?4",
             (channel_id, match, before_id if before_id is not None else 2**62, limit),
         )
@@ -318,11 +347,11 @@ class TurnStore(Store):
         return row[0] if row and row[0] else ""
 
     async def between(self, channel_id: int, after_id: int, before_id: int) -> list[StoredTurn]:
-        """The channel's turns with `after_id` < id < `before_id`, oldest first (what the
-        rolling summary has not covered yet, `bot.summaries`)."""
+        """The channel's visible (not hidden) turns with `after_id` < id < `before_id`, oldest
+        first (what the rolling summary has not covered yet, `bot.summaries`)."""
         rows = await self.db.all(
             f"SELECT {TURN_COLUMNS} FROM turns WHERE channel_id = ? AND id > ? AND id < ? "
-            "ORDER BY id",
+            "AND hidden = 0 ORDER BY id",
             (channel_id, after_id, before_id),
         )
         return [StoredTurn(*row) for row in rows]
@@ -337,7 +366,7 @@ class TurnStore(Store):
         return (row[0], row[1]) if row and row[0] is not None else None
 
     async def history(self, channel_id: int) -> list[StoredTurn]:
-        """Every stored turn of a channel, oldest first, forgotten ones included (for export)."""
+        """Every stored turn of a channel, oldest first, forgotten and hidden ones included."""
         rows = await self.db.all(
             f"SELECT {TURN_COLUMNS} FROM turns WHERE channel_id = ? ORDER BY id", (channel_id,)
         )
@@ -348,15 +377,16 @@ class TurnStore(Store):
         floor = await self.watermark(channel_id)
         row = await self.db.one(
             f"SELECT {TURN_COLUMNS} FROM turns WHERE channel_id = ? AND id > ? "
-            "AND role = 'assistant' ORDER BY id DESC LIMIT 1",
+            "AND role = 'assistant' AND hidden = 0 ORDER BY id DESC LIMIT 1",
             (channel_id, floor),
         )
         return StoredTurn(*row) if row else None
 
     async def user_spoke_after(self, channel_id: int, turn_id: int) -> bool:
-        """Has a member spoken in the channel since turn `turn_id`?"""
+        """Has a member spoken in the channel since turn `turn_id` (hidden lines aside)?"""
         row = await self.db.one(
-            "SELECT 1 FROM turns WHERE channel_id = ? AND id > ? AND role = 'user' LIMIT 1",
+            "SELECT 1 FROM turns WHERE channel_id = ? AND id > ? AND role = 'user' "
+            "AND hidden = 0 LIMIT 1",
             (channel_id, turn_id),
         )
         return row is not None

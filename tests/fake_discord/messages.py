@@ -551,7 +551,13 @@ class MessagesMixin:
         name = str(call.body.get("name") or "")
         if not 1 <= len(name) <= 100:
             raise _form_error({"name": _bad_len(1, 100)})
+        started_from: int | None = None
         if "message_id" in call.params:
-            self._channel_message(call, channel)
-        thread = self.add_thread(channel.id, name, private=private, owner=self.bot_user)
+            # a thread started from a message has the message's id, one thread per message
+            started_from = self._channel_message(call, channel).id
+            if started_from in self.channels:
+                raise ApiError(400, "A thread has already been created for this message", 160004)
+        thread = self.add_thread(
+            channel.id, name, private=private, owner=self.bot_user, id=started_from
+        )
         return thread.to_payload()

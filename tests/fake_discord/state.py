@@ -97,13 +97,15 @@ class StateMixin:
         topic: str | None = None,
         nsfw: bool = False,
         owner: UserLike | None = None,
+        id: int | None = None,
     ) -> FakeChannel:
-        """A guild channel; thread types (10/11/12) need ``parent_id`` and go in ``threads``."""
+        """A guild channel; thread types (10/11/12) need ``parent_id`` and go in ``threads``.
+        ``id``: a given id (a thread started from a message has that message's id)."""
         guild = self.guilds[guild_id]
         if type in THREAD_TYPES and parent_id is None:
             raise ValueError("a thread needs parent_id")
         channel = FakeChannel(
-            id=self.snowflake(), type=type, guild_id=guild_id, name=name, parent_id=parent_id,
+            id=id or self.snowflake(), type=type, guild_id=guild_id, name=name, parent_id=parent_id,
             position=len(guild.channel_ids), topic=topic, nsfw=nsfw,
             permission_overwrites=[dict(o) for o in permission_overwrites],
             owner_id=self._user_id(owner) if owner is not None else (
@@ -116,12 +118,20 @@ class StateMixin:
         return channel
 
     def add_thread(
-        self, parent_id: int, name: str, *, private: bool = False, owner: UserLike | None = None
+        self,
+        parent_id: int,
+        name: str,
+        *,
+        private: bool = False,
+        owner: UserLike | None = None,
+        id: int | None = None,
     ) -> FakeChannel:
         parent = self.channels[parent_id]
         assert parent.guild_id is not None
         kind = ChannelType.PRIVATE_THREAD if private else ChannelType.PUBLIC_THREAD
-        return self.add_channel(parent.guild_id, name, kind, parent_id=parent_id, owner=owner)
+        return self.add_channel(
+            parent.guild_id, name, kind, parent_id=parent_id, owner=owner, id=id
+        )
 
     def add_role(
         self,
