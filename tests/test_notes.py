@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from discord import app_commands
 
 from bot.policy import BLOCKED, SWITCHED_OFF
 from bot.prompt import CARDS_HEADING, NOTES_HEADING
@@ -182,8 +183,9 @@ async def test_help_lists_every_command(world: World, tmp_path: Path) -> None:
         manager = await command(w, w.admin, "help")
         (embed,) = member.handle.original.embeds
         (admin_embed,) = manager.handle.original.embeds
-        for top in bot.tree.get_commands():
-            assert f"/{top.name}" in admin_embed["description"]
+        for top in bot.tree.get_commands():  # slash commands and message-menu commands
+            shown = f"*{top.name}*" if isinstance(top, app_commands.ContextMenu) else f"/{top.name}"
+            assert shown in admin_embed["description"]
         for name in ("/note add text", "/note list", "/note remove number", "/me describe text",
                      "/me clear", "/reset", "/help"):  # fmt: skip
             assert f"`{name}`" in embed["description"]
