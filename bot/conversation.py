@@ -34,7 +34,18 @@ from bot.personas import (
     persona_key,
 )
 from bot.policy import Place, resolve
-from bot.prompt import INPUT, RECALL_HEADING, SEPARATOR, Turn, other_speakers, recall_line, seen_by
+from bot.prompt import (
+    INPUT,
+    NO_CONTEXT,
+    RECALL_HEADING,
+    SEPARATOR,
+    Context,
+    Turn,
+    other_speakers,
+    recall_line,
+    seen_by,
+)
+from bot.prompt_context import channel_notes, prompt_context
 from bot.prompt_template import ALPACA, AlpacaFormat, TemplateError, TemplateFormat, choose_format
 from bot.prompt_window import BLOCK_MARGIN, FittedPrompt, TokenCounter, fit_prompt, with_recall
 from bot.recall import recall, recall_tokens
@@ -123,6 +134,13 @@ class Conversations:
         self._locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._start_hint: dict[tuple[int, str], int | None] = {}
         self.pending = 0
+        #: `idle` while no reply waits for its channel or is being written, else `busy`: work
+        #: that must never delay a reply (the rolling summary) runs only while idle
+        self.idle, self.busy = asyncio.Event(), asyncio.Event()
+        self.idle.set()
+        #: called with (channel id, guild id, prompt, the channel's settings) for every prompt
+        #: built; `bot.summaries` watches where windows start through it
+        self.prompt_hooks: list[Callable[[int, int | None, FittedPrompt, Settings], None]] = []
         self.recent: deque[ReplyStats] = deque(maxlen=50)  # for /admin model status
         self.members = members
         #: member id -> names, per server (or DM channel): read from memory once, then kept
@@ -271,11 +289,16 @@ class Conversations:
         if self.pending >= self.settings.queue_size:
             raise Busy
         self.pending += 1
+        self.idle.clear()
+        self.busy.set()
         try:
             async with self._locks[channel_id]:
                 yield
         finally:
             self.pending -= 1
+            if not self.pending:
+                self.busy.clear()
+                self.idle.set()
 
     # ---- building ---------------------------------------------------------------------------
 
@@ -321,13 +344,27 @@ class Conversations:
         known = await self.known_names(channel_id, guild_id, reserved)
         history = known.shown(seen_by(history, bot_name))
         current = known.shown([current])[0] if current is not None else None
+        candidates = [*([current] if current is not None else []), *history]
+        context = await prompt_context(
+            self.memory, settings, self.counter, channel_id, guild_id, candidates
+        )
+        notes = await channel_notes(self.memory, channel_id, self.counter, settings.notes_tokens)
         prompt = self._fit(
-            chosen, history, current, budget, (channel_id, bot_name), scene, known.names()
+            chosen,
+            history,
+            current,
+            budget,
+            (channel_id, bot_name),
+            "\n\n".join(filter(None, [scene, notes])),
+            known.names(),
+            context,
         )
         if recall_budget and prompt.older:
             prompt = await self._recall(
                 channel_id, guild_id, prompt, recall_budget, bot_name, known
             )
+        for hook in self.prompt_hooks:
+            hook(channel_id, guild_id, prompt, settings)
         if continue_last and not reopen_last_reply(prompt, self.fmt):
             return None
         names = self._other_names(prompt, cast, known, bot_name)
@@ -388,10 +425,12 @@ class Conversations:
         slot: tuple[int, str],
         scene: str = "",
         known: Sequence[str] = (),
+        context: Context = NO_CONTEXT,
     ) -> FittedPrompt:
         """The prompt text fitted to `budget`, starting where the last one did when it can
         (remembered per channel and speaker: `slot`); `known` are the names no line of
-        untrusted text may start as (`KnownNames.names`)."""
+        untrusted text may start as (`KnownNames.names`); `scene` ends the system text (a
+        scene's roster, the channel's notes); `context` the blocks after the history."""
         hint = self._start_hint.get(slot)
         slack = self.settings.fit_slack
         if chosen is not None:
@@ -407,6 +446,7 @@ class Conversations:
                 slack=slack,
                 scene=scene,
                 known=known,
+                context=context,
             )
         else:
             prompt = fit_prompt(
@@ -418,6 +458,7 @@ class Conversations:
                 start_hint=hint,
                 slack=slack,
                 speakers=[self.bot_name, *known],
+                context=context,
             )
         self._start_hint[slot] = prompt.start_id
         return prompt

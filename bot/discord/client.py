@@ -34,6 +34,7 @@ from bot.memory import Memory
 from bot.personas import PersonaLibrary, load_builtin_personas
 from bot.settings import Settings
 from bot.speakers import Member
+from bot.summaries import Summarizer
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ EXIT_UNREACHABLE = 75
 #: What a member is told when a check other than ours (e.g. `guild_only`) refuses a command.
 NOT_ALLOWED = "You can't use that command here."
 
-COGS = ("cogs.chat", "cogs.personas", "cogs.admin")
+COGS = ("cogs.chat", "cogs.personas", "cogs.admin", "cogs.notes", "cogs.help")
 
 
 def intents() -> discord.Intents:
@@ -69,8 +70,8 @@ class HermesBot(commands.AutoShardedBot):
     `settings`, `memory`, `personas`, `conv` (the conversations, which hold the engine; `engine`
     reads and swaps it there), and the Discord layer's shared parts: `webhooks` (persona
     identities), `swipes` (alternative replies), `ingest` (message events into stored turns),
-    `replies` (the reply runner), `catch_up` (what was missed while away); `metrics` when
-    enabled. Cogs reach each other's work only through these. `options` go to discord.py's
+    `replies` (the reply runner), `catch_up` (what was missed while away), `summaries` (the
+    rolling summaries' background writer, `bot.summaries`); `metrics` when enabled. Cogs reach each other's work only through these. `options` go to discord.py's
     `AutoShardedBot`.
     """
 
@@ -82,6 +83,7 @@ class HermesBot(commands.AutoShardedBot):
     ingest: Ingest
     replies: Replier
     catch_up: CatchUp
+    summaries: Summarizer
 
     def __init__(
         self,
@@ -146,6 +148,8 @@ class HermesBot(commands.AutoShardedBot):
         self.replies = Replier(self)
         self.ingest = Ingest(self)
         self.catch_up = CatchUp(self)
+        self.summaries = Summarizer(self.conv)  # rolling summaries, in the background
+        self.summaries.start()
         # swipe and ⏹ buttons are answered on replies from earlier runs too
         self.add_dynamic_items(SwipeButton, StopButton)
         self.metrics = metrics.setup(self.settings, lambda: self.engine)
@@ -198,6 +202,8 @@ class HermesBot(commands.AutoShardedBot):
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if hasattr(self, "summaries"):
+            await self.summaries.close()
         await super().close()
         if self.metrics is not None:
             self.metrics.stop()
