@@ -14,14 +14,13 @@ import logging
 import random
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from bot.engine import (
     Engine,
     EngineError,
     EngineRequest,
-    GenerationParams,
     ReplyStats,
     params_from_settings,
 )
@@ -46,9 +45,10 @@ from bot.prompt import (
     seen_by,
 )
 from bot.prompt_context import channel_notes, prompt_context
-from bot.prompt_template import ALPACA, AlpacaFormat, TemplateError, TemplateFormat, choose_format
+from bot.prompt_template import AlpacaFormat, TemplateError, TemplateFormat, choose_format
 from bot.prompt_window import BLOCK_MARGIN, FittedPrompt, TokenCounter, fit_prompt, with_recall
 from bot.recall import recall, recall_tokens
+from bot.reply_job import ReplyJob, reopen_last_reply
 from bot.settings import Settings
 from bot.speakers import KnownNames, Member
 from bot.store.turns import StoredTurn
@@ -62,50 +62,6 @@ RECALL_BLOCK_HEAD = f"{INPUT}{RECALL_HEADING}\n{SEPARATOR}"
 
 class Busy(RuntimeError):
     """Too many replies are already waiting; tell the user to try again shortly."""
-
-
-@dataclass(slots=True)
-class ReplyJob:
-    """Everything needed to generate and store one reply."""
-
-    channel_id: int
-    guild_id: int | None
-    prompt: FittedPrompt
-    params: GenerationParams
-    other_names: list[str]
-    bot_name: str
-    persona: str | None
-    reply_to: int | None  # turn id of the message being answered
-    cache_key: str = ""  # the engine's prompt-cache slot; one per channel and speaker
-    text: str = ""
-    stats: ReplyStats | None = None
-    notes: list[str] = field(default_factory=list)
-    #: the engine request generating it now (None before and between attempts)
-    request: EngineRequest | None = None
-    #: a member stopped it (`stop`): what was written so far is the reply
-    stopped: bool = False
-
-    def stop(self) -> None:
-        """Stop generating: the engine drops the request at its next step (one decode step at
-        most), and the text written so far becomes the reply (`stream` ends with it)."""
-        self.stopped = True
-        if self.request is not None:
-            self.request.cancel()
-
-
-def reopen_last_reply(prompt: FittedPrompt, fmt: AlpacaFormat | TemplateFormat = ALPACA) -> bool:
-    """Make `prompt` continue its last reply instead of asking for a new one; False if the
-    last turn is not the bot's.
-
-    Drops the reply's end and the next reply's opening (Alpaca: "\\n\\n### Response:\\n"; a
-    template: its end-of-turn token and generation prompt), so the model writes on from the
-    reply's last word, the assistant message left open.
-    """
-    tail = fmt.reply_end + fmt.reply_open
-    if not (prompt.turns and prompt.turns[-1].role == "assistant" and prompt.text.endswith(tail)):
-        return False
-    prompt.text = prompt.text[: -len(tail)]
-    return True
 
 
 class Conversations:

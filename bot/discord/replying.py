@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import discord
 
-from bot.conversation import EMPTY_NOTICE, Busy, ReplyJob
+from bot.conversation import EMPTY_NOTICE, Busy
 from bot.discord.checks import place_of, scene_at
 from bot.discord.owing import Outcome, OwedReply
 from bot.discord.posting import (
@@ -44,6 +44,7 @@ from bot.discord.posting import (
 from bot.discord.stopping import Stops, stop_view
 from bot.discord.swipes import swipe_view
 from bot.personas import persona_key
+from bot.reply_job import ReplyJob
 from bot.scenes import Scene, SceneMember, chained, member_context
 from bot.store.turns import StoredTurn
 

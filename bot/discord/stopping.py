@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import discord
 
-from bot.conversation import ReplyJob
 from bot.discord.checks import is_manager
+from bot.reply_job import ReplyJob
 
 if TYPE_CHECKING:
     from bot.discord.client import HermesBot
