@@ -14,14 +14,13 @@ import logging
 import random
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from bot.engine import (
     Engine,
     EngineError,
     EngineRequest,
-    GenerationParams,
     ReplyStats,
     params_from_settings,
 )
@@ -34,13 +33,24 @@ from bot.personas import (
     persona_key,
 )
 from bot.policy import Place, resolve
-from bot.prompt import INPUT, RECALL_HEADING, SEPARATOR, Turn, other_speakers, recall_line, seen_by
-from bot.prompt_template import ALPACA, AlpacaFormat, TemplateError, TemplateFormat, choose_format
+from bot.prompt import (
+    INPUT,
+    NO_CONTEXT,
+    RECALL_HEADING,
+    SEPARATOR,
+    Context,
+    Turn,
+    other_speakers,
+    recall_line,
+    seen_by,
+)
+from bot.prompt_context import channel_notes, prompt_context
+from bot.prompt_template import AlpacaFormat, TemplateError, TemplateFormat, choose_format
 from bot.prompt_window import BLOCK_MARGIN, FittedPrompt, TokenCounter, fit_prompt, with_recall
 from bot.recall import recall, recall_tokens
+from bot.reply_job import ReplyJob, reopen_last_reply
 from bot.settings import Settings
 from bot.speakers import KnownNames, Member
-from bot.store.images import Image
 from bot.store.turns import StoredTurn
 
 log = logging.getLogger(__name__)
@@ -52,41 +62,6 @@ RECALL_BLOCK_HEAD = f"{INPUT}{RECALL_HEADING}\n{SEPARATOR}"
 
 class Busy(RuntimeError):
     """Too many replies are already waiting; tell the user to try again shortly."""
-
-
-@dataclass(slots=True)
-class ReplyJob:
-    """Everything needed to generate and store one reply."""
-
-    channel_id: int
-    guild_id: int | None
-    prompt: FittedPrompt
-    params: GenerationParams
-    other_names: list[str]
-    bot_name: str
-    persona: str | None
-    reply_to: int | None  # turn id of the message being answered
-    cache_key: str = ""  # the engine's prompt-cache slot; one per channel and speaker
-    text: str = ""
-    stats: ReplyStats | None = None
-    notes: list[str] = field(default_factory=list)
-    #: VISION: the images of the window's turns, by turn id (sent as image parts)
-    images: dict[int, list[Image]] = field(default_factory=dict)
-
-
-def reopen_last_reply(prompt: FittedPrompt, fmt: AlpacaFormat | TemplateFormat = ALPACA) -> bool:
-    """Make `prompt` continue its last reply instead of asking for a new one; False if the
-    last turn is not the bot's.
-
-    Drops the reply's end and the next reply's opening (Alpaca: "\\n\\n### Response:\\n"; a
-    template: its end-of-turn token and generation prompt), so the model writes on from the
-    reply's last word, the assistant message left open.
-    """
-    tail = fmt.reply_end + fmt.reply_open
-    if not (prompt.turns and prompt.turns[-1].role == "assistant" and prompt.text.endswith(tail)):
-        return False
-    prompt.text = prompt.text[: -len(tail)]
-    return True
 
 
 class Conversations:
@@ -115,6 +90,13 @@ class Conversations:
         self._locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._start_hint: dict[tuple[int, str], int | None] = {}
         self.pending = 0
+        #: `idle` while no reply waits for its channel or is being written, else `busy`: work
+        #: that must never delay a reply (the rolling summary) runs only while idle
+        self.idle, self.busy = asyncio.Event(), asyncio.Event()
+        self.idle.set()
+        #: called with (channel id, guild id, prompt, the channel's settings) for every prompt
+        #: built; `bot.summaries` watches where windows start through it
+        self.prompt_hooks: list[Callable[[int, int | None, FittedPrompt, Settings], None]] = []
         self.recent: deque[ReplyStats] = deque(maxlen=50)  # for /admin model status
         self.members = members
         #: member id -> names, per server (or DM channel): read from memory once, then kept
@@ -193,9 +175,11 @@ class Conversations:
         name: str = "",
         answers: int | None = None,
         replacing: int | None = None,
+        stopped: bool = False,
     ) -> int:
         """Store the bot's turn; `answers`: the user turn it answers, no longer owed a reply;
-        `replacing`: the reply it replaces, deleted in the same transaction."""
+        `replacing`: the reply it replaces, deleted in the same transaction; `stopped`: a
+        member stopped it half-way."""
         ids = message_ids or []
         return await self.memory.turns.add(
             channel_id,
@@ -209,6 +193,7 @@ class Conversations:
             tokens=self.counter(content.strip()),
             answers=answers,
             replacing=replacing,
+            stopped=stopped,
         )
 
     async def replace_reply(
@@ -220,6 +205,7 @@ class Conversations:
         persona: str | None,
         name: str,
         answers: int | None = None,
+        stopped: bool = False,
     ) -> int:
         """A regenerated reply takes the place of `old` (one transaction: no moment without
         either); returns the new turn's id."""
@@ -232,14 +218,18 @@ class Conversations:
             name=name,
             answers=answers,
             replacing=old.id,
+            stopped=stopped,
         )
 
     async def extend_reply(self, last: StoredTurn, addition: str, message_ids: list[int]) -> str:
         """/continue: `addition` joins the end of reply `last`, whose new messages are linked to
-        it; its swipe alternatives end (they no longer match what is shown). The new text."""
+        it; its swipe alternatives end (they no longer match what is shown), and a reply that
+        was stopped half-way is no longer marked so. The new text."""
         joiner = "" if addition[:1] in ",.;:!?)" else " "
         extended = last.content + joiner + addition
         await self.memory.turns.update(last.id, extended, self.counter(extended))
+        if last.stopped:
+            await self.memory.turns.mark(last.id, stopped=False)
         await self.memory.turns.link_messages(last.id, message_ids)
         await self.memory.swipes.end(last.id)
         return extended
@@ -261,11 +251,16 @@ class Conversations:
         if self.pending >= self.settings.queue_size:
             raise Busy
         self.pending += 1
+        self.idle.clear()
+        self.busy.set()
         try:
             async with self._locks[channel_id]:
                 yield
         finally:
             self.pending -= 1
+            if not self.pending:
+                self.busy.clear()
+                self.idle.set()
 
     # ---- building ---------------------------------------------------------------------------
 
@@ -311,13 +306,27 @@ class Conversations:
         known = await self.known_names(channel_id, guild_id, reserved)
         history = known.shown(seen_by(history, bot_name))
         current = known.shown([current])[0] if current is not None else None
+        candidates = [*([current] if current is not None else []), *history]
+        context = await prompt_context(
+            self.memory, settings, self.counter, channel_id, guild_id, candidates
+        )
+        notes = await channel_notes(self.memory, channel_id, self.counter, settings.notes_tokens)
         prompt = self._fit(
-            chosen, history, current, budget, (channel_id, bot_name), scene, known.names()
+            chosen,
+            history,
+            current,
+            budget,
+            (channel_id, bot_name),
+            "\n\n".join(filter(None, [scene, notes])),
+            known.names(),
+            context,
         )
         if recall_budget and prompt.older:
             prompt = await self._recall(
                 channel_id, guild_id, prompt, recall_budget, bot_name, known
             )
+        for hook in self.prompt_hooks:
+            hook(channel_id, guild_id, prompt, settings)
         if continue_last and not reopen_last_reply(prompt, self.fmt):
             return None
         names = self._other_names(prompt, cast, known, bot_name)
@@ -384,10 +393,12 @@ class Conversations:
         slot: tuple[int, str],
         scene: str = "",
         known: Sequence[str] = (),
+        context: Context = NO_CONTEXT,
     ) -> FittedPrompt:
         """The prompt text fitted to `budget`, starting where the last one did when it can
         (remembered per channel and speaker: `slot`); `known` are the names no line of
-        untrusted text may start as (`KnownNames.names`)."""
+        untrusted text may start as (`KnownNames.names`); `scene` ends the system text (a
+        scene's roster, the channel's notes); `context` the blocks after the history."""
         hint = self._start_hint.get(slot)
         slack = self.settings.fit_slack
         if chosen is not None:
@@ -403,6 +414,7 @@ class Conversations:
                 slack=slack,
                 scene=scene,
                 known=known,
+                context=context,
             )
         else:
             prompt = fit_prompt(
@@ -414,6 +426,7 @@ class Conversations:
                 start_hint=hint,
                 slack=slack,
                 speakers=[self.bot_name, *known],
+                context=context,
             )
         self._start_hint[slot] = prompt.start_id
         return prompt
@@ -519,9 +532,11 @@ class Conversations:
         """Yield the cleaned reply as it grows; `job.text` holds the final text afterwards.
 
         An empty result gets one retry with a fresh seed, then a short notice, never an empty
-        message.
+        message. A reply stopped (`ReplyJob.stop`) ends with what it has, never retried.
         """
         for attempt in range(2):
+            if job.stopped:
+                break
             params = (
                 job.params
                 if attempt == 0
@@ -541,6 +556,9 @@ class Conversations:
                 job.prompt.text, params, cache_key=job.cache_key or str(job.channel_id), **extra
             )
             job.stats = gen.stats
+            job.request = gen
+            if job.stopped:  # stopped before this attempt started
+                gen.cancel()
             shown = ""
             async for _ in gen:
                 text = self.fmt.clean(gen.text, job.other_names, job.bot_name)
@@ -548,6 +566,7 @@ class Conversations:
                     shown = text
                     yield text
             self.recent.append(gen.stats)
+            job.request = None
             job.text = self.fmt.clean(gen.text, job.other_names, job.bot_name)
             if job.text:
                 return

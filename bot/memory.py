@@ -17,6 +17,7 @@ import aiosqlite
 from bot.store.audit import AuditLog
 from bot.store.db import Database
 from bot.store.images import ImageStore
+from bot.store.notes import MemberCards, NoteStore, SummaryStore
 from bot.store.owed import OwedReplies
 from bot.store.personas import PersonaStore, WebhookStore
 from bot.store.places import PlaceStore
@@ -38,6 +39,9 @@ class Memory:
         self.swipes = SwipeStore(database)
         self.audit = AuditLog(database)
         self.images = ImageStore(database)
+        self.notes = NoteStore(database)
+        self.summaries = SummaryStore(database)
+        self.member_cards = MemberCards(database)
 
     @classmethod
     async def open(cls, path: str | Path) -> Memory:

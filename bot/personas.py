@@ -28,7 +28,7 @@ from bot.cards import (
     card_from_fields,
     normalize_newlines,
 )
-from bot.prompt import Turn, clean_name, defuse_turn, other_speakers
+from bot.prompt import NO_CONTEXT, Context, Turn, clean_name, defuse_turn, other_speakers
 from bot.prompt_window import FittedPrompt, TokenCounter, cut_middle, fit_prompt
 
 #: The persona a channel gets when nobody chose one.
@@ -383,6 +383,7 @@ def build_persona_prompt(
     default_system: str = DEFAULT_RP_SYSTEM,
     scene: str = "",
     known: Sequence[str] = (),
+    context: Context = NO_CONTEXT,
 ) -> FittedPrompt:
     """The whole prompt for `persona`'s next reply, fitted to `budget` tokens by `fit_prompt`.
 
@@ -394,7 +395,8 @@ def build_persona_prompt(
 
     Assistant turns without a name are the persona's and get its name. `{{user}}` is
     `user_name`, the person being answered. `known` are the names no line of untrusted text
-    may start as, besides the persona's own (`bot.speakers.KnownNames.names`).
+    may start as, besides the persona's own (`bot.speakers.KnownNames.names`). `context`:
+    the channel's summary, members' cards and author's note (`bot.prompt.Context`).
     """
     card, char = persona.card, persona.name
     user = clean_name(user_name) or "User"
@@ -439,6 +441,7 @@ def build_persona_prompt(
             slack=slack,
             post_history=post,
             speakers=[char, *known],
+            context=context,
         )
 
     n = len(split_examples(card.mes_example))

@@ -286,6 +286,84 @@ def recall_line(turn: Turn, bot_name: str = "", now: float | None = None) -> str
     return f"{day}{name + ': ' if name else ''}{text}"
 
 
+# --------------------------------------------------------------------------------------------
+# What a prompt holds besides the system text and the turns
+#
+# A channel's notes (`/note`), its rolling summary, the cards of the members speaking (`/me
+# describe`) and the author's note are untrusted text like any message: they are defused here,
+# each in the one way its block needs, whatever format wraps them. Notes join the system text
+# (they change only by command, so the cached prefix stays); the summary, the members' cards
+# and the author's note are blocks after the history (SillyTavern's "in-chat @ depth"), so the
+# history stays the prefix the engine's cache reuses.
+
+NOTES_HEADING = "Notes for this channel (keep them in mind):"
+SUMMARY_HEADING = "Summary of the earlier conversation in this channel:"
+CARDS_HEADING = "About the members speaking here (as they describe themselves):"
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """The blocks of a prompt besides its system text and turns, as stored (raw text)."""
+
+    summary: str = ""  # the channel's rolling summary
+    cards: tuple[tuple[int, str, str], ...] = ()  # (member id, name, card), newest speaker first
+    note: str = ""  # the author's note
+    note_depth: int = 0  # how many turns before the end it goes (0: after the history)
+
+
+NO_CONTEXT = Context()
+
+
+def one_line(text: str) -> str:
+    """Untrusted text normalised and folded onto one line."""
+    return " ".join(normalize_text(text).split())
+
+
+def notes_text(notes: Sequence[str]) -> str:
+    """The notes as the system text's last paragraph, one `- ` line each (empty without notes):
+    one line each, so no note can start a line as a speaker or a header."""
+    if not (kept := [line for n in notes if (line := one_line(n))]):
+        return ""
+    return neutralize("\n".join([NOTES_HEADING, *(f"- {n}" for n in kept)]))
+
+
+def transcript_text(turns: Sequence[Turn]) -> str:
+    """Turns as the summarizer reads them (`bot.summaries`): one `Name: text` line each, the
+    text folded onto its line and defused, so no turn can start a line as another speaker."""
+    rows = []
+    for turn in turns:
+        name = clean_name(turn.name)
+        rows.append(f"{name}: {one_line(turn.content)}" if name else one_line(turn.content))
+    return neutralize("\n".join(rows))
+
+
+def context_texts(
+    context: Context, turns: Sequence[Turn] | None, speakers: Iterable[str]
+) -> tuple[str, str, str]:
+    """(summary, cards, author's note) defused, each empty when absent. Cards are those of the
+    members with a turn in `turns` (all of them when None: the upper bound fitting counts).
+    The summary and the note keep their lines, quoted where one starts like a participant
+    (`defuse_turn`); each card is one `- Name: text` line."""
+    who = tuple(speakers)
+    summary = context.summary.strip()
+    summary = f"{SUMMARY_HEADING}\n{defuse_turn(summary, who, labelled=False)}" if summary else ""
+    present = None if turns is None else {t.author for t in turns if t.role == "user"}
+    cards = [
+        f"- {clean_name(name)}: {text}"
+        for member, name, card in context.cards
+        if (present is None or member in present) and (text := one_line(card))
+    ]
+    card_text = neutralize("\n".join([CARDS_HEADING, *cards])) if cards else ""
+    note = defuse_turn(context.note.strip(), who, labelled=False) if context.note.strip() else ""
+    return summary, card_text, note
+
+
+def note_index(context: Context, turns: Sequence[Turn]) -> int:
+    """Where the author's note goes among `turns`: before the last `note_depth` of them
+    (`len(turns)`: after the history and its blocks)."""
+    return len(turns) - min(max(context.note_depth, 0), len(turns))
+
+
 def chat_segments(
     system: str,
     turns: Sequence[Turn],
@@ -294,6 +372,7 @@ def chat_segments(
     post_history: str = "",
     recall: str = "",
     speakers: Iterable[str] = (),
+    context: Context = NO_CONTEXT,
 ) -> list[tuple[str, bool]]:
     """The conversation as (text, is_target) pieces.
 
@@ -303,21 +382,28 @@ def chat_segments(
     post_history_instructions) goes in an Input block after the history, as SillyTavern does.
     `recall` (a `render_recall` block) follows the turns (the current message included) and
     precedes `post_history`: the history stays a stable prefix the engine's cache can reuse.
+    `context`: the summary (before recall), the members' cards (after it) and the author's
+    note (`note_index`), each an Input block.
     `speakers` are the bot's names (its own, the persona's): with every member in `turns` they
     are the participants no member's line may impersonate.
     """
     who = participants(turns, speakers)
+    summary, cards, note = context_texts(context, turns, who)
+    at = note_index(context, turns) if note else -1
     pieces: list[tuple[str, bool]] = []
     if sys_block := render_system(system):
         pieces.append((sys_block, False))
-    for turn in turns:
+    for i, turn in enumerate(turns):
+        if i == at:
+            pieces.append((render_system(note), False))
         if turn.role == "assistant":
             pieces.append((RESPONSE, False))
             pieces.append((neutralize(turn.content.strip()) + SEPARATOR, True))
         else:
             pieces.append((turn.render(who), False))
-    if recall:
-        pieces.append((recall, False))
+    after = [render_system(summary), recall, render_system(cards)]
+    after.append(render_system(note) if at == len(turns) else "")
+    pieces += [(block, False) for block in after if block]
     if post := render_system(post_history):
         pieces.append((post, False))
     if open_response:

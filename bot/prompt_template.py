@@ -32,14 +32,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.prompt import (
+    NO_CONTEXT,
     SEPARATOR,
+    Context,
     Turn,
     chat_segments,
     clean_name,
     clean_reply,
+    context_texts,
     defuse_turn,
     fold,
     neutralize,
+    note_index,
     participants,
     recall_text,
     render_chat,
@@ -347,23 +351,29 @@ class TemplateFormat:
         post_history: str = "",
         recall: str = "",
         speakers: Iterable[str] = (),
+        context: Context = NO_CONTEXT,
     ) -> list[tuple[str, bool]]:
         """As `bot.prompt.chat_segments`, in this template: target pieces are reply + end of
-        turn; recall and post-history are system messages after the history (the history
-        stays a stable prefix)."""
+        turn; the summary, recall, members' cards, a depth-0 author's note and post-history
+        are system messages after the history (the history stays a stable prefix)."""
         who = participants(turns, speakers)
+        summary, cards, note = context_texts(context, turns, who)
+        at = note_index(context, turns) if note else -1
         pieces: list[tuple[str, bool]] = []
         if head := self.head(system):
             pieces.append((head, False))
-        for turn in turns:
+        for i, turn in enumerate(turns):
+            if i == at:
+                pieces.append((self.system_block(note), False))
             if turn.role == "assistant":
                 if self.reply_open:
                     pieces.append((self.reply_open, False))
                 pieces.append((self.reply_body(turn.content), True))
             else:
                 pieces.append((self.turn_block("user", turn.content, turn.name, who), False))
-        if recall:
-            pieces.append((recall, False))
+        after = [self.system_block(summary), recall, self.system_block(cards)]
+        after.append(self.system_block(note) if at == len(turns) else "")
+        pieces += [(block, False) for block in after if block]
         if post := self.system_block(post_history):
             pieces.append((post, False))
         if open_response and self.reply_open:
@@ -391,7 +401,8 @@ class TemplateFormat:
 #
 # llama.cpp's `llama-server` and Ollama (what a CPU-only user runs) template a chat themselves on
 # `/v1/chat/completions`. The bot then sends role messages instead of text: one system message
-# (system prompt, persona card, lore, scene roster, recalled lines and post-history instructions),
+# (system prompt, persona card, lore, scene roster, notes, summary, recalled lines, members'
+# cards, the author's note (at whatever depth it is set) and post-history instructions),
 # then the history with consecutive messages of one role merged, which every template accepts
 # (Mistral's refuses two user messages in a row). The contents are defused exactly as in a rendered
 # prompt (`bot.prompt` and `bot.prompt_template.defuse_markers`), against this tokenizer's control
@@ -428,11 +439,13 @@ class ServerFormat:
         """`prompt` as role messages; a reopened last reply (continue) ends the list open.
         `images`: a turn id's attached images (VISION), sent as OpenAI image parts after the
         member's text (`{"type": "image_url", "image_url": {"url": "data:..."}}`)."""
-        system = [prompt.system, recall_text(prompt.recalled), prompt.post_history]
+        who = participants(prompt.turns, prompt.speakers)
+        summary, cards, note = context_texts(prompt.context, prompt.turns, who)
+        recalled = recall_text(prompt.recalled)
+        system = [prompt.system, summary, recalled, cards, note, prompt.post_history]
         out: list[dict[str, Any]] = []
         if text := "\n\n".join(self.defuse(s) for s in system if s.strip()):
             out.append({"role": "system", "content": text})
-        who = participants(prompt.turns, prompt.speakers)
         for turn in prompt.turns:
             if turn.role == "assistant":
                 role, text = "assistant", self.defuse(turn.content)

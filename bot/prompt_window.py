@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.prompt import (
+    NO_CONTEXT,
     RESPONSE,
+    Context,
     Turn,
+    context_texts,
     render_chat,
     render_recall,
     render_system,
@@ -73,6 +76,7 @@ class FittedPrompt:
     speakers: tuple[str, ...] = ()  # the bot's names the text was defused against
     older: bool = False  # history older than the window exists (cut now, or at `start_hint`)
     fmt: Any = None  # the prompt format it is rendered in (TokenCounter.fmt); None: Alpaca
+    context: Context = NO_CONTEXT  # summary, members' cards, author's note (`bot.prompt`)
 
 
 def with_recall(
@@ -93,6 +97,7 @@ def with_recall(
         post_history=prompt.post_history,
         recall=block,
         speakers=prompt.speakers,
+        context=prompt.context,
     )
     prompt.tokens += count(block) + BLOCK_MARGIN
     prompt.recalled = list(recalled)
@@ -125,6 +130,7 @@ def fit_prompt(
     slack: float = 0.25,
     post_history: str = "",
     speakers: Iterable[str] = (),
+    context: Context = NO_CONTEXT,
 ) -> FittedPrompt:
     """Keep the newest history turns that fit `budget` tokens, oldest dropped first.
 
@@ -135,14 +141,18 @@ def fit_prompt(
     Cache-friendly: when the window overflows, the history is cut down to `(1 - slack) * budget`
     at once rather than by one turn per message, and `start_hint` (the `start_id` returned last
     time) is honoured while the turns since it still fit, so the prompt's prefix stays stable
-    for many messages. `speakers` are the bot's names, for `chat_segments`.
+    for many messages. `speakers` are the bot's names, for `chat_segments`. `context`'s
+    blocks (`bot.prompt.Context`) are counted whole before the history: every member's card,
+    though only those speaking in the window are shown.
     """
     speakers, fmt = tuple(speakers), count.fmt
     head = fmt.head(system) if fmt else render_system(system)
     fixed = count(head) + BLOCK_MARGIN if head else 0
     fixed += count(fmt.reply_open if fmt else RESPONSE) + BLOCK_MARGIN
-    if post_history.strip():
-        fixed += count((fmt.system_block if fmt else render_system)(post_history)) + BLOCK_MARGIN
+    block = fmt.system_block if fmt else render_system
+    for text in (post_history, *context_texts(context, None, speakers)):
+        if text.strip():
+            fixed += count(block(text)) + BLOCK_MARGIN
     notes: list[str] = []
     truncated = False
     cur_tokens = 0
@@ -188,7 +198,7 @@ def fit_prompt(
     turns_all = [*turns, current] if current is not None else turns
     return FittedPrompt(
         text=(fmt.render_chat if fmt else render_chat)(
-            system, turns_all, post_history=post_history, speakers=speakers
+            system, turns_all, post_history=post_history, speakers=speakers, context=context
         ),
         turns=turns_all,
         dropped=overflow,
@@ -201,4 +211,5 @@ def fit_prompt(
         speakers=speakers,
         older=overflow or older,
         fmt=fmt,
+        context=context,
     )

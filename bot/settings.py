@@ -256,6 +256,45 @@ class Settings:
         hi=200,
         tunable=True,
     )
+    notes_tokens: int = _opt(
+        256,
+        "Tokens of the window given to a channel's notes (`/note add`), which are always in the "
+        "prompt; notes past it are left out, the newest first.",
+        lo=0,
+        hi=8192,
+    )
+    summary_after: int = _opt(
+        40,
+        "Write a channel's rolling summary in the background once this many of its turns have "
+        "scrolled out of the window unsummarised (it is shown before recall); 0 disables.",
+        lo=0,
+        hi=100000,
+        tunable=True,
+    )
+    summary_tokens: int = _opt(
+        256, "Longest rolling summary in tokens (written and shown).", lo=16, hi=4096
+    )
+    member_cards_tokens: int = _opt(
+        256,
+        "Tokens of the window given to the cards (`/me describe`) of the members speaking in "
+        "it, the latest speakers first.",
+        lo=0,
+        hi=8192,
+    )
+    authors_note: str = _opt(
+        "",
+        "Author's note: text inserted AUTHORS_NOTE_DEPTH turns before the end of the prompt "
+        "(at most 1000 characters); set it per channel.",
+        hi=1000,
+        tunable=True,
+    )
+    authors_note_depth: int = _opt(
+        4,
+        "How many turns before the end the author's note goes (0: after the whole history).",
+        lo=0,
+        hi=100,
+        tunable=True,
+    )
 
     ooc_prefixes: str = _opt(
         "((,//,OOC:",

@@ -25,6 +25,7 @@ from bot.metrics import summary
 from bot.policy import MODES
 from bot.recall import recall, recall_tokens
 from bot.settings import TUNABLE, check_tunable, tunable_label
+from bot.summaries import SUMMARY_MAX_CHARS, describe, replace_summary
 
 if TYPE_CHECKING:
     from bot.discord.client import HermesBot
@@ -273,6 +274,31 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
             who = turn.name or ("the bot" if turn.role == "assistant" else "someone")
             lines.append(f"- <t:{int(turn.created_at)}:d> **{who}**: {text}")
         await say_privately(interaction, "\n".join(lines)[:1990])
+
+    @memory_group.command(name="summary", description="Show or replace the rolling summary")
+    @app_commands.describe(text="A new summary in place of the current one; empty shows it")
+    async def summary_cmd(
+        self,
+        interaction: discord.Interaction,
+        text: app_commands.Range[str, 1, SUMMARY_MAX_CHARS] | None = None,
+    ) -> None:
+        assert interaction.channel_id is not None
+        if text is None:
+            await say_privately(
+                interaction, (await describe(self.memory, interaction.channel_id))[:1990]
+            )
+            return
+        text = text.strip()
+        if not text or len(text) > SUMMARY_MAX_CHARS:
+            await say_privately(
+                interaction,
+                f"A summary is 1 to {SUMMARY_MAX_CHARS} characters (this one: {len(text)}).",
+            )
+            return
+        old = await self.memory.summaries.get(interaction.channel_id)
+        answer = await replace_summary(self.memory, interaction.channel_id, text)
+        await audit(interaction, "memory.summary", old.text if old else None, text)
+        await say_privately(interaction, answer)
 
     @memory_group.command(name="export", description="This channel's memory as JSONL")
     async def export(self, interaction: discord.Interaction) -> None:

@@ -83,7 +83,11 @@ class ScriptedEngine(Engine):
     `script` maps a call index to a reply text, or is a callable of the prompt. An Exception
     as a reply is raised from the stream, like a failing model would. With a `gate`, every
     reply waits for it before its first piece: a test holds a generation "in progress" for
-    exactly as long as it needs, with no sleep to outlast.
+    exactly as long as it needs, with no sleep to outlast. With `steps` (a semaphore, or a
+    callable of the prompt giving one or None), every piece waits for one release of it, as a
+    decode step would: a test lets a reply out piece by piece; a step that finds the request
+    cancelled ends it there, as the local engine's next step does. `requests` are the requests
+    made, in order.
     """
 
     def __init__(
@@ -93,10 +97,13 @@ class ScriptedEngine(Engine):
         delay: float = 0.0,
         piece: int = 40,
         gate: asyncio.Event | None = None,
+        steps: asyncio.Semaphore | Callable[[str], asyncio.Semaphore | None] | None = None,
     ) -> None:
         self.script = script
         self.delay = delay
         self.gate = gate
+        self.steps = steps
+        self.requests: list[EngineRequest] = []
         self.piece = piece
         self.prompts: list[str] = []
         self.params: list[GenerationParams] = []
@@ -122,10 +129,12 @@ class ScriptedEngine(Engine):
         else:
             reply = self.script[min(len(self.prompts) - 1, len(self.script) - 1)]
         gen = EngineRequest(prompt, params, cache_key, self.finish_hooks)
+        self.requests.append(gen)
         asyncio.get_running_loop().create_task(self._feed(gen, reply))
         return gen
 
     async def _feed(self, gen: EngineRequest, reply: str | BaseException) -> None:
+        steps = self.steps(gen.prompt) if callable(self.steps) else self.steps
         gen.stats.started_at = gen.stats.queued_at
         if self.gate is not None:
             await self.gate.wait()
@@ -136,6 +145,11 @@ class ScriptedEngine(Engine):
             if gen.cancelled.is_set():
                 gen.finish("cancelled")
                 return
+            if steps is not None:
+                await steps.acquire()
+                if gen.cancelled.is_set():
+                    gen.finish("cancelled")
+                    return
             if self.delay:
                 await asyncio.sleep(self.delay)
             gen.stats.new_tokens += 1

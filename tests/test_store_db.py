@@ -280,7 +280,7 @@ async def build_at(path: Path, version: int) -> None:
 async def test_every_earlier_version_migrates_and_every_store_works(tmp_path: Path, version: int):
     """A file of each earlier version keeps its turns and channel rows, reaches SCHEMA_VERSION,
     and then serves every store: owed replies, recall, places, personas, webhooks, scenes,
-    swipes and audit."""
+    swipes, notes, summaries, members' cards and audit."""
     path = tmp_path / f"v{version}.db"
     await build_at(path, version)
     con = sqlite3.connect(path)
@@ -318,6 +318,12 @@ async def test_every_earlier_version_migrates_and_every_store_works(tmp_path: Pa
         assert [m.name for m in (await mem.scenes.get(4)).members] == ["Sable"]
         await mem.swipes.start(reply, "yes", None, reply_to=owed, requester=9)
         assert await mem.swipes.add(reply, "indeed", None) == 1
+        assert await mem.notes.add(4, "the party is level 5", guild_id=3, author_id=9) == 1
+        assert [n.text for n in await mem.notes.list(4)] == ["the party is level 5"]
+        await mem.summaries.put(4, "They talked of lighthouses.", old.id, owed)
+        assert (await mem.summaries.get(4)).last_id == owed
+        await mem.member_cards.set(3, 9, "a keeper")
+        assert await mem.member_cards.of(3, [9, 10]) == {9: "a keeper"}
         await mem.audit.write(9, "test", guild_id=3, old=None, new={"ok": True})
         assert [(r.action, r.new) for r in await mem.audit.latest(3)] == [("test", '{"ok": true}')]
     finally:

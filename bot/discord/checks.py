@@ -1,9 +1,10 @@
 """Slash-command checks, and the channel policy as Discord sees it.
 
 Part of the Discord layer. `is_manager` is the one "Manage Server, or a user in OWNER_IDS"
-rule and `require_manager` its check (the whole `/admin` group runs it); `serves_here` and
-`speaks_here` are `app_commands` checks on the channel policy (`bot.policy`), `scene_at` the
-scene in force in a channel (a thread's parent's, unless it has its own); `audit` writes
+rule and `require_manager` its check (the whole `/admin` group runs it); `serves_here`,
+`speaks_here` and `edits_here` are `app_commands` checks on the channel policy (`bot.policy`),
+the last one letting managers through as well; `scene_at` the scene in force in a channel (a
+thread's parent's, unless it has its own); `audit` writes
 what a command changed to the server's audit log. A check that
 refuses raises `Refused`, whose message the bot's app-command error handler sends privately,
 once for every command.
@@ -126,3 +127,14 @@ async def _speaks(interaction: discord.Interaction) -> bool:
 serves_here = app_commands.check(_serves)
 #: As `serves_here`, and the channel is not switched off: for commands that make the bot speak.
 speaks_here = app_commands.check(_speaks)
+
+
+async def _edits(interaction: discord.Interaction) -> bool:
+    if is_manager(interaction):
+        return True
+    return await _policy_refusal(interaction, speaks=True)
+
+
+#: Who may change what the bot keeps for a channel (its notes): a manager, or a member who may
+#: make the bot speak there, as choosing the channel's persona (`/persona use`) requires.
+edits_here = app_commands.check(_edits)

@@ -29,6 +29,7 @@ from bot.discord.checks import Refused
 from bot.discord.idle import IdleReplies
 from bot.discord.ingest import Ingest
 from bot.discord.replying import Replier
+from bot.discord.stopping import StopButton
 from bot.discord.swipes import SwipeButton, Swipes
 from bot.discord.webhooks import Webhooks
 from bot.engine import Engine, EngineError, EngineFactory, make_engine
@@ -36,6 +37,7 @@ from bot.memory import Memory
 from bot.personas import PersonaLibrary, load_builtin_personas
 from bot.settings import Settings
 from bot.speakers import Member
+from bot.summaries import Summarizer
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ EXIT_UNREACHABLE = 75
 #: What a member is told when a check other than ours (e.g. `guild_only`) refuses a command.
 NOT_ALLOWED = "You can't use that command here."
 
-COGS = ("cogs.chat", "cogs.personas", "cogs.admin")
+COGS = ("cogs.chat", "cogs.personas", "cogs.admin", "cogs.notes", "cogs.help")
 
 
 def intents() -> discord.Intents:
@@ -71,9 +73,10 @@ class HermesBot(commands.AutoShardedBot):
     `settings`, `memory`, `personas`, `conv` (the conversations, which hold the engine; `engine`
     reads and swaps it there), and the Discord layer's shared parts: `webhooks` (persona
     identities), `swipes` (alternative replies), `ingest` (message events into stored turns),
-    `replies` (the reply runner), `catch_up` (what was missed while away), `idle` (unprompted
-    replies, on `clock`); `metrics` when
-    enabled. Cogs reach each other's work only through these. `options` go to discord.py's
+    `replies` (the reply runner), `catch_up` (what was missed while away), `summaries` (the
+    rolling summaries' background writer, `bot.summaries`), `idle` (unprompted replies, on
+    `clock`); `metrics` when enabled. Cogs reach each other's work only through these.
+    `options` go to discord.py's
     `AutoShardedBot`.
     """
 
@@ -86,6 +89,7 @@ class HermesBot(commands.AutoShardedBot):
     replies: Replier
     catch_up: CatchUp
     idle: IdleReplies
+    summaries: Summarizer
 
     def __init__(
         self,
@@ -157,9 +161,12 @@ class HermesBot(commands.AutoShardedBot):
         self.replies = Replier(self)
         self.ingest = Ingest(self)
         self.catch_up = CatchUp(self)
+        self.summaries = Summarizer(self.conv)  # rolling summaries, in the background
+        self.summaries.start()
         self.idle = IdleReplies(self, self.clock, self.rng)
         self._idle_task = asyncio.create_task(self.idle.run(), name="unprompted replies")
-        self.add_dynamic_items(SwipeButton)  # swipe buttons work on replies from earlier runs
+        # swipe and ⏹ buttons are answered on replies from earlier runs too
+        self.add_dynamic_items(SwipeButton, StopButton)
         self.metrics = metrics.setup(self.settings, lambda: self.engine)
         self.engine_ready.set()
         for name in COGS:
@@ -212,6 +219,8 @@ class HermesBot(commands.AutoShardedBot):
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if hasattr(self, "summaries"):
+            await self.summaries.close()
         await super().close()
         if self.metrics is not None:
             self.metrics.stop()

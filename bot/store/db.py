@@ -253,9 +253,39 @@ async def threads_mode(db: aiosqlite.Connection) -> None:
     await db.execute("ALTER TABLE channels_v8 RENAME TO channels")
 
 
-# v9: images members attached, kept for a vision model (`bot.store.images`, VISION). They go
-# with their turn. IF NOT EXISTS: independent of every other version but v1.
+# v9: what the prompt holds besides the turns (`bot.store.notes`): a channel's notes, its rolling
+# summary with the range of turns it covers, and members' own cards (`/me describe`, one per
+# member and server, or DM channel). IF NOT EXISTS: independent of every other version.
 _V9 = """
+CREATE TABLE IF NOT EXISTS notes (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel_id  INTEGER NOT NULL,
+    guild_id    INTEGER,
+    author_id   INTEGER,
+    text        TEXT NOT NULL,
+    created_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS notes_by_channel ON notes (channel_id, id);
+CREATE TABLE IF NOT EXISTS summaries (
+    channel_id  INTEGER PRIMARY KEY,
+    text        TEXT NOT NULL,
+    first_id    INTEGER NOT NULL,
+    last_id     INTEGER NOT NULL,
+    updated_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS member_cards (
+    place_id    INTEGER NOT NULL,
+    user_id     INTEGER NOT NULL,
+    text        TEXT NOT NULL,
+    updated_at  REAL NOT NULL,
+    PRIMARY KEY (place_id, user_id)
+);
+"""
+
+
+# v10: images members attached, kept for a vision model (`bot.store.images`, VISION). They go
+# with their turn. IF NOT EXISTS: independent of every other version but v1.
+_V10 = """
 CREATE TABLE IF NOT EXISTS turn_images (
     turn_id  INTEGER NOT NULL REFERENCES turns (id) ON DELETE CASCADE,
     idx      INTEGER NOT NULL,
@@ -278,6 +308,7 @@ MIGRATIONS: list[Migration] = [
     ensure_turn_flags,
     threads_mode,
     _V9,
+    _V10,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -226,6 +226,8 @@ class TurnStore(Store):
                     "UPDATE channels SET forget_before = 0, forget_undo = NULL WHERE channel_id = ?",
                     (channel_id,),
                 ),
+                # the summary of those turns goes with them
+                ("DELETE FROM summaries WHERE channel_id = ?", (channel_id,)),
             ]
         )
         return int(n)
@@ -344,6 +346,25 @@ class TurnStore(Store):
         )
         return row[0] if row and row[0] else ""
 
+    async def between(self, channel_id: int, after_id: int, before_id: int) -> list[StoredTurn]:
+        """The channel's visible (not hidden) turns with `after_id` < id < `before_id`, oldest
+        first (what the rolling summary has not covered yet, `bot.summaries`)."""
+        rows = await self.db.all(
+            f"SELECT {TURN_COLUMNS} FROM turns WHERE channel_id = ? AND id > ? AND id < ? "
+            "AND hidden = 0 ORDER BY id",
+            (channel_id, after_id, before_id),
+        )
+        return [StoredTurn(*row) for row in rows]
+
+    async def span(self, channel_id: int) -> tuple[int, int] | None:
+        """The ids of the channel's oldest and newest visible turns (None without any)."""
+        floor = await self.watermark(channel_id)
+        row = await self.db.one(
+            "SELECT MIN(id), MAX(id) FROM turns WHERE channel_id = ? AND id > ?",
+            (channel_id, floor),
+        )
+        return (row[0], row[1]) if row and row[0] is not None else None
+
     async def history(self, channel_id: int) -> list[StoredTurn]:
         """Every stored turn of a channel, oldest first, forgotten and hidden ones included."""
         rows = await self.db.all(
@@ -403,7 +424,8 @@ class TurnStore(Store):
         return row[0] if row else 0
 
     async def forget(self, channel_id: int, guild_id: int | None = None) -> int:
-        """Hide everything stored so far from future prompts; nothing is deleted."""
+        """Hide everything stored so far from future prompts; no turn is deleted, the
+        channel's rolling summary is (`/reset` starts afresh)."""
         (top,) = await self.db.one(
             "SELECT COALESCE(MAX(id), 0) FROM turns WHERE channel_id = ?", (channel_id,)
         )
@@ -419,6 +441,9 @@ class TurnStore(Store):
                     "updated_at = ? WHERE channel_id = ?",
                     (top, time.time(), channel_id),
                 ),
+                # a fresh start: the summary of what was said so far goes too (it is rewritten
+                # from the turns if they are unforgotten and scroll out again)
+                ("DELETE FROM summaries WHERE channel_id = ?", (channel_id,)),
             ]
         )
         return int(top)
