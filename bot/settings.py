@@ -325,12 +325,12 @@ class Settings:
         hi=50,
     )
 
-    idle_minutes: float = _opt(
-        0.0,
+    idle_minutes: int = _opt(
+        0,
         "Unprompted replies: after human talk, this many minutes of silence give the bot one "
         "chance (IDLE_CHANCE) to speak by itself; 0 (the default) never.",
-        lo=0.0,
-        hi=10080.0,
+        lo=0,
+        hi=10080,
         tunable=True,
     )
     idle_chance: float = _opt(
