@@ -109,6 +109,11 @@ class IdleLedger:
             return "daily cap"
         return None
 
+    def disarm(self, channel_id: int) -> None:
+        """The channel's chance is gone without a verdict (the channel is gone)."""
+        if (state := self._channels.get(channel_id)) is not None:
+            state.armed = False
+
     def spoke(self, channel_id: int, now: float) -> None:
         """An unprompted reply went out: it counts against the caps."""
         self._channels.setdefault(channel_id, _Channel()).said.append(now)

@@ -15,6 +15,8 @@ import logging
 import random
 from typing import TYPE_CHECKING
 
+import discord
+
 from bot.clock import Clock
 from bot.conversation import Busy
 from bot.discord.checks import policy_for
@@ -70,8 +72,8 @@ class IdleReplies:
         """Take `channel_id`'s chance: speak if the rules and the draw allow."""
         bot = self.bot
         channel = bot.get_channel(channel_id)
-        if channel is None:
-            self.ledger.verdict(channel_id, {}, (0, 0), self.clock.now())  # disarm it
+        if not isinstance(channel, discord.abc.Messageable):  # deleted, or not known now
+            self.ledger.disarm(channel_id)
             return
         guild = getattr(channel, "guild", None)
         guild_id = guild.id if guild is not None else None
@@ -90,7 +92,7 @@ class IdleReplies:
             return
         with contextlib.suppress(Busy):
             async with bot.conv.slot(channel_id):
-                result = await bot.replies.run(Reply(channel, guild_id))  # type: ignore[arg-type]
+                result = await bot.replies.run(Reply(channel, guild_id))
             if result.ok and result.messages:
                 self.ledger.spoke(channel_id, now)
                 log.info("unprompted reply in channel %s", channel_id)
