@@ -79,6 +79,14 @@ async def test_streaming_equals_greedy_generate(engine: LocalEngine):
     assert gen.text  # the comparison above is not vacuous
 
 
+async def test_a_second_start_keeps_the_loaded_model(engine: LocalEngine):
+    """The bot starts the engine it is handed; one started already is not loaded twice."""
+    model, batcher = engine.model, engine.batcher
+    await engine.start()
+    assert engine.model is model and engine.batcher is batcher
+    assert await engine.generate(PROMPT, GREEDY).text_all() == reference(engine, PROMPT, 24)[0]
+
+
 async def test_same_prompt_same_reply(engine: LocalEngine):
     first = await engine.generate(PROMPT, GREEDY).text_all()
     second = await engine.complete(PROMPT, GREEDY)

@@ -36,6 +36,9 @@ class Engine:
         return hooks
 
     async def start(self) -> None:
+        """Load the model or reach the server. Calling it on a started engine does nothing, so a
+        caller may start an engine (to read `info`) and then hand it to the bot, which starts
+        what it is given."""
         raise NotImplementedError
 
     async def close(self) -> None:

@@ -81,6 +81,8 @@ class LlamaCppEngine(Engine):
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self._worker is not None:
+            return
         await asyncio.to_thread(self._load)
         self._worker = threading.Thread(target=self._serve, name="hermes-llamacpp", daemon=True)
         self._worker.start()

@@ -55,6 +55,8 @@ class LocalEngine(Engine):
         self._worker: threading.Thread | None = None
 
     async def start(self) -> None:
+        if self._worker is not None:
+            return
         begin = time.perf_counter()
         self.model, self.tokenizer = await asyncio.to_thread(self._load)
         self.info.device = str(self._device())

@@ -125,6 +125,8 @@ class OpenAIEngine(Engine):
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self._session is not None:
+            return
         self.tokenizer = await asyncio.to_thread(load_tokenizer, self.tokenizer_path)
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._session = aiohttp.ClientSession(headers=headers, timeout=self.timeout)
