@@ -14,14 +14,13 @@ import logging
 import random
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from bot.engine import (
     Engine,
     EngineError,
     EngineRequest,
-    GenerationParams,
     ReplyStats,
     params_from_settings,
 )
@@ -46,9 +45,10 @@ from bot.prompt import (
     seen_by,
 )
 from bot.prompt_context import channel_notes, prompt_context
-from bot.prompt_template import ALPACA, AlpacaFormat, TemplateError, TemplateFormat, choose_format
+from bot.prompt_template import AlpacaFormat, TemplateError, TemplateFormat, choose_format
 from bot.prompt_window import BLOCK_MARGIN, FittedPrompt, TokenCounter, fit_prompt, with_recall
 from bot.recall import recall, recall_tokens
+from bot.reply_job import ReplyJob, reopen_last_reply
 from bot.settings import Settings
 from bot.speakers import KnownNames, Member
 from bot.store.turns import StoredTurn
@@ -62,39 +62,6 @@ RECALL_BLOCK_HEAD = f"{INPUT}{RECALL_HEADING}\n{SEPARATOR}"
 
 class Busy(RuntimeError):
     """Too many replies are already waiting; tell the user to try again shortly."""
-
-
-@dataclass(slots=True)
-class ReplyJob:
-    """Everything needed to generate and store one reply."""
-
-    channel_id: int
-    guild_id: int | None
-    prompt: FittedPrompt
-    params: GenerationParams
-    other_names: list[str]
-    bot_name: str
-    persona: str | None
-    reply_to: int | None  # turn id of the message being answered
-    cache_key: str = ""  # the engine's prompt-cache slot; one per channel and speaker
-    text: str = ""
-    stats: ReplyStats | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-def reopen_last_reply(prompt: FittedPrompt, fmt: AlpacaFormat | TemplateFormat = ALPACA) -> bool:
-    """Make `prompt` continue its last reply instead of asking for a new one; False if the
-    last turn is not the bot's.
-
-    Drops the reply's end and the next reply's opening (Alpaca: "\\n\\n### Response:\\n"; a
-    template: its end-of-turn token and generation prompt), so the model writes on from the
-    reply's last word, the assistant message left open.
-    """
-    tail = fmt.reply_end + fmt.reply_open
-    if not (prompt.turns and prompt.turns[-1].role == "assistant" and prompt.text.endswith(tail)):
-        return False
-    prompt.text = prompt.text[: -len(tail)]
-    return True
 
 
 class Conversations:
@@ -155,6 +122,12 @@ class Conversations:
                 "PROMPT_FORMAT=server sends role messages to a chat endpoint: it needs "
                 "ENGINE=openai; use auto, alpaca or chat_template with this engine"
             )
+        if self.settings.vision and not fmt.carries_images:
+            raise EngineError(
+                f"VISION=true sends images as parts of chat messages, which the {fmt.name} "
+                "prompt format cannot carry: use ENGINE=openai with PROMPT_FORMAT=server, or "
+                "set VISION=false"
+            )
         log.info("prompt format: %s", fmt.describe())
         return fmt
 
@@ -202,9 +175,11 @@ class Conversations:
         name: str = "",
         answers: int | None = None,
         replacing: int | None = None,
+        stopped: bool = False,
     ) -> int:
         """Store the bot's turn; `answers`: the user turn it answers, no longer owed a reply;
-        `replacing`: the reply it replaces, deleted in the same transaction."""
+        `replacing`: the reply it replaces, deleted in the same transaction; `stopped`: a
+        member stopped it half-way."""
         ids = message_ids or []
         return await self.memory.turns.add(
             channel_id,
@@ -218,6 +193,7 @@ class Conversations:
             tokens=self.counter(content.strip()),
             answers=answers,
             replacing=replacing,
+            stopped=stopped,
         )
 
     async def replace_reply(
@@ -229,6 +205,7 @@ class Conversations:
         persona: str | None,
         name: str,
         answers: int | None = None,
+        stopped: bool = False,
     ) -> int:
         """A regenerated reply takes the place of `old` (one transaction: no moment without
         either); returns the new turn's id."""
@@ -241,14 +218,18 @@ class Conversations:
             name=name,
             answers=answers,
             replacing=old.id,
+            stopped=stopped,
         )
 
     async def extend_reply(self, last: StoredTurn, addition: str, message_ids: list[int]) -> str:
         """/continue: `addition` joins the end of reply `last`, whose new messages are linked to
-        it; its swipe alternatives end (they no longer match what is shown). The new text."""
+        it; its swipe alternatives end (they no longer match what is shown), and a reply that
+        was stopped half-way is no longer marked so. The new text."""
         joiner = "" if addition[:1] in ",.;:!?)" else " "
         extended = last.content + joiner + addition
         await self.memory.turns.update(last.id, extended, self.counter(extended))
+        if last.stopped:
+            await self.memory.turns.mark(last.id, stopped=False)
         await self.memory.turns.link_messages(last.id, message_ids)
         await self.memory.swipes.end(last.id)
         return extended
@@ -357,6 +338,11 @@ class Conversations:
             stop_ids=self.fmt.end_ids,
             **(overrides or {}),
         )
+        images = (
+            await self.memory.images.for_turns(t.id for t in prompt.turns if t.id is not None)
+            if self.settings.vision
+            else {}
+        )
         return ReplyJob(
             channel_id,
             guild_id,
@@ -368,6 +354,7 @@ class Conversations:
             reply_to,
             cache_key=f"{channel_id}:{bot_name}" if cast else str(channel_id),
             notes=list(prompt.notes),
+            images=images,
         )
 
     async def _history(
@@ -547,9 +534,11 @@ class Conversations:
         """Yield the cleaned reply as it grows; `job.text` holds the final text afterwards.
 
         An empty result gets one retry with a fresh seed, then a short notice, never an empty
-        message.
+        message. A reply stopped (`ReplyJob.stop`) ends with what it has, never retried.
         """
         for attempt in range(2):
+            if job.stopped:
+                break
             params = (
                 job.params
                 if attempt == 0
@@ -560,11 +549,18 @@ class Conversations:
                 )
             )
             # role messages only for PROMPT_FORMAT=server (engines with `takes_messages`)
-            extra = {"messages": self.fmt.messages(job.prompt)} if self.fmt.name == "server" else {}
+            extra = (
+                {"messages": self.fmt.messages(job.prompt, job.images)}
+                if self.fmt.name == "server"
+                else {}
+            )
             gen: EngineRequest = self.engine.generate(
                 job.prompt.text, params, cache_key=job.cache_key or str(job.channel_id), **extra
             )
             job.stats = gen.stats
+            job.request = gen
+            if job.stopped:  # stopped before this attempt started
+                gen.cancel()
             shown = ""
             async for _ in gen:
                 text = self.fmt.clean(gen.text, job.other_names, job.bot_name)
@@ -572,6 +568,7 @@ class Conversations:
                     shown = text
                     yield text
             self.recent.append(gen.stats)
+            job.request = None
             job.text = self.fmt.clean(gen.text, job.other_names, job.bot_name)
             if job.text:
                 return

@@ -181,6 +181,15 @@ def buttons(message: FakeMessage) -> list[str]:
     return [item["custom_id"] for row in message.components for item in row["components"]]
 
 
+def button_kind(components: list[dict] | None) -> str | None:
+    """Which buttons a send or edit carried: "stop" (⏹, while a reply is written), "swipe"
+    (with the final text), or None."""
+    ids = [item["custom_id"] for row in components or [] for item in row["components"]]
+    if not ids:
+        return None
+    return "stop" if all(i.startswith("stop:") for i in ids) else "swipe"
+
+
 async def test_swipe_buttons_come_with_the_final_edit(world: World, tmp_path: Path) -> None:
     """A streamed reply is one send and one edit: the final text and its swipe buttons
     together (no edit of their own), and the buttons work."""
@@ -191,14 +200,16 @@ async def test_swipe_buttons_come_with_the_final_edit(world: World, tmp_path: Pa
         await w.fake.user_message(w.general.id, w.alice, f"{w.fake.bot_user.mention} hi")
         first = await w.fake.wait_for(lambda: bot_posts(w.fake, w.general.id))
         reply = first[0]
-        assert reply.content == "Hello"[: len(reply.content)] and not reply.components  # growing
+        assert reply.content == "Hello"[: len(reply.content)]  # growing, with only ⏹ under it
+        assert button_kind(reply.components) == "stop"
         engine.more.set()
         await w.fake.wait_for(lambda: reply.components and bot.conv.pending == 0)
         path = f"/channels/{w.general.id}/messages"
         (send,) = requests(w.fake, "POST", path)
         (edit,) = requests(w.fake, "PATCH", f"{path}/{reply.id}")
-        assert not send.json.get("components")
-        assert edit.json["content"] == "Hello there, my friend." and edit.json["components"]
+        assert button_kind(send.json.get("components")) == "stop"
+        assert edit.json["content"] == "Hello there, my friend."
+        assert button_kind(edit.json["components"]) == "swipe"  # ⏹ gone with the final edit
         assert reply.content == "Hello there, my friend."
         assert len(buttons(reply)) == 4
 
@@ -260,16 +271,16 @@ async def test_scene_replies_stream_in_turn(world: World, tmp_path: Path) -> Non
         by_id = {str(first.id): "Sable", str(second.id): "Grumbold"}
         calls = [  # (who, send or edit, with buttons) of every persona webhook call, in order
             (r.json["username"] if r.method == "POST" else by_id[r.path.rsplit("/", 1)[1]],
-             r.method, bool(r.json.get("components")))
+             r.method, button_kind(r.json.get("components")))
             for r in w.fake.requests
             if r.path.startswith("/webhooks/") and not r.path.startswith(app)
             and (r.method, "/messages/" in r.path) in (("POST", False), ("PATCH", True))
         ]  # fmt: skip
         sable_calls = [c for c in calls if c[0] == "Sable"]
         assert calls[: len(sable_calls)] == sable_calls and calls[len(sable_calls)][0] == "Grumbold"
-        assert sable_calls[0] == ("Sable", "POST", False) and len(sable_calls) > 2
-        assert sable_calls[-1] == ("Sable", "PATCH", True)
-        assert not any(buttons for *_, buttons in sable_calls[:-1])
+        assert sable_calls[0] == ("Sable", "POST", "stop") and len(sable_calls) > 2
+        assert sable_calls[-1] == ("Sable", "PATCH", "swipe")
+        assert not any(kind == "swipe" for *_, kind in sable_calls[:-1])
         assert second.components and first.components
 
 

@@ -185,7 +185,9 @@ class ReplyStream:
     so the messages together always read as the whole reply. A reply to a message deleted in
     the meantime is posted without the reference (Discord's `fail_if_not_exists=False`).
     `final_view` (the swipe buttons) goes out with the final send or edit when the reply ends
-    as one message, never in an edit of its own; `view_shown` says whether it did.
+    as one message, never in an edit of its own; `view_shown` says whether it did. `live_view`
+    (the ⏹ button) rides on the growing message while the reply streams, moves to the next
+    message when the reply splits, and is gone with the final text (or `clear_live`).
     """
 
     channel: discord.abc.Messageable
@@ -201,6 +203,8 @@ class ReplyStream:
     final_view: discord.ui.View | None = None
     #: Whether `final_view` went out with the final text.
     view_shown: bool = False
+    #: Buttons on the growing message while the reply streams (see the class docstring).
+    live_view: discord.ui.View | None = None
     #: The reply text (without the identity prefix) the messages show now.
     text: str = ""
     _shown: list[str] = field(default_factory=list)
@@ -212,6 +216,8 @@ class ReplyStream:
     _full: str = ""
     #: An edit failed for good: no more streaming edits, the rest comes with `finish`.
     _hold: bool = False
+    #: Indexes of the messages showing `live_view` now.
+    _with_live: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.deadline is None:
@@ -261,11 +267,13 @@ class ReplyStream:
         return await self.channel.send(content, allowed_mentions=NO_PINGS, nonce=nonce, **extra)
 
     async def _edit(
-        self, message: discord.Message, content: str, view: discord.ui.View | None = None
+        self, message: discord.Message, content: str, view: Any = discord.utils.MISSING
     ) -> None:
+        """Edit `message` to `content`; `view`: its new buttons (None removes them), left as
+        they are when not given."""
         ident = self.identity
         kwargs: dict[str, Any] = {"content": content, "allowed_mentions": NO_PINGS}
-        if view is not None:
+        if view is not discord.utils.MISSING:
             kwargs["view"] = view
         if ident.webhook is not None:
             if ident.thread is not None:
@@ -325,16 +333,27 @@ class ReplyStream:
         view = self.final_view if final and live == 0 and len(chunks) == 1 else None
         for i, chunk in enumerate(chunks):
             at = live + i
+            # while streaming, the growing (last) message carries the live buttons
+            want = view if final else self.live_view if i == len(chunks) - 1 else None
             if at < len(self.messages):
-                if self._shown[at] != chunk or view is not None:
+                had = at in self._with_live
+                swap = want is not None and (final or not had)  # final buttons always go out
+                drop = want is None and had
+                if self._shown[at] != chunk or swap or drop:
                     try:
-                        await self._edit(self.messages[at], chunk, view)
+                        await self._edit(
+                            self.messages[at], chunk, want if swap or drop else discord.utils.MISSING
+                        )
                     except (discord.HTTPException, aiohttp.ClientError) as exc:
                         raise _Uneditable from exc
                     self._shown[at] = chunk
             else:
-                self.messages.append(await self._send(chunk, view))
+                self.messages.append(await self._send(chunk, want))
                 self._shown.append(chunk)
+            if want is not None and not final:
+                self._with_live.add(at)
+            else:
+                self._with_live.discard(at)
         self.view_shown = view is not None
         if final:
             keep = live + len(chunks)
@@ -347,6 +366,17 @@ class ReplyStream:
                 except discord.HTTPException:
                     log.warning("could not delete surplus reply message %s", message.id)
             del self.messages[keep:], self._shown[keep:]
+            self._with_live = {at for at in self._with_live if at < keep}
+
+    async def clear_live(self) -> None:
+        """Take `live_view` off the messages showing it (a reply that ended without `finish`:
+        a failure or timeout); what cannot be edited keeps it."""
+        for at in sorted(self._with_live):
+            try:
+                await self._edit(self.messages[at], self._shown[at], None)
+            except (discord.HTTPException, aiohttp.ClientError) as exc:
+                log.warning("could not take the buttons off a reply: %s", describe_failure(exc))
+        self._with_live.clear()
 
 
 async def post(

@@ -6,7 +6,8 @@ where the text goes (new messages, or the swiped message in place); and how it i
 turn, the last one extended, a regenerated one replacing the old, or one more alternative).
 `run` is the one function that generates, sends and stores, so the rules live once: streaming
 and splitting (`bot.discord.posting`), persona identities (`bot.discord.webhooks`), the reply
-timeout, storing what the member saw when a reply stops half-way, swipe buttons.
+timeout, storing what the member saw when a reply stops half-way, the ⏹ button on a reply
+being written (`bot.discord.stopping`), swipe buttons.
 
 An owed reply (a member's message the bot decided to answer, stored `awaiting`) is an
 `OwedReply` handle that settles exactly once. A process killed after a reply's first message
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import discord
 
-from bot.conversation import EMPTY_NOTICE, Busy, ReplyJob
+from bot.conversation import EMPTY_NOTICE, Busy
 from bot.discord.checks import place_of, scene_at
 from bot.discord.owing import Outcome, OwedReply
 from bot.discord.posting import (
@@ -40,8 +41,10 @@ from bot.discord.posting import (
     post,
     typing_while,
 )
+from bot.discord.stopping import Stops, stop_view
 from bot.discord.swipes import swipe_view
 from bot.personas import persona_key
+from bot.reply_job import ReplyJob
 from bot.scenes import Scene, SceneMember, chained, member_context
 from bot.store.turns import StoredTurn
 
@@ -127,6 +130,8 @@ class Replier:
         self.bot = bot
         #: Trigger message ids with a reply queued or in progress in this process.
         self.answering: set[int] = set()
+        #: The replies being written that a ⏹ press may stop.
+        self.stops = Stops()
 
     # ---- the runner -------------------------------------------------------------------------
 
@@ -145,12 +150,16 @@ class Replier:
         typing = asyncio.create_task(typing_while(channel, shown)) if reply.typing else None
         job: ReplyJob | None = None
         target: Target | None = None
+        stop_key: int | None = None
         try:
             job = await self._prepare(reply)
             if job is None:
                 result.failure = ""
                 return result
             target = reply.target or await self._stream(reply, job)
+            if reply.stream and isinstance(target, ReplyStream):  # ⏹ while it is written
+                stop_key = self.stops.open(job, await self._requester(reply))
+                target.live_view = stop_view(stop_key)
             if reply.owed is not None and reply.target is None:
                 await reply.owed.posting(job.persona)
             async with asyncio.timeout(settings.reply_timeout):
@@ -223,6 +232,8 @@ class Replier:
             result.failure = APOLOGY
             await self._keep_shown(reply, job, target)
         finally:
+            if stop_key is not None:
+                self.stops.close(stop_key)
             shown.set()
             if reply.done is not None:
                 reply.done.set()
@@ -272,6 +283,11 @@ class Replier:
             stream.recover = lambda: webhooks.fresh_identity(channel, speaker, reply.guild_id)
         return stream
 
+    async def _requester(self, reply: Reply) -> int | None:
+        """The member the reply answers (who asked), who may stop or swipe it."""
+        asked = await self.bot.memory.turns.get(reply.asked) if reply.asked is not None else None
+        return asked.author_id if asked is not None else None
+
     async def _posted(self, reply: Reply, target: Target) -> None:
         if reply.owed is not None and target.messages and reply.target is None:
             await reply.owed.posted(target.messages[0].id)
@@ -305,6 +321,7 @@ class Replier:
                 persona=job.persona,
                 name=job.bot_name,
                 answers=answers,
+                stopped=job.stopped,
             )
         else:
             turn = await conv.record_assistant(
@@ -315,6 +332,7 @@ class Replier:
                 message_ids=ids,
                 name=job.bot_name,
                 answers=answers,
+                stopped=job.stopped,
             )
         if reply.owed is not None and answers == reply.owed.turn_id:
             reply.owed.stored()
@@ -324,6 +342,8 @@ class Replier:
 
     async def _keep_shown(self, reply: Reply, job: ReplyJob | None, target: Target | None) -> None:
         """Store the part of a new reply the member already sees, when it stopped half-way."""
+        if isinstance(target, ReplyStream):
+            await target.clear_live()  # nobody can stop it any more
         if job is None or target is None or reply.target is not None:
             return
         if not target.messages or not target.text.strip():
