@@ -122,6 +122,12 @@ class Conversations:
                 "PROMPT_FORMAT=server sends role messages to a chat endpoint: it needs "
                 "ENGINE=openai; use auto, alpaca or chat_template with this engine"
             )
+        if self.settings.vision and not fmt.carries_images:
+            raise EngineError(
+                f"VISION=true sends images as parts of chat messages, which the {fmt.name} "
+                "prompt format cannot carry: use ENGINE=openai with PROMPT_FORMAT=server, or "
+                "set VISION=false"
+            )
         log.info("prompt format: %s", fmt.describe())
         return fmt
 
@@ -330,6 +336,11 @@ class Conversations:
             stop_ids=self.fmt.end_ids,
             **(overrides or {}),
         )
+        images = (
+            await self.memory.images.for_turns(t.id for t in prompt.turns if t.id is not None)
+            if self.settings.vision
+            else {}
+        )
         return ReplyJob(
             channel_id,
             guild_id,
@@ -341,6 +352,7 @@ class Conversations:
             reply_to,
             cache_key=f"{channel_id}:{bot_name}" if cast else str(channel_id),
             notes=list(prompt.notes),
+            images=images,
         )
 
     async def _history(
@@ -535,7 +547,11 @@ class Conversations:
                 )
             )
             # role messages only for PROMPT_FORMAT=server (engines with `takes_messages`)
-            extra = {"messages": self.fmt.messages(job.prompt)} if self.fmt.name == "server" else {}
+            extra = (
+                {"messages": self.fmt.messages(job.prompt, job.images)}
+                if self.fmt.name == "server"
+                else {}
+            )
             gen: EngineRequest = self.engine.generate(
                 job.prompt.text, params, cache_key=job.cache_key or str(job.channel_id), **extra
             )

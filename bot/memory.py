@@ -16,6 +16,7 @@ import aiosqlite
 
 from bot.store.audit import AuditLog
 from bot.store.db import Database
+from bot.store.images import ImageStore
 from bot.store.notes import MemberCards, NoteStore, SummaryStore
 from bot.store.owed import OwedReplies
 from bot.store.personas import PersonaStore, WebhookStore
@@ -37,6 +38,7 @@ class Memory:
         self.scenes = SceneStore(database)
         self.swipes = SwipeStore(database)
         self.audit = AuditLog(database)
+        self.images = ImageStore(database)
         self.notes = NoteStore(database)
         self.summaries = SummaryStore(database)
         self.member_cards = MemberCards(database)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,7 @@ from bot.prompt import (
     stop_strings,
 )
 from bot.prompt_window import FittedPrompt
+from bot.store.images import Image
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ class AlpacaFormat:
 
     name = "alpaca"
     templated = False
+    carries_images = False  # text only: images are named (VISION needs the server format)
     reply_open = "### Response:\n"
     reply_end = SEPARATOR
     end_tokens: tuple[str, ...] = ()
@@ -275,6 +277,7 @@ class TemplateFormat:
 
     name = "chat_template"
     templated = True
+    carries_images = False  # text only: images are named (VISION needs the server format)
 
     def __init__(self, tokenizer: Any, *, source: str = "") -> None:
         self.source = source or str(getattr(tokenizer, "name_or_path", "") or "the tokenizer")
@@ -427,13 +430,20 @@ class ServerFormat:
     def defuse(self, text: str) -> str:
         return defuse_markers(neutralize(text.strip()), self.markers)
 
-    def messages(self, prompt: FittedPrompt) -> list[dict[str, str]]:
-        """`prompt` as role messages; a reopened last reply (continue) ends the list open."""
+    #: Chat messages carry image parts (VISION).
+    carries_images = True
+
+    def messages(
+        self, prompt: FittedPrompt, images: Mapping[int, Sequence[Image]] | None = None
+    ) -> list[dict[str, Any]]:
+        """`prompt` as role messages; a reopened last reply (continue) ends the list open.
+        `images`: a turn id's attached images (VISION), sent as OpenAI image parts after the
+        member's text (`{"type": "image_url", "image_url": {"url": "data:..."}}`)."""
         who = participants(prompt.turns, prompt.speakers)
         summary, cards, note = context_texts(prompt.context, prompt.turns, who)
         recalled = recall_text(prompt.recalled)
         system = [prompt.system, summary, recalled, cards, note, prompt.post_history]
-        out: list[dict[str, str]] = []
+        out: list[dict[str, Any]] = []
         if text := "\n\n".join(self.defuse(s) for s in system if s.strip()):
             out.append({"role": "system", "content": text})
         for turn in prompt.turns:
@@ -441,11 +451,33 @@ class ServerFormat:
                 role, text = "assistant", self.defuse(turn.content)
             else:
                 role, text = "user", user_text(turn.content, turn.name, who, self.markers)
+            pictures = (images or {}).get(turn.id or 0, ()) if role == "user" else ()
+            content: str | list[dict[str, Any]] = text
+            if pictures:
+                content = [{"type": "text", "text": text}, *map(image_part, pictures)]
             if out and out[-1]["role"] == role and role != "system":
-                out[-1]["content"] += "\n\n" + text
+                out[-1]["content"] = _joined(out[-1]["content"], content)
             else:
-                out.append({"role": role, "content": text})
+                out.append({"role": role, "content": content})
         return out
+
+
+def image_part(image: Image) -> dict[str, Any]:
+    """One image as an OpenAI chat content part, inline as a data URL."""
+    return {"type": "image_url", "image_url": {"url": image.data_url()}}
+
+
+def _joined(
+    first: str | list[dict[str, Any]], second: str | list[dict[str, Any]]
+) -> str | list[dict[str, Any]]:
+    """Two contents of one role as one (a blank line between their texts); parts stay parts."""
+    if isinstance(first, str) and isinstance(second, str):
+        return first + "\n\n" + second
+    a = [{"type": "text", "text": first}] if isinstance(first, str) else list(first)
+    b = [{"type": "text", "text": second}] if isinstance(second, str) else list(second)
+    if a and b and a[-1]["type"] == "text" and b[0]["type"] == "text":
+        return [*a[:-1], {"type": "text", "text": a[-1]["text"] + "\n\n" + b[0]["text"]}, *b[1:]]
+    return [*a, *b]
 
 
 def choose_format(setting: str, tokenizer: Any) -> AlpacaFormat | TemplateFormat:

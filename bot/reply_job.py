@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from bot.engine import EngineRequest, GenerationParams, ReplyStats
 from bot.prompt_template import ALPACA, AlpacaFormat, TemplateFormat
 from bot.prompt_window import FittedPrompt
+from bot.store.images import Image
 
 
 @dataclass(slots=True)
@@ -35,6 +36,8 @@ class ReplyJob:
     request: EngineRequest | None = None
     #: a member stopped it (`stop`): what was written so far is the reply
     stopped: bool = False
+    #: VISION: the images of the window's turns, by turn id (sent as image parts)
+    images: dict[int, list[Image]] = field(default_factory=dict)
 
     def stop(self) -> None:
         """Stop generating: the engine drops the request at its next step (one decode step at

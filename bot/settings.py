@@ -202,6 +202,18 @@ class Settings:
         lo=0,
         hi=1024,
     )
+    vision: bool = _opt(
+        False,
+        "Send image attachments (PNG, JPEG, WebP, GIF) to the model as image parts of the "
+        "member's message, for a vision model: needs ENGINE=openai with PROMPT_FORMAT=server "
+        "(the chat endpoint carries images); otherwise images are only named.",
+    )
+    image_kb: int = _opt(
+        2048,
+        "Largest image (KB) VISION sends to the model; larger ones are only named.",
+        lo=1,
+        hi=20480,
+    )
     personas_dir: Path = _opt(
         Path(""), "Folder of persona YAML files; empty uses the shipped personas/."
     )
@@ -295,6 +307,54 @@ class Settings:
         (),
         "Comma-separated role ids: only members with one of these roles may talk to the bot "
         "(the others are ignored, their messages not stored); empty (or none) lets everyone.",
+        tunable=True,
+    )
+
+    allow_bots: tuple[int, ...] = _opt(
+        (),
+        "Comma-separated user ids of other bots (or webhooks) the bot talks to as it does to "
+        "members; empty (or none): it ignores every bot. Its own posts and persona webhooks "
+        "are never answered.",
+        tunable=True,
+    )
+    bot_chain: int = _opt(
+        3,
+        "Most replies the bot gives to ALLOW_BOTS bots in a channel per human message there, so "
+        "two bots cannot answer each other forever (0: it stores what they say, never answers).",
+        lo=0,
+        hi=50,
+    )
+
+    idle_minutes: int = _opt(
+        0,
+        "Unprompted replies: after human talk, this many minutes of silence give the bot one "
+        "chance (IDLE_CHANCE) to speak by itself; 0 (the default) never.",
+        lo=0,
+        hi=10080,
+        tunable=True,
+    )
+    idle_chance: float = _opt(
+        0.5,
+        "The probability that a channel's chance for an unprompted reply is taken.",
+        lo=0.0,
+        hi=1.0,
+        tunable=True,
+    )
+    idle_per_hour: int = _opt(1, "Most unprompted replies per channel in any hour.", lo=0, hi=60)
+    idle_per_day: int = _opt(4, "Most unprompted replies per channel in any day.", lo=0, hi=1440)
+    idle_quiet_from: int = _opt(
+        0,
+        "Quiet hours for unprompted replies start at this UTC hour (0-23); equal to "
+        "IDLE_QUIET_TO: no quiet hours.",
+        lo=0,
+        hi=23,
+        tunable=True,
+    )
+    idle_quiet_to: int = _opt(
+        0,
+        "Quiet hours end at this UTC hour (not included; they may wrap midnight: 22 to 7).",
+        lo=0,
+        hi=23,
         tunable=True,
     )
 

@@ -91,7 +91,10 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
 
     # ---- channel mode -----------------------------------------------------------------------
 
-    @app_commands.command(name="channel", description="When the bot answers in a channel")
+    @app_commands.command(
+        name="channel",
+        description="When the bot answers in a channel (off, mention, always, threads)",
+    )
     @app_commands.describe(
         mode="off: never; mention: when mentioned or replied to; always: every message; "
         "threads: a thread per conversation",
@@ -128,7 +131,9 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         lines = [f"`{k}` = **{eff.values[k]}** ({eff.source[k]})" for k in TUNABLE]
         await say_privately(interaction, f"Settings for <#{target}>:\n" + "\n".join(lines))
 
-    @settings_group.command(name="set", description="Change a generation setting")
+    @settings_group.command(
+        name="set", description="Change a setting: generation, allow_bots, idle replies, wake words"
+    )
     @app_commands.choices(name=SETTING_CHOICES)
     async def settings_set(
         self,

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from bot.clock import Clock
 from bot.discord.client import HermesBot
 from bot.engine import (
     Engine,
@@ -56,9 +58,16 @@ async def running_bot(
     *,
     engine: Engine | None = None,
     engine_factory: EngineFactory = make_engine,
+    clock: Clock | None = None,
+    rng: random.Random | None = None,
 ) -> AsyncIterator[HermesBot]:
     bot = HermesBot(
-        settings, engine=engine, engine_factory=engine_factory, guild_ready_timeout=0.05
+        settings,
+        engine=engine,
+        engine_factory=engine_factory,
+        clock=clock,
+        rng=rng,
+        guild_ready_timeout=0.05,
     )
     task = await start_client(bot, fake, timeout=30)
     try:
@@ -151,3 +160,45 @@ class ScriptedEngine(Engine):
 
 def last_prompt(engine: Any) -> str:
     return engine.prompts[-1]
+
+
+class FakeClock:
+    """A `bot.clock.Clock` a test moves by hand (`advance`): sleepers whose time has come wake,
+    and nothing waits for real time. Starts at `start` (seconds since the epoch)."""
+
+    def __init__(self, start: float) -> None:
+        self.t = start
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep_until(self, when: float) -> None:
+        if when <= self.t:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (when, fut)
+        self._sleepers.append(entry)
+        try:
+            await fut
+        finally:
+            self._sleepers.remove(entry)
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+        for deadline, fut in list(self._sleepers):
+            if deadline <= self.t and not fut.done():
+                fut.set_result(None)
+
+
+class Draws(random.Random):
+    """A `random.Random` whose `random()` gives the listed values in turn (then the last)."""
+
+    def __init__(self, *values: float) -> None:
+        super().__init__(0)
+        self.values = list(values)
+        self.drawn = 0
+
+    def random(self) -> float:
+        self.drawn += 1
+        return self.values.pop(0) if len(self.values) > 1 else self.values[0]

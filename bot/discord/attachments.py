@@ -12,6 +12,9 @@ message text, and the fitting counts it like any message text. New messages, edi
 messages read back after a restart all go through `message_text`, so an edit keeps its
 attachments.
 
+With `VISION` on, images (PNG, JPEG, WebP, GIF within `IMAGE_KB`) are also read as bytes
+(`message_images`) and kept with the turn for a vision model (`bot.store.images`).
+
 Part of the Discord layer: it reads discord.py's `Message` and `Attachment`.
 """
 
@@ -25,6 +28,7 @@ from pathlib import PurePosixPath
 import discord
 
 from bot.discord.posting import humanize
+from bot.store.images import IMAGE_TYPES, Image, sniff
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +108,34 @@ async def attachment_lines(attachments: Sequence[discord.Attachment], limit_kb: 
             continue
         budget -= len(data)
         out.append(fenced(name, data.decode("utf-8", errors="replace")))
+    return out
+
+
+def looks_like_image(attachment: discord.Attachment) -> bool:
+    """An attachment that says it is a PNG, JPEG, WebP or GIF image (its bytes decide later)."""
+    kind = (attachment.content_type or "").split(";")[0].strip().lower()
+    suffix = PurePosixPath(attachment.filename.lower()).suffix
+    return kind in IMAGE_TYPES or suffix in (".png", ".jpg", ".jpeg", ".webp", ".gif")
+
+
+async def message_images(
+    attachments: Sequence[discord.Attachment], limit_kb: int
+) -> list[Image]:
+    """VISION: the message's images within `limit_kb` each, for the model to see. A file that
+    is too large, fails to download or is not really an image (`sniff`) is left out; the turn's
+    text names every attachment either way."""
+    out: list[Image] = []
+    for attachment in attachments:
+        if not looks_like_image(attachment) or attachment.size > limit_kb * 1024:
+            continue
+        try:
+            data = await _read(attachment)
+        except (discord.HTTPException, OSError, TimeoutError) as exc:
+            log.warning("could not download image %s: %s", attachment.filename, exc)
+            continue
+        mime = sniff(data)
+        if mime is not None and len(data) <= limit_kb * 1024:
+            out.append(Image(mime, data))
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import signal
 import time
 from typing import Any
@@ -20,10 +21,12 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import metrics
+from bot.clock import Clock, SystemClock
 from bot.conversation import Conversations
 from bot.discord.answering import DeferringTree, say_privately
 from bot.discord.catchup import CatchUp
 from bot.discord.checks import Refused
+from bot.discord.idle import IdleReplies
 from bot.discord.ingest import Ingest
 from bot.discord.replying import Replier
 from bot.discord.stopping import StopButton
@@ -71,7 +74,9 @@ class HermesBot(commands.AutoShardedBot):
     reads and swaps it there), and the Discord layer's shared parts: `webhooks` (persona
     identities), `swipes` (alternative replies), `ingest` (message events into stored turns),
     `replies` (the reply runner), `catch_up` (what was missed while away), `summaries` (the
-    rolling summaries' background writer, `bot.summaries`); `metrics` when enabled. Cogs reach each other's work only through these. `options` go to discord.py's
+    rolling summaries' background writer, `bot.summaries`), `idle` (unprompted replies, on
+    `clock`); `metrics` when enabled. Cogs reach each other's work only through these.
+    `options` go to discord.py's
     `AutoShardedBot`.
     """
 
@@ -83,6 +88,7 @@ class HermesBot(commands.AutoShardedBot):
     ingest: Ingest
     replies: Replier
     catch_up: CatchUp
+    idle: IdleReplies
     summaries: Summarizer
 
     def __init__(
@@ -91,11 +97,15 @@ class HermesBot(commands.AutoShardedBot):
         *,
         engine: Engine | None = None,
         engine_factory: EngineFactory = make_engine,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
         **options: Any,
     ) -> None:
         """`engine`: the engine to start with (default: `engine_factory(settings)`);
         `engine_factory`: builds an engine for settings and a model name, for that first one
-        and for each `/admin model reload`."""
+        and for each `/admin model reload`; `clock`: the time unprompted replies wait on
+        (`bot.clock`, default the system clock); `rng`: their IDLE_CHANCE draws (default a
+        fresh `random.Random`)."""
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents(),
@@ -106,6 +116,9 @@ class HermesBot(commands.AutoShardedBot):
             **options,
         )
         self.settings = settings
+        self.clock: Clock = clock or SystemClock()
+        self.rng = rng or random.Random()
+        self._idle_task: asyncio.Task[None] | None = None
         #: the engine until `setup_hook` hands it to the conversations, which then hold it
         self.make_engine = engine_factory
         self._engine: Engine | None = engine or engine_factory(settings)
@@ -150,6 +163,8 @@ class HermesBot(commands.AutoShardedBot):
         self.catch_up = CatchUp(self)
         self.summaries = Summarizer(self.conv)  # rolling summaries, in the background
         self.summaries.start()
+        self.idle = IdleReplies(self, self.clock, self.rng)
+        self._idle_task = asyncio.create_task(self.idle.run(), name="unprompted replies")
         # swipe and ⏹ buttons are answered on replies from earlier runs too
         self.add_dynamic_items(SwipeButton, StopButton)
         self.metrics = metrics.setup(self.settings, lambda: self.engine)
@@ -195,6 +210,8 @@ class HermesBot(commands.AutoShardedBot):
         Replies still waiting in a queue are cancelled at once: they stay stored as owed, and
         catch-up answers them after the next start.
         """
+        if self._idle_task is not None:
+            self._idle_task.cancel()
         for task in list(self.waiting_replies):
             task.cancel()
         if self.reply_tasks:

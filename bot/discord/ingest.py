@@ -3,7 +3,8 @@
 The one path for live events and for messages catch-up reads back (`Ingest.take`): it applies
 the channel policy (mode, access and ALLOWED_ROLES, scenes: naming a cast member addresses it
 in any mode but `off`, wake words, the per-member cooldown, out-of-character lines stored hidden
-and never answered), reads attachments in, stores the member's turn
+and never answered; other bots only when ALLOW_BOTS lists them, at most BOT_CHAIN replies to
+bots per human message, and never the bot's own posts or persona webhooks), reads attachments in, stores the member's turn
 and, when the bot should answer, hands back an `OwedReply` for the runner (`bot.discord.replying`). Messages of one channel are taken in the
 order Discord sent them (one at a time per channel), so a later message's turn never lands
 before an earlier one's and anything decided about a message is settled before the next one
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import discord
 
-from bot.discord.attachments import message_text
+from bot.discord.attachments import message_images, message_text
 from bot.discord.catchup import Claims
 from bot.discord.checks import policy_for, scene_at
 from bot.discord.owing import OwedReply
@@ -33,6 +35,8 @@ from bot.scenes import Scene, SceneMember, mentions_any, speakers_for
 
 if TYPE_CHECKING:
     from bot.discord.client import HermesBot
+
+log = logging.getLogger(__name__)
 
 #: Edits and deletes remembered for messages whose own event has not been stored yet.
 OVERTAKEN_KEPT = 1000
@@ -60,6 +64,8 @@ class Ingest:
         self.claims = Claims()
         #: author id -> time of their last message that asked for a reply (USER_COOLDOWN)
         self.last_trigger: dict[int, float] = {}
+        #: channel id -> replies given there to ALLOW_BOTS bots since its last human message
+        self.bot_replies: dict[int, int] = {}
         #: message id -> its edited text, or None if deleted, for messages not stored yet
         self.overtaken: OrderedDict[int, str | None] = OrderedDict()
         self.rng = random.Random()  # the `natural` scene policy's draws
@@ -110,6 +116,19 @@ class Ingest:
         words += str(values.get("wake_extra") or "").split(",")
         return mentions_any(text, [w for w in words if w and w.strip()])
 
+    def answer_bot(self, channel_id: int, live: bool) -> bool:
+        """The loop guard: whether a message an allowed bot addressed to this one is answered.
+        At most BOT_CHAIN replies to bots per channel between two human messages there, so two
+        bots that answer each other stop (as SCENE_CHAIN bounds personas); catch-up answers
+        no bot, not knowing how many replies the bots had before."""
+        done = self.bot_replies.get(channel_id, 0)
+        if not live or done >= self.bot.settings.bot_chain:
+            if live:
+                log.info("channel %s: bot-to-bot loop guard (BOT_CHAIN) reached", channel_id)
+            return False
+        self.bot_replies[channel_id] = done + 1
+        return True
+
     def cooling(self, message: discord.Message) -> bool:
         """Whether the author asked for a reply less than USER_COOLDOWN before (or after) this
         message; by the messages' own times, so catch-up judges a burst as it happened."""
@@ -147,7 +166,9 @@ class Ingest:
         bot's reply to it is already in the channel (it stopped before storing that), so it is
         stored but not owed.
         """
-        if self.is_ours(message) or message.author.bot or message.webhook_id is not None:
+        if live:
+            self.bot.idle.saw(message.channel.id)  # any message ends a silence
+        if self.is_ours(message):
             return None  # the bot's own posts are stored by the runner that posts them
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return None
@@ -171,6 +192,13 @@ class Ingest:
         policy = await policy_for(bot, message.channel, guild_id, message.author)
         if policy.mode == "off" or policy.refusal is not None:
             return None
+        from_bot = message.author.bot or message.webhook_id is not None
+        if from_bot and message.author.id not in (policy.settings.values.get("allow_bots") or ()):
+            return None  # another bot (or webhook) nobody listed in ALLOW_BOTS: not even stored
+        if not from_bot:
+            self.bot_replies.pop(message.channel.id, None)  # a human spoke: bots may be answered
+            if live:  # human talk: a silence after it may bring an unprompted reply
+                bot.idle.heard(message.channel.id, float(policy.settings.values["idle_minutes"]))
         if await memory.turns.for_message(message.id) is not None:
             return None  # a dispatch seen twice (e.g. replayed after a reconnect)
         text = await message_text(message, bot.user, bot.settings.attachment_kb)
@@ -192,6 +220,8 @@ class Ingest:
                 replied_to = await self.replied_persona(message)
                 speakers = await self.pick_speakers(scene, said, replied_to, guild_id)
                 owed = bool(speakers)
+        if owed and from_bot and not self.answer_bot(message.channel.id, live):
+            owed = False
         if owed and self.cooling(message):
             owed = False
             with contextlib.suppress(discord.HTTPException):
@@ -213,6 +243,10 @@ class Ingest:
             aliases=(message.author.global_name, message.author.name),
             hidden=ooc,
         )
+        if bot.settings.vision and message.attachments:  # for a vision model to see
+            images = await message_images(message.attachments, bot.settings.image_kb)
+            if images:
+                await memory.images.add(turn_id, images)
         if message.id in self.overtaken:  # edited or deleted while we were storing it
             if (late := self.overtaken.pop(message.id)) is None:
                 await memory.turns.delete(turn_id)

@@ -56,7 +56,7 @@ class EngineRequest:
     hooks: Sequence[FinishHook] = ()
     _: KW_ONLY
     #: PROMPT_FORMAT=server: the role messages, sent instead of `prompt` (OpenAI chat endpoint)
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     state: RequestState = RequestState.QUEUED
     stats: ReplyStats = field(default_factory=ReplyStats)
     text: str = ""  # what the caller has read so far

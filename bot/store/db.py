@@ -283,6 +283,19 @@ CREATE TABLE IF NOT EXISTS member_cards (
 """
 
 
+# v10: images members attached, kept for a vision model (`bot.store.images`, VISION). They go
+# with their turn. IF NOT EXISTS: independent of every other version but v1.
+_V10 = """
+CREATE TABLE IF NOT EXISTS turn_images (
+    turn_id  INTEGER NOT NULL REFERENCES turns (id) ON DELETE CASCADE,
+    idx      INTEGER NOT NULL,
+    mime     TEXT NOT NULL,
+    data     BLOB NOT NULL,
+    PRIMARY KEY (turn_id, idx)
+);
+"""
+
+
 Migration = str | Callable[[aiosqlite.Connection], Awaitable[Any]]
 #: Version n is `MIGRATIONS[n - 1]`: a statement list, or a function run inside the transaction.
 MIGRATIONS: list[Migration] = [
@@ -295,6 +308,7 @@ MIGRATIONS: list[Migration] = [
     ensure_turn_flags,
     threads_mode,
     _V9,
+    _V10,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
