@@ -1,7 +1,7 @@
 """A real fine-tune on the CPU: SmolLM2-135M-Instruct, LoRA, in the format the bot serves it.
 
     python bench/real_finetune.py                     # ~200 steps; prints before/after figures
-    python bench/real_finetune.py --steps 40 --quick  # a shorter run
+    python bench/real_finetune.py --steps 40          # a shorter run
 
 Everything goes through the project's own paths, so the figures are about what users run:
 

@@ -310,6 +310,8 @@ class Conversations:
         context = await prompt_context(
             self.memory, settings, self.counter, channel_id, guild_id, candidates
         )
+        if continue_last:  # the reopened reply ends the prompt: no block may follow it
+            context = NO_CONTEXT
         notes = await channel_notes(self.memory, channel_id, self.counter, settings.notes_tokens)
         prompt = self._fit(
             chosen,
@@ -321,7 +323,7 @@ class Conversations:
             known.names(),
             context,
         )
-        if recall_budget and prompt.older:
+        if recall_budget and prompt.older and not continue_last:
             prompt = await self._recall(
                 channel_id, guild_id, prompt, recall_budget, bot_name, known
             )

@@ -67,8 +67,6 @@ class Summarizer:
         self._due: dict[int, Due] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        #: summaries written since start (for the logs and tests)
-        self.written = 0
         conv.prompt_hooks.append(self.saw_prompt)
 
     # ---- being told ---------------------------------------------------------------------------
@@ -146,7 +144,6 @@ class Summarizer:
             return NOTHING  # forgotten, cleared or replaced meanwhile: this one is stale
         first = old.first_id if old else covered[0].id
         await self.memory.summaries.put(channel_id, text, first, covered[-1].id)
-        self.written += 1
         log.info("summary of channel %s covers turns %d-%d", channel_id, first, covered[-1].id)
         return WROTE
 

@@ -80,7 +80,7 @@ async def test_a_press_mid_stream_stops_the_reply_and_keeps_what_was_written(
 ) -> None:
     w = world
     steps = asyncio.Semaphore(0)
-    engine = ScriptedEngine([STORY, "Short answer."], piece=PIECE, steps=steps)
+    engine = ScriptedEngine([STORY, "The end.", "Short answer."], piece=PIECE, steps=steps)
     async with running_bot(w.fake, w.settings(tmp_path), engine=engine) as bot:
         asked = await w.fake.user_message(
             w.general.id, w.alice, f"{w.fake.bot_user.mention} tell me a story"
@@ -113,11 +113,21 @@ async def test_a_press_mid_stream_stops_the_reply_and_keeps_what_was_written(
         turn = await bot.memory.turns.for_message(reply.id)
         assert turn is not None and turn.stopped and turn.content == shown(3)
 
+        # /continue works on it, and a continued reply is no longer marked stopped
+        handle = await w.fake.invoke_command(w.general.id, w.alice, "continue", {})
+        if (await handle.wait_response(PATIENCE)).type == 5:
+            assert (await handle.wait_message(PATIENCE)).content == "Continued."
+        continued = await bot.memory.turns.get(turn.id)
+        assert continued is not None and not continued.stopped
+        assert continued.content == f"{shown(3)} The end."
+        (addition,) = [m for m in posted(w) if m.id != reply.id]
+        assert addition.content == "The end."  # posted as a new message after it
+
         # a later reply proves the stopped one stopped growing; its prompt holds the partial text
         later = await w.fake.user_message(
             w.general.id, w.alice, f"{w.fake.bot_user.mention} and then?"
         )
-        await w.fake.wait_for(lambda: len(posted(w)) == 2 and bot.conv.pending == 0)
+        await w.fake.wait_for(lambda: len(posted(w)) == 3 and bot.conv.pending == 0)
         assert posted(w)[-1].reference_id == later.id
         assert posted(w)[-1].content == "Short answer."
         assert current(w, reply).content == shown(3)

@@ -172,6 +172,11 @@ async def test_admin_shows_and_replaces_the_summary_and_reset_clears_it(
         # the admin's summary stands, or the next rolling one was written on top of it
         now = (await bot.memory.summaries.get(w.general.id)).text
         assert now == mine or any(f"{SO_FAR}\n{mine}" in p for p in engine.summary_prompts())
+        # /continue reopens the last reply at the very end: no summary block after it
+        continued = await command(w, w.alice, "continue")
+        assert continued.text == "Continued."
+        assert engine.reply_prompts()[-1].endswith("Sure.")
+        assert SUMMARY_HEADING not in engine.reply_prompts()[-1]
         await command(w, w.admin, "reset")
         assert await bot.memory.summaries.get(w.general.id) is None
         await talk(w, bot, 1, start=15)
