@@ -332,15 +332,11 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     async def persona_imports(
         self, interaction: discord.Interaction, rule: Literal["allow", "deny"]
     ) -> None:
-        assert interaction.guild_id is not None
-        old = (await self.memory.places.guild(interaction.guild_id)).imports_allowed
-        await self.memory.places.update_guild(interaction.guild_id, imports_allowed=rule == "allow")
-        await audit(interaction, "persona.imports", old, rule == "allow")
-        await say_privately(
-            interaction,
-            f"Members without Manage Server {'may' if rule == 'allow' else 'may not'}"
-            " import or create personas.",
-        )
+        may = "may" if rule == "allow" else "may not"
+        await self._set_guild_rule(
+            interaction, "imports_allowed", rule, "persona.imports",
+            f"Members without Manage Server {may} import or create personas.",
+        )  # fmt: skip
 
     # ---- access -----------------------------------------------------------------------------
 
@@ -401,15 +397,22 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
     async def reset_rule(
         self, interaction: discord.Interaction, rule: Literal["allow", "deny"]
     ) -> None:
+        may = "may" if rule == "allow" else "may not"
+        await self._set_guild_rule(
+            interaction, "reset_allowed", rule, "access.reset",
+            f"Members {may} use /reset in this server's channels.",
+        )  # fmt: skip
+
+    async def _set_guild_rule(
+        self, interaction: discord.Interaction, field: str, rule: str, action: str, said: str
+    ) -> None:
+        """Store a server's allow/deny rule `field`, audit the change as `action`, answer `said`."""
         assert interaction.guild_id is not None
-        old = (await self.memory.places.guild(interaction.guild_id)).reset_allowed
-        await self.memory.places.update_guild(interaction.guild_id, reset_allowed=rule == "allow")
-        await audit(interaction, "access.reset", old, rule == "allow")
-        await say_privately(
-            interaction,
-            f"Members {'may' if rule == 'allow' else 'may not'} use /reset in "
-            "this server's channels.",
-        )
+        allowed = rule == "allow"
+        old = getattr(await self.memory.places.guild(interaction.guild_id), field)
+        await self.memory.places.update_guild(interaction.guild_id, **{field: allowed})
+        await audit(interaction, action, old, allowed)
+        await say_privately(interaction, said)
 
     # ---- model ------------------------------------------------------------------------------
 
