@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import re
 import sys
@@ -175,6 +176,16 @@ def served_loss(model_dir: Path, records: list[Any]) -> float:
     return total / count
 
 
+def expected_words(record: Any) -> tuple[str, ...]:
+    """The words a right answer to this held-out record holds, found by the question it asks
+    (prepared records come in the mix's order, not HELD_FACTS' order)."""
+    text = json.dumps(dataclasses.asdict(record), default=str)
+    found = [words for ask, _, words in HELD_FACTS if json.dumps(ask)[1:-1] in text]
+    if len(found) != 1:
+        sys.exit(f"held-out record {record.source}: {len(found)} questions match")
+    return found[0]
+
+
 def holds(reply: str, words: tuple[str, ...]) -> bool:
     text = reply.lower()
     return any(re.search(rf"(?<![\w]){re.escape(w)}(?![\w])", text) for w in words)
@@ -307,7 +318,7 @@ def main() -> None:
         }
         if len(held["facts"]) != len(HELD_FACTS) or len(held["name"]) != len(HELD_NAME_ASKS):
             sys.exit(f"held-out records: {len(held['facts'])} facts, {len(held['name'])} names")
-        facts = [w for _, _, w in HELD_FACTS]
+        facts = [expected_words(r) for r in held["facts"]]
         before = score(base, held, facts)
         hermes_train("prepare", "--config", str(run))
         t_train = time.perf_counter()
@@ -342,7 +353,8 @@ def report(args: Any, base: Path, before: dict, after: dict, train_s: float, tot
     for b, a in zip(before["replies"], after["replies"], strict=True):
         print(f"    {b[:70]!r} | {a[:70]!r}")
     verdict = "falls" if after["loss"] < before["loss"] else "does NOT fall"
-    answered = after["exact"] > 0 and after["empty"] == 0
+    # still answers: some held-out question right, and no more empty replies than the base had
+    answered = after["exact"] > 0 and after["empty"] <= before["empty"]
     print(f"  the loss {verdict}; the tuned model {'still answers' if answered else 'FAILS'}")
 
 
