@@ -25,7 +25,9 @@
   one request at a time beside each `--server URL` (any OpenAI-compatible server: llama.cpp's
   `llama-server`, `python -m llama_cpp.server`, vLLM, Ollama), same prompts, greedy, fixed
   lengths (`bot/bench_compare.py`). Targets against llama-server (`--parallel 8`, 2 threads):
-  single-stream decode >= 0.9x, 8-channel aggregate >= 1.0x, mean TTFT <= 1.0x.
+  single-stream decode >= 0.9x, 8-channel aggregate >= 1.0x, mean TTFT <= 1.0x. Start the
+  server fresh for each run: it keeps every slot's last prompt, and this bench asks the same
+  conversations each time it runs (each round its own, so no round answers from a cache).
 
     python bench/engine.py --only 6 --model SmolLM2-135M-Instruct.Q4_1.gguf --llama-threads 2 \
         --tokenizer ~/.cache/hermes-discord/smollm2/hf --server http://127.0.0.1:8080/v1
@@ -497,7 +499,7 @@ async def p6(args: argparse.Namespace) -> None:
 
     def llama(batch: int) -> LlamaCppEngine:
         return LlamaCppEngine(args.model, threads=args.llama_threads, max_batch=batch,
-                              context_tokens=2048)  # fmt: skip
+                              context_tokens=args.llama_ctx)  # fmt: skip
 
     columns: list[tuple[str, Any]] = [
         (f"llamacpp batched x{n}", llama(n)),
@@ -576,6 +578,10 @@ async def main() -> None:
     )
     ap.add_argument("--tokenizer", help="P6: tokenizer folder for the servers' token counts")
     ap.add_argument("--llama-threads", type=int, default=2, help="P6: llama.cpp THREADS")
+    ap.add_argument(
+        "--llama-ctx", type=int, default=1024,
+        help="P6: CONTEXT_TOKENS per llama.cpp slot (llama-server -c 8192 --parallel 8: 1024)",
+    )  # fmt: skip
     ap.add_argument("--p6-tokens", type=int, default=64, help="P6: reply tokens per request")
     args = ap.parse_args()
     if args.only == "6":

@@ -74,19 +74,24 @@ async def compare(
     """Start every engine, measure `rounds` rounds column by column, close them.
 
     `make_prompts(count_tokens, n)` gives n different conversations (`bot.benchmark.stories`):
-    the first is the single stream's, the other `channels` ask at once."""
+    per round, the first is the single stream's, the other `channels` ask at once; no
+    conversation is asked twice, so no column answers from a cache of an earlier round."""
     for _, engine in engines:
         await engine.start()
     try:
-        texts = make_prompts(engines[0][1].count_tokens, channels + 1)
+        # each round its own conversations: a server's prompt cache (llama-server keeps each
+        # slot's last prompt) must not turn a later round's prefill into a cache hit
+        per_round = channels + 1
+        texts = make_prompts(engines[0][1].count_tokens, per_round * rounds)
         params = GenerationParams(max_new_tokens=tokens, temperature=0.0, repetition_penalty=1.0)
         warm = replace(params, max_new_tokens=4)
         for _, engine in engines:  # load, allocate, first-call costs out of the way
             await engine.generate(texts[0][:200], warm).text_all()
         columns = [Column(name) for name, _ in engines]
         for r in range(rounds):
+            these = texts[r * per_round : (r + 1) * per_round]
             for column, (_, engine) in zip(columns, engines, strict=True):
-                await measure(engine, column, texts, params, r)
+                await measure(engine, column, these, params, r)
         return columns
     finally:
         for _, engine in engines:
