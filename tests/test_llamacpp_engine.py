@@ -177,3 +177,37 @@ async def test_sampling_with_penalty_is_seeded(engine: LlamaCppEngine, ask: Ask)
     first = await engine.generate(prompt, params).text_all()
     again = await engine.generate(prompt, params).text_all()
     assert first and first == again
+
+
+async def test_a_new_channel_copies_a_shared_prefix_from_another_slot(
+    engine: LlamaCppEngine, smollm2_gguf: Path, smollm2_hf: Path
+):
+    """Two new channels asking at once with the same long system prompt (a persona card): the
+    second takes the first's cached prefix instead of computing it, and answers as it would
+    alone."""
+    card = {
+        "role": "system",
+        "content": "You are Captain Moss, a retired lighthouse keeper from Cornwall who speaks "
+        "in short sentences, loves storms, keeps a logbook of every ship that passes, and "
+        "answers every question with a fact about the sea.",
+    }
+    prompts = [
+        chatml(smollm2_hf, [card, {"role": "user", "content": question}])
+        for question in ("What do you do all day?", "What is your favourite weather?")
+    ]
+    ids = [engine.tokenize(p, add_special=False) for p in prompts]
+    shared = next(i for i, (x, y) in enumerate(zip(*ids, strict=False)) if x != y)
+    params = replace(GREEDY, max_new_tokens=16)
+    single = LlamaCppEngine(
+        smollm2_gguf, threads=2, max_batch=1, context_tokens=1024, tokenizer=str(smollm2_hf)
+    )
+    await single.start()
+    try:
+        alone = [await single.generate(p, params).text_all() for p in prompts]
+    finally:
+        await single.close()
+    gens = [engine.generate(p, params, cache_key=f"moss-{i}") for i, p in enumerate(prompts)]
+    together = await asyncio.gather(*(g.text_all() for g in gens))
+    assert together == alone
+    assert gens[1].stats.reused_tokens == shared  # the card came from the first slot's cache
+    assert gens[0].stats.reused_tokens < shared  # the first computed it

@@ -3,7 +3,12 @@
 llama.cpp keeps one KV sequence per slot (`seq_id` = slot number). A request takes a free slot,
 preferring the one its channel used last (or else the one whose cached tokens share the longest
 prefix with the new prompt, or else the least recently used), removes only the slot's divergent
-tail (`llama_memory_seq_rm`) and decodes just the rest of its prompt. Each step builds one
+tail (`llama_memory_seq_rm`) and decodes just the rest of its prompt. When another slot holds
+(or is about to hold) a longer prefix of the prompt, as every channel's prompt starts with the
+same system prompt and persona card, the slot takes a copy of that slot's KV cache instead of
+computing the shared part again (`llama_memory_seq_cp`, then the tail past the shared part
+removed); a request whose donor is still prefilling waits for it, which it would in the
+first-come order anyway. Each step builds one
 `llama_batch`: a token for every decoding slot, then prompt tokens of the newest requests up to
 the batch size, so a request that arrives mid-reply joins at the next step and prompts are
 prefilled one after another (each gets its first token as soon as its own prompt is done, not
@@ -35,6 +40,12 @@ log = logging.getLogger(__name__)
 #: Tokens the repetition penalty looks back over (llama.cpp's default `repeat_last_n`).
 PENALTY_WINDOW = 64
 
+#: A prefix shared with another slot is copied rather than recomputed from this many tokens on.
+#: The copy moves the donor's whole KV stream (llama.cpp copies across streams only whole), a
+#: memcpy of a few MB per thousand tokens of context on a small model: cheaper than computing
+#: 16 tokens of prompt on any model.
+MIN_SHARED = 16
+
 
 @dataclass(eq=False)
 class Slot:
@@ -49,6 +60,17 @@ class Slot:
     sampler: Any = None
     decoder: Any = None
     used: int = 0  # when it was last taken (a counter), for least-recently-used choice
+    donor: Donor | None = None  # a slot whose cached prefix this one copies before prefilling
+
+
+@dataclass(frozen=True, eq=False)
+class Donor:
+    """Another slot whose KV cache holds (or will hold) a longer prefix of this slot's prompt."""
+
+    slot: Slot
+    gen: EngineRequest | None  # the donor's request when it was chosen (None: a finished slot)
+    shared: int  # prompt tokens in common
+    prompt: list[int]  # the waiting slot's whole prompt
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -160,6 +182,7 @@ class SlotBatcher:
             self.llama.llama_memory_seq_rm(self.memory, slot.seq, -1, -1)
         slot.tokens = slot.tokens[:keep]
         slot.pending = tokens[keep:]
+        slot.donor = self._donor(slot, tokens, keep)
         slot.key, slot.gen, slot.next_token = gen.cache_key, gen, None
         slot.used = next(self._clock)
         self._order[slot.seq] = slot.used
@@ -170,6 +193,42 @@ class SlotBatcher:
         gen.stats.prompt_tokens = len(tokens)
         gen.stats.reused_tokens = keep
         self.peak_active = max(self.peak_active, sum(s.gen is not None for s in self.slots))
+
+    def _donor(self, slot: Slot, tokens: list[int], keep: int) -> Donor | None:
+        """The other slot sharing the longest prefix with `tokens`, counting what a slot that is
+        still prefilling will hold; None when none shares MIN_SHARED tokens more than `keep`."""
+        best: Donor | None = None
+        for other in self.slots:
+            if other is slot:
+                continue
+            held = other.tokens + other.pending if other.gen is not None else other.tokens
+            shared = min(common_prefix(held, tokens), len(tokens) - 1)
+            if shared - keep >= MIN_SHARED and (best is None or shared > best.shared):
+                best = Donor(other, other.gen, shared, tokens)
+        return best
+
+    def _copy_prefix(self, slot: Slot) -> bool:
+        """Take the donor's prefix once it is in its cache; False while the slot must wait.
+
+        Called before a step adds its tokens, so `donor.slot.tokens` is what its cache holds."""
+        donor = slot.donor
+        assert donor is not None
+        have = min(common_prefix(donor.slot.tokens, donor.prompt), donor.shared)
+        still_coming = donor.gen is not None and donor.slot.gen is donor.gen
+        if have < donor.shared and still_coming:
+            return False  # the donor computes it in this or a coming step: wait for it
+        slot.donor = None
+        if have - len(slot.tokens) < MIN_SHARED:
+            return True  # the donor went before its prefix was in: compute it here
+        # across KV streams llama.cpp copies only a whole stream; the tail past the shared
+        # prefix is removed again before the next decode applies the copy
+        self.llama.llama_memory_seq_cp(self.memory, donor.slot.seq, slot.seq, -1, -1)
+        self.llama.llama_memory_seq_rm(self.memory, slot.seq, have, -1)
+        slot.tokens = donor.prompt[:have]
+        slot.pending = donor.prompt[have:]
+        assert slot.gen is not None
+        slot.gen.stats.reused_tokens = have
+        return True
 
     def _sampler(self, p: GenerationParams, history: list[int]) -> Any:
         ll = self.llama
@@ -209,6 +268,9 @@ class SlotBatcher:
         active = [s for s in self.slots if s.gen is not None]
         if not active:
             return
+        for slot in active:  # before this step adds tokens: a copy takes only decoded cells
+            if slot.donor is not None:
+                self._copy_prefix(slot)
         b = self.batch
         b.n_tokens = 0
         rows: list[tuple[Slot, int]] = []
@@ -221,6 +283,8 @@ class SlotBatcher:
             room = self.n_batch - b.n_tokens
             if not slot.pending or room <= 0:
                 continue
+            if slot.donor is not None:
+                continue  # still waiting for its donor's prefix
             take, slot.pending = slot.pending[:room], slot.pending[room:]
             for i, token in enumerate(take):
                 last = not slot.pending and i == len(take) - 1
@@ -289,6 +353,7 @@ class SlotBatcher:
         gen, slot.gen = slot.gen, None
         slot.next_token = None
         slot.pending = []
+        slot.donor = None
         self._free_sampler(slot)
         if gen is not None:
             final = reason not in ("error", "cancelled") and slot.decoder is not None
