@@ -90,8 +90,9 @@ class Settings:
     )
     dtype: str = _opt(
         "auto",
-        "Weights dtype: auto picks bfloat16/float16 on CUDA and float32 on CPU (bfloat16 for "
-        "4bit where the CPU has native bf16).",
+        "Weights dtype: auto picks bfloat16 (float16 before Ampere) on CUDA; on the CPU bfloat16 "
+        "where it has native bf16 (AVX-512 BF16 or AMX, asked of torch) and float32 elsewhere "
+        "(8bit stays float32). The startup log and doctor say which and why.",
         choices=("auto", "bfloat16", "float16", "float32"),
     )
     device_map: str = _opt(

@@ -423,7 +423,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Run the bo
         uptime = int(time.time() - self.bot.started_at)
         lines = [
             f"**Model** `{info.model}` ({info.engine} engine)",
-            f"dtype {info.dtype or '?'}, quantization {info.quantization}, device {info.device or '?'}",
+            f"dtype {info.dtype_said('?')}, quantization {info.quantization}, device {info.device or '?'}",
             f"memory: {memory_in_use()}",
             f"queue: {conv.engine.queue_length} waiting in the engine, {conv.pending} replies pending",
             f"recent: {summary(conv.recent)}",

@@ -164,9 +164,9 @@ def _qlora_kwargs(name: str, dtype: torch.dtype, device: torch.device | None) ->
 def qlora_dtype(device: torch.device) -> torch.dtype:
     """The compute dtype of QLoRA's 4-bit base: bf16 on a GPU and on CPUs with native bf16,
     else fp32 (emulated bf16 on the CPU is slower than fp32)."""
-    from bot.engine.quantize import cpu_has_bf16
+    from bot.engine.loading import cpu_native_bf16
 
-    return torch.bfloat16 if device.type != "cpu" or cpu_has_bf16() else torch.float32
+    return torch.bfloat16 if device.type != "cpu" or cpu_native_bf16() else torch.float32
 
 
 def check_setup(cfg: Config, info: DistInfo) -> None:

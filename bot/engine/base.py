@@ -72,12 +72,20 @@ class EngineInfo:
     started: float = field(default_factory=time.time)
     footprint_mb: float = 0.0  # weights and buffers in memory, measured after loading (local)
     notes: list[str] = field(default_factory=list)  # why this engine, what reaches the server
+    dtype_why: str = ""  # why this dtype (DTYPE=auto's hardware rule, or "set by DTYPE")
 
     def describe(self) -> str:
-        """"dtype X, quantization Y, device Z[, footprint N MB]": the startup log's and doctor's
-        line about the loaded model."""
-        line = f"dtype {self.dtype or '-'}, quantization {self.quantization}, device {self.device}"
+        """"dtype X[ (why)], quantization Y, device Z[, footprint N MB]": the startup log's and
+        doctor's line about the loaded model."""
+        line = (
+            f"dtype {self.dtype_said('-')}, quantization {self.quantization}, device {self.device}"
+        )
         return line + (f", footprint {self.footprint_mb:.0f} MB" if self.footprint_mb else "")
+
+    def dtype_said(self, unknown: str) -> str:
+        """The dtype with why it was chosen where known ("float32 (auto: this CPU has ...)")."""
+        dtype = self.dtype or unknown
+        return f"{dtype} ({self.dtype_why})" if self.dtype_why else dtype
 
 
 class StopScanner:

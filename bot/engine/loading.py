@@ -19,7 +19,6 @@ from bot.engine.quantize import (
     bnb_config,
     check_device,
     config_for_quantizing,
-    cpu_has_bf16,
 )
 from bot.gguf import is_gguf
 
@@ -32,6 +31,7 @@ class LoadPlan:
     device_map: str | None
     quantization: str
     kwargs: dict[str, Any]
+    why: str = "set by DTYPE"  # why this dtype: said beside it in the startup log and doctor
 
 
 def plan_load(
@@ -47,8 +47,9 @@ def plan_load(
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if quantization not in QUANTIZATIONS:
         raise EngineError(f"QUANTIZATION={quantization!r} is not valid; use none, 8bit or 4bit")
+    why = "set by DTYPE"
     if dtype == "auto":
-        dtype = _auto_dtype(cuda, quantization)
+        dtype, why = _auto_dtype(cuda, quantization)
     if dtype not in ("bfloat16", "float16", "float32"):
         raise EngineError(f"DTYPE={dtype!r} is not valid; use auto, bfloat16, float16 or float32")
     dm: str | None = None if device_map in ("", "none") else device_map
@@ -61,18 +62,47 @@ def plan_load(
         dm = _plan_quantized(quantization, dtype, dm, cuda, kwargs)
     if dm is not None:
         kwargs["device_map"] = dm
-    return LoadPlan(dtype, dm, quantization, kwargs)
+    return LoadPlan(dtype, dm, quantization, kwargs, why)
 
 
-def _auto_dtype(cuda: bool, quantization: str) -> str:
-    """DTYPE=auto: bf16 where the GPU has it (Ampere+), fp16 on older GPUs; on the CPU fp32,
-    except 4-bit compute in bf16 where the CPU has native bf16 (AVX512-BF16)."""
+def _auto_dtype(cuda: bool, quantization: str) -> tuple[str, str]:
+    """DTYPE=auto on this machine: `auto_dtype` with what the hardware has, asked of torch."""
     import torch
 
     if cuda:
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return "bfloat16" if bf16 else "float16"
-    return "bfloat16" if quantization == "4bit" and cpu_has_bf16() else "float32"
+        gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return auto_dtype(True, quantization, cpu_native_bf16=False, gpu_bf16=gpu_bf16)
+    return auto_dtype(False, quantization, cpu_native_bf16=cpu_native_bf16())
+
+
+def auto_dtype(
+    cuda: bool, quantization: str, *, cpu_native_bf16: bool, gpu_bf16: bool = True
+) -> tuple[str, str]:
+    """(dtype, why) for DTYPE=auto, from what the hardware has.
+
+    GPUs: bf16 where the GPU has it (Ampere+), fp16 on older ones. CPUs: bf16 only where the CPU
+    computes it natively (AVX-512 BF16 or AMX): there it halves the bytes a decode step reads
+    (decoding is memory-bound), elsewhere torch emulates bf16 and runs slower than fp32. 8-bit
+    stays fp32 on the CPU (LLM.int8() casts activations to fp16 for its matmul whatever the
+    dtype); 4-bit computes in bf16 under the same native-bf16 rule.
+    """
+    if cuda:
+        if gpu_bf16:
+            return "bfloat16", "auto: this GPU has bf16"
+        return "float16", "auto: this GPU has no bf16 (before Ampere)"
+    if not cpu_native_bf16:
+        return "float32", "auto: this CPU has no native bf16 (AVX-512 BF16 or AMX)"
+    if quantization == "8bit":
+        return "float32", "auto: 8-bit computes in fp16 whatever the dtype; fp32 on the CPU"
+    return "bfloat16", "auto: this CPU has native bf16 (AVX-512 BF16 or AMX)"
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX tiles), as torch detects it
+    (its own cpuinfo, the same test its oneDNN kernels make); not guessed from the CPU's name."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def _plan_quantized(

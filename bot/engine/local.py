@@ -48,7 +48,9 @@ class LocalEngine(Engine):
         self.kv_cache_mb = kv_cache_mb
         self.prefill_chunk = prefill_chunk
         self.batcher: Batcher | None = None  # made at start
-        self.info = EngineInfo("local", self.model_path, self.plan.dtype, quantization)
+        self.info = EngineInfo(
+            "local", self.model_path, self.plan.dtype, quantization, dtype_why=self.plan.why
+        )
         self.model: Any = None
         self.tokenizer: Any = None
         self._requests: queue.Queue[EngineRequest | None] = queue.Queue()

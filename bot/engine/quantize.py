@@ -202,17 +202,6 @@ def check_device(quantization: str, device: str, **wording: str) -> None:
         raise QuantizationError(problem)
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16, as bitsandbytes detects it), so
-    4-bit compute in bf16 is a gain rather than an emulation; False without bitsandbytes."""
-    if installed_version() is None:
-        return False
-    import_bitsandbytes()
-    from bitsandbytes.functional import has_avx512bf16
-
-    return bool(has_avx512bf16())
-
-
 def bnb_config(quantization: str, dtype: Any) -> Any:
     """transformers' BitsAndBytesConfig: NF4 with double quantization computing in `dtype` for
     4bit, LLM.int8() for 8bit."""
