@@ -226,9 +226,77 @@ async def single(model: Path, args: argparse.Namespace) -> tuple[float, float, b
             f"(HF {counts[0]}); ours best {best['ours']:.1f} tokens/s, HF generate best "
             f"{best['hf']:.1f} tokens/s of {args.rounds} rounds; same text: {same}"
         )
+        columns = [(f"ours, {eng.plan.dtype}", best["ours"], eng.model)]
+        columns.append((f"HF generate, {eng.plan.dtype}", best["hf"], eng.model))
+        if args.model:
+            columns += dtype_columns(eng, prompt, params, best["ours"], args)
+        physical_limit(eng.model, columns, args)
         return best["ours"], best["hf"], same
     finally:
         await eng.close()
+
+
+def dtype_columns(
+    eng: LocalEngine, prompt: str, params: GenerationParams, ours: float, args: argparse.Namespace
+) -> list[tuple[str, float, Any]]:
+    """S with --model: HF `generate` in the model's DTYPE=auto dtype (`--hf-dtype` to name
+    another) beside the engine's fp32 column, and greedy agreement bf16 vs fp32 on
+    `bench/agreement.py`'s prompts. Copies in another dtype are made from the engine's model."""
+    import copy
+
+    import torch
+
+    from bench.agreement import greedy_agreement
+    from bot.engine.loading import plan_load
+
+    gpu = args.device.startswith("cuda")
+    plan = plan_load(args.hf_dtype, args.device if gpu else "none", cuda=gpu)
+    why = plan.why if args.hf_dtype == "auto" else "set by --hf-dtype"
+    copies: dict[str, Any] = {eng.plan.dtype: eng.model}
+
+    def model_in(dtype: str) -> Any:
+        if dtype not in copies:
+            copies[dtype] = copy.deepcopy(eng.model).to(getattr(torch, dtype))
+        return copies[dtype]
+
+    found: list[tuple[str, float, Any]] = []
+    if plan.dtype == eng.plan.dtype:
+        print(f"  HF generate in {args.hf_dtype} dtype: {plan.dtype} ({why}), as above")
+    else:
+        other, rate = model_in(plan.dtype), 0.0
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            counts, _ = hf_generate_texts(other, eng.tokenizer, [prompt], params)
+            rate = max(rate, counts[0] / (time.perf_counter() - t0))
+        found.append((f"HF generate, {plan.dtype}", rate, other))
+        print(
+            f"  HF generate in {plan.dtype} ({why}): best {rate:.1f} tokens/s of "
+            f"{args.rounds} rounds; ours ({eng.plan.dtype}) / HF {plan.dtype} = "
+            f"{ours / rate:.2f}x"
+        )
+    agreement = greedy_agreement(
+        model_in("bfloat16"), model_in("float32"), eng.tokenizer, args.agree_tokens
+    )
+    print(f"  {agreement.describe('bf16', 'fp32')}")
+    return found
+
+
+def physical_limit(model: Any, columns: list[tuple[str, float, Any]], args: argparse.Namespace):
+    """The distance to the physical limit: the memory bandwidth measured here (same torch
+    threads) beside each column's bytes/s = weight bytes read per token x tokens/s (over the
+    whole reply, prefill included, so a little under the decode rate)."""
+    import torch
+
+    from bench.limits import BANDWIDTH_MIB, limit_line, memory_bandwidth_gbs, weight_bytes
+
+    device = model.get_input_embeddings().weight.device
+    bandwidth = memory_bandwidth_gbs(device)
+    print(
+        f"  memory bandwidth: {bandwidth:.2f} GB/s (torch sum over {BANDWIDTH_MIB} MiB on "
+        f"{device}, {torch.get_num_threads()} threads, best of 5)"
+    )
+    for label, rate, weights in columns:
+        print(limit_line(label, rate, weight_bytes(weights), bandwidth))
 
 
 def arrivals(args: argparse.Namespace) -> list[tuple[float, int]]:
@@ -554,6 +622,16 @@ async def main() -> None:
         "--quant", default="none,8bit,4bit", help="Q: quantizations compared, the first is the base"
     )
     ap.add_argument("--q-tokens", type=int, default=64, help="Q: reply tokens per request")
+    ap.add_argument(
+        "--hf-dtype",
+        default="auto",
+        help="S with --model: dtype of the extra HF generate column (auto: what DTYPE=auto "
+        "picks on this machine)",
+    )
+    ap.add_argument(
+        "--agree-tokens", type=int, default=32,
+        help="S with --model: greedy tokens per prompt compared bf16 vs fp32",
+    )  # fmt: skip
     ap.add_argument(
         "--no-peer", dest="peer", action="store_false", help="skip HF generate beside P1"
     )

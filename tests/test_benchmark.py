@@ -14,8 +14,12 @@ from pathlib import Path
 import pytest
 
 from bot.benchmark import Level, MemorySeen, concurrency_levels, recommend
+from bot.engine import plan_load
 
 pytestmark = pytest.mark.slow
+
+#: The dtype DTYPE=auto loads on this CPU (bf16 where it has native bf16, else fp32).
+AUTO_DTYPE = plan_load("auto", "auto", cuda=False).dtype
 
 
 def bench(env: dict[str, str], cwd: Path, *args: str, **settings: str):
@@ -38,7 +42,7 @@ def test_bench_json_on_a_small_window(tiny_model: Path, cli_env, tmp_path: Path)
     assert "Traceback" not in run.stderr
     report = json.loads(run.stdout)
     assert report["model"] == str(tiny_model)
-    assert report["device"] == "cpu" and report["dtype"] == "float32"
+    assert report["device"] == "cpu" and report["dtype"] == AUTO_DTYPE
     assert report["max_batch"] == 4 and report["torch_threads"] >= 1
     assert report["load_s"] > 0 and report["memory"]["weights_mb"] > 0
     assert report["memory"]["gpu_total_mb"] is None  # no GPU figures on the CPU
@@ -59,7 +63,7 @@ def test_bench_table(tiny_model: Path, cli_env, tmp_path: Path):
     assert run.returncode == 0, run.stderr
     out = run.stdout
     assert out.startswith(f"hermes-bot bench: {tiny_model}\n")
-    assert "cpu, float32, quantization none, MAX_BATCH=2, KV_CACHE_MB=0" in out
+    assert f"cpu, {AUTO_DTYPE}, quantization none, MAX_BATCH=2, KV_CACHE_MB=0" in out
     assert "single stream" in out and "tokens/s" in out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["1", "2"]  # one row per concurrency level

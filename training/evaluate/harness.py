@@ -77,7 +77,7 @@ class HarnessOptions:
     batch_size: str = "auto"  # "auto" or a number
     max_batch_size: int = 64
     device: str | None = None  # default: cuda when available, else cpu
-    dtype: str = "auto"  # as DTYPE: auto picks bf16/fp16 on CUDA, fp32 on CPU
+    dtype: str = "auto"  # as DTYPE: bf16/fp16 on CUDA; bf16 on CPUs with native bf16, else fp32
     limit: float | None = None  # examples per task, for quick looks only
     include_paths: tuple[str, ...] = ()
     bootstrap_iters: int = 100000
