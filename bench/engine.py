@@ -14,7 +14,11 @@
   message, so the cached prefix still covers the history (`--only 5`).
 - S: single-stream tokens/s, one request alone, the engine against HF `generate` on the same
   model and prompt (`--only s`); with `--greedy` both decode greedily and the bench says whether
-  they wrote the same text (P1's HF comparison too).
+  they wrote the same text (P1's HF comparison too). Then the memory bandwidth measured in the
+  process beside each column's bytes/s (weight bytes per token x tokens/s, `bench/limits.py`):
+  the distance to the physical limit. With `--model`, also HF `generate` in the dtype DTYPE=auto
+  picks here (`--hf-dtype` to name one) and greedy agreement bf16 vs fp32 on four chat prompts
+  (`bench/agreement.py`, `--agree-tokens`).
 - P3: the bot's own work between a message event and the engine submit (store the turn, read
   memory, fit the prompt) in a channel with 2,000 stored turns, with the real Llama 2 tokenizer.
   Target p50 <= 5 ms.
@@ -241,22 +245,21 @@ def dtype_columns(
 ) -> list[tuple[str, float, Any]]:
     """S with --model: HF `generate` in the model's DTYPE=auto dtype (`--hf-dtype` to name
     another) beside the engine's fp32 column, and greedy agreement bf16 vs fp32 on
-    `bench/agreement.py`'s prompts. Copies in another dtype are made from the engine's model."""
-    import copy
-
-    import torch
-
+    `bench/agreement.py`'s prompts. A model in another dtype is loaded as the bot loads it with
+    that DTYPE (`load_model`): a cast copy (`.to(bf16)`) would also cast the rotary frequencies,
+    which a bf16 load keeps in fp32, and measure a worse agreement than the bot's."""
     from bench.agreement import greedy_agreement
-    from bot.engine.loading import plan_load
+    from bot.engine.loading import load_model, plan_load
 
     gpu = args.device.startswith("cuda")
-    plan = plan_load(args.hf_dtype, args.device if gpu else "none", cuda=gpu)
+    device_map = args.device if gpu else "none"
+    plan = plan_load(args.hf_dtype, device_map, cuda=gpu)
     why = plan.why if args.hf_dtype == "auto" else "set by --hf-dtype"
     copies: dict[str, Any] = {eng.plan.dtype: eng.model}
 
     def model_in(dtype: str) -> Any:
         if dtype not in copies:
-            copies[dtype] = copy.deepcopy(eng.model).to(getattr(torch, dtype))
+            copies[dtype] = load_model(eng.model_path, plan_load(dtype, device_map, cuda=gpu))
         return copies[dtype]
 
     found: list[tuple[str, float, Any]] = []
