@@ -65,3 +65,24 @@ def test_single_stream_prints_dtype_columns_agreement_and_the_bandwidth_limit(
     sizes = {label: float(mb) for label, _, mb, _, _ in limits}
     assert sizes["HF generate, bfloat16"] < sizes["HF generate, float32"]  # half the bytes
     assert all(float(rate) > 0 and float(gbs) > 0 for _, rate, _, gbs, _ in limits)
+
+
+def test_decode_step_profile_prints_its_shares(tiny_model: Path, cli_env, tmp_path: Path):
+    """`bench/profile_decode.py` drives the batcher on this thread and splits a decode step:
+    the model's forward and sampling among `_decode_step`'s callees, aten op groups."""
+    run = subprocess.run(
+        [
+            sys.executable, str(ROOT / "bench" / "profile_decode.py"), "--model", str(tiny_model),
+            "--rows", "2", "--tokens", "8", "--prompt-tokens", "40",
+        ],
+        env=cli_env, cwd=tmp_path, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    plain = re.search(rf"^plain: {NUMBER} ms per decode step \((\d+) steps; prefill", out, re.M)
+    assert plain and float(plain[1]) > 0 and int(plain[2]) > 0, out
+    shares = {name: float(pct) for pct, name in re.findall(rf"^ +{NUMBER}%  (.+)$", out, re.M)}
+    assert "module.py:_wrapped_call_impl" in shares and "sampling.py:sample_rows" in shares, out
+    assert "matmuls (linear, mm, addmm, bmm)" in shares and "other ops" in shares, out
+    assert re.search(r"aten ops' self time \d+% of it", out), out
