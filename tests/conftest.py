@@ -29,19 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LLAMA_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "llama2-tokenizer"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files holding `slow` or `real_model` tests run first, each file's tests in their order.
-
-    With one worker per CPU taking a file at a time (pytest-xdist, `--dist loadfile`), a long file
-    that starts last keeps one worker busy while the others have nothing left to do."""
-    long_files = {
-        item.path
-        for item in items
-        if item.get_closest_marker("slow") or item.get_closest_marker("real_model")
-    }
-    items.sort(key=lambda item: item.path not in long_files)  # stable: order kept within each
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder holding a tiny random LlamaForCausalLM and its BPE tokenizer (built once)."""
