@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     from tests.real_model import RealModel
     from tests.world import World
 
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # one pytest worker per CPU (pyproject's `-n auto`): each worker's torch, and the processes its
+    # tests start, compute on one thread instead of every worker spinning a thread per CPU
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "llama2-tokenizer"
 
