@@ -70,7 +70,6 @@ class Donor:
     slot: Slot
     gen: EngineRequest | None  # the donor's request when it was chosen (None: a finished slot)
     shared: int  # prompt tokens in common
-    prompt: list[int]  # the waiting slot's whole prompt
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -204,31 +203,31 @@ class SlotBatcher:
             held = other.tokens + other.pending if other.gen is not None else other.tokens
             shared = min(common_prefix(held, tokens), len(tokens) - 1)
             if shared - keep >= MIN_SHARED and (best is None or shared > best.shared):
-                best = Donor(other, other.gen, shared, tokens)
+                best = Donor(other, other.gen, shared)
         return best
 
-    def _copy_prefix(self, slot: Slot) -> bool:
-        """Take the donor's prefix once it is in its cache; False while the slot must wait.
+    def _copy_prefix(self, slot: Slot) -> None:
+        """Take the donor's prefix once it is in its cache; `slot.donor` stays set while the slot
+        must wait (nothing of its prompt is fed meanwhile, so `tokens + pending` is the prompt).
 
         Called before a step adds its tokens, so `donor.slot.tokens` is what its cache holds."""
         donor = slot.donor
         assert donor is not None
-        have = min(common_prefix(donor.slot.tokens, donor.prompt), donor.shared)
+        prompt = slot.tokens + slot.pending
+        have = min(common_prefix(donor.slot.tokens, prompt), donor.shared)
         still_coming = donor.gen is not None and donor.slot.gen is donor.gen
         if have < donor.shared and still_coming:
-            return False  # the donor computes it in this or a coming step: wait for it
+            return  # the donor computes it in this or a coming step: wait for it
         slot.donor = None
         if have - len(slot.tokens) < MIN_SHARED:
-            return True  # the donor went before its prefix was in: compute it here
+            return  # the donor went before its prefix was in: compute it here
         # across KV streams llama.cpp copies only a whole stream; the tail past the shared
         # prefix is removed again before the next decode applies the copy
         self.llama.llama_memory_seq_cp(self.memory, donor.slot.seq, slot.seq, -1, -1)
         self.llama.llama_memory_seq_rm(self.memory, slot.seq, have, -1)
-        slot.tokens = donor.prompt[:have]
-        slot.pending = donor.prompt[have:]
+        slot.tokens, slot.pending = prompt[:have], prompt[have:]
         assert slot.gen is not None
         slot.gen.stats.reused_tokens = have
-        return True
 
     def _sampler(self, p: GenerationParams, history: list[int]) -> Any:
         ll = self.llama

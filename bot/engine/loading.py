@@ -47,7 +47,7 @@ def plan_load(
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if quantization not in QUANTIZATIONS:
         raise EngineError(f"QUANTIZATION={quantization!r} is not valid; use none, 8bit or 4bit")
-    why = "set by DTYPE"
+    why = LoadPlan.why  # DTYPE names one, unless auto picks it below
     if dtype == "auto":
         dtype, why = _auto_dtype(cuda, quantization)
     if dtype not in ("bfloat16", "float16", "float32"):
