@@ -22,6 +22,9 @@ from bot.engine.quantize import (
 )
 from bot.gguf import is_gguf
 
+#: The dtype's reason when DTYPE names one (DTYPE=auto gives its own).
+SET_BY_DTYPE = "set by DTYPE"
+
 
 @dataclass(frozen=True, slots=True)
 class LoadPlan:
@@ -31,7 +34,7 @@ class LoadPlan:
     device_map: str | None
     quantization: str
     kwargs: dict[str, Any]
-    why: str = "set by DTYPE"  # why this dtype: said beside it in the startup log and doctor
+    why: str = SET_BY_DTYPE  # why this dtype: said beside it in the startup log and doctor
 
 
 def plan_load(
@@ -47,7 +50,7 @@ def plan_load(
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if quantization not in QUANTIZATIONS:
         raise EngineError(f"QUANTIZATION={quantization!r} is not valid; use none, 8bit or 4bit")
-    why = LoadPlan.why  # DTYPE names one, unless auto picks it below
+    why = SET_BY_DTYPE  # DTYPE names one, unless auto picks it below
     if dtype == "auto":
         dtype, why = _auto_dtype(cuda, quantization)
     if dtype not in ("bfloat16", "float16", "float32"):
