@@ -92,6 +92,25 @@ async def started(model: Path, args: argparse.Namespace, **kw: Any) -> LocalEngi
     return eng
 
 
+_PEERS: dict[str, Any] = {}
+
+
+def hf_model(eng: LocalEngine) -> Any:
+    """The model as `from_pretrained` gives it, which a user's HF `generate` runs on; loaded
+    once per process. On the CPU the engine's own object holds its matmul weights transposed
+    for decoding (`bot/engine/cpu_weights.py`); the peer must not borrow that. Elsewhere (a GPU,
+    bf16) the engine's object is the plain model and is shared."""
+    from bot.engine.cpu_weights import classes
+
+    if not any(isinstance(m, classes()["DecodeLinear"]) for m in eng.model.modules()):
+        return eng.model
+    if eng.model_path not in _PEERS:
+        from bot.engine.loading import load_model
+
+        _PEERS[eng.model_path] = load_model(eng.model_path, eng.plan)
+    return _PEERS[eng.model_path]
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -176,7 +195,7 @@ async def p1(model: Path, args: argparse.Namespace) -> tuple[float, float]:
                 best[cap] = max(best.get(cap, 0.0), rate)
             if args.peer:
                 t0 = time.perf_counter()
-                counts, hf_texts = hf_generate_texts(eng.model, eng.tokenizer, prompts, params[0])
+                counts, hf_texts = hf_generate_texts(hf_model(eng), eng.tokenizer, prompts, params[0])
                 rate = sum(counts) / (time.perf_counter() - t0)
                 best["hf"] = max(best.get("hf", 0.0), rate)
         tokens = sum(g.stats.new_tokens for g in gens)
@@ -222,7 +241,7 @@ async def single(model: Path, args: argparse.Namespace) -> tuple[float, float, b
             ours = await gen.text_all()
             best["ours"] = max(best["ours"], gen.stats.new_tokens / (time.perf_counter() - t0))
             t0 = time.perf_counter()
-            counts, texts = hf_generate_texts(eng.model, eng.tokenizer, [prompt], params)
+            counts, texts = hf_generate_texts(hf_model(eng), eng.tokenizer, [prompt], params)
             best["hf"] = max(best["hf"], counts[0] / (time.perf_counter() - t0))
         same = ours == texts[0]
         print(
@@ -231,7 +250,7 @@ async def single(model: Path, args: argparse.Namespace) -> tuple[float, float, b
             f"{best['hf']:.1f} tokens/s of {args.rounds} rounds; same text: {same}"
         )
         columns = [(f"ours, {eng.plan.dtype}", best["ours"], eng.model)]
-        columns.append((f"HF generate, {eng.plan.dtype}", best["hf"], eng.model))
+        columns.append((f"HF generate, {eng.plan.dtype}", best["hf"], hf_model(eng)))
         if args.model:
             columns += dtype_columns(eng, prompt, params, best["ours"], args)
         physical_limit(eng.model, columns, args)
@@ -255,7 +274,7 @@ def dtype_columns(
     device_map = args.device if gpu else "none"
     plan = plan_load(args.hf_dtype, device_map, cuda=gpu)
     why = plan.why if args.hf_dtype == "auto" else "set by --hf-dtype"
-    copies: dict[str, Any] = {eng.plan.dtype: eng.model}
+    copies: dict[str, Any] = {eng.plan.dtype: hf_model(eng)}
 
     def model_in(dtype: str) -> Any:
         if dtype not in copies:
@@ -342,7 +361,7 @@ def p4_static(
         pending = [k for k in pending if k not in take]
         longest = max(plan[k][1] for k in take)
         p = GenerationParams(max_new_tokens=longest, seed=take[0])
-        counts = hf_generate(eng.model, eng.tokenizer, [prompts[k] for k in take], p)
+        counts = hf_generate(hf_model(eng), eng.tokenizer, [prompts[k] for k in take], p)
         end = time.perf_counter() - t0
         for k, n in zip(take, counts, strict=True):
             tokens += min(n, plan[k][1])  # what the request asked for; the rest is waste

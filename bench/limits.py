@@ -30,14 +30,20 @@ def memory_bandwidth_gbs(device: Any = "cpu", mib: int = BANDWIDTH_MIB, passes: 
 
 
 def weight_bytes(model: Any) -> int:
-    """Bytes of weights one decode step reads: every parameter once (tied ones counted once)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of weights one decode step reads: every parameter once (tied ones counted once),
+    but not an input embedding the LM head does not share (a step looks up one row of it)."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    shared = getattr(head, "weight", None) is embedding
+    return sum(
+        p.numel() * p.element_size() for p in model.parameters() if shared or p is not embedding
+    )
 
 
 def limit_line(label: str, tokens_per_s: float, nbytes: int, bandwidth_gbs: float) -> str:
     """"label: T tokens/s x M MB/token = G GB/s, P% of the measured bandwidth"."""
     gbs = tokens_per_s * nbytes / 1e9
     return (
-        f"  {label}: {tokens_per_s:.1f} tokens/s x {nbytes / 1e6:.1f} MB/token = {gbs:.2f} GB/s, "
+        f"  {label}: {tokens_per_s:.1f} tokens/s x {nbytes / 1e6:.4g} MB/token = {gbs:.2f} GB/s, "
         f"{100 * gbs / bandwidth_gbs:.0f}% of the measured bandwidth"
     )

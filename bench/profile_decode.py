@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from bot.benchmark import SYSTEM, history  # noqa: E402
 from bot.engine import GenerationParams  # noqa: E402
 from bot.engine.batching import Batcher  # noqa: E402
+from bot.engine.cpu_weights import prepare_for_cpu_decoding  # noqa: E402
 from bot.engine.loading import load_model, load_tokenizer, plan_load  # noqa: E402
 from bot.engine.request import EngineRequest  # noqa: E402
 from bot.prompt import render_chat  # noqa: E402
@@ -103,6 +104,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.model)
     model = load_model(args.model, plan_load(args.dtype, "none", cuda=False))
+    prepare_for_cpu_decoding(model)  # as LocalEngine holds it
 
     def count(text: str) -> int:
         return len(tok(text, add_special_tokens=False).input_ids)

@@ -18,6 +18,7 @@ from typing import Any
 
 from bot.engine.base import EngineError, EngineInfo, GenerationParams
 from bot.engine.batching import Batcher
+from bot.engine.cpu_weights import prepare_for_cpu_decoding
 from bot.engine.interface import Engine
 from bot.engine.loading import checked_source, load_model, load_tokenizer, plan_load
 from bot.engine.quantize import footprint_mb
@@ -81,7 +82,10 @@ class LocalEngine(Engine):
     def _load(self) -> tuple[Any, Any]:
         checked_source(self.model_path, "model")  # a missing model is named as the model
         tokenizer = load_tokenizer(self.tokenizer_path)
-        return load_model(self.model_path, self.plan), tokenizer
+        model = load_model(self.model_path, self.plan)
+        if done := prepare_for_cpu_decoding(model):  # fp32 on the CPU: see cpu_weights.py
+            log.info("CPU decoding: %s", done)
+        return model, tokenizer
 
     def _device(self) -> Any:
         return self.model.get_input_embeddings().weight.device
