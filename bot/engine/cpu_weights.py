@@ -113,10 +113,11 @@ def _make_classes() -> dict[str, type]:
             cache = cache if cache is not None else past_key_values
             x = F.rms_norm(h, (width,), self.norm1, self.eps1)
             qkv = self.qkv(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-            q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
             assert position_embeddings is not None
             cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            qk = rotate(qkv[:, : self.heads + self.kv_heads], cos, sin)  # q and k in one go
+            q, k = qk.split([self.heads, self.kv_heads], dim=1)
+            v = qkv[:, self.heads + self.kv_heads :]
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
             out = F.scaled_dot_product_attention(
