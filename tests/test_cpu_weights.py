@@ -36,6 +36,10 @@ KINDS = {
         ),
     ),  # fmt: skip
     "mistral": (MistralForCausalLM, MistralConfig(**SHAPE, sliding_window=None)),
+    "llama with tied embeddings": (
+        LlamaForCausalLM,
+        LlamaConfig(**SHAPE, tie_word_embeddings=True),
+    ),
 }
 
 
@@ -73,6 +77,10 @@ def test_fused_layers_compute_what_transformers_computes(tmp_path: Path, kind: s
     assert done == f"{7 * layers + 1} matmul weights transposed, {layers} decoder layers fused"
     assert all(isinstance(m, classes()["FusedDecoderLayer"]) for m in fused.model.layers)
     assert isinstance(fused.lm_head, classes()["DecodeLinear"])
+    # the same bytes: a tied embedding reads the head's transposed matrix, not a copy of it
+    assert fused.get_memory_footprint() == plain.get_memory_footprint()
+    tied = plain.config.tie_word_embeddings
+    assert isinstance(fused.get_input_embeddings(), classes()["TiedEmbedding"]) == tied
 
     ids = torch.randint(3, SHAPE["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(1))
     # a whole prompt at once (causal attention, no mask)

@@ -17,8 +17,8 @@ the same computation in about twenty (one matmul for q, k and v, one for gate an
 same outputs to float32 rounding (`tests/test_cpu_weights.py`).
 
 What changes: each plain `nn.Linear` with a float32 weight on the CPU becomes a `DecodeLinear`
-holding `weight_t` (the same bytes; a tied LM head gets its own transposed copy, the input
-embedding keeps its rows for lookup); then each Llama or Mistral decoder layer whose linears
+holding `weight_t` (the same bytes; an input embedding tied to the LM head looks its rows up in
+the head's transposed matrix, so a tied model keeps one copy); then each Llama or Mistral decoder layer whose linears
 were all transposed (SDPA attention, SiLU MLP) becomes a `FusedDecoderLayer` over the same
 weights. GPUs, other dtypes, quantized layers (bitsandbytes' layers are `nn.Linear`
 subclasses) and other architectures are left as loaded. The engine owns its model object, so
@@ -128,16 +128,37 @@ def _make_classes() -> dict[str, type]:
             gate, up = self.gate_up(F.rms_norm(h, (width,), self.norm2, self.eps2)).chunk(2, dim=-1)
             return h + self.down(F.silu(gate) * up)
 
+    class TiedEmbedding(torch.nn.Module):
+        """The input embedding of a model whose LM head shares its weight, looked up in the
+        head's transposed weight: one copy of the matrix, as the model had (a lookup reads a
+        strided column per token, which costs nothing beside a step)."""
+
+        def __init__(self, head: DecodeLinear) -> None:
+            super().__init__()
+            self.head_weight_t = head.weight_t  # the same Parameter: counted once
+
+        @property
+        def weight(self) -> torch.Tensor:
+            return self.head_weight_t.t()  # [vocab, hidden], a view
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.weight[input_ids]
+
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE as transformers' `apply_rotary_pos_emb` computes it (rotate-half layout)."""
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
-    return {"DecodeLinear": DecodeLinear, "FusedDecoderLayer": FusedDecoderLayer}
+    return {
+        "DecodeLinear": DecodeLinear,
+        "FusedDecoderLayer": FusedDecoderLayer,
+        "TiedEmbedding": TiedEmbedding,
+    }
 
 
 def classes() -> dict[str, type]:
-    """`DecodeLinear` and `FusedDecoderLayer` (made once, when torch is first needed)."""
+    """`DecodeLinear`, `FusedDecoderLayer` and `TiedEmbedding` (made once, when torch is first
+    needed)."""
     if not _CLASSES:
         _CLASSES.update(_make_classes())
     return _CLASSES
@@ -157,9 +178,16 @@ def prepare_for_cpu_decoding(model: Any) -> str:
         and child.weight.device.type == "cpu"
         and child.weight.dtype == torch.float32
     ]
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = (
+        type(embedding) is torch.nn.Embedding and getattr(head, "weight", None) is embedding.weight
+    )
     with torch.no_grad():
         for parent, name, child in found:
             setattr(parent, name, linear.of(child))
+        head = model.get_output_embeddings()
+        if tied and isinstance(head, linear):  # keep one copy of a tied matrix
+            model.set_input_embeddings(classes()["TiedEmbedding"](head))
         layers = _fusable_layers(model, linear)
         for parent, name, layer in layers:
             setattr(parent, name, fused(layer))
