@@ -7,6 +7,7 @@ Equality is exact, token for token: greedy decoding in float32, batched against 
 from __future__ import annotations
 
 import asyncio
+import queue
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -16,8 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bot.engine import GenerationParams, LocalEngine, ReplyStats, load_tokenizer
+from bot.engine.batching import Batcher
 from bot.engine.decode import IncrementalDecoder
 from bot.engine.kv_cache import CachedPrefix, PrefixCache, common_prefix, kv_bytes_per_token
+from bot.engine.request import EngineRequest
 from bot.prompt import RESPONSE, Turn, format_single, render_chat
 from bot.prompt_window import TokenCounter, fit_prompt
 
@@ -150,6 +153,39 @@ async def test_chunked_prefill_equals_whole_prefill(engines, tiny_model: Path):
         await stream.aclose()
     finally:
         await chunked.close()
+
+
+async def test_a_burst_of_cold_prompts_is_prefilled_in_one_forward(engines):
+    """With nothing decoding, new prompts that start cold are computed together (one padded
+    forward, as a static batch's prefill), and every reply is what it is alone. The batcher
+    runs on a thread with every request queued before it starts, so they arrive together."""
+    eng, _ = engines
+    # lengths a few tokens apart: the shorter rows are padded
+    prompts = [format_single(f"question {i}: the weather in town {'ab ' * i}?") for i in range(5)]
+    params = [GREEDY, PENALISED, GREEDY, replace(GREEDY, max_new_tokens=3), PENALISED]
+    shapes: list[tuple[int, ...]] = []
+    hook = eng.model.register_forward_pre_hook(
+        lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+
+    async def served(batch: list[tuple[str, GenerationParams]], max_batch: int) -> list[str]:
+        todo: queue.Queue[EngineRequest | None] = queue.Queue()
+        reqs = [EngineRequest(p, q) for p, q in batch]
+        for r in [*reqs, None]:
+            todo.put(r)
+        await asyncio.to_thread(Batcher(eng.model, eng.tokenizer, max_batch=max_batch).serve, todo)
+        return [await r.text_all() for r in reqs]
+
+    try:
+        together = await served(list(zip(prompts, params, strict=True)), max_batch=8)
+        first = shapes[0]
+        alone = [
+            (await served([pair], max_batch=1))[0] for pair in zip(prompts, params, strict=True)
+        ]
+    finally:
+        hook.remove()
+    assert first[0] == len(prompts) and first[1] > 1  # the first forward: all five prompts
+    assert together == alone
 
 
 async def test_batched_tokens_equal_model_generate(engines):

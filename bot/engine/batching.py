@@ -11,7 +11,8 @@ How it works, all on the one worker thread that owns the model:
   DECODING -> FINISHED/CANCELLED. Queued requests are admitted by `scheduler.Scheduler`
   (first-in first-out, `max_batch`, the `kv_bytes` budget); the rest wait in its queue.
 - A newly admitted request is prefilled alone (batch of one, no padding), in chunks of `prefill_chunk`
-  tokens interleaved with decode steps, so a long new prompt does not freeze the other streams.
+  tokens interleaved with decode steps, so a long new prompt does not freeze the other streams;
+  while nothing decodes, new prompts of similar length are computed in one padded forward.
   Its channel's cached KV (`kv_cache.PrefixCache`) is cropped to the longest common token prefix first,
   and only the rest is computed.
 - Prefilled requests join one left-padded batch cache; each decode step is one forward pass for
@@ -30,7 +31,7 @@ from typing import Any
 
 from bot.engine.base import EngineError, Outbox, first_line
 from bot.engine.decode import IncrementalDecoder
-from bot.engine.kv_cache import KV, PrefixCache, cache_kwarg, kv_bytes_per_token
+from bot.engine.kv_cache import KV, PrefixCache, cache_kwarg, kv_bytes_per_token, new_cache
 from bot.engine.loading import eos_ids
 from bot.engine.request import EngineRequest
 from bot.engine.sampling import make_processors, sample_rows
@@ -193,7 +194,13 @@ class Batcher:
 
         The budget bounds how long the running streams wait for this step; within it, several
         short prompts get in at once, so a burst of new messages joins the batch together.
+        With nothing decoding nobody waits: prompts that start cold are computed together in
+        one padded forward (`_prefill_together`), as a static batch would, since one large
+        matmul runs faster than several small ones.
         """
+        if not self._rows and len(group := self._cold_group()) > 1:
+            self._prefill_together(group)
+            return
         budget = self.prefill_chunk
         while self._prefilling and (budget == self.prefill_chunk or budget >= 32):
             budget -= self._prefill_chunk(self._prefilling[0], budget)
@@ -241,6 +248,73 @@ class Batcher:
             self._join(req)
             self.scheduler.decoding(req)
         return len(chunk)
+
+    def _cold_group(self) -> list[EngineRequest]:
+        """The leading prefilling requests with nothing cached, of similar lengths (the shortest
+        at least 3/4 of the longest, so padding wastes little), up to `prefill_chunk` x 4 tokens
+        of padded batch."""
+        group: list[EngineRequest] = []
+        lengths: list[int] = []
+        for req in self._prefilling:
+            lengths.append(len(req.ids))
+            if req.done or req.params.max_new_tokens <= 0 or not req.ids:
+                break
+            if max(lengths) * len(lengths) > 4 * self.prefill_chunk:
+                break
+            if min(lengths) * 4 < max(lengths) * 3:
+                break
+            group.append(req)
+        return group
+
+    def _prefill_together(self, group: list[EngineRequest]) -> None:
+        """One left-padded forward over `group`'s whole prompts; then each request gets its own
+        cache (its row without the padding) and its first token, as `_prefill_chunk` gives."""
+        import torch
+
+        for _ in group:
+            self._prefilling.popleft()
+        try:
+            lens = torch.tensor([len(r.ids) for r in group], device=self.device)
+            width = int(lens.max())
+            pad = width - lens
+            ids = torch.zeros((len(group), width), dtype=torch.long, device=self.device)
+            for i, r in enumerate(group):
+                ids[i, int(pad[i]) :] = torch.tensor(r.ids, device=self.device)
+            cols = torch.arange(width, device=self.device)
+            # a query sees earlier real keys of its row; a padding query sees only itself (with
+            # nothing to attend to it would give NaN keys, which poison a masked-out column)
+            causal = (cols[None, :] <= cols[:, None])[None] & (cols >= pad[:, None])[:, None, :]
+            mask = causal | torch.eye(width, dtype=torch.bool, device=self.device)[None]
+            cache = new_cache()
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask[:, None],
+                position_ids=(cols[None, :] - pad[:, None]).clamp(min=0),
+                use_cache=True,
+                logits_to_keep=1,
+                **{self.kw: cache},
+            )
+            tokens = sample_rows(group, self._last_logits(out))
+            for i, r in enumerate(group):
+                p = int(pad[i])
+                rows = [
+                    (la.keys[i : i + 1, :, p:], la.values[i : i + 1, :, p:]) for la in cache.layers
+                ]
+                r.kv, r.done = new_cache(rows), len(r.ids)
+        except Exception as exc:
+            log.exception("prefill failed for %d requests", len(group))
+            error = EngineError(f"generation failed: {first_line(exc)}")
+            for r in group:
+                r.kv = None
+                self.scheduler.release(r)
+                r.finish("error", error)
+            return
+        for r, token in zip(group, tokens, strict=True):
+            if (reason := self._accept(r, token)) is not None:
+                self._retire_single(r, reason)
+            else:
+                self._join(r)
+                self.scheduler.decoding(r)
 
     # ---- decode ----------------------------------------------------------------------------
 
