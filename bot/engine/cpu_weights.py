@@ -169,6 +169,8 @@ def prepare_for_cpu_decoding(model: Any) -> str:
     returns what was done, for the startup log ("" when nothing applied)."""
     import torch
 
+    if {p.device.type for p in model.parameters()} != {"cpu"}:
+        return ""  # on a GPU, or split across devices / offloaded by accelerate: left as loaded
     linear, fused = classes()["DecodeLinear"], classes()["FusedDecoderLayer"]
     found = [
         (parent, name, child)
