@@ -16,12 +16,12 @@ the same computation in about twenty (one matmul for q, k and v, one for gate an
 `F.rms_norm`, SDPA with grouped-query heads): SmolLM2's 30 layers 56 -> 38 ms per decode step,
 same outputs to float32 rounding (`tests/test_cpu_weights.py`).
 
-What changes: each plain `nn.Linear` with a float32 weight on the CPU becomes a `DecodeLinear`
-holding `weight_t` (the same bytes; an input embedding tied to the LM head looks its rows up in
-the head's transposed matrix, so a tied model keeps one copy); then each Llama or Mistral decoder layer whose linears
-were all transposed (SDPA attention, SiLU MLP) becomes a `FusedDecoderLayer` over the same
-weights. GPUs, other dtypes, quantized layers (bitsandbytes' layers are `nn.Linear`
-subclasses) and other architectures are left as loaded. The engine owns its model object, so
+What changes, for a model wholly on the CPU: each plain `nn.Linear` with a float32 weight
+becomes a `DecodeLinear` holding `weight_t` (the same bytes; an input embedding tied to the LM
+head looks its rows up in the head's transposed matrix, so a tied model keeps one copy); then
+each Llama or Mistral decoder layer whose linears were all transposed (SDPA attention, SiLU
+MLP) becomes a `FusedDecoderLayer` over the same weights. GPUs, other dtypes, quantized layers
+(bitsandbytes' layers are `nn.Linear` subclasses) and other architectures are left as loaded. The engine owns its model object, so
 nothing else sees the change; `load_model` still returns the model as transformers built it.
 """
 
@@ -92,10 +92,8 @@ def _make_classes() -> dict[str, type]:
             self.o = attn.o_proj
             self.gate_up = DecodeLinear.joined([mlp.gate_proj, mlp.up_proj])
             self.down = mlp.down_proj
-            self.norm1, self.eps1 = (
-                layer.input_layernorm.weight,
-                layer.input_layernorm.variance_epsilon,
-            )
+            self.norm1 = layer.input_layernorm.weight
+            self.eps1 = layer.input_layernorm.variance_epsilon
             self.norm2 = layer.post_attention_layernorm.weight
             self.eps2 = layer.post_attention_layernorm.variance_epsilon
 
@@ -176,9 +174,7 @@ def prepare_for_cpu_decoding(model: Any) -> str:
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is torch.nn.Linear
-        and child.weight.device.type == "cpu"
-        and child.weight.dtype == torch.float32
+        if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32
     ]
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = (
