@@ -21,8 +21,8 @@ becomes a `DecodeLinear` holding `weight_t` (the same bytes; an input embedding 
 head looks its rows up in the head's transposed matrix, so a tied model keeps one copy); then
 each Llama or Mistral decoder layer whose linears were all transposed (SDPA attention, SiLU
 MLP) becomes a `FusedDecoderLayer` over the same weights. GPUs, other dtypes, quantized layers
-(bitsandbytes' layers are `nn.Linear` subclasses) and other architectures are left as loaded. The engine owns its model object, so
-nothing else sees the change; `load_model` still returns the model as transformers built it.
+(bitsandbytes' layers are `nn.Linear` subclasses) and other architectures are left as loaded.
+The engine owns its model object, so nothing else sees the change; `load_model` still returns the model as transformers built it.
 """
 
 from __future__ import annotations
