@@ -22,7 +22,8 @@ head looks its rows up in the head's transposed matrix, so a tied model keeps on
 each Llama or Mistral decoder layer whose linears were all transposed (SDPA attention, SiLU
 MLP) becomes a `FusedDecoderLayer` over the same weights. GPUs, other dtypes, quantized layers
 (bitsandbytes' layers are `nn.Linear` subclasses) and other architectures are left as loaded.
-The engine owns its model object, so nothing else sees the change; `load_model` still returns the model as transformers built it.
+The engine owns its model object, so nothing else sees the change; `load_model` still returns
+the model as transformers built it.
 """
 
 from __future__ import annotations
