@@ -9,6 +9,7 @@ the weights are read). Used by `bench/engine.py` S.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -44,6 +45,13 @@ def limit_line(label: str, tokens_per_s: float, nbytes: int, bandwidth_gbs: floa
     """"label: T tokens/s x M MB/token = G GB/s, P% of the measured bandwidth"."""
     gbs = tokens_per_s * nbytes / 1e9
     return (
-        f"  {label}: {tokens_per_s:.1f} tokens/s x {nbytes / 1e6:.4g} MB/token = {gbs:.2f} GB/s, "
-        f"{100 * gbs / bandwidth_gbs:.0f}% of the measured bandwidth"
+        f"  {label}: {tokens_per_s:.1f} tokens/s x {significant(nbytes / 1e6)} MB/token = "
+        f"{significant(gbs)} GB/s, {100 * gbs / bandwidth_gbs:.0f}% of the measured bandwidth"
     )
+
+
+def significant(x: float, digits: int = 3) -> str:
+    """`x` in fixed point with at least two decimals and `digits` significant ones: a small
+    test model's MB and GB/s do not round to 0.00 (nor turn into 1e-05)."""
+    decimals = 2 if x >= 1 or x <= 0 else max(2, digits - 1 - math.floor(math.log10(x)))
+    return f"{x:.{decimals}f}"
