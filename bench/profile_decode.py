@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from bot.benchmark import SYSTEM, history  # noqa: E402
 from bot.engine import GenerationParams  # noqa: E402
 from bot.engine.batching import Batcher  # noqa: E402
-from bot.engine.cpu_weights import prepare_for_cpu_decoding  # noqa: E402
+from bot.engine.cpu_weights import classes, prepare_for_cpu_decoding  # noqa: E402
 from bot.engine.loading import load_model, load_tokenizer, plan_load  # noqa: E402
 from bot.engine.request import EngineRequest  # noqa: E402
 from bot.prompt import render_chat  # noqa: E402
@@ -46,7 +46,13 @@ SMOLLM2 = Path(os.environ.get("HERMES_SMOLLM2_DIR", "~/.cache/hermes-discord/smo
 
 #: aten ops grouped for the torch.profiler pass (by name prefix), the rest is "other ops".
 GROUPS = {
-    "matmuls (linear, mm, addmm, bmm)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
+    "matmuls (linear, mm, addmm, bmm)": (
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "aten::matmul",
+        "aten::linear",
+    ),
     "attention (sdpa)": ("aten::_scaled_dot_product", "aten::scaled_dot_product"),
     "KV cache cat/copy": ("aten::cat", "aten::copy_", "aten::index"),
 }
@@ -96,6 +102,12 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--greedy", action="store_true", help="greedy, no repetition penalty")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the plain pass with the model's forward under torch.compile (dynamic "
+        "shapes, inductor), against eager in this process",
+    )
     args = ap.parse_args()
 
     import torch
@@ -121,19 +133,13 @@ def main() -> None:
         f"{torch.get_num_threads()}, {'greedy' if args.greedy else 'default sampling (seeded)'}"
     )
 
-    t0 = time.perf_counter()
-    reqs = run(model, tok, prompts, params)
-    wall = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    run(model, tok, prompts, replace(params, max_new_tokens=1))
-    prefill = time.perf_counter() - t0
+    step, prefill, reqs = plain(model, tok, prompts, params)
     steps = decode_steps(reqs)
-    if steps <= 0:
-        sys.exit("no decode steps: every reply ended at its first token; try --greedy")
     print(
-        f"plain: {1000 * (wall - prefill) / steps:.1f} ms per decode step ({steps} steps; "
-        f"prefill {1000 * prefill:.0f} ms)"
+        f"plain: {1000 * step:.1f} ms per decode step ({steps} steps; prefill {1000 * prefill:.0f} ms)"
     )
+    if args.compile:
+        compiled_against_eager(model, tok, prompts, params, reqs)
 
     prof = cProfile.Profile()
     prof.enable()
@@ -162,6 +168,67 @@ def main() -> None:
         print(f"  {100 * t / wall_d:5.1f}%  {group}")
     top = sorted(per_op.items(), key=lambda kv: -kv[1])[:10]
     print("  top ops: " + ", ".join(f"{k} {100 * t / wall_d:.1f}%" for k, t in top))
+
+
+def plain(
+    model: Any, tok: Any, prompts: list[str], params: GenerationParams
+) -> tuple[float, float, list[EngineRequest]]:
+    """(seconds per decode step, prefill seconds, the finished requests), nothing attached:
+    decode alone is (prefill + decode) less (prefill + one token)."""
+    t0 = time.perf_counter()
+    reqs = run(model, tok, prompts, params)
+    wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run(model, tok, prompts, replace(params, max_new_tokens=1))
+    prefill = time.perf_counter() - t0
+    steps = decode_steps(reqs)
+    if steps <= 0:
+        sys.exit("no decode steps: every reply ended at its first token; try --greedy")
+    return (wall - prefill) / steps, prefill, reqs
+
+
+def compiled_against_eager(
+    model: Any, tok: Any, prompts: list[str], params: GenerationParams, eager_reqs: Any
+) -> None:
+    """The plain pass with each fused decoder layer's tensor work (`project_in`, `project_out`:
+    norms, matmuls, RoPE, MLP; the cache update between them stays eager, since transformers'
+    cache is Python that changes shape every step) under `torch.compile` (inductor, dynamic
+    shapes), alternated with eager, best of two each. The engine compiles nothing: this is the
+    measurement that keeps it so on a CPU."""
+    import torch
+
+    layers = [m for m in model.modules() if isinstance(m, classes()["FusedDecoderLayer"])]
+    if not layers:
+        print("torch.compile: not measured (no fused decoder layers in this model)")
+        return
+
+    parts = [(layer, n) for layer in layers for n in ("project_in", "project_out")]
+    eager = {part: getattr(*part) for part in parts}
+    compiled = {part: torch.compile(fn, dynamic=True) for part, fn in eager.items()}
+
+    def use(fns: dict[tuple[Any, str], Any]) -> None:
+        for (layer, name), fn in fns.items():
+            setattr(layer, name, fn)  # an instance attribute shadows the method
+
+    use(compiled)
+    t0 = time.perf_counter()
+    run(model, tok, prompts, GenerationParams(max_new_tokens=4))  # compiles
+    warm = time.perf_counter() - t0
+    best: dict[str, float] = {}
+    same = True
+    for _ in range(2):
+        for name, fns in (("eager", eager), ("compiled", compiled)):
+            use(fns)
+            step, _, reqs = plain(model, tok, prompts, params)
+            best[name] = min(step, best.get(name, step))
+            same &= [r.history.tolist() for r in reqs] == [r.history.tolist() for r in eager_reqs]
+    for layer, name in parts:
+        delattr(layer, name)  # the class's methods again
+    print(
+        f"torch.compile: {1000 * best['compiled']:.1f} ms per decode step vs eager "
+        f"{1000 * best['eager']:.1f} (compiled / eager {best['compiled'] / best['eager']:.2f}x; "
+        f"compiling took {warm:.1f} s; same tokens: {same})"
+    )
 
 
 def op_times(

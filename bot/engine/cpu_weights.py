@@ -107,23 +107,35 @@ def _make_classes() -> dict[str, type]:
             past_key_values: Any = None,
             **_: Any,
         ) -> torch.Tensor:
-            h = hidden_states
-            batch, length, width = h.shape
-            cache = cache if cache is not None else past_key_values
-            x = F.rms_norm(h, (width,), self.norm1, self.eps1)
-            qkv = self.qkv(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
             assert position_embeddings is not None
-            cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-            qk = rotate(qkv[:, : self.heads + self.kv_heads], cos, sin)  # q and k in one go
-            q, k = qk.split([self.heads, self.kv_heads], dim=1)
-            v = qkv[:, self.heads + self.kv_heads :]
+            cache = cache if cache is not None else past_key_values
+            q, k, v = self.project_in(hidden_states, *position_embeddings)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None and length > 1,
+                q, k, v, attn_mask=attention_mask,
+                is_causal=attention_mask is None and hidden_states.shape[1] > 1,
                 scale=self.scaling, enable_gqa=self.kv_heads != self.heads,
             )  # fmt: skip
-            h = h + self.o(out.transpose(1, 2).reshape(batch, length, -1))
+            return self.project_out(hidden_states, out)
+
+        def project_in(
+            self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """q, k (rotated) and v for the attention, [batch, heads, length, head_dim]: pure
+            tensor work before the cache (`bench/profile_decode.py --compile` compiles it)."""
+            batch, length, width = h.shape
+            x = F.rms_norm(h, (width,), self.norm1, self.eps1)
+            qkv = self.qkv(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+            qk = rotate(qkv[:, : self.heads + self.kv_heads], cos.unsqueeze(1), sin.unsqueeze(1))
+            q, k = qk.split([self.heads, self.kv_heads], dim=1)  # q and k rotated in one go
+            return q, k, qkv[:, self.heads + self.kv_heads :]
+
+        def project_out(self, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+            """The layer's output from its input `h` and the attention's: o projection, residual,
+            norm, SiLU MLP, residual (pure tensor work after the cache, as `project_in`)."""
+            batch, length, width = h.shape
+            h = h + self.o(attended.transpose(1, 2).reshape(batch, length, -1))
             gate, up = self.gate_up(F.rms_norm(h, (width,), self.norm2, self.eps2)).chunk(2, dim=-1)
             return h + self.down(F.silu(gate) * up)
 
