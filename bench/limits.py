@@ -5,6 +5,10 @@ head), so at batch 1 a step cannot be faster than (weight bytes) / (memory bandw
 bandwidth is measured in this process, with the same torch thread count as the decoding it is
 compared with: a sum over a tensor far larger than any cache, best of a few passes (a read, as
 the weights are read). Used by `bench/engine.py` S.
+
+A batched decode step is not bound by bandwidth on a CPU but by its matmuls' arithmetic, which
+small row counts run well below the CPU's peak (`matmul_seconds`): `bench/engine.py` P1 prints
+the burst's floor from it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,34 @@ def weight_bytes(model: Any) -> int:
     return sum(
         p.numel() * p.element_size() for p in model.parameters() if shared or p is not embedding
     )
+
+
+def matmul_seconds(model: Any, rows: int, passes: int = 5) -> float:
+    """Seconds one decode step of `rows` rows spends in its matmuls alone: every linear layer
+    of `model` (the LM head too) called on `rows` random rows, as the model holds it
+    (`DecodeLinear`'s transposed weight, `nn.Linear`, a quantized subclass), best of `passes`.
+    Nothing else of a step (attention, norms, sampling, Python) is in it: no engine's step
+    with these weights and kernels is faster."""
+    import torch
+
+    from bot.engine.cpu_weights import classes
+
+    kinds = (classes()["DecodeLinear"], torch.nn.Linear)
+    layers = [m for m in model.modules() if isinstance(m, kinds)]
+    device = model.get_input_embeddings().weight.device
+    xs = {
+        n: torch.randn(rows, n, device=device, dtype=model.dtype)
+        for n in {m.in_features for m in layers}
+    }
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            for m in layers:
+                y = m(xs[m.in_features])
+            float(y[0, 0])  # done (and synced on a GPU) before the clock stops
+            best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def limit_line(label: str, tokens_per_s: float, nbytes: int, bandwidth_gbs: float) -> str:

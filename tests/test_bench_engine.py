@@ -1,8 +1,9 @@
-"""`bench/engine.py` S on a tiny saved Llama (CPU): the lines it prints, never the figures.
+"""`bench/engine.py` S and P1 on a tiny saved Llama (CPU): the lines it prints, never the figures.
 
 S with `--model` prints, beside ours and HF `generate` in the engine's dtype: the HF column in
 another dtype (`--hf-dtype`), greedy agreement bf16 vs fp32 on `bench/agreement.py`'s prompts,
-the memory bandwidth measured in the process, and each column's bytes/s against it.
+the memory bandwidth measured in the process, and each column's bytes/s against it. P1 prints
+the burst's floor (`bench/limits.matmul_seconds`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def test_single_stream_prints_dtype_columns_agreement_and_the_bandwidth_limit(
     run = subprocess.run(
         [
             sys.executable, str(ROOT / "bench" / "engine.py"), "--model", str(tiny_model),
-            "--only", "s", "--greedy", "--rounds", "1", "--new-tokens", "8", "--p1-prompt", "40",
+            "--only", "s1", "--greedy", "--rounds", "1", "--new-tokens", "8", "--p1-prompt", "40",
+            "--channels", "3",
             "--hf-dtype", "bfloat16", "--agree-tokens", str(AGREE_TOKENS),
         ],
         env=cli_env, cwd=tmp_path, capture_output=True, text=True, stdin=subprocess.DEVNULL,
@@ -65,6 +67,40 @@ def test_single_stream_prints_dtype_columns_agreement_and_the_bandwidth_limit(
     sizes = {label: float(mb) for label, _, mb, _, _ in limits}
     assert sizes["HF generate, bfloat16"] < sizes["HF generate, float32"]  # half the bytes
     assert all(float(rate) > 0 and float(gbs) > 0 for _, rate, _, gbs, _ in limits)
+
+    floor = re.search(
+        rf"^  floor: HF's prefill of the batch {NUMBER} s \+ (\d+) steps x the matmuls alone at "
+        rf"3 rows {NUMBER} ms = {NUMBER} s; HF's whole batch {NUMBER} s: no engine with these "
+        rf"kernels runs more than {NUMBER}x HF$",
+        out,
+        re.M,
+    )
+    assert floor and int(floor[2]) > 0 and all(float(x) > 0 for x in floor.groups()), out
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_matmul_floor_runs_every_linear_on_the_batch_rows(tiny_model: Path, prepared: bool):
+    """`matmul_seconds` calls every linear layer (LM head too) on `rows` rows, as the model
+    holds it: transformers' `nn.Linear`s, or the engine's CPU layout."""
+    import torch
+
+    from bench.limits import matmul_seconds
+    from bot.engine.cpu_weights import classes, prepare_for_cpu_decoding
+    from bot.engine.loading import load_model, plan_load
+
+    model = load_model(str(tiny_model), plan_load("float32", "none", cuda=False))
+    if prepared:
+        prepare_for_cpu_decoding(model)
+    kinds = (classes()["DecodeLinear"], torch.nn.Linear)
+    layers = [m for m in model.modules() if isinstance(m, kinds)]
+    assert any(isinstance(m, classes()["DecodeLinear"]) for m in layers) == prepared
+    seen: dict[int, list[tuple[int, ...]]] = {}
+    for m in layers:
+        m.register_forward_pre_hook(lambda mod, a: seen.setdefault(id(mod), []).append(a[0].shape))
+    assert matmul_seconds(model, rows=5, passes=2) > 0
+    assert model.get_output_embeddings() in layers
+    assert {id(m) for m in layers} == set(seen)
+    assert all(shapes == [(5, m.in_features)] * 2 for m in layers for shapes in [seen[id(m)]])
 
 
 def test_decode_step_profile_prints_its_shares(tiny_model: Path, cli_env, tmp_path: Path):
