@@ -227,20 +227,21 @@ def burst_floor(
     eng: LocalEngine, prompts: list[str], p: GenerationParams, steps: int, hf_s: float
 ) -> str:
     """P1's floor on this machine: HF's own prefill of the batch (the same compute-bound work
-    any engine does) plus each later step's matmuls alone at the batch's row count, with the
-    engine's weights (`limits.matmul_seconds`). HF's whole run over that floor is the most any
-    engine with these kernels can gain on it."""
+    any engine does) plus each later step's matmuls alone at the batch's row count
+    (`limits.matmul_seconds`), in the faster of the engine's weight layout and transformers'.
+    HF's whole run over that floor is the most any engine with these kernels can gain on it."""
     from bench.limits import matmul_seconds
 
     t0 = time.perf_counter()
     hf_generate_texts(hf_model(eng), eng.tokenizer, prompts, replace(p, max_new_tokens=1))
     prefill = time.perf_counter() - t0
-    step = matmul_seconds(eng.model, len(prompts))
-    floor = prefill + (steps - 1) * step
+    ours, theirs = (matmul_seconds(m, len(prompts)) for m in (eng.model, hf_model(eng)))
+    floor = prefill + (steps - 1) * min(ours, theirs)
     return (
         f"  floor: HF's prefill of the batch {prefill:.2f} s + {steps - 1} steps x the matmuls "
-        f"alone at {len(prompts)} rows {1000 * step:.1f} ms = {floor:.2f} s; HF's whole batch "
-        f"{hf_s:.2f} s: no engine with these kernels runs more than {hf_s / floor:.2f}x HF"
+        f"alone at {len(prompts)} rows {1000 * min(ours, theirs):.1f} ms (engine's layout "
+        f"{1000 * ours:.1f}, transformers' {1000 * theirs:.1f}) = {floor:.2f} s; HF's whole "
+        f"batch {hf_s:.2f} s: no engine with these kernels runs more than {hf_s / floor:.2f}x HF"
     )
 
 

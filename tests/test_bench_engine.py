@@ -70,12 +70,14 @@ def test_single_stream_prints_dtype_columns_agreement_and_the_bandwidth_limit(
 
     floor = re.search(
         rf"^  floor: HF's prefill of the batch {NUMBER} s \+ (\d+) steps x the matmuls alone at "
-        rf"3 rows {NUMBER} ms = {NUMBER} s; HF's whole batch {NUMBER} s: no engine with these "
+        rf"3 rows {NUMBER} ms \(engine's layout {NUMBER}, transformers' {NUMBER}\) = {NUMBER} s; "
+        rf"HF's whole batch {NUMBER} s: no engine with these "
         rf"kernels runs more than {NUMBER}x HF$",
         out,
         re.M,
     )
     assert floor and int(floor[2]) > 0 and all(float(x) > 0 for x in floor.groups()), out
+    assert float(floor[3]) == min(float(floor[4]), float(floor[5]))  # the faster layout
 
 
 @pytest.mark.parametrize("prepared", [False, True])
