@@ -56,18 +56,17 @@ def matmul_seconds(model: Any, rows: int, passes: int = 5) -> float:
     from bot.engine.cpu_weights import classes
 
     kinds = (classes()["DecodeLinear"], torch.nn.Linear)
-    layers = [m for m in model.modules() if isinstance(m, kinds)]
-    device = model.get_input_embeddings().weight.device
-    xs = {
-        n: torch.randn(rows, n, device=device, dtype=model.dtype)
-        for n in {m.in_features for m in layers}
+    layers = [(m, next(m.parameters()).device) for m in model.modules() if isinstance(m, kinds)]
+    xs = {  # one input per width and device (a model split over GPUs keeps each layer's own)
+        key: torch.randn(rows, key[0], device=key[1], dtype=model.dtype)
+        for key in {(m.in_features, device) for m, device in layers}
     }
     best = float("inf")
     with torch.inference_mode():
         for _ in range(passes):
             t0 = time.perf_counter()
-            for m in layers:
-                y = m(xs[m.in_features])
+            for m, device in layers:
+                y = m(xs[m.in_features, device])
             float(y[0, 0])  # done (and synced on a GPU) before the clock stops
             best = min(best, time.perf_counter() - t0)
     return best
