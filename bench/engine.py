@@ -230,18 +230,19 @@ def burst_floor(
     any engine does) plus each later step's matmuls alone at the batch's row count
     (`limits.matmul_seconds`), in the faster of the engine's weight layout and transformers'.
     HF's whole run over that floor is the most any engine with these kernels can gain on it."""
-    from bench.limits import matmul_seconds
+    from bench.limits import matmul_seconds, significant
 
     t0 = time.perf_counter()
     hf_generate_texts(hf_model(eng), eng.tokenizer, prompts, replace(p, max_new_tokens=1))
     prefill = time.perf_counter() - t0
     ours, theirs = (matmul_seconds(m, len(prompts)) for m in (eng.model, hf_model(eng)))
     floor = prefill + (steps - 1) * min(ours, theirs)
-    return (
-        f"  floor: HF's prefill of the batch {prefill:.2f} s + {steps - 1} steps x the matmuls "
-        f"alone at {len(prompts)} rows {1000 * min(ours, theirs):.1f} ms (engine's layout "
-        f"{1000 * ours:.1f}, transformers' {1000 * theirs:.1f}) = {floor:.2f} s; HF's whole "
-        f"batch {hf_s:.2f} s: no engine with these kernels runs more than {hf_s / floor:.2f}x HF"
+    ms = [significant(1000 * t) for t in (min(ours, theirs), ours, theirs)]
+    return (  # three significant digits: a small test model's figures do not print as 0.00
+        f"  floor: HF's prefill of the batch {significant(prefill)} s + {steps - 1} steps x the "
+        f"matmuls alone at {len(prompts)} rows {ms[0]} ms (engine's layout {ms[1]}, "
+        f"transformers' {ms[2]}) = {significant(floor)} s; HF's whole batch {significant(hf_s)} "
+        f"s: no engine with these kernels runs more than {hf_s / floor:.2f}x HF"
     )
 
 
