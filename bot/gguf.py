@@ -10,12 +10,15 @@ built from its config (without the GGUF quantization entry) and given its state_
 plain folder. The SmolLM2 fetch script (`python -m tests.real_model`) uses the same function.
 
 `check_gguf` reads only the metadata and one row of each tensor type, so an architecture or a
-quantization transformers cannot dequantize is one clear line in a second, not a traceback
-after a minute of loading.
+quantization transformers cannot dequantize is one clear line before loading, not a traceback
+after a minute of it. Reading the metadata is not free (the `gguf` package walks the whole
+vocabulary: 6-7 s for SmolLM2's 49k tokens on 2 cores), and the model source, the tokenizer and
+the model each check the file, so a file's verdict is kept until the file changes.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -58,6 +61,14 @@ def check_gguf(path: str | os.PathLike[str]) -> str:
     file = Path(path).expanduser()
     if not file.is_file():
         raise GGUFError(f"GGUF file not found: {file.absolute()}")
+    stat = file.stat()
+    return _checked(file.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _checked(file: Path, size: int, mtime_ns: int) -> str:
+    """`check_gguf` of one version of a file (its size and modification time are part of the
+    key, so a file replaced in place is read again; a refusal raises and is not kept)."""
     gguf = _gguf_module()
     try:
         reader = gguf.GGUFReader(str(file))

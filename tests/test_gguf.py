@@ -53,6 +53,26 @@ def test_unsupported_architecture_is_one_line(tmp_path: Path) -> None:
     assert "architecture 'rwkv6' cannot be loaded" in message and "llama" in message
 
 
+def test_a_checked_file_is_read_once_until_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model source, the tokenizer and the model each check a .gguf: the file is read once;
+    replaced in place by one that cannot load, it is read again and refused."""
+    import gguf
+
+    reads: list[str] = []
+    reader = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda p, *a: reads.append(p) or reader(p, *a))
+    file = make_gguf(tmp_path / "model.gguf", quant="Q8_0")
+    assert [check_gguf(file), check_gguf(str(file)), check_gguf(file)] == ["llama"] * 3
+    assert reads == [str(file.resolve())]
+    make_gguf(file, arch="rwkv6", quant="F32")  # the same path, new contents (and size)
+    for _ in range(2):  # a refusal is not kept either
+        with pytest.raises(GGUFError, match="architecture 'rwkv6' cannot be loaded"):
+            check_gguf(file)
+    assert len(reads) == 3
+
+
 def test_unsupported_quantization_is_one_line(tmp_path: Path) -> None:
     file = make_gguf(tmp_path / "q81.gguf", quant="Q8_1")
     with pytest.raises(GGUFError, match=r"quantization Q8_1 \(tensor token_embd.weight\)"):
