@@ -242,12 +242,17 @@ class Batcher:
             self.scheduler.release(req)
             req.finish("error", EngineError(f"generation failed: {first_line(exc)}"))
             return 1
+        self._prefilled(req, token)
+        return len(chunk)
+
+    def _prefilled(self, req: EngineRequest, token: int) -> None:
+        """A request whose prompt is computed, with its first token: it ends there (EOS, a stop
+        string, one token asked) or joins the decode batch."""
         if (reason := self._accept(req, token)) is not None:
             self._retire_single(req, reason)
         else:
             self._join(req)
             self.scheduler.decoding(req)
-        return len(chunk)
 
     def _cold_group(self) -> list[EngineRequest]:
         """The leading prefilling requests with nothing cached, of similar lengths (the shortest
@@ -310,11 +315,7 @@ class Batcher:
                 r.finish("error", error)
             return
         for r, token in zip(group, tokens, strict=True):
-            if (reason := self._accept(r, token)) is not None:
-                self._retire_single(r, reason)
-            else:
-                self._join(r)
-                self.scheduler.decoding(r)
+            self._prefilled(r, token)
 
     # ---- decode ----------------------------------------------------------------------------
 
