@@ -105,8 +105,9 @@ def main() -> None:
     ap.add_argument(
         "--compile",
         action="store_true",
-        help="also time the plain pass with the model's forward under torch.compile (dynamic "
-        "shapes, inductor), against eager in this process",
+        help="also time the plain pass with each fused decoder layer's tensor work (project_in, "
+        "project_out) under torch.compile (dynamic shapes, inductor), against eager in this "
+        "process",
     )
     args = ap.parse_args()
 
